@@ -1,0 +1,228 @@
+"""python -m minqwen {generate, chat, info}: the command line.
+
+Every MinqwenError becomes one line on stderr and exit status 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .errors import MinqwenError, TemplateError
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MinqwenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minqwen", description="Run Qwen checkpoints on the CPU.")
+    commands = parser.add_subparsers(required=True, metavar="{generate,chat,info}")
+
+    gen = commands.add_parser("generate", help="stream a completion of one prompt")
+    _model_options(gen)
+    gen.add_argument("--prompt", required=True)
+    _chat_options(gen)
+    gen.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
+    _sampling_options(gen)
+    gen.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="multi-turn chat (/reset, /exit)")
+    _model_options(chat)
+    _chat_options(chat)
+    _sampling_options(chat)
+    chat.set_defaults(run=_chat)
+
+    info = commands.add_parser("info", help="architecture, sizes and memory of a checkpoint")
+    _model_options(info)
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _model_options(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
+
+
+def _chat_options(p):
+    p.add_argument("--system", default=None, help="system message")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None, help="Qwen3: enable thinking")
+    think.add_argument("--no-think", dest="think", action="store_false", help="Qwen3: disable thinking")
+
+
+def _sampling_options(p):
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: until end of turn or context")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _load(args):
+    from .model import load
+
+    return load(args.model, context_length=args.context)
+
+
+def _sampling(args, model) -> dict:
+    """CLI options, falling back to generation_config.json's values as transformers does."""
+    gen = model.generation_config
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else gen.get(name)  # noqa: E731
+    temperature = args.temperature
+    if temperature is None:
+        temperature = gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0
+    return dict(temperature=temperature, top_k=pick("top_k"), top_p=pick("top_p"), min_p=pick("min_p"),
+                repetition_penalty=pick("repetition_penalty"), presence_penalty=args.presence_penalty,
+                seed=args.seed, stop=args.stop)
+
+
+def _template_kwargs(args) -> dict:
+    return {} if args.think is None else {"enable_thinking": args.think}
+
+
+def _messages(args, user: str) -> list[dict]:
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return system + [{"role": "user", "content": user}]
+
+
+def _generate(args) -> int:
+    from .generate import SamplingParams, Stats, stream_tokens
+
+    model = _load(args)
+    tok = _require_tokenizer(model)
+    if args.no_chat or not tok.has_chat_template:
+        if args.system or args.think is not None:
+            raise TemplateError("--system/--think need the chat template (drop --no-chat)")
+        prompt = tok.encode(args.prompt)
+    else:
+        prompt = tok.apply_chat_template(_messages(args, args.prompt), add_generation_prompt=True,
+                                         **_template_kwargs(args))
+    stats = Stats()
+    _stream_to_stdout(model, model.sequence(), prompt, args, stats)
+    print(stats.line(), file=sys.stderr)
+    return 0
+
+
+def _stream_to_stdout(model, sequence, prompt, args, stats) -> str:
+    """Generate, printing text as it comes (thinking dimmed); returns the decoded reply."""
+    from .generate import SamplingParams, stream_tokens
+
+    sampling = _sampling(args, model)
+    stop = sampling.pop("stop")
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = model.context_length - len(prompt)
+    tokens = stream_tokens(sequence, prompt, max_new, SamplingParams(**sampling), stop, stats)
+    decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
+    reply = []
+    for token in tokens:
+        piece = decoder.push(token)
+        reply.append(piece)
+        sys.stdout.write(piece.replace("<think>", DIM + "<think>").replace("</think>", "</think>" + RESET)
+                         if sys.stdout.isatty() else piece)
+        sys.stdout.flush()
+    tail = decoder.flush()
+    reply.append(tail)
+    print(tail)
+    return "".join(reply)
+
+
+def _chat(args) -> int:
+    from .generate import Stats
+
+    model = _load(args)
+    tok = _require_tokenizer(model)
+    if not tok.has_chat_template:
+        raise TemplateError("this checkpoint has no chat template; use `generate --no-chat`")
+    sequence, messages = model.sequence(), []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("minqwen chat — /reset clears the conversation, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if user.strip() == "/exit":
+            return 0
+        if user.strip() == "/reset":
+            sequence, messages = model.sequence(), messages[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": user})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, **_template_kwargs(args))
+        stats = Stats()
+        reply = _stream_to_stdout(model, sequence, prompt, args, stats)
+        messages.append({"role": "assistant", "content": reply.strip()})
+        print(stats.line(), file=sys.stderr)
+
+
+def _require_tokenizer(model):
+    if model.tokenizer is None:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{model.path}: no tokenizer.json in the checkpoint folder")
+    return model.tokenizer
+
+
+def _info(args) -> int:
+    from .checkpoint import read_tensors
+    from .config import load_config
+    from .hub import resolve
+
+    folder = resolve(args.model)
+    config = load_config(folder)
+    tensors = read_tensors(folder)
+    kinds = sorted({str(t.dtype) for t in tensors.values()})
+    stored = {"uint16": "bf16", "int16": "fp16", "float32": "fp32"}
+    params = sum(int(np.prod(t.shape)) for t in tensors.values())
+    weight_bytes = sum(t.nbytes for t in tensors.values())
+    context = args.context or config.max_position_embeddings
+    n_attn = sum(t != "linear_attention" for t in config.layer_types)
+    kv_per_token = 2 * n_attn * config.num_key_value_heads * config.head_dim * 4
+    lines = [
+        ("folder", str(folder)),
+        ("architecture", config.model_type + (" (image-text checkpoint: vision tower ignored, not loaded)"
+                                              if config.has_vision_tower else "")),
+        ("layers", f"{config.num_hidden_layers} ({', '.join(f'{n} {t}' for t, n in _counts(config.layer_types))})"),
+        ("hidden / intermediate", f"{config.hidden_size} / {config.intermediate_size}"),
+        ("heads", f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, head_dim {config.head_dim}"),
+        ("vocabulary", str(config.vocab_size)),
+        ("context", f"{config.max_position_embeddings} (RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),
+        ("parameters", f"{params / 1e6:.1f} M stored ({', '.join(stored.get(k, k) for k in kinds)})"),
+        ("RAM for weights", f"{weight_bytes / 2**30:.2f} GiB, memory-mapped"),
+        ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token fp32; {kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
+    ]
+    if config.num_experts:
+        lines.insert(5, ("experts", f"{config.num_experts}, top-{config.num_experts_per_tok}, "
+                                    f"moe_intermediate {config.moe_intermediate_size}"))
+    for key, value in lines:
+        print(f"{key:>22}: {value}")
+    return 0
+
+
+def _counts(items):
+    seen = {}
+    for item in items:
+        seen[item] = seen.get(item, 0) + 1
+    return seen.items()

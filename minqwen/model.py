@@ -1,0 +1,265 @@
+"""The Qwen decoder: forward pass, KV cache and the user-facing Model.
+
+    x = embed(tokens)
+    for each layer:
+        x = x + Attention(RMSNorm(x))        # grouped-query, RoPE, causal (sliding window on some layers)
+        x = x + MLP(RMSNorm(x))              # SwiGLU: down(silu(gate x) * up x)
+    logits = lm_head(RMSNorm(x))
+
+Prefill and decode run the same code: a chunk of T tokens at positions start..start+T-1 (T = 1 when
+decoding). All activation buffers are allocated once (Workspace) for the largest chunk and sliced, so
+decoding allocates nothing large per token.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, load_config, read_json
+from .errors import ContextLengthError, TokenError
+from .kernels.activations import swiglu
+from .kernels.attention import attention
+from .kernels.embedding import embed
+from .kernels.matmul import linear
+from .kernels.norm import rmsnorm
+from .kernels.rope import apply_rope
+from .rope import RotaryTables, rotary_dims
+from .weights import Attention, Layer, Weights, load_weights
+
+PREFILL_CHUNK = 256  # tokens per forward chunk: bounds activation memory for long prompts
+
+
+class KVCache:
+    """Keys and values of every attention layer, (n_kv_heads, capacity, head_dim) float32 each.
+
+    Capacity doubles when a sequence outgrows it (rarely: amortised O(1) per token), up to the context
+    length, so a short chat does not reserve memory for 32k positions."""
+
+    def __init__(self, config: Config, context_length: int, capacity: int = 256):
+        self.n_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.context_length = context_length
+        self.layers = [i for i, t in enumerate(config.layer_types) if t != "linear_attention"]
+        self.length = 0  # positions 0..length-1 hold valid keys/values
+        self.capacity = 0
+        self._allocate(min(capacity, context_length))
+
+    def _allocate(self, capacity: int):
+        shape = (self.n_kv_heads, capacity, self.head_dim)
+        k = {i: np.zeros(shape, np.float32) for i in self.layers}
+        v = {i: np.zeros(shape, np.float32) for i in self.layers}
+        for i in self.layers if self.capacity else ():
+            k[i][:, :self.length] = self.k[i][:, :self.length]
+            v[i][:, :self.length] = self.v[i][:, :self.length]
+        self.k, self.v, self.capacity = k, v, capacity
+
+    def reserve(self, length: int):
+        if length > self.capacity:
+            self._allocate(min(self.context_length, max(length, 2 * self.capacity)))
+
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
+        """k, v: (T, n_kv_heads, head_dim) of positions start..start+T-1."""
+        t = k.shape[0]
+        self.k[layer][:, start:start + t] = k.transpose(1, 0, 2)
+        self.v[layer][:, start:start + t] = v.transpose(1, 0, 2)
+
+
+class Workspace:
+    """Every activation buffer of a forward chunk, allocated once for `rows` tokens."""
+
+    def __init__(self, config: Config, rows: int):
+        d, hd = config.hidden_size, config.head_dim
+        q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
+        f = config.intermediate_size
+        new = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
+        self.rows = rows
+        self.x, self.h, self.out = new(rows, d), new(rows, d), new(rows, d)
+        self.q, self.k, self.v, self.attn = new(rows, q_dim), new(rows, kv_dim), new(rows, kv_dim), new(rows, q_dim)
+        self.gate, self.up = new(rows, f), new(rows, f)
+
+
+class Transformer:
+    """The forward pass over weights; knows nothing of tokenizers or sampling."""
+
+    def __init__(self, config: Config, weights: Weights):
+        self.config, self.weights = config, weights
+        self.rope = RotaryTables(config)
+        self.rotary_dims = rotary_dims(config)
+        self.scale = np.float32(config.head_dim ** -0.5)
+        self.windows = [config.sliding_window if s else 0 for s in config.sliding]
+        self.ws = Workspace(config, PREFILL_CHUNK)
+
+    def forward(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
+        """Run tokens at positions cache.length.. through the model; returns the final normed hidden
+        states (T, hidden) — a view into the workspace, valid until the next call."""
+        assert 0 < len(tokens) <= self.ws.rows
+        T, start = len(tokens), cache.length
+        cache.reserve(start + T)
+        ws, cfg = self.ws, self.config
+        x, h, out = ws.x[:T], ws.h[:T], ws.out[:T]
+        embed(x, self.weights.embed_tokens, tokens)
+        cos, sin = self.rope.cos_sin(start, T)
+        for i, layer in enumerate(self.weights.layers):
+            rmsnorm(h, x, layer.input_layernorm, cfg.rms_norm_eps)
+            self.attention(out, h, layer.self_attn, cache, i, start, cos, sin)
+            x += out
+            rmsnorm(h, x, layer.post_attention_layernorm, cfg.rms_norm_eps)
+            self.mlp(out, h, layer)
+            x += out
+        cache.length = start + T
+        rmsnorm(x, x, self.weights.norm, cfg.rms_norm_eps)
+        return x
+
+    def attention(self, out, h, w: Attention, cache: KVCache, i: int, start: int, cos, sin):
+        cfg, T = self.config, h.shape[0]
+        hd, n_q, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q, k, v, attn = self.ws.q[:T], self.ws.k[:T], self.ws.v[:T], self.ws.attn[:T]
+        project(q, h, w.q_proj, w.q_bias)
+        project(k, h, w.k_proj, w.k_bias)
+        project(v, h, w.v_proj, w.v_bias)
+        q3, k3 = q.reshape(T, n_q, hd), k.reshape(T, n_kv, hd)
+        if w.q_norm is not None:  # Qwen3: RMSNorm of each head before rotating it
+            rmsnorm(q.reshape(T * n_q, hd), q.reshape(T * n_q, hd), w.q_norm, cfg.rms_norm_eps)
+            rmsnorm(k.reshape(T * n_kv, hd), k.reshape(T * n_kv, hd), w.k_norm, cfg.rms_norm_eps)
+        apply_rope(q3, cos, sin)
+        apply_rope(k3, cos, sin)
+        cache.store(i, start, k3, v.reshape(T, n_kv, hd))
+        attention(attn.reshape(T, n_q, hd), q3, cache.k[i], cache.v[i], start, self.windows[i], self.scale)
+        project(out, attn, w.o_proj, w.o_bias)
+
+    def mlp(self, out, h, layer: Layer):
+        T, w = h.shape[0], layer.mlp
+        gate, up = self.ws.gate[:T], self.ws.up[:T]
+        linear(gate, h, w.gate_proj)
+        linear(up, h, w.up_proj)
+        swiglu(gate, gate, up)
+        linear(out, gate, w.down_proj)
+
+
+def project(out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):
+    """out = x W^T (+ b)."""
+    linear(out, x, weight)
+    if bias is not None:
+        out += bias
+
+
+class Sequence:
+    """One token sequence being extended: its tokens and KV cache. Reuses the cached prefix it shares
+    with a new prompt, so a chat's history is not prefilled again."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.cache = KVCache(model.config, model.context_length)
+        self.tokens: list[int] = []
+
+    def extend(self, tokens: list[int]) -> np.ndarray:
+        """Append tokens; returns the logits (vocab,) after the last one."""
+        self.model.check_tokens(tokens, already=len(self.tokens))
+        return self._run(tokens, all_logits=False)[-1]
+
+    def reset_to(self, tokens: list[int]) -> np.ndarray:
+        """Make the sequence equal `tokens`, keeping the longest cached common prefix; returns the logits
+        after the last token."""
+        self.model.check_tokens(tokens, already=0)
+        common = self.common_prefix(tokens)
+        self.tokens = self.tokens[:common]
+        self.cache.length = common
+        return self._run(tokens[common:], all_logits=False)[-1]
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens are already cached (at most len(tokens) - 1: one must run for logits)."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(tokens) - 1)
+
+    def _run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        transformer, chunk = self.model.transformer, PREFILL_CHUNK
+        ids = np.asarray(tokens, dtype=np.int64)
+        rows = [] if all_logits else None
+        last = None
+        for s in range(0, len(ids), chunk):
+            hidden = transformer.forward(self.cache, ids[s:s + chunk])
+            if all_logits:
+                rows.append(self.model.lm_head(hidden))
+            last = hidden[-1:]
+        self.tokens.extend(int(t) for t in tokens)
+        return np.concatenate(rows) if all_logits else self.model.lm_head(last)
+
+
+class Model:
+    """A loaded Qwen checkpoint: `logits`, `generate`, `stream`, and its `tokenizer`."""
+
+    def __init__(self, config: Config, weights: Weights, tokenizer=None, generation_config: dict | None = None,
+                 path: Path | None = None, context_length: int | None = None):
+        self.config, self.weights, self.tokenizer, self.path = config, weights, tokenizer, path
+        self.generation_config = generation_config or {}
+        self.context_length = context_length or config.max_position_embeddings
+        self.transformer = Transformer(config, weights)
+        self._logits_row = np.zeros((1, config.vocab_size), np.float32)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def lm_head(self, hidden: np.ndarray) -> np.ndarray:
+        """(T, hidden) -> logits (T, vocab); the one-row case writes into a reused buffer."""
+        out = self._logits_row if hidden.shape[0] == 1 else np.empty((hidden.shape[0], self.config.vocab_size), np.float32)
+        linear(out, np.ascontiguousarray(hidden), self.weights.lm_head)
+        return out
+
+    def check_tokens(self, tokens, already: int = 0):
+        if len(tokens) == 0:
+            raise TokenError("no tokens given: a sequence needs at least one token")
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TokenError("token ids must be a flat sequence of integers")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise TokenError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        if already + len(tokens) > self.context_length:
+            raise ContextLengthError(
+                f"{already + len(tokens)} tokens do not fit the context window of {self.context_length}")
+
+    def sequence(self) -> Sequence:
+        return Sequence(self)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits (len(token_ids), vocab) float32 of every position of a fresh sequence."""
+        self.check_tokens(token_ids)
+        return Sequence(self)._run(list(token_ids), all_logits=True).copy()
+
+    def generate(self, token_ids, max_new_tokens: int, **sampling) -> list[int]:
+        """The new tokens only (ending with the end-of-turn token if one was produced)."""
+        return list(self.stream(token_ids, max_new_tokens, **sampling))
+
+    def stream(self, token_ids, max_new_tokens: int, temperature=0.0, top_k=None, top_p=None, min_p=None,
+               repetition_penalty=None, presence_penalty=None, seed=None, stop=None):
+        """Yield new token ids as they are produced (same options as `generate`)."""
+        from .generate import SamplingParams, stream_tokens
+
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                seed=seed)
+        return stream_tokens(self.sequence(), list(token_ids), max_new_tokens, params, stop)
+
+
+def load(path_or_hub_id, context_length: int | None = None) -> Model:
+    """Load a checkpoint folder (or a hub id found in the local Hugging Face cache)."""
+    from .checkpoint import read_tensors
+    from .hub import resolve
+    from .tokenizer import Tokenizer
+
+    folder = resolve(path_or_hub_id)
+    config = load_config(folder)
+    weights = load_weights(config, read_tensors(folder))
+    tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
+    gen_path = folder / "generation_config.json"
+    generation_config = read_json(gen_path) if gen_path.exists() else {}
+    if context_length is not None and not 0 < context_length <= config.max_position_embeddings:
+        raise ContextLengthError(
+            f"context length {context_length} must be in [1, {config.max_position_embeddings}]")
+    return Model(config, weights, tokenizer, generation_config, folder, context_length)

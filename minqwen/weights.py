@@ -1,0 +1,144 @@
+"""Checkpoint tensors -> the model's weights: the one place where tensors are named, checked and stacked.
+
+Matrices stay memory-mapped in their stored dtype (see kernels/dtypes.py); only vectors (norm weights,
+biases: a few KB each) are widened to float32. Every tensor's shape is checked against the config, so a
+config that disagrees with the checkpoint fails at load with the tensor's name, not later with garbage.
+Field names are the checkpoint's own (`q_proj` holds `self_attn.q_proj.weight`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import Config
+from .errors import ConfigError
+from .kernels.dtypes import BF16, FP16, FP32, to_float32
+
+MATRIX_DTYPES = (BF16, FP16, FP32)
+
+
+@dataclass
+class Attention:
+    """Softmax attention over a KV cache (Qwen2/Qwen3 and the full-attention layers of the hybrids)."""
+
+    q_proj: np.ndarray  # (n_heads * head_dim [* 2 with an output gate], hidden)
+    k_proj: np.ndarray  # (n_kv_heads * head_dim, hidden)
+    v_proj: np.ndarray  # (n_kv_heads * head_dim, hidden)
+    o_proj: np.ndarray  # (hidden, n_heads * head_dim)
+    q_bias: np.ndarray | None  # Qwen2: q, k, v biases; Qwen3: attention_bias for all four
+    k_bias: np.ndarray | None
+    v_bias: np.ndarray | None
+    o_bias: np.ndarray | None
+    q_norm: np.ndarray | None  # Qwen3+: RMSNorm over each head's dims, before RoPE
+    k_norm: np.ndarray | None
+
+
+@dataclass
+class MLP:
+    """SwiGLU feed-forward: down(silu(gate x) * up x)."""
+
+    gate_proj: np.ndarray  # (intermediate, hidden)
+    up_proj: np.ndarray  # (intermediate, hidden)
+    down_proj: np.ndarray  # (hidden, intermediate)
+
+
+@dataclass
+class Layer:
+    input_layernorm: np.ndarray  # (hidden,) float32
+    post_attention_layernorm: np.ndarray  # (hidden,) float32
+    self_attn: Attention
+    mlp: MLP
+
+
+@dataclass
+class Weights:
+    embed_tokens: np.ndarray  # (vocab, hidden)
+    layers: list[Layer]
+    norm: np.ndarray  # (hidden,) float32
+    lm_head: np.ndarray  # (vocab, hidden): embed_tokens itself when tied
+
+
+class TensorSource:
+    """Takes tensors out of the checkpoint by name, checking each one's shape and dtype."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], prefix: str = ""):
+        self.tensors, self.prefix = tensors, prefix
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.tensors
+
+    def matrix(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        w = self._get(name, shape)
+        if w.dtype not in MATRIX_DTYPES:
+            raise ConfigError(f"tensor {self.prefix + name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
+        return w
+
+    def vector(self, name: str, size: int) -> np.ndarray:
+        return np.ascontiguousarray(to_float32(self.matrix(name, (size,))))
+
+    def optional_vector(self, name: str, size: int) -> np.ndarray | None:
+        return self.vector(name, size) if self.has(name) else None
+
+    def _get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        full = self.prefix + name
+        if full not in self.tensors:
+            raise ConfigError(f"checkpoint has no tensor {full} (the config implies it)")
+        w = self.tensors[full]
+        if w.shape != tuple(shape):
+            raise ConfigError(f"tensor {full} has shape {w.shape}; the config implies {tuple(shape)}")
+        self.used.add(full)
+        return w
+
+
+def load_weights(config: Config, tensors: dict[str, np.ndarray]) -> Weights:
+    src = TensorSource(tensors, prefix=_language_model_prefix(tensors))
+    d, v = config.hidden_size, config.vocab_size
+    embed = src.matrix("embed_tokens.weight", (v, d))
+    layers = [_layer(config, src, i) for i in range(config.num_hidden_layers)]
+    head_src = TensorSource(tensors)
+    if config.tie_word_embeddings:
+        lm_head = embed
+    else:
+        lm_head = head_src.matrix("lm_head.weight", (v, d))
+    return Weights(embed_tokens=embed, layers=layers, norm=src.vector("norm.weight", d), lm_head=lm_head)
+
+
+def _language_model_prefix(tensors: dict[str, np.ndarray]) -> str:
+    """Text models keep the decoder under `model.`; Qwen3.5 image-text ones under `model.language_model.`."""
+    if "model.language_model.embed_tokens.weight" in tensors:
+        return "model.language_model."
+    return "model."
+
+
+def _layer(config: Config, src: TensorSource, i: int) -> Layer:
+    d = config.hidden_size
+    p = f"layers.{i}."
+    return Layer(input_layernorm=src.vector(p + "input_layernorm.weight", d),
+                 post_attention_layernorm=src.vector(p + "post_attention_layernorm.weight", d),
+                 self_attn=_attention(config, src, p + "self_attn."),
+                 mlp=_mlp(src, p + "mlp.", d, config.intermediate_size))
+
+
+def _attention(config: Config, src: TensorSource, p: str) -> Attention:
+    d, hd = config.hidden_size, config.head_dim
+    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    qkv_bias = config.qkv_bias or config.attention_bias
+    bias = lambda name, n, on: src.vector(p + name + ".bias", n) if on else None  # noqa: E731
+    has_qk_norm = config.model_type != "qwen2" and config.model_type != "qwen2_moe"
+    return Attention(
+        q_proj=src.matrix(p + "q_proj.weight", (q_out, d)),
+        k_proj=src.matrix(p + "k_proj.weight", (kv_out, d)),
+        v_proj=src.matrix(p + "v_proj.weight", (kv_out, d)),
+        o_proj=src.matrix(p + "o_proj.weight", (d, q_out)),
+        q_bias=bias("q_proj", q_out, qkv_bias), k_bias=bias("k_proj", kv_out, qkv_bias),
+        v_bias=bias("v_proj", kv_out, qkv_bias), o_bias=bias("o_proj", d, config.attention_bias),
+        q_norm=src.vector(p + "q_norm.weight", hd) if has_qk_norm else None,
+        k_norm=src.vector(p + "k_norm.weight", hd) if has_qk_norm else None)
+
+
+def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLP:
+    return MLP(gate_proj=src.matrix(p + "gate_proj.weight", (f, d)),
+               up_proj=src.matrix(p + "up_proj.weight", (f, d)),
+               down_proj=src.matrix(p + "down_proj.weight", (d, f)))

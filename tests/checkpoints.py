@@ -1,0 +1,81 @@
+"""Random-weight checkpoints with real shapes, written by transformers' own save_pretrained.
+
+Every parameter is drawn at random — norm weights around 1, biases around 0, but none left at its
+default — so a forgotten bias or norm weight cannot go unnoticed. Configs are written back exactly as
+given (save_pretrained would rewrite them in its own spelling), so hub-style `rope_theta` +
+`rope_scaling` configs are tested as users have them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "data"
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_checkpoint(folder: Path, config: dict, dtype: str = "fp32", seed: int = 0, shard_size: str | None = None,
+                     tokenizer: str | None = None, generation_config: dict | None = None) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    hf_config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]))
+    model = model.to(getattr(torch, TORCH_DTYPES[dtype]))
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config))
+    elif (folder / "generation_config.json").exists():
+        (folder / "generation_config.json").unlink()
+    if tokenizer:
+        for f in (DATA / "tokenizers" / tokenizer).iterdir():
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def reference_model(folder: Path):
+    """The transformers model of a checkpoint, in float32 (the oracle)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def reference_logits(model, tokens: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def reference_greedy(model, tokens: list[int], n: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([tokens]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(tokens):].tolist()
+
+
+def shrink(config: dict, **sizes) -> dict:
+    """A published config with only its sizes made tiny: every other key kept as published."""
+    small = dict(config)
+    small.update(sizes)
+    return small
