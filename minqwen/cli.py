@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from .errors import MinqwenError, TemplateError
+from .errors import CheckpointError, ContextLengthError, MinqwenError, TemplateError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DIM, RESET = "\033[2m", "\033[0m"
@@ -129,7 +129,10 @@ def _stream_to_stdout(model, sequence, prompt, args, stats) -> str:
     sampling = _sampling(args, model)
     stop = sampling.pop("stop")
     max_new = args.max_new_tokens
-    if max_new is None:
+    if max_new is None:  # until the end of turn, or of the context window
+        if len(prompt) >= model.context_length:
+            raise ContextLengthError(f"the prompt's {len(prompt)} tokens leave no room in the context window "
+                                     f"of {model.context_length}")
         max_new = model.context_length - len(prompt)
     tokens = stream_tokens(sequence, prompt, max_new, SamplingParams(**sampling), stop, stats)
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
@@ -179,8 +182,6 @@ def _chat(args) -> int:
 
 def _require_tokenizer(model):
     if model.tokenizer is None:
-        from .errors import CheckpointError
-
         raise CheckpointError(f"{model.path}: no tokenizer.json in the checkpoint folder")
     return model.tokenizer
 
@@ -197,7 +198,7 @@ def _info(args) -> int:
     stored = {"uint16": "bf16", "int16": "fp16", "float32": "fp32"}
     params = sum(int(np.prod(t.shape)) for t in tensors.values())
     weight_bytes = sum(t.nbytes for t in tensors.values())
-    context = args.context or config.max_position_embeddings
+    context = args.context or config.context_window
     n_attn = sum(t != "linear_attention" for t in config.layer_types)
     kv_per_token = 2 * n_attn * config.num_key_value_heads * config.head_dim * 4
     lines = [
@@ -208,7 +209,7 @@ def _info(args) -> int:
         ("hidden / intermediate", f"{config.hidden_size} / {config.intermediate_size}"),
         ("heads", f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, head_dim {config.head_dim}"),
         ("vocabulary", str(config.vocab_size)),
-        ("context", f"{config.max_position_embeddings} (RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),
+        ("context", f"{config.context_window} (RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),
         ("parameters", f"{params / 1e6:.1f} M stored ({', '.join(stored.get(k, k) for k in kinds)})"),
         ("RAM for weights", f"{weight_bytes / 2**30:.2f} GiB, memory-mapped"),
         ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token fp32; {kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),

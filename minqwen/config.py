@@ -88,6 +88,17 @@ class Config:
     def sliding(self) -> list[bool]:
         return [t == "sliding_attention" for t in self.layer_types]
 
+    @property
+    def context_window(self) -> int:
+        """Longest sequence the model is meant to see. Dynamic NTK and YaRN scaling stretch the trained
+        context by `factor` (Qwen's YaRN configs keep max_position_embeddings at the original length)."""
+        rope = self.rope
+        if rope.rope_type == "dynamic":
+            return int(self.max_position_embeddings * rope.factor)
+        if rope.rope_type == "yarn":
+            return max(self.max_position_embeddings, int(rope.original_max_position_embeddings * rope.factor))
+        return self.max_position_embeddings
+
     def is_sparse(self, layer: int) -> bool:
         """A layer uses experts iff it is not listed as dense, there are experts, and it is on the step."""
         return (layer not in self.mlp_only_layers and self.num_experts > 0

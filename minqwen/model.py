@@ -196,7 +196,7 @@ class Model:
                  path: Path | None = None, context_length: int | None = None):
         self.config, self.weights, self.tokenizer, self.path = config, weights, tokenizer, path
         self.generation_config = generation_config or {}
-        self.context_length = context_length or config.max_position_embeddings
+        self.context_length = context_length or config.context_window
         self.transformer = Transformer(config, weights)
         self._logits_row = np.zeros((1, config.vocab_size), np.float32)
 
@@ -259,7 +259,6 @@ def load(path_or_hub_id, context_length: int | None = None) -> Model:
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
     gen_path = folder / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.exists() else {}
-    if context_length is not None and not 0 < context_length <= config.max_position_embeddings:
-        raise ContextLengthError(
-            f"context length {context_length} must be in [1, {config.max_position_embeddings}]")
+    if context_length is not None and not 0 < context_length <= config.context_window:
+        raise ContextLengthError(f"context length {context_length} must be in [1, {config.context_window}]")
     return Model(config, weights, tokenizer, generation_config, folder, context_length)
