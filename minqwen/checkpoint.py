@@ -139,7 +139,7 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry]) -> int:
     ended and is exactly shape x itemsize long. Returns the data section's length."""
     end_so_far = 0
     for name, (dtype, shape, (begin, end)) in entries.items():
-        what = (None if end < begin else
+        what = ("ends before it begins" if end < begin else
                 "overlaps the previous tensor" if begin < end_so_far else
                 "leaves a gap before it" if begin > end_so_far else None)
         if what:

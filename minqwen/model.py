@@ -22,10 +22,11 @@ from .kernels.activations import swiglu
 from .kernels.attention import attention
 from .kernels.embedding import embed
 from .kernels.matmul import linear
+from .kernels.moe import moe_decode, moe_prefill, route
 from .kernels.norm import rmsnorm
 from .kernels.rope import apply_rope
 from .rope import RotaryTables, rotary_dims
-from .weights import Attention, Layer, Weights, load_weights
+from .weights import MLP, Attention, SparseMoE, Weights, load_weights
 
 PREFILL_CHUNK = 256  # tokens per forward chunk: bounds activation memory for long prompts
 
@@ -70,12 +71,19 @@ class Workspace:
     def __init__(self, config: Config, rows: int):
         d, hd = config.hidden_size, config.head_dim
         q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
-        f = config.intermediate_size
         new = lambda *shape: np.zeros(shape, np.float32)  # noqa: E731
         self.rows = rows
         self.x, self.h, self.out = new(rows, d), new(rows, d), new(rows, d)
         self.q, self.k, self.v, self.attn = new(rows, q_dim), new(rows, kv_dim), new(rows, kv_dim), new(rows, q_dim)
-        self.gate, self.up = new(rows, f), new(rows, f)
+        # Flat, viewed as (T, F) by each SwiGLU MLP: dense, shared-expert and MoE widths differ.
+        f = max(config.intermediate_size, config.shared_expert_intermediate_size)
+        self.gate, self.up = new(rows * f), new(rows * f)
+        if config.num_experts:
+            k = config.num_experts_per_tok
+            self.router_logits = new(rows, config.num_experts)
+            self.route_weights, self.route_experts = new(rows, k), np.zeros((rows, k), np.int64)
+            self.expert_hidden = new(k, config.moe_intermediate_size)
+            self.shared, self.shared_gate = new(rows, d), new(rows, 1)
 
 
 class Transformer:
@@ -104,7 +112,10 @@ class Transformer:
             self.attention(out, h, layer.self_attn, cache, i, start, cos, sin)
             x += out
             rmsnorm(h, x, layer.post_attention_layernorm, cfg.rms_norm_eps)
-            self.mlp(out, h, layer)
+            if isinstance(layer.mlp, SparseMoE):
+                self.sparse_moe(out, h, layer.mlp)
+            else:
+                self.mlp(out, h, layer.mlp)
             x += out
         cache.length = start + T
         rmsnorm(x, x, self.weights.norm, cfg.rms_norm_eps)
@@ -127,13 +138,29 @@ class Transformer:
         attention(attn.reshape(T, n_q, hd), q3, cache.k[i], cache.v[i], start, self.windows[i], self.scale)
         project(out, attn, w.o_proj, w.o_bias)
 
-    def mlp(self, out, h, layer: Layer):
-        T, w = h.shape[0], layer.mlp
-        gate, up = self.ws.gate[:T], self.ws.up[:T]
+    def mlp(self, out, h, w: MLP):
+        T, f = h.shape[0], w.gate_proj.shape[0]
+        gate, up = self.ws.gate[:T * f].reshape(T, f), self.ws.up[:T * f].reshape(T, f)
         linear(gate, h, w.gate_proj)
         linear(up, h, w.up_proj)
         swiglu(gate, gate, up)
         linear(out, gate, w.down_proj)
+
+    def sparse_moe(self, out, h, w: SparseMoE):
+        """out = sum over the token's top-k experts of weight_e * MLP_e(h)  (+ sigmoid(g . h) * shared MLP(h))."""
+        cfg, ws, T = self.config, self.ws, h.shape[0]
+        logits, weights, experts = ws.router_logits[:T], ws.route_weights[:T], ws.route_experts[:T]
+        linear(logits, h, w.gate)
+        route(weights, experts, logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        if T == 1:  # decode: stream only the chosen experts' weights, in one pass
+            moe_decode(out[0], ws.expert_hidden, h[0], w.gate_projs, w.up_projs, w.down_projs, experts[0], weights[0])
+        else:  # prefill: each chosen expert runs once, on all of its tokens
+            moe_prefill(out, h, w.gate_projs, w.up_projs, w.down_projs, experts, weights)
+        if w.shared_expert is not None:
+            shared, gate = ws.shared[:T], ws.shared_gate[:T]
+            self.mlp(shared, h, w.shared_expert)
+            linear(gate, h, w.shared_expert_gate)
+            out += shared / (1 + np.exp(-gate))
 
 
 def project(out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):

@@ -37,7 +37,8 @@ class Tokenizer:
         self.template_vars = template_vars  # bos_token / eos_token / ... as tokenizer_config names them
         added = backend.get_added_tokens_decoder()  # id -> AddedToken
         self.special_ids = {i for i, token in added.items() if token.special}
-        self.vocab_size = max(max(backend.get_vocab(with_added_tokens=False).values()), *added) + 1
+        largest = max(backend.get_vocab(with_added_tokens=False).values(), default=-1)
+        self.vocab_size = max(largest, max(added, default=-1)) + 1  # ids may have holes: not a count
 
     @classmethod
     def from_dir(cls, folder, chat_template: str | None = None) -> "Tokenizer":
@@ -70,7 +71,10 @@ class Tokenizer:
             templates = {t["name"]: t["template"] for t in raw}
         jinja_path = folder / "chat_template.jinja"
         if jinja_path.is_file():
-            templates["default"] = jinja_path.read_text(encoding="utf-8")
+            try:
+                templates["default"] = jinja_path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{jinja_path}: not UTF-8 text ({one_line(e)})") from None
         if chat_template is not None:
             templates = {"default": chat_template}
 
@@ -137,7 +141,9 @@ class StreamDecoder:
     So, as text-generation-inference does, we decode a short window: `ids[prefix:]` minus `ids[prefix:read]`,
     where `ids[prefix:read]` is the text already returned for the previous step. While the window's text ends
     in U+FFFD the last character is incomplete and we return nothing yet. The window only spans the tokens
-    since the last returned piece, so each push costs O(1) amortised.
+    since the last returned piece, so each push costs O(1) amortised. (The one exception: a long run of
+    invalid UTF-8 bytes keeps ending in U+FFFD, so it is held, and the window grows, until a valid character
+    follows or flush() is called. The output stays exact.)
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):

@@ -44,11 +44,27 @@ class MLP:
 
 
 @dataclass
+class SparseMoE:
+    """A router picks num_experts_per_tok of num_experts SwiGLU experts per token (Qwen2-MoE adds an
+    always-on shared expert scaled by sigmoid(shared_expert_gate . x)).
+
+    The experts stay where the checkpoint stores them, one tensor each, memory-mapped: a typed list of
+    per-expert matrices (stacking them would copy the whole model into RAM)."""
+
+    gate: np.ndarray  # router (num_experts, hidden)
+    gate_projs: object  # numba typed List of (moe_intermediate, hidden), one per expert
+    up_projs: object  # typed List of (moe_intermediate, hidden)
+    down_projs: object  # typed List of (hidden, moe_intermediate)
+    shared_expert: MLP | None
+    shared_expert_gate: np.ndarray | None  # (1, hidden)
+
+
+@dataclass
 class Layer:
     input_layernorm: np.ndarray  # (hidden,) float32
     post_attention_layernorm: np.ndarray  # (hidden,) float32
     self_attn: Attention
-    mlp: MLP
+    mlp: MLP | SparseMoE
 
 
 @dataclass
@@ -118,7 +134,8 @@ def _layer(config: Config, src: TensorSource, i: int) -> Layer:
     return Layer(input_layernorm=src.vector(p + "input_layernorm.weight", d),
                  post_attention_layernorm=src.vector(p + "post_attention_layernorm.weight", d),
                  self_attn=_attention(config, src, p + "self_attn."),
-                 mlp=_mlp(src, p + "mlp.", d, config.intermediate_size))
+                 mlp=_sparse_moe(config, src, p + "mlp.") if config.is_sparse(i)
+                 else _mlp(src, p + "mlp.", d, config.intermediate_size))
 
 
 def _attention(config: Config, src: TensorSource, p: str) -> Attention:
@@ -142,3 +159,22 @@ def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLP:
     return MLP(gate_proj=src.matrix(p + "gate_proj.weight", (f, d)),
                up_proj=src.matrix(p + "up_proj.weight", (f, d)),
                down_proj=src.matrix(p + "down_proj.weight", (d, f)))
+
+
+def _sparse_moe(config: Config, src: TensorSource, p: str) -> SparseMoE:
+    from numba.typed import List
+
+    d, f, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    projections = {}
+    for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+        matrices = [src.matrix(f"{p}experts.{e}.{name}.weight", shape) for e in range(n)]
+        if len({m.dtype for m in matrices}) > 1:
+            raise ConfigError(f"{p}experts.*.{name} mix dtypes")
+        projections[name] = List(matrices)
+    shared = config.shared_expert_intermediate_size > 0
+    return SparseMoE(gate=src.matrix(p + "gate.weight", (n, d)),
+                     gate_projs=projections["gate_proj"], up_projs=projections["up_proj"],
+                     down_projs=projections["down_proj"],
+                     shared_expert=_mlp(src, p + "shared_expert.", d, config.shared_expert_intermediate_size)
+                     if shared else None,
+                     shared_expert_gate=src.matrix(p + "shared_expert_gate.weight", (1, d)) if shared else None)

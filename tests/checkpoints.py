@@ -74,6 +74,34 @@ def reference_greedy(model, tokens: list[int], n: int) -> list[int]:
     return out[0, len(tokens):].tolist()
 
 
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 5e-3}  # max|diff| / max|logit|
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_length: int = 20, new_tokens: int = 16):
+    """Logits of every position within tolerance of transformers' fp32 logits, and identical greedy
+    tokens (which run the KV cache: decode after prefill)."""
+    import minqwen
+
+    model = minqwen.load(folder)
+    reference = reference_model(folder)
+    prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, size=prompt_length).tolist()
+    ours, theirs = model.logits(prompt), reference_logits(reference, prompt)
+    assert ours.shape == theirs.shape == (len(prompt), model.config.vocab_size)
+    error = relative_error(ours, theirs)
+    print(f"PARITY {name}: max|diff|/max|logit| = {error:.2e}, mean|diff| = {np.abs(ours - theirs).mean():.2e}")
+    assert error <= TOLERANCE[dtype], f"{name}: relative logit error {error:.2e}"
+    assert model.generate(prompt, max_new_tokens=new_tokens) == reference_greedy(reference, prompt, new_tokens)
+    return model
+
+
+def published_config(name: str, **sizes) -> dict:
+    return shrink(json.loads((DATA / "configs" / f"{name}.config.json").read_text()), **sizes)
+
+
 def shrink(config: dict, **sizes) -> dict:
     """A published config with only its sizes made tiny: every other key kept as published."""
     small = dict(config)

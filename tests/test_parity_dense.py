@@ -8,19 +8,13 @@ import numpy as np
 import pytest
 
 import minqwen
-from checkpoints import DATA, build_checkpoint, reference_greedy, reference_logits, reference_model, shrink
-
-TOLERANCE = {"fp32": 1e-4, "bf16": 5e-3, "fp16": 5e-3}
+from checkpoints import assert_matches_transformers, build_checkpoint, published_config as published
 
 QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=320, hidden_size=64,
              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
 QWEN3 = dict(QWEN2, model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=24, attention_bias=False,
              num_attention_heads=6, num_key_value_heads=2, rope_scaling=None, rope_theta=1000000.0)
-
-
-def published(name: str, **sizes) -> dict:
-    return shrink(json.loads((DATA / "configs" / f"{name}.config.json").read_text()), **sizes)
 
 
 TINY = dict(hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
@@ -61,25 +55,8 @@ def case(request, tmp_path_factory):
     return request.param, folder, dtype
 
 
-def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
 def test_logits_and_greedy_match_transformers(case):
-    name, folder, dtype = case
-    model = minqwen.load(folder)
-    reference = reference_model(folder)
-    rng = np.random.default_rng(1)
-    prompt = rng.integers(0, model.config.vocab_size, size=20).tolist()
-
-    ours, theirs = model.logits(prompt), reference_logits(reference, prompt)
-    error = relative_error(ours, theirs)
-    print(f"{name}: max|diff|/max|logit| = {error:.2e}, mean|diff| = {np.abs(ours - theirs).mean():.2e}")
-    assert ours.shape == theirs.shape == (len(prompt), model.config.vocab_size)
-    assert error <= TOLERANCE[dtype]
-
-    expected = reference_greedy(reference, prompt, 16)
-    assert model.generate(prompt, max_new_tokens=16) == expected
+    assert_matches_transformers(*case)
 
 
 def test_sliding_window_really_slides(tmp_path):

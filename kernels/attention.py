@@ -1,0 +1,78 @@
+"""Causal grouped-query attention over a KV cache, with an optional sliding window.
+
+Scores are never stored: each (query head, token) pair streams over its keys once and keeps a
+running max m, a running sum l of exp(s - m) and the weighted sum of values (the "online
+softmax" of Milakov & Gimelshein 2018, the idea behind FlashAttention). Memory is therefore
+linear in the sequence length, and prefill of a long prompt needs no T x L score matrix.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from .jit import pjit
+
+
+@pjit
+def attention(out, q, k_cache, v_cache, start, window, scale):
+    # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32
+    """For the query of token t at position p = start + t, in head h (kv head g = h // (Hq/Hkv)):
+
+        s_j = scale * q[t,h] . k[g,j]       for lo <= j <= p,  lo = max(0, p - window + 1)
+        out[t,h] = sum_j softmax(s)_j v[g,j]                   (window <= 0: lo = 0)
+    """
+    T, Hq, hd = q.shape
+    group = Hq // k_cache.shape[0]  # query heads sharing one kv head
+    # One flat loop over (head, token) pairs: decoding (T = 1) splits over heads, prefill over both.
+    for ht in prange(Hq * T):
+        h = ht // T
+        t = ht % T
+        g = h // group
+        p = start + t
+        lo = max(0, p - window + 1) if window > 0 else 0
+        acc = out[t, h]  # the weighted sum of values accumulates in place in the output row
+        # Start from the first key rather than from m = -inf: fastmath lets LLVM assume no infinities.
+        s = np.float32(0.0)
+        for d in range(hd):
+            s += q[t, h, d] * k_cache[g, lo, d]
+        m = s * scale
+        l = np.float32(1.0)
+        for d in range(hd):
+            acc[d] = v_cache[g, lo, d]
+        for j in range(lo + 1, p + 1):
+            s = np.float32(0.0)
+            for d in range(hd):
+                s += q[t, h, d] * k_cache[g, j, d]
+            s *= scale
+            if s > m:
+                # A new maximum: rescale what was summed so far to the new reference point.
+                c = np.float32(math.exp(m - s))
+                l *= c
+                for d in range(hd):
+                    acc[d] *= c
+                m = s
+            e = np.float32(math.exp(s - m))
+            l += e
+            for d in range(hd):
+                acc[d] += e * v_cache[g, j, d]
+        inv_l = np.float32(1.0) / l
+        for d in range(hd):
+            acc[d] *= inv_l
+
+
+def attention_reference(q, k_cache, v_cache, start, window, scale):  # -> [T, Hq, hd] float64
+    T, Hq, hd = q.shape
+    Hkv = k_cache.shape[0]
+    L = start + T
+    k = np.repeat(k_cache[:, :L].astype(np.float64), Hq // Hkv, axis=0)  # [Hq, L, hd]
+    v = np.repeat(v_cache[:, :L].astype(np.float64), Hq // Hkv, axis=0)
+    scores = scale * np.einsum("thd,hjd->htj", q.astype(np.float64), k)  # [Hq, T, L]
+    pos = start + np.arange(T)[:, None]
+    j = np.arange(L)[None, :]
+    visible = j <= pos
+    if window > 0:
+        visible &= j > pos - window
+    scores = np.where(visible[None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("htj,hjd->thd", weights, v)

@@ -1,0 +1,73 @@
+"""Products with a weight matrix stored as bf16, fp16 or fp32: y = W x, one kernel per use.
+
+Decoding one token (T = 1) reads every weight once and does two flops per weight, so it is
+bound by memory bandwidth: `matvec` streams the stored 16-bit weights and widens them in
+registers, moving half the bytes of an fp32 copy. Prefill (T > 1) reuses each weight T times, so
+it is bound by flops: `matmul` widens W a tile at a time and lets BLAS do the multiplication.
+"""
+import numpy as np
+from numba import prange
+
+from .dtypes import FP32, to_float32, widen
+from .jit import pjit
+
+TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, whatever its shape
+
+
+@pjit
+def matvec(out, w, x):  # out: [N] float32, w: [N, K] bf16/fp16/fp32 bits, x: [K] float32
+    """out[n] = sum_k w[n,k] x[k]"""
+    N, K = w.shape
+    # Numba hands each thread one contiguous block of rows, so each streams its own part of W.
+    for n in prange(N):
+        # A plain scalar sum: fastmath allows LLVM to reorder it, so it becomes 4 x 8 float32
+        # lanes of FMAs fed by widening loads (vpmovzxwd + vpslld for bf16, vcvtph2ps for fp16).
+        acc = np.float32(0.0)
+        for k in range(K):
+            acc += widen(w[n, k]) * x[k]
+        out[n] = acc
+
+
+@pjit
+def widen_rows(out_tile, w_rows):  # out_tile: [B, K] float32, w_rows: [B, K] any stored dtype
+    """out_tile[b, k] = float32(w_rows[b, k])"""
+    B, K = w_rows.shape
+    for b in prange(B):
+        for k in range(K):
+            out_tile[b, k] = widen(w_rows[b, k])
+
+
+def matmul(out, x, w, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32, w: [N, K] any dtype
+    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1)"""
+    if w.dtype == FP32:
+        np.matmul(x, w.T, out=out)  # BLAS sgemm, also when out is a column slice of a wider array
+        return
+    # Half-width weights: widen a block of rows of W into a float32 tile, multiply it by x with
+    # BLAS into the matching columns of out, and move on; memory stays at one tile.
+    N, K = w.shape
+    rows = max(1, min(N, tile_floats // K))
+    tile = np.empty((rows, K), dtype=np.float32)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        widen_rows(tile[: r1 - r0], w[r0:r1])
+        # np.matmul (unlike np.dot) writes into a column slice of out directly, still through BLAS.
+        np.matmul(x, tile[: r1 - r0].T, out=out[:, r0:r1])
+
+
+def linear(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] any stored dtype
+    """out = x @ w.T  (no bias: the caller adds it)"""
+    if x.shape[0] == 1:
+        matvec(out[0], w, x[0])
+    else:
+        matmul(out, x, w)
+
+
+def matvec_reference(w, x):  # [N, K] stored dtype, [K] -> [N] float64
+    return to_float32(w).astype(np.float64) @ x.astype(np.float64)
+
+
+def matmul_reference(x, w):  # [T, K], [N, K] stored dtype -> [T, N] float64
+    return x.astype(np.float64) @ to_float32(w).astype(np.float64).T
+
+
+linear_reference = matmul_reference

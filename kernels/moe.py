@@ -1,0 +1,170 @@
+"""Sparse mixture of experts (Qwen2-MoE, Qwen3-MoE): a router picks k of E SwiGLU experts per token.
+
+    p      = softmax(router_logits)                       over all E experts, in float32
+    e_1..k = the k largest p (ties: lower expert index first)
+    w_j    = p[e_j]          or  p[e_j] / sum_i p[e_i]    if norm_topk_prob
+    out    = sum_j w_j * down[e_j] @ (silu(gate[e_j] @ x) * up[e_j] @ x)
+
+Expert weights stay in their stored dtype: gate_w, up_w [E][F, D], down_w [E][D, F], either stacked
+3-D arrays or (as the model passes them) numba typed Lists of the checkpoint's memory-mapped
+per-expert matrices; the kernels only ever index one expert at a time, w[e].
+Only the k chosen experts are read, so decoding a token moves bytes in proportion to the *active*
+parameters (3 k F D weights), not the total. Qwen2-MoE also adds a shared expert, an ordinary
+SwiGLU MLP scaled by sigmoid(shared_expert_gate . x): the dense kernels compute it.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from .activations import swiglu
+from .dtypes import to_float32, widen
+from .jit import jit, pjit
+from .matmul import linear
+
+
+@jit
+def route(weights_out, experts_out, router_logits, top_k, norm_topk_prob):  # [T, k] f32, [T, k] i64 <- [T, E] f32
+    """p = softmax(logits);  experts = argtopk_k(p) (ties -> lower index);  weights = p[experts] (/ sum)
+
+    softmax is monotonic, so we rank the logits themselves: the same order as ranking p, without
+    the ties that rounding p to float32 can create between distinct logits. torch.topk on CPU breaks
+    exact ties in whatever order std::nth_element / std::partial_sort leave them, so no engine can
+    match it there; we take the lower expert index, which is what a stable sort would do.
+    """
+    T, E = router_logits.shape
+    for t in range(T):
+        logits = router_logits[t]
+        m = logits.max()
+        s = np.float32(0.0)
+        for i in range(E):
+            s += np.float32(math.exp(logits[i] - m))
+        # Selection by k passes over E (k*E compares, ~1000 for Qwen3's 8 of 128): pass j takes the
+        # best expert ranked strictly after pick j-1 in the order (logit descending, index ascending),
+        # so nothing needs marking as taken and nothing is allocated.
+        prev = -1
+        for j in range(top_k):
+            best = -1
+            for i in range(E):
+                if prev >= 0 and not (logits[i] < logits[prev] or (logits[i] == logits[prev] and i > prev)):
+                    continue  # ranked at or before the previous pick
+                if best < 0 or logits[i] > logits[best]:  # strict: the lower index wins a tie
+                    best = i
+            experts_out[t, j] = best
+            weights_out[t, j] = np.float32(math.exp(logits[best] - m)) / s
+            prev = best
+        if norm_topk_prob:
+            total = np.float32(0.0)
+            for j in range(top_k):
+                total += weights_out[t, j]
+            for j in range(top_k):
+                weights_out[t, j] /= total
+
+
+def route_reference(router_logits, top_k, norm_topk_prob):  # [T, E] -> [T, k] float64, [T, k] int64
+    """transformers' order: softmax, topk (a stable sort: lower index first on ties), renormalise."""
+    logits = router_logits.astype(np.float64)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    experts = np.argsort(-p, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(p, experts, axis=-1)
+    if norm_topk_prob:
+        weights /= weights.sum(axis=-1, keepdims=True)
+    return weights, experts
+
+
+@pjit
+def moe_decode(out, hidden, x, gate_w, up_w, down_w, experts, weights):
+    # out: [D] f32, hidden: [k, F] f32 scratch, x: [D] f32,
+    # gate_w, up_w: [E, F, D], down_w: [E, D, F] stored dtype, experts: [k] i64, weights: [k] f32
+    """hidden[j] = silu(gate[e_j] @ x) * (up[e_j] @ x);   out = sum_j weights[j] * down[e_j] @ hidden[j]"""
+    k, F = hidden.shape
+    D = x.shape[0]
+    # Region 1: the k*F rows of the chosen experts' gate and up matrices, flattened into one axis
+    # so both threads get work even when k is small. Each row reads its gate and up rows together
+    # (x once) and writes one element of hidden.
+    for jr in prange(k * F):
+        j = jr // F
+        r = jr % F
+        gate_row, up_row = gate_w[experts[j]][r], up_w[experts[j]][r]
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for i in range(D):
+            g += widen(gate_row[i]) * x[i]
+            u += widen(up_row[i]) * x[i]
+        # silu(g) = g * sigmoid(g), with exp(-|g|) so that nothing overflows (see swiglu)
+        a = np.float32(math.exp(-abs(g)))
+        sig = (np.float32(1.0) if g >= 0 else a) / (np.float32(1.0) + a)
+        hidden[j, r] = g * sig * u
+    # Region 2: each output row sums over the k experts, so threads write disjoint rows of out
+    # and no reduction across threads is needed.
+    for d in prange(D):
+        acc = np.float32(0.0)
+        for j in range(k):
+            down_row = down_w[experts[j]][d]
+            s = np.float32(0.0)
+            for f in range(F):
+                s += widen(down_row[f]) * hidden[j, f]
+            acc += weights[j] * s
+        out[d] = acc
+
+
+def expert_reference(x, gate_w, up_w, down_w):  # [..., D], [F, D], [F, D], [D, F] stored dtype -> [..., D] float64
+    """down @ (silu(gate @ x) * (up @ x))  in float64"""
+    g = x.astype(np.float64) @ to_float32(gate_w).astype(np.float64).T
+    u = x.astype(np.float64) @ to_float32(up_w).astype(np.float64).T
+    h = g / (1.0 + np.exp(-g)) * u
+    return h @ to_float32(down_w).astype(np.float64).T
+
+
+def moe_decode_reference(x, gate_w, up_w, down_w, experts, weights):  # [D], .., [k], [k] -> [D] float64
+    return sum(float(w) * expert_reference(x, gate_w[e], up_w[e], down_w[e]) for e, w in zip(experts, weights))
+
+
+def moe_prefill(out, x, gate_w, up_w, down_w, experts, weights):
+    # out, x: [T, D] f32, gate_w, up_w: [E, F, D], down_w: [E, D, F] stored dtype,
+    # experts: [T, k] i64, weights: [T, k] f32
+    """out[t] = sum_j weights[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t]))
+
+    Token by token this would read each expert's weights once per token that chose it. Instead we
+    sort the (token, slot) pairs by expert and run each expert once on all of its tokens as matrix
+    products (`linear` widens the weights tile by tile and hands the tiles to BLAS; for an expert
+    with one token it streams them like decode does), then scatter-add the results.
+    """
+    T, k = experts.shape
+    E, (F, D) = len(gate_w), gate_w[0].shape
+    flat = experts.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert
+    starts = np.zeros(E + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=E), out=starts[1:])
+    n_max = int(np.diff(starts).max())
+    # Work buffers sized for the busiest expert; each expert uses their first n rows.
+    gate = np.empty((n_max, F), dtype=np.float32)
+    up = np.empty((n_max, F), dtype=np.float32)
+    y = np.empty((n_max, D), dtype=np.float32)
+    out[...] = 0.0
+    for e in range(E):
+        n = starts[e + 1] - starts[e]
+        if n == 0:
+            continue  # no token chose this expert: its weights are never read
+        pairs = order[starts[e] : starts[e + 1]]
+        tokens = pairs // k
+        rows = x[tokens]  # gather [n, D]
+        linear(gate[:n], rows, gate_w[e])
+        linear(up[:n], rows, up_w[e])
+        swiglu(gate[:n], gate[:n], up[:n])
+        linear(y[:n], gate[:n], down_w[e])
+        # A token picks an expert at most once, so `tokens` has no repeats and += cannot collide.
+        out[tokens] += weights.reshape(-1)[pairs][:, None] * y[:n]
+
+
+def moe_prefill_reference(x, gate_w, up_w, down_w, experts, weights):  # [T, D], .., [T, k], [T, k] -> [T, D] float64
+    """token by token, straight from the formula"""
+    return np.stack([moe_decode_reference(x[t], gate_w, up_w, down_w, experts[t], weights[t]) for t in range(len(x))])
+
+
+def moe_reference(x, gate_w, up_w, down_w, router_w, top_k, norm_topk_prob):  # [T, D], .., router_w [E, D] -> [T, D] float64
+    """The whole sparse block in float64: router logits, route, experts (no shared expert)."""
+    logits = x.astype(np.float64) @ to_float32(router_w).astype(np.float64).T
+    weights, experts = route_reference(logits, top_k, norm_topk_prob)
+    return moe_prefill_reference(x, gate_w, up_w, down_w, experts, weights)

@@ -1,0 +1,32 @@
+"""RMSNorm (Zhang & Sennrich 2019), the only normalisation Qwen uses.
+
+Qwen3 also normalises every query and key head before RoPE; the caller reshapes [T, H, hd] to
+[T*H, hd] and reuses this kernel, so one row may be a token's hidden state or one head of it.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from .jit import pjit
+
+
+@pjit
+def rmsnorm(out, x, weight, eps):  # out, x: [N, D] float32 (out may be x), weight: [D]
+    """out[n] = x[n] / sqrt(mean(x[n]**2) + eps) * weight"""
+    N, D = x.shape
+    for n in prange(N):
+        # A float32 sum of squares is enough: rows are at most a few thousand wide and every
+        # term is positive, so there is no cancellation; fastmath lets LLVM vectorise the sum.
+        ss = np.float32(0.0)
+        for d in range(D):
+            ss += x[n, d] * x[n, d]
+        inv_rms = np.float32(1.0 / math.sqrt(ss / D + eps))
+        # Reading x[n, d] before writing out[n, d] keeps the in-place call (out is x) correct.
+        for d in range(D):
+            out[n, d] = x[n, d] * inv_rms * weight[d]
+
+
+def rmsnorm_reference(x, weight, eps):  # [N, D] -> [N, D] float64
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight.astype(np.float64)
