@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from .dtypes import FP32, to_float32, widen
-from .jit import pjit
+from .jit import jit, pjit
 
 TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, whatever its shape
 
@@ -28,11 +28,14 @@ def matvec(out, w, x):  # out: [N] float32, w: [N, K] bf16/fp16/fp32 bits, x: [K
         out[n] = acc
 
 
-@pjit
+@jit
 def widen_rows(out_tile, w_rows):  # out_tile: [B, K] float32, w_rows: [B, K] any stored dtype
     """out_tile[b, k] = float32(w_rows[b, k])"""
+    # Serial on purpose: it alternates with BLAS calls, and after a parallel region Numba's
+    # OpenMP threads keep spinning and fight OpenBLAS's threads for the cores (measured 3-8x
+    # slower prefill matmuls on 2 cores). Widening is ~1/T of the tile's multiply anyway.
     B, K = w_rows.shape
-    for b in prange(B):
+    for b in range(B):
         for k in range(K):
             out_tile[b, k] = widen(w_rows[b, k])
 

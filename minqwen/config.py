@@ -85,6 +85,11 @@ class Config:
     has_vision_tower: bool = False  # an image-text checkpoint read as a text model
 
     @property
+    def zero_centred_norms(self) -> bool:
+        """The hybrid generation stores RMSNorm weights as w and scales by (1 + w)."""
+        return self.model_type in HYBRID
+
+    @property
     def sliding(self) -> list[bool]:
         return [t == "sliding_attention" for t in self.layer_types]
 
@@ -141,6 +146,13 @@ class Config:
             known["qkv_bias"] = True  # Qwen2/2.5/1.5 always project q, k, v with bias
         if model_type == "qwen2_moe":
             known["qkv_bias"] = raw.get("qkv_bias", True)
+        if model_type in HYBRID:
+            # This generation always gates attention outputs and rotates a quarter of each head.
+            known["attn_output_gate"] = True
+            raw = {"partial_rotary_factor": 0.25, **raw}
+            known.setdefault("norm_topk_prob", True)
+        if model_type == "qwen3_5_moe_text":  # every layer is sparse and routing weights renormalised
+            known.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
         if known.get("sliding_window") is None or not known.get("use_sliding_window"):
             known["sliding_window"] = None  # Qwen2.5 ships sliding_window with use_sliding_window: false
         try:

@@ -119,9 +119,9 @@ def _generate(sequence, prompt, max_new_tokens, params: SamplingParams, stop, st
     if max_new_tokens == 0:
         return
     stats.prompt_tokens = len(prompt)
-    stats.cached_tokens = sequence.common_prefix(prompt)
     started = time.perf_counter()
     logits = sequence.reset_to(prompt)
+    stats.cached_tokens = sequence.reused
     stats.prefill_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for n in range(max_new_tokens):

@@ -20,30 +20,45 @@ from .config import Config, load_config, read_json
 from .errors import ContextLengthError, TokenError
 from .kernels.activations import swiglu
 from .kernels.attention import attention
+from .kernels.deltanet import (causal_conv1d, delta_rule_gates, gated_delta_rule_chunked,
+                               gated_delta_rule_recurrent, gated_rmsnorm, l2norm, sigmoid_gate)
 from .kernels.embedding import embed
 from .kernels.matmul import linear
 from .kernels.moe import moe_decode, moe_prefill, route
 from .kernels.norm import rmsnorm
 from .kernels.rope import apply_rope
 from .rope import RotaryTables, rotary_dims
-from .weights import MLP, Attention, SparseMoE, Weights, load_weights
+from .weights import MLP, Attention, LinearAttention, SparseMoE, Weights, load_weights
 
 PREFILL_CHUNK = 256  # tokens per forward chunk: bounds activation memory for long prompts
+DELTA_RULE_CHUNK = 64  # tokens per block of the chunked (matrix-form) delta rule in prefill
+L2NORM_EPS = 1e-6  # Gated DeltaNet's q/k normalisation, as transformers' l2norm
 
 
-class KVCache:
-    """Keys and values of every attention layer, (n_kv_heads, capacity, head_dim) float32 each.
+class Cache:
+    """Everything a sequence remembers between forward calls.
 
-    Capacity doubles when a sequence outgrows it (rarely: amortised O(1) per token), up to the context
-    length, so a short chat does not reserve memory for 32k positions."""
+    Attention layers: keys and values, (n_kv_heads, capacity, head_dim) float32 each. Capacity doubles
+    when a sequence outgrows it (amortised O(1) per token), up to the context length, so a short chat
+    does not reserve memory for 32k positions.
+    Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
+    causal convolution and one (key_dim, value_dim) matrix per value head. That state cannot be
+    rewound, so a hybrid model's sequence can only be extended, or restarted."""
 
     def __init__(self, config: Config, context_length: int, capacity: int = 256):
         self.n_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
         self.context_length = context_length
         self.layers = [i for i, t in enumerate(config.layer_types) if t != "linear_attention"]
-        self.length = 0  # positions 0..length-1 hold valid keys/values
+        self.linear_layers = [i for i, t in enumerate(config.layer_types) if t == "linear_attention"]
+        hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+        dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+        self.conv_shape = (config.linear_conv_kernel_dim - 1, 2 * hk * dk + hv * dv)
+        self.recurrent_shape = (hv, dk, dv)
+        self.length = 0  # positions 0..length-1 are cached
         self.capacity = 0
         self._allocate(min(capacity, context_length))
+        self.conv = {i: np.zeros(self.conv_shape, np.float32) for i in self.linear_layers}
+        self.recurrent = {i: np.zeros(self.recurrent_shape, np.float32) for i in self.linear_layers}
 
     def _allocate(self, capacity: int):
         shape = (self.n_kv_heads, capacity, self.head_dim)
@@ -57,6 +72,17 @@ class KVCache:
     def reserve(self, length: int):
         if length > self.capacity:
             self._allocate(min(self.context_length, max(length, 2 * self.capacity)))
+
+    def rewind(self, length: int) -> int:
+        """Forget positions from `length` on; returns the length actually kept (0 for a hybrid model
+        asked to go back: its linear-attention state holds no history to rewind to)."""
+        if length < self.length and self.linear_layers:
+            length = 0
+            for i in self.linear_layers:
+                self.conv[i][:] = 0
+                self.recurrent[i][:] = 0
+        self.length = min(length, self.length)
+        return self.length
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
         """k, v: (T, n_kv_heads, head_dim) of positions start..start+T-1."""
@@ -84,6 +110,16 @@ class Workspace:
             self.route_weights, self.route_experts = new(rows, k), np.zeros((rows, k), np.int64)
             self.expert_hidden = new(k, config.moe_intermediate_size)
             self.shared, self.shared_gate = new(rows, d), new(rows, 1)
+        if config.attn_output_gate:
+            self.q_and_gate = new(rows, 2 * q_dim)
+        if "linear_attention" in config.layer_types:
+            hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+            dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+            channels = 2 * hk * dk + hv * dv
+            self.qkv, self.conv_out, self.z = new(rows, channels), new(rows, channels), new(rows, hv * dv)
+            self.b, self.a, self.g, self.beta = new(rows, hv), new(rows, hv), new(rows, hv), new(rows, hv)
+            self.core = new(rows, hv, dv)
+            self.qkvz, self.ba = new(rows, channels + hv * dv), new(rows, 2 * hv)  # Qwen3-Next's fused layout
 
 
 class Transformer:
@@ -97,7 +133,7 @@ class Transformer:
         self.windows = [config.sliding_window if s else 0 for s in config.sliding]
         self.ws = Workspace(config, PREFILL_CHUNK)
 
-    def forward(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
+    def forward(self, cache: Cache, tokens: np.ndarray) -> np.ndarray:
         """Run tokens at positions cache.length.. through the model; returns the final normed hidden
         states (T, hidden) — a view into the workspace, valid until the next call."""
         assert 0 < len(tokens) <= self.ws.rows
@@ -109,7 +145,10 @@ class Transformer:
         cos, sin = self.rope.cos_sin(start, T)
         for i, layer in enumerate(self.weights.layers):
             rmsnorm(h, x, layer.input_layernorm, cfg.rms_norm_eps)
-            self.attention(out, h, layer.self_attn, cache, i, start, cos, sin)
+            if layer.linear_attn is not None:
+                self.gated_deltanet(out, h, layer.linear_attn, cache, i)
+            else:
+                self.attention(out, h, layer.self_attn, cache, i, start, cos, sin)
             x += out
             rmsnorm(h, x, layer.post_attention_layernorm, cfg.rms_norm_eps)
             if isinstance(layer.mlp, SparseMoE):
@@ -121,11 +160,16 @@ class Transformer:
         rmsnorm(x, x, self.weights.norm, cfg.rms_norm_eps)
         return x
 
-    def attention(self, out, h, w: Attention, cache: KVCache, i: int, start: int, cos, sin):
+    def attention(self, out, h, w: Attention, cache: Cache, i: int, start: int, cos, sin):
         cfg, T = self.config, h.shape[0]
         hd, n_q, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         q, k, v, attn = self.ws.q[:T], self.ws.k[:T], self.ws.v[:T], self.ws.attn[:T]
-        project(q, h, w.q_proj, w.q_bias)
+        if w.output_gate:  # q_proj yields [q_h, gate_h] per head; the gate scales the output later
+            q_and_gate = self.ws.q_and_gate[:T]
+            project(q_and_gate, h, w.q_proj, w.q_bias)
+            q.reshape(T, n_q, hd)[:] = q_and_gate.reshape(T, n_q, 2 * hd)[:, :, :hd]
+        else:
+            project(q, h, w.q_proj, w.q_bias)
         project(k, h, w.k_proj, w.k_bias)
         project(v, h, w.v_proj, w.v_bias)
         q3, k3 = q.reshape(T, n_q, hd), k.reshape(T, n_kv, hd)
@@ -136,7 +180,50 @@ class Transformer:
         apply_rope(k3, cos, sin)
         cache.store(i, start, k3, v.reshape(T, n_kv, hd))
         attention(attn.reshape(T, n_q, hd), q3, cache.k[i], cache.v[i], start, self.windows[i], self.scale)
+        if w.output_gate:  # attn * sigmoid(gate)
+            gate = q_and_gate.reshape(T, n_q, 2 * hd)[:, :, hd:]
+            sigmoid_gate(attn.reshape(T, n_q, hd), attn.reshape(T, n_q, hd), gate)
         project(out, attn, w.o_proj, w.o_bias)
+
+    def gated_deltanet(self, out, h, w: LinearAttention, cache: Cache, i: int):
+        """Gated DeltaNet (Yang et al. 2024), per value head with state S (Dk x Dv):
+            q, k, v = silu(causal_conv(W_qkv h));  q, k = q / |q|, k / |k|
+            g = -exp(A_log) softplus(W_a h + dt_bias);  beta = sigmoid(W_b h)
+            S <- exp(g) S;  S <- S + beta k (v - S^T k)^T;  o = S^T q / sqrt(Dk)
+            out = W_out (RMSNorm(o) * w * silu(W_z h))"""
+        cfg, ws, T = self.config, self.ws, h.shape[0]
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        qkv, z, b, a = ws.qkv[:T], ws.z[:T], ws.b[:T], ws.a[:T]
+        if w.in_proj_qkvz is not None:  # Qwen3-Next: one fused product, then reorder its outputs
+            qkvz, ba = ws.qkvz[:T], ws.ba[:T]
+            linear(qkvz, h, w.in_proj_qkvz)
+            linear(ba, h, w.in_proj_ba)
+            channels = qkv.shape[1]
+            qkv[:] = qkvz[:, w.qkvz_order[:channels]]
+            z[:] = qkvz[:, w.qkvz_order[channels:]]
+            b[:], a[:] = ba[:, w.ba_order[:hv]], ba[:, w.ba_order[hv:]]
+        else:
+            linear(qkv, h, w.in_proj_qkv)
+            linear(z, h, w.in_proj_z)
+            linear(b, h, w.in_proj_b)
+            linear(a, h, w.in_proj_a)
+        conv = ws.conv_out[:T]
+        causal_conv1d(conv, cache.conv[i], qkv, w.conv1d)
+        q = conv[:, :hk * dk].reshape(T, hk, dk)
+        k = conv[:, hk * dk:2 * hk * dk].reshape(T, hk, dk)
+        v = conv[:, 2 * hk * dk:].reshape(T, hv, dv)
+        l2norm(q, q, L2NORM_EPS)
+        l2norm(k, k, L2NORM_EPS)
+        g, beta = ws.g[:T], ws.beta[:T]
+        delta_rule_gates(g, beta, a, b, w.A_log, w.dt_bias)
+        core = ws.core[:T]
+        if T == 1:
+            gated_delta_rule_recurrent(core, cache.recurrent[i], q, k, v, g, beta)
+        else:
+            gated_delta_rule_chunked(core, cache.recurrent[i], q, k, v, g, beta, DELTA_RULE_CHUNK)
+        gated_rmsnorm(core, core, w.norm, z.reshape(T, hv, dv), cfg.rms_norm_eps)
+        linear(out, core.reshape(T, hv * dv), w.out_proj)
 
     def mlp(self, out, h, w: MLP):
         T, f = h.shape[0], w.gate_proj.shape[0]
@@ -176,8 +263,9 @@ class Sequence:
 
     def __init__(self, model: "Model"):
         self.model = model
-        self.cache = KVCache(model.config, model.context_length)
+        self.cache = Cache(model.config, model.context_length)
         self.tokens: list[int] = []
+        self.reused = 0  # tokens the last reset_to found already cached
 
     def extend(self, tokens: list[int]) -> np.ndarray:
         """Append tokens; returns the logits (vocab,) after the last one."""
@@ -188,9 +276,8 @@ class Sequence:
         """Make the sequence equal `tokens`, keeping the longest cached common prefix; returns the logits
         after the last token."""
         self.model.check_tokens(tokens, already=0)
-        common = self.common_prefix(tokens)
-        self.tokens = self.tokens[:common]
-        self.cache.length = common
+        common = self.cache.rewind(self.common_prefix(tokens))
+        self.tokens, self.reused = self.tokens[:common], common
         return self._run(tokens[common:], all_logits=False)[-1]
 
     def common_prefix(self, tokens: list[int]) -> int:

@@ -32,6 +32,30 @@ class Attention:
     o_bias: np.ndarray | None
     q_norm: np.ndarray | None  # Qwen3+: RMSNorm over each head's dims, before RoPE
     k_norm: np.ndarray | None
+    output_gate: bool  # hybrid generation: q_proj also yields a per-head gate, interleaved [q_h, gate_h]
+
+
+@dataclass
+class LinearAttention:
+    """Gated DeltaNet (Qwen3-Next, Qwen3.5): linear attention with a [key_dim, value_dim] state per head.
+
+    Stored as Qwen3.5 does (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a). Qwen3-Next fuses them into
+    in_proj_qkvz / in_proj_ba with rows interleaved per key head; rather than copying those matrices
+    into Qwen3.5 order, we keep them mapped and reorder the projected vector (`*_order` below)."""
+
+    in_proj_qkv: np.ndarray | None  # (2 Hk Dk + Hv Dv, hidden): q heads | k heads | v heads = conv channels
+    in_proj_z: np.ndarray | None  # (Hv Dv, hidden): the output gate
+    in_proj_b: np.ndarray | None  # (Hv, hidden): beta = sigmoid(b)
+    in_proj_a: np.ndarray | None  # (Hv, hidden): the decay's input
+    in_proj_qkvz: np.ndarray | None  # Qwen3-Next: (Hk (2 Dk + 2 G Dv), hidden), G = Hv / Hk
+    in_proj_ba: np.ndarray | None  # Qwen3-Next: (2 Hv, hidden)
+    qkvz_order: np.ndarray | None  # columns of in_proj_qkvz's output in [qkv | z] order
+    ba_order: np.ndarray | None  # columns of in_proj_ba's output in [b | a] order
+    conv1d: np.ndarray  # (channels, kernel): depthwise causal convolution taps
+    A_log: np.ndarray  # (Hv,) float32: decay rate, log-parametrised
+    dt_bias: np.ndarray  # (Hv,) float32
+    norm: np.ndarray  # (Dv,) float32: gated RMSNorm weight (used as is, not 1 + w)
+    out_proj: np.ndarray  # (hidden, Hv Dv)
 
 
 @dataclass
@@ -63,7 +87,8 @@ class SparseMoE:
 class Layer:
     input_layernorm: np.ndarray  # (hidden,) float32
     post_attention_layernorm: np.ndarray  # (hidden,) float32
-    self_attn: Attention
+    self_attn: Attention | None  # softmax attention layers
+    linear_attn: LinearAttention | None  # Gated DeltaNet layers of the hybrid generation
     mlp: MLP | SparseMoE
 
 
@@ -118,7 +143,7 @@ def load_weights(config: Config, tensors: dict[str, np.ndarray]) -> Weights:
         lm_head = embed
     else:
         lm_head = head_src.matrix("lm_head.weight", (v, d))
-    return Weights(embed_tokens=embed, layers=layers, norm=src.vector("norm.weight", d), lm_head=lm_head)
+    return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, "norm.weight", d), lm_head=lm_head)
 
 
 def _language_model_prefix(tensors: dict[str, np.ndarray]) -> str:
@@ -128,12 +153,20 @@ def _language_model_prefix(tensors: dict[str, np.ndarray]) -> str:
     return "model."
 
 
+def _norm(config: Config, src: TensorSource, name: str, size: int) -> np.ndarray:
+    """An RMSNorm weight as the kernels use it: x / rms(x) * weight (zero-centred ones: 1 + w, exact in fp32)."""
+    weight = src.vector(name, size)
+    return weight + np.float32(1) if config.zero_centred_norms else weight
+
+
 def _layer(config: Config, src: TensorSource, i: int) -> Layer:
     d = config.hidden_size
     p = f"layers.{i}."
-    return Layer(input_layernorm=src.vector(p + "input_layernorm.weight", d),
-                 post_attention_layernorm=src.vector(p + "post_attention_layernorm.weight", d),
-                 self_attn=_attention(config, src, p + "self_attn."),
+    linear = config.layer_types[i] == "linear_attention"
+    return Layer(input_layernorm=_norm(config, src, p + "input_layernorm.weight", d),
+                 post_attention_layernorm=_norm(config, src, p + "post_attention_layernorm.weight", d),
+                 self_attn=None if linear else _attention(config, src, p + "self_attn."),
+                 linear_attn=_linear_attention(config, src, p + "linear_attn.") if linear else None,
                  mlp=_sparse_moe(config, src, p + "mlp.") if config.is_sparse(i)
                  else _mlp(src, p + "mlp.", d, config.intermediate_size))
 
@@ -145,14 +178,54 @@ def _attention(config: Config, src: TensorSource, p: str) -> Attention:
     bias = lambda name, n, on: src.vector(p + name + ".bias", n) if on else None  # noqa: E731
     has_qk_norm = config.model_type != "qwen2" and config.model_type != "qwen2_moe"
     return Attention(
-        q_proj=src.matrix(p + "q_proj.weight", (q_out, d)),
+        q_proj=src.matrix(p + "q_proj.weight", (q_out * (2 if config.attn_output_gate else 1), d)),
         k_proj=src.matrix(p + "k_proj.weight", (kv_out, d)),
         v_proj=src.matrix(p + "v_proj.weight", (kv_out, d)),
         o_proj=src.matrix(p + "o_proj.weight", (d, q_out)),
         q_bias=bias("q_proj", q_out, qkv_bias), k_bias=bias("k_proj", kv_out, qkv_bias),
         v_bias=bias("v_proj", kv_out, qkv_bias), o_bias=bias("o_proj", d, config.attention_bias),
-        q_norm=src.vector(p + "q_norm.weight", hd) if has_qk_norm else None,
-        k_norm=src.vector(p + "k_norm.weight", hd) if has_qk_norm else None)
+        q_norm=_norm(config, src, p + "q_norm.weight", hd) if has_qk_norm else None,
+        k_norm=_norm(config, src, p + "k_norm.weight", hd) if has_qk_norm else None,
+        output_gate=config.attn_output_gate)
+
+
+def _linear_attention(config: Config, src: TensorSource, p: str) -> LinearAttention:
+    d = config.hidden_size
+    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+    dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
+    if not (hk and hv and dk and dv) or hv % hk:
+        raise ConfigError("linear attention needs linear_num_{key,value}_heads (value a multiple of key) "
+                          "and linear_{key,value}_head_dim")
+    channels = 2 * hk * dk + hv * dv
+    fused = src.has(p + "in_proj_qkvz.weight")
+    separate = lambda name, rows: None if fused else src.matrix(p + name + ".weight", (rows, d))  # noqa: E731
+    conv = src.matrix(p + "conv1d.weight", (channels, 1, config.linear_conv_kernel_dim))
+    return LinearAttention(
+        in_proj_qkv=separate("in_proj_qkv", channels), in_proj_z=separate("in_proj_z", hv * dv),
+        in_proj_b=separate("in_proj_b", hv), in_proj_a=separate("in_proj_a", hv),
+        in_proj_qkvz=src.matrix(p + "in_proj_qkvz.weight", (channels + hv * dv, d)) if fused else None,
+        in_proj_ba=src.matrix(p + "in_proj_ba.weight", (2 * hv, d)) if fused else None,
+        qkvz_order=_qwen3_next_qkvz_order(hk, hv // hk, dk, dv) if fused else None,
+        ba_order=_qwen3_next_ba_order(hk, hv // hk) if fused else None,
+        conv1d=conv.reshape(channels, config.linear_conv_kernel_dim),
+        A_log=src.vector(p + "A_log", hv), dt_bias=src.vector(p + "dt_bias", hv),
+        norm=src.vector(p + "norm.weight", dv), out_proj=src.matrix(p + "out_proj.weight", (d, hv * dv)))
+
+
+def _qwen3_next_qkvz_order(hk: int, group: int, dk: int, dv: int) -> np.ndarray:
+    """in_proj_qkvz rows come per key head j as [q_j (Dk), k_j (Dk), v (G Dv), z (G Dv)]; the order
+    that lists them as [all q | all k | all v | all z]."""
+    per_head = 2 * dk + 2 * group * dv
+    start = np.arange(hk)[:, None] * per_head
+    block = lambda offset, size: (start + offset + np.arange(size)).ravel()  # noqa: E731
+    return np.concatenate([block(0, dk), block(dk, dk), block(2 * dk, group * dv),
+                           block(2 * dk + group * dv, group * dv)])
+
+
+def _qwen3_next_ba_order(hk: int, group: int) -> np.ndarray:
+    """in_proj_ba rows come per key head as [b (G), a (G)]; the order listing all b, then all a."""
+    start = np.arange(hk)[:, None] * 2 * group
+    return np.concatenate([(start + np.arange(group)).ravel(), (start + group + np.arange(group)).ravel()])
 
 
 def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLP:

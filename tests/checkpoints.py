@@ -20,14 +20,14 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def build_checkpoint(folder: Path, config: dict, dtype: str = "fp32", seed: int = 0, shard_size: str | None = None,
                      tokenizer: str | None = None, generation_config: dict | None = None) -> Path:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     hf_config = AutoConfig.from_pretrained(folder)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model = _auto_class(config).from_config(hf_config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name:
@@ -50,19 +50,26 @@ def build_checkpoint(folder: Path, config: dict, dtype: str = "fp32", seed: int 
     return folder
 
 
-def reference_model(folder: Path):
-    """The transformers model of a checkpoint, in float32 (the oracle)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def _auto_class(config: dict):
+    """Image-text checkpoints (a text_config inside) are built and run as transformers' image-text models."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForImageTextToText if "text_config" in config else AutoModelForCausalLM
+
+
+def reference_model(folder: Path, dtype: str = "float32"):
+    """The transformers model of a checkpoint, in float32 (or float64) — the oracle."""
+    import torch
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return _auto_class(config).from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
 
 def reference_logits(model, tokens: list[int]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
+        return model(torch.tensor([tokens])).logits[0].numpy()
 
 
 def reference_greedy(model, tokens: list[int], n: int) -> list[int]:
@@ -81,13 +88,14 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_length: int = 20, new_tokens: int = 16):
+def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_length: int = 20, new_tokens: int = 16,
+                                reference_dtype: str = "float32"):
     """Logits of every position within tolerance of transformers' fp32 logits, and identical greedy
     tokens (which run the KV cache: decode after prefill)."""
     import minqwen
 
     model = minqwen.load(folder)
-    reference = reference_model(folder)
+    reference = reference_model(folder, reference_dtype)
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, size=prompt_length).tolist()
     ours, theirs = model.logits(prompt), reference_logits(reference, prompt)
     assert ours.shape == theirs.shape == (len(prompt), model.config.vocab_size)
