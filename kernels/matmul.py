@@ -10,6 +10,7 @@ from numba import prange
 
 from .dtypes import FP32, to_float32, widen
 from .jit import jit, pjit
+from .quant import Int4Matrix, Int8Matrix, matmul_int4, matmul_int8, matvec_int4, matvec_int8
 
 TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, whatever its shape
 
@@ -57,9 +58,14 @@ def matmul(out, x, w, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f3
         np.matmul(x, tile[: r1 - r0].T, out=out[:, r0:r1])
 
 
-def linear(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] any stored dtype
+def linear(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Int8Matrix or Int4Matrix
     """out = x @ w.T  (no bias: the caller adds it)"""
-    if x.shape[0] == 1:
+    decode = x.shape[0] == 1
+    if isinstance(w, Int8Matrix):
+        matvec_int8(out[0], w.q, w.scales, x[0]) if decode else matmul_int8(out, x, w.q, w.scales)
+    elif isinstance(w, Int4Matrix):
+        matvec_int4(out[0], w.q, w.scales, w.mins, x[0]) if decode else matmul_int4(out, x, w.q, w.scales, w.mins)
+    elif decode:
         matvec(out[0], w, x[0])
     else:
         matmul(out, x, w)

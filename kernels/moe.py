@@ -24,7 +24,8 @@ from .matmul import linear
 
 
 @jit
-def route(weights_out, experts_out, router_logits, top_k, norm_topk_prob):  # [T, k] f32, [T, k] i64 <- [T, E] f32
+def route(weights_out, experts_out, router_logits, top_k, norm_topk_prob):
+    # weights_out: [T, k] f32, experts_out: [T, k] i64, router_logits: [T, E] f32 (= x @ router_w.T)
     """p = softmax(logits);  experts = argtopk_k(p) (ties -> lower index);  weights = p[experts] (/ sum)
 
     softmax is monotonic, so we rank the logits themselves: the same order as ranking p, without
@@ -75,41 +76,50 @@ def route_reference(router_logits, top_k, norm_topk_prob):  # [T, E] -> [T, k] f
 
 @pjit
 def moe_decode(out, hidden, x, gate_w, up_w, down_w, experts, weights):
-    # out: [D] f32, hidden: [k, F] f32 scratch, x: [D] f32,
-    # gate_w, up_w: [E, F, D], down_w: [E, D, F] stored dtype, experts: [k] i64, weights: [k] f32
+    # out: [D] f32, hidden: [k, F] f32 scratch, x: [D] f32, experts: [k] i64, weights: [k] f32,
+    # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored dtype (stacked array or typed List)
     """hidden[j] = silu(gate[e_j] @ x) * (up[e_j] @ x);   out = sum_j weights[j] * down[e_j] @ hidden[j]"""
     k, F = hidden.shape
     D = x.shape[0]
-    # Region 1: the k*F rows of the chosen experts' gate and up matrices, flattened into one axis
-    # so both threads get work even when k is small. Each row reads its gate and up rows together
+    # Work items are blocks of 32 rows: taking an expert's matrix out of a typed List costs an
+    # atomic reference count (contended when both threads touch the same expert), so we pay it
+    # once per block rather than once per row (measured on Qwen3-30B-A3B shapes: 25% faster).
+    rows = 32
+    #
+    # Region 1: blocks of the k experts' gate and up rows, (expert, block) flattened into one axis
+    # so both threads get work even when k is small. A row reads its gate and up rows together
     # (x once) and writes one element of hidden.
-    for jr in prange(k * F):
-        j = jr // F
-        r = jr % F
-        gate_row, up_row = gate_w[experts[j]][r], up_w[experts[j]][r]
-        g = np.float32(0.0)
-        u = np.float32(0.0)
-        for i in range(D):
-            g += widen(gate_row[i]) * x[i]
-            u += widen(up_row[i]) * x[i]
-        # silu(g) = g * sigmoid(g), with exp(-|g|) so that nothing overflows (see swiglu)
-        a = np.float32(math.exp(-abs(g)))
-        sig = (np.float32(1.0) if g >= 0 else a) / (np.float32(1.0) + a)
-        hidden[j, r] = g * sig * u
-    # Region 2: each output row sums over the k experts, so threads write disjoint rows of out
-    # and no reduction across threads is needed.
-    for d in prange(D):
-        acc = np.float32(0.0)
+    f_blocks = (F + rows - 1) // rows
+    for jb in prange(k * f_blocks):
+        j = jb // f_blocks
+        r0 = (jb % f_blocks) * rows
+        gate, up = gate_w[experts[j]], up_w[experts[j]]
+        for r in range(r0, min(r0 + rows, F)):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for i in range(D):
+                g += widen(gate[r, i]) * x[i]
+                u += widen(up[r, i]) * x[i]
+            # silu(g) = g * sigmoid(g), with exp(-|g|) so that nothing overflows (see swiglu)
+            a = np.float32(math.exp(-abs(g)))
+            sig = (np.float32(1.0) if g >= 0 else a) / (np.float32(1.0) + a)
+            hidden[j, r] = g * sig * u
+    # Region 2: blocks of output rows, each summing over the k experts, so threads write disjoint
+    # rows of out and no reduction across threads is needed.
+    for db in prange((D + rows - 1) // rows):
+        d0, d1 = db * rows, min(db * rows + rows, D)
+        for d in range(d0, d1):
+            out[d] = 0.0
         for j in range(k):
-            down_row = down_w[experts[j]][d]
-            s = np.float32(0.0)
-            for f in range(F):
-                s += widen(down_row[f]) * hidden[j, f]
-            acc += weights[j] * s
-        out[d] = acc
+            down = down_w[experts[j]]
+            for d in range(d0, d1):
+                s = np.float32(0.0)
+                for f in range(F):
+                    s += widen(down[d, f]) * hidden[j, f]
+                out[d] += weights[j] * s
 
 
-def expert_reference(x, gate_w, up_w, down_w):  # [..., D], [F, D], [F, D], [D, F] stored dtype -> [..., D] float64
+def expert_reference(x, gate_w, up_w, down_w):  # [.., D], [F, D], [F, D], [D, F] stored -> [.., D] float64
     """down @ (silu(gate @ x) * (up @ x))  in float64"""
     g = x.astype(np.float64) @ to_float32(gate_w).astype(np.float64).T
     u = x.astype(np.float64) @ to_float32(up_w).astype(np.float64).T
@@ -118,12 +128,13 @@ def expert_reference(x, gate_w, up_w, down_w):  # [..., D], [F, D], [F, D], [D, 
 
 
 def moe_decode_reference(x, gate_w, up_w, down_w, experts, weights):  # [D], .., [k], [k] -> [D] float64
-    return sum(float(w) * expert_reference(x, gate_w[e], up_w[e], down_w[e]) for e, w in zip(experts, weights))
+    terms = [float(w) * expert_reference(x, gate_w[e], up_w[e], down_w[e]) for e, w in zip(experts, weights)]
+    return np.sum(terms, axis=0)
 
 
 def moe_prefill(out, x, gate_w, up_w, down_w, experts, weights):
-    # out, x: [T, D] f32, gate_w, up_w: [E, F, D], down_w: [E, D, F] stored dtype,
-    # experts: [T, k] i64, weights: [T, k] f32
+    # out, x: [T, D] f32, experts: [T, k] i64, weights: [T, k] f32,
+    # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored dtype (stacked array or typed List)
     """out[t] = sum_j weights[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t]))
 
     Token by token this would read each expert's weights once per token that chose it. Instead we
@@ -158,12 +169,12 @@ def moe_prefill(out, x, gate_w, up_w, down_w, experts, weights):
         out[tokens] += weights.reshape(-1)[pairs][:, None] * y[:n]
 
 
-def moe_prefill_reference(x, gate_w, up_w, down_w, experts, weights):  # [T, D], .., [T, k], [T, k] -> [T, D] float64
+def moe_prefill_reference(x, gate_w, up_w, down_w, experts, weights):  # [T, D], .., [T, k], [T, k] -> [T, D] f64
     """token by token, straight from the formula"""
-    return np.stack([moe_decode_reference(x[t], gate_w, up_w, down_w, experts[t], weights[t]) for t in range(len(x))])
+    return np.stack([moe_decode_reference(xt, gate_w, up_w, down_w, e, w) for xt, e, w in zip(x, experts, weights)])
 
 
-def moe_reference(x, gate_w, up_w, down_w, router_w, top_k, norm_topk_prob):  # [T, D], .., router_w [E, D] -> [T, D] float64
+def moe_reference(x, gate_w, up_w, down_w, router_w, top_k, norm_topk_prob):  # [T, D], .., [E, D] -> [T, D] f64
     """The whole sparse block in float64: router logits, route, experts (no shared expert)."""
     logits = x.astype(np.float64) @ to_float32(router_w).astype(np.float64).T
     weights, experts = route_reference(logits, top_k, norm_topk_prob)

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_options(chat)
     chat.set_defaults(run=_chat)
 
+    quantize = commands.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint")
+    quantize.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    quantize.add_argument("--out", required=True, help="folder to write the quantised checkpoint to")
+    quantize.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    quantize.set_defaults(run=_quantize)
+
     info = commands.add_parser("info", help="architecture, sizes and memory of a checkpoint")
     _model_options(info)
     info.set_defaults(run=_info)
@@ -56,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 def _model_options(p):
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="quantise the weights as they load (weight-only, blocks of 32)")
 
 
 def _chat_options(p):
@@ -80,7 +88,7 @@ def _sampling_options(p):
 def _load(args):
     from .model import load
 
-    return load(args.model, context_length=args.context)
+    return load(args.model, context_length=args.context, quantize=args.quantize)
 
 
 def _sampling(args, model) -> dict:
@@ -186,6 +194,15 @@ def _require_tokenizer(model):
     return model.tokenizer
 
 
+def _quantize(args) -> int:
+    from .hub import resolve
+    from .quantize import write_quantized_checkpoint
+
+    write_quantized_checkpoint(resolve(args.model), args.out, args.bits)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def _info(args) -> int:
     from .checkpoint import read_tensors
     from .config import load_config
@@ -195,7 +212,7 @@ def _info(args) -> int:
     config = load_config(folder)
     tensors = read_tensors(folder)
     kinds = sorted({str(t.dtype) for t in tensors.values()})
-    stored = {"uint16": "bf16", "int16": "fp16", "float32": "fp32"}
+    stored = {"uint16": "bf16", "int16": "fp16", "float32": "fp32", "int8": "int8", "uint8": "int4"}
     params = sum(int(np.prod(t.shape)) for t in tensors.values())
     weight_bytes = sum(t.nbytes for t in tensors.values())
     context = args.context or config.context_window

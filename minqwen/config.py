@@ -127,6 +127,10 @@ class Config:
             raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r}; minqwen runs: {', '.join(SUPPORTED + tuple(IMAGE_TEXT))}")
 
+        method = (raw.get("quantization_config") or {}).get("quant_method")
+        if method not in (None, "minqwen"):
+            raise UnsupportedModelError(f"{method} quantised checkpoints are not supported (minqwen reads bf16, "
+                                        "fp16, fp32 and its own int8/int4: `python -m minqwen quantize`)")
         names = {f.name for f in fields(cls)} - {"rope", "layer_types", "has_vision_tower"}
         known = {k: v for k, v in raw.items() if k in names}
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, load_config, read_json
-from .errors import ContextLengthError, TokenError
+from .errors import ConfigError, ContextLengthError, TokenError
 from .kernels.activations import swiglu
 from .kernels.attention import attention
 from .kernels.deltanet import (causal_conv1d, delta_rule_gates, gated_delta_rule_chunked,
@@ -361,8 +361,9 @@ class Model:
         return stream_tokens(self.sequence(), list(token_ids), max_new_tokens, params, stop)
 
 
-def load(path_or_hub_id, context_length: int | None = None) -> Model:
-    """Load a checkpoint folder (or a hub id found in the local Hugging Face cache)."""
+def load(path_or_hub_id, context_length: int | None = None, quantize: str | None = None) -> Model:
+    """Load a checkpoint folder (or a hub id found in the local Hugging Face cache); `quantize="int8"` or
+    `"int4"` quantises the weights as they load (see quantize.py)."""
     from .checkpoint import read_tensors
     from .hub import resolve
     from .tokenizer import Tokenizer
@@ -370,6 +371,12 @@ def load(path_or_hub_id, context_length: int | None = None) -> Model:
     folder = resolve(path_or_hub_id)
     config = load_config(folder)
     weights = load_weights(config, read_tensors(folder))
+    if quantize is not None:
+        from .quantize import BITS, quantize_weights
+
+        if quantize not in BITS:
+            raise ConfigError(f"quantize must be one of {', '.join(BITS)}, got {quantize!r}")
+        quantize_weights(weights, BITS[quantize])
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
     gen_path = folder / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.exists() else {}

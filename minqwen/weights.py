@@ -14,6 +14,7 @@ import numpy as np
 from .config import Config
 from .errors import ConfigError
 from .kernels.dtypes import BF16, FP16, FP32, to_float32
+from .kernels.quant import BLOCK, Int4Matrix, Int8Matrix
 
 MATRIX_DTYPES = (BF16, FP16, FP32)
 
@@ -111,6 +112,9 @@ class TensorSource:
         return self.prefix + name in self.tensors
 
     def matrix(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        stem = name[:-len(".weight")] if name.endswith(".weight") else None
+        if stem and not self.has(name) and self.has(stem + ".qweight"):
+            return self._quantized(stem, shape)
         w = self._get(name, shape)
         if w.dtype not in MATRIX_DTYPES:
             raise ConfigError(f"tensor {self.prefix + name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
@@ -121,6 +125,16 @@ class TensorSource:
 
     def optional_vector(self, name: str, size: int) -> np.ndarray | None:
         return self.vector(name, size) if self.has(name) else None
+
+    def _quantized(self, stem: str, shape: tuple[int, int]):
+        """A matrix written by `minqwen quantize`: int8 q [N, K] or int4 q [N, K/2] (uint8), fp16 scales
+        (and int4 mins) [N, K/32]."""
+        n, k = shape
+        blocks = (n, k // BLOCK)
+        if self.tensors[self.prefix + stem + ".qweight"].dtype == np.int8:
+            return Int8Matrix(self._get(stem + ".qweight", (n, k)), self._get(stem + ".scales", blocks))
+        return Int4Matrix(self._get(stem + ".qweight", (n, k // 2)), self._get(stem + ".scales", blocks),
+                          self._get(stem + ".mins", blocks))
 
     def _get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         full = self.prefix + name

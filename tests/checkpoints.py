@@ -62,7 +62,9 @@ def reference_model(folder: Path, dtype: str = "float32"):
     import torch
 
     config = json.loads((Path(folder) / "config.json").read_text())
-    return _auto_class(config).from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    # The eager experts loop: transformers' grouped-matmul MoE path has no float64 kernel.
+    return _auto_class(config).from_pretrained(folder, dtype=getattr(torch, dtype),
+                                               experts_implementation="eager").eval()
 
 
 def reference_logits(model, tokens: list[int]) -> np.ndarray:
@@ -90,8 +92,13 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_length: int = 20, new_tokens: int = 16,
                                 reference_dtype: str = "float32"):
-    """Logits of every position within tolerance of transformers' fp32 logits, and identical greedy
-    tokens (which run the KV cache: decode after prefill)."""
+    """Logits of every position within tolerance of transformers' logits, and identical greedy tokens
+    (which run the KV cache / recurrent state: decode after prefill).
+
+    With reference_dtype="float64" the oracle is transformers in float64, and the tolerance is the
+    larger of TOLERANCE and 3x the distance between transformers' own fp32 and fp64 logits: on random
+    weights some positions are ill-conditioned (in the hybrid models, up to ~1e-4 for transformers
+    itself), and no fp32 engine can be held to less than a small multiple of the reference's own error."""
     import minqwen
 
     model = minqwen.load(folder)
@@ -99,9 +106,13 @@ def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_leng
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, size=prompt_length).tolist()
     ours, theirs = model.logits(prompt), reference_logits(reference, prompt)
     assert ours.shape == theirs.shape == (len(prompt), model.config.vocab_size)
-    error = relative_error(ours, theirs)
-    print(f"PARITY {name}: max|diff|/max|logit| = {error:.2e}, mean|diff| = {np.abs(ours - theirs).mean():.2e}")
-    assert error <= TOLERANCE[dtype], f"{name}: relative logit error {error:.2e}"
+    error, tolerance, noise = relative_error(ours, theirs), TOLERANCE[dtype], 0.0
+    if reference_dtype == "float64":
+        noise = relative_error(reference_logits(reference_model(folder), prompt), theirs)
+        tolerance = max(tolerance, 3 * noise)
+    print(f"PARITY {name}: max|diff|/max|logit| = {error:.2e}, mean|diff| = {np.abs(ours - theirs).mean():.2e}"
+          + (f" (transformers fp32 vs fp64: {noise:.2e})" if noise else ""))
+    assert error <= tolerance, f"{name}: relative logit error {error:.2e} > {tolerance:.2e}"
     assert model.generate(prompt, max_new_tokens=new_tokens) == reference_greedy(reference, prompt, new_tokens)
     return model
 

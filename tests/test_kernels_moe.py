@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba.typed import List
 
 from minqwen.kernels.dtypes import BF16, FP16, FP32, bf16_bits, to_float32
 from minqwen.kernels.moe import (
@@ -28,12 +29,22 @@ def store(a, dtype):  # float array -> stored bits of dtype (what the loader han
     return a
 
 
-def make_experts(rng, E, F, D, dtype):  # -> gate_w, up_w [E, F, D], down_w [E, D, F]
+def make_experts(rng, E, F, D, dtype, as_list=False):  # -> gate_w, up_w [E][F, D], down_w [E][D, F]
+    """Stacked 3-D arrays, or (as_list, what the loader passes) typed Lists of read-only per-expert
+    matrices, like the memory-mapped tensors of a checkpoint."""
     # scaled so that every stage stays O(1) whatever the sizes
     gate_w = store(rng.standard_normal((E, F, D)) / np.sqrt(D), dtype)
     up_w = store(rng.standard_normal((E, F, D)) / np.sqrt(D), dtype)
     down_w = store(rng.standard_normal((E, D, F)) / np.sqrt(F), dtype)
-    return gate_w, up_w, down_w
+    if not as_list:
+        return gate_w, up_w, down_w
+    return tuple(List([read_only(m) for m in w]) for w in (gate_w, up_w, down_w))
+
+
+def read_only(a):
+    a = a.view()
+    a.flags.writeable = False
+    return a
 
 
 def assert_close(got, ref, tol, what):
@@ -62,10 +73,13 @@ def torch_route(logits, k, norm):  # transformers' Qwen{2,3}MoeTopKRouter.forwar
     return values.numpy(), indices.numpy()
 
 
-def draw_logits(rng, T, E, ties):  # [T, E] float32; with ties, only a few distinct values per row
-    if ties:
-        levels = int(rng.integers(1, 4))
-        return (rng.integers(0, levels, size=(T, E)) * 0.75).astype(np.float32)
+def draw_logits(rng, T, E, kind):  # [T, E] float32 router logits
+    if kind == "ties":  # a few distinct values per row, so ties sit at and across the k-th place
+        return (rng.integers(0, rng.integers(1, 4), size=(T, E)) * 0.75).astype(np.float32)
+    if kind == "separated":  # distinct and at least 0.005 apart: no two float32 probabilities can be equal
+        step = rng.uniform(0.01, 0.2)
+        rows = [rng.permutation(E) * step + rng.uniform(0, step / 2, E) for _ in range(T)]
+        return np.stack(rows).astype(np.float32)
     return (rng.standard_normal((T, E)) * rng.uniform(0.1, 6.0)).astype(np.float32)
 
 
@@ -78,22 +92,23 @@ def draw_routing(rng, T, E, k):  # random but valid routing: k distinct experts 
 # ---------------------------------------------------------------------------------------------
 # route
 
-route_cases = st.tuples(
-    st.integers(1, 40),  # T
-    st.integers(1, 160),  # E
-    st.integers(1, 160),  # k, clipped to E
-    st.booleans(),  # norm_topk_prob
-    st.booleans(),  # ties
-    st.integers(0, 2**32 - 1),  # seed
-)
+def route_cases(kinds):
+    return st.tuples(
+        st.integers(1, 40),  # T
+        st.integers(1, 160),  # E
+        st.integers(1, 160),  # k, clipped to E
+        st.booleans(),  # norm_topk_prob
+        st.sampled_from(kinds),  # how the logits are drawn
+        st.integers(0, 2**32 - 1),  # seed
+    )
 
 
 @settings(max_examples=60)
-@given(route_cases)
+@given(route_cases(["normal", "ties", "separated"]))
 def test_route_matches_reference(case):
-    T, E, k, norm, ties, seed = case
+    T, E, k, norm, kind, seed = case
     k = min(k, E)
-    logits = draw_logits(np.random.default_rng(seed), T, E, ties)
+    logits = draw_logits(np.random.default_rng(seed), T, E, kind)
     weights, experts = run_route(logits, k, norm)
     ref_w, ref_e = route_reference(logits, k, norm)
     # exact ties included: both take the lower expert index first
@@ -103,16 +118,16 @@ def test_route_matches_reference(case):
 
 
 @settings(max_examples=40)
-@given(route_cases)
+@given(route_cases(["ties", "separated"]))
 def test_route_matches_torch(case):
-    T, E, k, norm, ties, seed = case
+    T, E, k, norm, kind, seed = case
     k = min(k, E)
-    logits = draw_logits(np.random.default_rng(seed), T, E, ties)
+    logits = draw_logits(np.random.default_rng(seed), T, E, kind)
     weights, experts = run_route(logits, k, norm)
     torch_w, torch_e = torch_route(logits, k, norm)
     rel = np.abs(weights - torch_w) / torch_w
     assert rel.max() <= 2e-5, f"weights: max rel diff {rel.max():.3g}, mean {rel.mean():.3g}"
-    if not ties:
+    if kind == "separated":
         np.testing.assert_array_equal(experts, torch_e)
     else:
         # torch.topk on CPU breaks exact ties in std::nth_element's arbitrary order, so only the
@@ -143,13 +158,14 @@ expert_cases = st.tuples(
     st.integers(1, 71),  # D
     st.integers(1, 71),  # F
     st.sampled_from(DTYPES),
+    st.booleans(),  # experts as a typed List of matrices rather than stacked
     st.integers(0, 2**32 - 1),  # seed
 )
 
 
 def run_decode(x, gate_w, up_w, down_w, experts, weights):
     out = np.full(x.shape[0], np.nan, dtype=np.float32)
-    hidden = np.full((len(experts), gate_w.shape[1]), np.nan, dtype=np.float32)
+    hidden = np.full((len(experts), gate_w[0].shape[0]), np.nan, dtype=np.float32)
     moe_decode(out, hidden, x, gate_w, up_w, down_w, experts, weights)
     return out
 
@@ -163,10 +179,10 @@ def run_prefill(x, gate_w, up_w, down_w, experts, weights):
 @settings(max_examples=50)
 @given(expert_cases)
 def test_moe_decode_matches_reference(case):
-    E, k, D, F, dtype, seed = case
+    E, k, D, F, dtype, as_list, seed = case
     k = min(k, E)
     rng = np.random.default_rng(seed)
-    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype)
+    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype, as_list)
     x = rng.standard_normal(D).astype(np.float32)
     weights, experts = draw_routing(rng, 1, E, k)
     got = run_decode(x, gate_w, up_w, down_w, experts[0], weights[0])
@@ -177,10 +193,10 @@ def test_moe_decode_matches_reference(case):
 @settings(max_examples=40)
 @given(expert_cases, st.integers(1, 40))
 def test_moe_prefill_matches_reference_and_decode(case, T):
-    E, k, D, F, dtype, seed = case
+    E, k, D, F, dtype, as_list, seed = case
     k = min(k, E)
     rng = np.random.default_rng(seed)
-    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype)
+    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype, as_list)
     x = rng.standard_normal((T, D)).astype(np.float32)
     weights, experts = draw_routing(rng, T, E, k)
     got = run_prefill(x, gate_w, up_w, down_w, experts, weights)
@@ -193,12 +209,12 @@ def test_moe_prefill_matches_reference_and_decode(case, T):
 @settings(max_examples=30)
 @given(expert_cases, st.integers(2, 40), st.integers(0, 2**32 - 1))
 def test_any_split_of_the_batch_gives_the_same_output(case, T, split_seed):
-    E, k, D, F, dtype, seed = case
+    E, k, D, F, dtype, as_list, seed = case
     k = min(k, E)
     rng = np.random.default_rng(seed)
-    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype)
+    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype, as_list)
     x = rng.standard_normal((T, D)).astype(np.float32)
-    logits = draw_logits(rng, T, E, ties=bool(seed & 1))
+    logits = draw_logits(rng, T, E, ["normal", "ties"][seed & 1])
     s = 1 + split_seed % (T - 1)
     # routing is per token: exactly equal
     weights, experts = run_route(logits, k, True)
@@ -224,12 +240,14 @@ def test_any_split_of_the_batch_gives_the_same_output(case, T, split_seed):
 @settings(max_examples=30)
 @given(expert_cases, st.integers(1, 40), st.booleans())
 def test_route_then_prefill_matches_moe_reference(case, T, norm):
-    E, k, D, F, dtype, seed = case
+    E, k, D, F, dtype, as_list, seed = case
     k = min(k, E)
     rng = np.random.default_rng(seed)
-    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype)
-    router_w = store(rng.standard_normal((E, D)), dtype)
-    x = rng.standard_normal((T, D)).astype(np.float32)
+    gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype, as_list)
+    # Small integers times multiples of 1/8: the router logits come out exact in float32 and in
+    # float64 alike, so rounding cannot reorder nearly tied experts between us and the reference.
+    router_w = store(rng.integers(-2, 3, size=(E, D)), dtype)
+    x = (np.round(rng.standard_normal((T, D)) * 8) / 8).astype(np.float32)
     logits = x @ to_float32(router_w).T  # the caller's router matmul, in float32
     weights, experts = run_route(logits, k, norm)
     got = run_prefill(x, gate_w, up_w, down_w, experts, weights)
@@ -243,7 +261,7 @@ def test_route_then_prefill_matches_moe_reference(case, T, norm):
 def test_moe_reference_matches_transformers(family, case, T, norm):
     import torch
 
-    E, k, D, F, _, seed = case
+    E, k, D, F, _, _, seed = case
     k = min(k, E)
     rng = np.random.default_rng(seed)
     gate_w, up_w, down_w = make_experts(rng, E, F, D, FP32)
