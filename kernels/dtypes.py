@@ -62,6 +62,16 @@ def to_float32(w: np.ndarray) -> np.ndarray:
     return np.asarray(w, dtype=np.float32)
 
 
+def from_float32(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float values -> the stored bits of `dtype` (BF16, FP16 or FP32): what the loader hands the kernels."""
+    x = np.asarray(x, dtype=np.float32)
+    if dtype == BF16:
+        return bf16_bits(x)
+    if dtype == FP16:
+        return x.astype(np.float16).view(np.int16)
+    return x
+
+
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bits with round-to-nearest-even (what torch's .to(bfloat16) does)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)

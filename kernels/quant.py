@@ -29,13 +29,14 @@ So in a full unit, nibble r of the 8 words holds weights 8r .. 8r+7 -- one 8-lan
 nibbles 0-3 are the first block, 4-7 the second. The kernel gets nibble r of 8 words with one AND
 (`word & 0xF << 4r`, no shift), converts it as (nibble * 16**r) and undoes the 16**r by reading x
 pre-scaled by 16**-r (computed once per call, with the block sums of x that the min term needs):
-measured 1.4x faster than nibbles in byte order (GGML's layout), which need shifts and byte
-widening first.
+measured 1.2-1.4x faster than nibbles in byte order (GGML's layout), which need shifts and
+byte widening first.
 
-Speed on 2 Zen 3 cores (AVX2, no VNNI): float32 math costs ~4 vector operations per 8 weights,
-so these kernels reach ~10 G weights/s per core and are compute-bound, not bandwidth-bound
-(bench/kernels.py measures it). Integer dot products (vpmaddubsw) would be ~3x cheaper, but LLVM
-only emits them for whole-loop reductions, and per-block scales need per-block sums.
+Speed on Zen 3 (AVX2, no VNNI): float32 math costs ~4 vector operations per 8 weights, so these
+kernels reach 8-10 G weights/s per core from DRAM, and are compute-bound: ~40% (int8) and ~30%
+(int4) of what one core can read (bench/kernels.py). Integer dot products would be cheaper, but
+LLVM emits vpmaddwd only for int32 sum reductions: with x rounded to int16 per block the int8
+kernel measured 1.1-1.3x faster at ~2e-5 extra relative error; not worth its casts here.
 """
 from typing import NamedTuple
 
@@ -203,7 +204,8 @@ def dequantize_int8_rows(tile, q, scales):  # tile: [R, K] float32 out, q: [R, K
 
 def matmul_int8(out, x, q, scales, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32, q: [N, K]
     """out[t, n] = sum_k x[t, k] w[n, k],  w = dequantize_int8(q, scales)   (out = x @ w.T, T > 1)"""
-    _matmul_tiled(out, x, q.shape, tile_floats, lambda tile, r0, r1: dequantize_int8_rows(tile, q[r0:r1], scales[r0:r1]))
+    _matmul_tiled(out, x, q.shape, tile_floats,
+                  lambda tile, r0, r1: dequantize_int8_rows(tile, q[r0:r1], scales[r0:r1]))
 
 
 def matmul_int8_reference(x, q, scales):  # [T, K], [N, K], [N, K/32] -> [T, N] float64
@@ -322,6 +324,11 @@ def _prepare_int4_activations(xs, xsum, x):  # xs: [K] out, xsum: [K/32] out, x:
             f *= np.float32(1.0 / 16.0)
 
 
+@jit
+def _in_place(word, mask):  # the nibble under mask (bits 4r..4r+3, r < 7), unshifted: nibble * 16**r
+    return np.float32(np.int32(word & mask))
+
+
 @pjit
 def matvec_int4(out, q, scales, mins, x):  # out: [N] f32, q: [N, K/2] uint8, scales, mins: [N, K/32] fp16, x: [K]
     """out[n] = sum_b scale[n,b] sum_{e in b} nibble(n,e) x[e]  +  sum_b min[n,b] sum_{e in b} x[e]"""
@@ -344,10 +351,10 @@ def matvec_int4(out, q, scales, mins, x):  # out: [N] f32, q: [N, K/2] uint8, sc
             t1 = np.float32(0.0)
             for j in range(8):
                 v = wn[8 * u + j]
-                t0 += ((np.float32(np.int32(v & 0xF)) * xs[o + j] + np.float32(np.int32(v & 0xF0)) * xs[o + 8 + j])
-                       + (np.float32(np.int32(v & 0xF00)) * xs[o + 16 + j] + np.float32(np.int32(v & 0xF000)) * xs[o + 24 + j]))
-                t1 += ((np.float32(np.int32(v & 0xF0000)) * xs[o + 32 + j] + np.float32(np.int32(v & 0xF00000)) * xs[o + 40 + j])
-                       + (np.float32(np.int32(v & 0xF000000)) * xs[o + 48 + j] + np.float32(np.int32(v >> 28)) * xs[o + 56 + j]))
+                t0 += ((_in_place(v, 0xF) * xs[o + j] + _in_place(v, 0xF0) * xs[o + 8 + j])
+                       + (_in_place(v, 0xF00) * xs[o + 16 + j] + _in_place(v, 0xF000) * xs[o + 24 + j]))
+                t1 += ((_in_place(v, 0xF0000) * xs[o + 32 + j] + _in_place(v, 0xF00000) * xs[o + 40 + j])
+                       + (_in_place(v, 0xF000000) * xs[o + 48 + j] + np.float32(np.int32(v >> 28)) * xs[o + 56 + j]))
             total += widen(scales[n, 2 * u]) * t0 + widen(scales[n, 2 * u + 1]) * t1
         for b in range(nb):
             total += widen(mins[n, b]) * xsum[b]
@@ -377,8 +384,9 @@ def dequantize_int4_rows(tile, q, scales, mins):  # tile: [R, K] float32 out, q:
             if W == 4:  # the final half unit: one block, weight 4k + j is nibble k of word j
                 s, m = widen(scales[r, 2 * u]), widen(mins[r, 2 * u])
                 for j in range(4):
+                    v = words_r[8 * u + j]
                     for k in range(8):
-                        tile_r[64 * u + 4 * k + j] = np.float32((words_r[8 * u + j] >> np.uint32(4 * k)) & np.uint32(15)) * s + m
+                        tile_r[64 * u + 4 * k + j] = np.float32((v >> np.uint32(4 * k)) & np.uint32(15)) * s + m
                 continue
             s0, m0 = widen(scales[r, 2 * u]), widen(mins[r, 2 * u])
             s1, m1 = widen(scales[r, 2 * u + 1]), widen(mins[r, 2 * u + 1])

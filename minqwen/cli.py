@@ -113,7 +113,7 @@ def _messages(args, user: str) -> list[dict]:
 
 
 def _generate(args) -> int:
-    from .generate import SamplingParams, Stats, stream_tokens
+    from .generate import Stats
 
     model = _load(args)
     tok = _require_tokenizer(model)

@@ -117,6 +117,13 @@ def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_leng
     return model
 
 
+def build_case(cases: dict, name: str, tmp_path_factory) -> tuple[str, Path, str]:
+    """(name, folder, dtype) of a parity case given as (config, dtype[, shard size])."""
+    config, dtype, *shard = cases[name]
+    folder = build_checkpoint(tmp_path_factory.mktemp(name), config, dtype, shard_size=shard[0] if shard else None)
+    return name, folder, dtype
+
+
 def published_config(name: str, **sizes) -> dict:
     return shrink(json.loads((DATA / "configs" / f"{name}.config.json").read_text()), **sizes)
 

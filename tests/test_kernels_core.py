@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from minqwen.kernels.activations import swiglu, swiglu_reference
 from minqwen.kernels.attention import attention, attention_reference
-from minqwen.kernels.dtypes import BF16, FP16, FP32, bf16_bits
+from minqwen.kernels.dtypes import BF16, FP16, FP32, from_float32
 from minqwen.kernels.embedding import embed, embed_reference
 from minqwen.kernels.matmul import linear, matmul, matmul_reference, matvec, matvec_reference, widen_rows
 from minqwen.kernels.norm import rmsnorm, rmsnorm_reference
@@ -16,15 +16,6 @@ DTYPES = [BF16, FP16, FP32]
 TOL = 1e-5  # fp32 math against float64: max|diff| / max|ref|
 seeds = st.integers(0, 2**32 - 1)
 head_dims = st.sampled_from([1, 2, 3, 5, 17, 64, 128])
-
-
-def store(a, dtype):  # float array -> the stored bits of dtype (what the loader hands the kernels)
-    a = np.asarray(a, dtype=np.float32)
-    if dtype == BF16:
-        return bf16_bits(a)
-    if dtype == FP16:
-        return a.astype(np.float16).view(np.int16)
-    return a
 
 
 def assert_close(got, ref, tol, what=""):
@@ -162,7 +153,7 @@ awkward = st.sampled_from([1, 2, 3, 17, 64, 513])
 @given(seed=seeds, N=awkward, K=awkward, dtype=st.sampled_from(DTYPES))
 def test_matvec(seed, N, K, dtype):
     rng = np.random.default_rng(seed)
-    w = store(rng.standard_normal((N, K)), dtype)
+    w = from_float32(rng.standard_normal((N, K)), dtype)
     x = rng.standard_normal(K).astype(np.float32)
     out = np.full(N, np.nan, np.float32)
     matvec(out, w, x)
@@ -174,7 +165,7 @@ def test_matvec(seed, N, K, dtype):
        tile=st.sampled_from([7, 64, 1 << 20]))
 def test_matmul(seed, T, N, K, dtype, tile):
     rng = np.random.default_rng(seed)
-    w = store(rng.standard_normal((N, K)), dtype)
+    w = from_float32(rng.standard_normal((N, K)), dtype)
     x = rng.standard_normal((T, K)).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)
     matmul(out, x, w, tile_floats=tile * K)  # tiles of `tile` rows: exercises the block loop's edges
@@ -186,7 +177,7 @@ def test_matmul(seed, T, N, K, dtype, tile):
 def test_linear_dispatch_and_strided_out(dtype, T):
     rng = np.random.default_rng(T)
     N, K = 37, 29
-    w = store(rng.standard_normal((N, K)), dtype)
+    w = from_float32(rng.standard_normal((N, K)), dtype)
     x = rng.standard_normal((T, K)).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)
     linear(out, x, w)
@@ -200,7 +191,7 @@ def test_linear_dispatch_and_strided_out(dtype, T):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_widen_rows_is_exact(dtype):
     rng = np.random.default_rng(0)
-    w = store(rng.standard_normal((5, 11)) * 100, dtype)
+    w = from_float32(rng.standard_normal((5, 11)) * 100, dtype)
     tile = np.empty((5, 11), np.float32)
     widen_rows(tile, w)
     expected = {BF16: (w.astype(np.uint32) << 16).view(np.float32),
@@ -244,7 +235,7 @@ def test_swiglu_extreme_gates_are_finite():
        dtype=st.sampled_from(DTYPES))
 def test_embed(seed, V, D, T, dtype):
     rng = np.random.default_rng(seed)
-    table = store(rng.standard_normal((V, D)), dtype)
+    table = from_float32(rng.standard_normal((V, D)), dtype)
     ids = rng.integers(0, V, T).astype(np.int64)
     out = np.full((T, D), np.nan, np.float32)
     embed(out, table, ids)

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba.typed import List
 
-from minqwen.kernels.dtypes import BF16, FP16, FP32, bf16_bits, to_float32
+from minqwen.kernels.dtypes import BF16, FP16, FP32, from_float32, to_float32
 from minqwen.kernels.moe import (
     moe_decode,
     moe_decode_reference,
@@ -20,22 +20,13 @@ DTYPES = [BF16, FP16, FP32]
 TOL = 1e-5  # fp32 math against float64: max|diff| / max|ref|
 
 
-def store(a, dtype):  # float array -> stored bits of dtype (what the loader hands the kernels)
-    a = np.asarray(a, dtype=np.float32)
-    if dtype == BF16:
-        return bf16_bits(a)
-    if dtype == FP16:
-        return a.astype(np.float16).view(np.int16)
-    return a
-
-
 def make_experts(rng, E, F, D, dtype, as_list=False):  # -> gate_w, up_w [E][F, D], down_w [E][D, F]
     """Stacked 3-D arrays, or (as_list, what the loader passes) typed Lists of read-only per-expert
     matrices, like the memory-mapped tensors of a checkpoint."""
     # scaled so that every stage stays O(1) whatever the sizes
-    gate_w = store(rng.standard_normal((E, F, D)) / np.sqrt(D), dtype)
-    up_w = store(rng.standard_normal((E, F, D)) / np.sqrt(D), dtype)
-    down_w = store(rng.standard_normal((E, D, F)) / np.sqrt(F), dtype)
+    gate_w = from_float32(rng.standard_normal((E, F, D)) / np.sqrt(D), dtype)
+    up_w = from_float32(rng.standard_normal((E, F, D)) / np.sqrt(D), dtype)
+    down_w = from_float32(rng.standard_normal((E, D, F)) / np.sqrt(F), dtype)
     if not as_list:
         return gate_w, up_w, down_w
     return tuple(List([read_only(m) for m in w]) for w in (gate_w, up_w, down_w))
@@ -246,7 +237,7 @@ def test_route_then_prefill_matches_moe_reference(case, T, norm):
     gate_w, up_w, down_w = make_experts(rng, E, F, D, dtype, as_list)
     # Small integers times multiples of 1/8: the router logits come out exact in float32 and in
     # float64 alike, so rounding cannot reorder nearly tied experts between us and the reference.
-    router_w = store(rng.integers(-2, 3, size=(E, D)), dtype)
+    router_w = from_float32(rng.integers(-2, 3, size=(E, D)), dtype)
     x = (np.round(rng.standard_normal((T, D)) * 8) / 8).astype(np.float32)
     logits = x @ to_float32(router_w).T  # the caller's router matmul, in float32
     weights, experts = run_route(logits, k, norm)

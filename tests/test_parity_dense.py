@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import minqwen
-from checkpoints import assert_matches_transformers, build_checkpoint, published_config as published
+from checkpoints import assert_matches_transformers, build_case, build_checkpoint, published_config as published
 
 QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=320, hidden_size=64,
              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -50,9 +50,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    config, dtype, shard = CASES[request.param]
-    folder = build_checkpoint(tmp_path_factory.mktemp(request.param), config, dtype, shard_size=shard)
-    return request.param, folder, dtype
+    return build_case(CASES, request.param, tmp_path_factory)
 
 
 def test_logits_and_greedy_match_transformers(case):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import minqwen
-from checkpoints import DATA, assert_matches_transformers, build_checkpoint, published_config
+from checkpoints import DATA, assert_matches_transformers, build_case, published_config
 
 LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_num_key_heads=2, linear_value_head_dim=12,
               linear_num_value_heads=4)
@@ -63,9 +63,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    config, dtype = CASES[request.param]
-    folder = build_checkpoint(tmp_path_factory.mktemp(request.param), config, dtype)
-    return request.param, folder, dtype
+    return build_case(CASES, request.param, tmp_path_factory)
 
 
 def test_logits_and_greedy_match_transformers(case):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoints import assert_matches_transformers, build_checkpoint, published_config
+from checkpoints import assert_matches_transformers, build_case, published_config
 
 QWEN2_MOE = dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], vocab_size=300, hidden_size=48,
                  intermediate_size=80, moe_intermediate_size=24, shared_expert_intermediate_size=40,
@@ -35,9 +35,7 @@ CASES = {
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request, tmp_path_factory):
-    config, dtype = CASES[request.param]
-    folder = build_checkpoint(tmp_path_factory.mktemp(request.param), config, dtype)
-    return request.param, folder, dtype
+    return build_case(CASES, request.param, tmp_path_factory)
 
 
 def test_logits_and_greedy_match_transformers(case):
