@@ -33,8 +33,9 @@ measured 1.2-1.4x faster than nibbles in byte order (GGML's layout), which need 
 byte widening first.
 
 Speed on Zen 3 (AVX2, no VNNI): float32 math costs ~4 vector operations per 8 weights, so these
-kernels reach 8-10 G weights/s per core from DRAM, and are compute-bound: ~40% (int8) and ~30%
-(int4) of what one core can read (bench/kernels.py). Integer dot products would be cheaper, but
+kernels reach 7-9 G weights/s per core from DRAM and are compute-bound: ~55% (int8) and ~35%
+(int4) of the 2-thread read bandwidth, so int4 saves memory but decodes no faster than int8
+(bench/kernels.py). Integer dot products would be cheaper, but
 LLVM emits vpmaddwd only for int32 sum reductions: with x rounded to int16 per block the int8
 kernel measured 1.1-1.3x faster at ~2e-5 extra relative error; not worth its casts here.
 """

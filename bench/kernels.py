@@ -1,0 +1,240 @@
+"""Kernel bench: how close each weight-streaming kernel gets to this machine's memory bandwidth.
+
+    python bench/kernels.py [--gib 1] [--repeats 7] [--quick] [--threads N] [--kinds fp32,bf16,int8,int4]
+
+Decoding one token streams every weight from DRAM once, so the decode kernels (matvec) are judged
+in GB/s of weights read, next to the read bandwidth of the machine measured the same way (a Numba
+prange sum over a >= 1 GiB float32 array). Each case rotates through copies of its matrix totalling
+>= 1 GiB so no cache can serve them. On a shared VM the bandwidth moves by 10-30% from second to
+second, so every case measures the bandwidth again between its own repeats and reports the ratio
+of the two medians ("ratio") and of the two best runs ("best": other processes only ever add time,
+so it is the closer guess at a quiet machine).
+
+"Gw/s" is weights per second, the kernel's compute rate: when it, not bandwidth, is the limit,
+fewer bytes per weight stop paying. "waits/ms" counts the times a thread blocked per ms of
+kernel time: on a shared machine another process can hold a core, a parallel region then waits
+for it (~0.6 ms here), and the row measures the scheduler more than the kernel; --threads 1 gives a per-core figure
+that other processes cannot spoil as easily.
+
+Prefill (matmul, T = 128 / 512) is bound by flops: reported in GFLOP/s. Compile time is excluded
+(one warm-up call each); times are medians. Prints a table, then one JSON object per result, and
+last one JSON document with everything.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numba
+import numpy as np
+from numba import prange
+
+from minqwen.kernels.dtypes import bf16_bits
+from minqwen.kernels.jit import pjit
+from minqwen.kernels.quant import matmul_int4, matmul_int8, matvec_int4, matvec_int8, quantize_int4, quantize_int8
+
+try:
+    from minqwen.kernels.matmul import matmul, matvec
+except ImportError:  # written by someone else; the bench reports it missing instead of failing
+    matmul = matvec = None
+
+SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
+GIB = 1 << 30
+
+
+@pjit
+def read_sum(a):  # a: [M] float32
+    """sum_i a[i]: one streaming read of a, the fastest a kernel can consume weights"""
+    s = np.float32(0.0)
+    for i in prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def read_bandwidth(a):  # GB/s of one timed read_sum
+    t = time.perf_counter()
+    read_sum(a)
+    return a.nbytes / (time.perf_counter() - t) / 1e9
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads, random N(0, 0.02)
+    w = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float32)
+    if kind == "fp32":
+        return (w,)
+    if kind == "bf16":
+        return (bf16_bits(w),)
+    if kind == "fp16":
+        return (w.astype(np.float16).view(np.int16),)
+    if kind == "int8":
+        return quantize_int8(w)
+    return quantize_int4(w)
+
+
+def matvec_call(kind):
+    if kind in ("fp32", "bf16", "fp16"):
+        return None if matvec is None else (lambda out, arrays, x: matvec(out, arrays[0], x))
+    if kind == "int8":
+        return lambda out, arrays, x: matvec_int8(out, *arrays, x)
+    return lambda out, arrays, x: matvec_int4(out, *arrays, x)
+
+
+def matmul_call(kind):
+    if kind in ("fp32", "bf16", "fp16"):
+        return None if matmul is None else (lambda out, x, arrays: matmul(out, x, arrays[0]))
+    if kind == "int8":
+        return lambda out, x, arrays: matmul_int8(out, x, *arrays)
+    return lambda out, x, arrays: matmul_int4(out, x, *arrays)
+
+
+def bench_matvec(kind, N, K, total_bytes, repeats, bw_array, rng):
+    call = matvec_call(kind)
+    if call is None:
+        return {"kernel": f"matvec_{kind}", "shape": [N, K], "missing": "kernels/matmul.py has no matvec"}
+    one = stored_weights(kind, N, K, rng)
+    nbytes = sum(a.nbytes for a in one)
+    copies = [one] + [tuple(a.copy() for a in one) for _ in range(max(2, -(-total_bytes // nbytes)) - 1)]
+    x = rng.standard_normal(K).astype(np.float32)
+    out = np.empty(N, np.float32)
+    call(out, one, x)  # compile
+    sweeps, bws, waits = [], [], 0
+    for _ in range(repeats):
+        bws.append(read_bandwidth(bw_array))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+        t = time.perf_counter()
+        for arrays in copies:
+            call(out, arrays, x)
+        sweeps.append(time.perf_counter() - t)
+        # A thread that blocks inside a parallel region means a core was taken by another process.
+        waits += resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before
+    dt = float(np.median(sweeps)) / len(copies)
+    gbs, best = nbytes / dt / 1e9, nbytes * len(copies) / min(sweeps) / 1e9
+    bw, bw_best = float(np.median(bws)), float(max(bws))
+    return {"kernel": f"matvec_{kind}", "shape": [N, K], "bytes_per_weight": nbytes / (N * K),
+            "us_per_call": dt * 1e6, "GB_s": gbs, "bandwidth_GB_s": bw, "ratio": gbs / bw,
+            "GB_s_best": best, "bandwidth_GB_s_best": bw_best, "ratio_best": best / bw_best,
+            "G_weights_s": N * K / dt / 1e9, "copies": len(copies), "waits_per_ms": waits / (sum(sweeps) * 1e3)}
+
+
+def bench_matmul(kind, N, K, T, repeats, rng):
+    call = matmul_call(kind)
+    if call is None:
+        return {"kernel": f"matmul_{kind}", "shape": [N, K], "T": T, "missing": "kernels/matmul.py has no matmul"}
+    arrays = stored_weights(kind, N, K, rng)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    out = np.empty((T, N), np.float32)
+    call(out, x, arrays)  # compile (and let BLAS start its threads)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call(out, x, arrays)
+        ts.append(time.perf_counter() - t)
+    dt = float(np.median(ts))
+    return {"kernel": f"matmul_{kind}", "shape": [N, K], "T": T, "ms": dt * 1e3, "GFLOP_s": 2 * T * N * K / dt / 1e9,
+            "GFLOP_s_best": 2 * T * N * K / min(ts) / 1e9}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gib", type=float, default=1.0, help="weights streamed per case, GiB (>= 1 defeats caches)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="skip the lm_head shape in prefill and T = 512")
+    p.add_argument("--kinds", default="fp32,bf16,fp16,int8,int4")
+    p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
+    args = p.parse_args(argv)
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    kinds = args.kinds.split(",")
+    rng = np.random.default_rng(0)
+    total = int(args.gib * GIB)
+
+    bw_array = np.ones(max(total, GIB) // 4, np.float32)
+    read_sum(bw_array[:1024])  # compile and start the thread pool
+    machine = {
+        "cpu": cpu_model(), "threads": numba.get_num_threads(), "threading_layer": numba.threading_layer(),
+        "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version(),
+        "NUMBA_CPU_FEATURES": os.environ.get("NUMBA_CPU_FEATURES"),
+        "avx512": "avx512f" in cpu_flags(), "avx2": "avx2" in cpu_flags(),
+    }
+    print(f"CPU {machine['cpu']}, {machine['threads']} Numba threads, threading layer {machine['threading_layer']}")
+    if machine["threading_layer"] == "workqueue":
+        print("!" * 78 + "\n!! WARNING: Numba's 'workqueue' threading layer costs ~0.1 ms per parallel region:\n"
+              "!! a decode step has ~170 of them. Install a wheel with OpenMP or TBB (layer 'omp' / 'tbb').\n"
+              + "!" * 78)
+    if machine["avx512"]:
+        print("note: AVX-512 CPU; LLVM prefers 256-bit vectors unless NUMBA_CPU_FEATURES adds -prefer-256-bit")
+    else:
+        print("note: no AVX-512 here; 256-bit AVX2 vectors are the widest, NUMBA_CPU_FEATURES has nothing to add")
+
+    bws = [read_bandwidth(bw_array) for _ in range(args.repeats)]
+    numba.set_num_threads(1)
+    bws1 = [read_bandwidth(bw_array) for _ in range(args.repeats)]
+    numba.set_num_threads(machine["threads"])
+    bandwidth = {"read_GB_s": float(np.median(bws)), "read_GB_s_best": float(max(bws)),
+                 "read_GB_s_1_thread": float(np.median(bws1)), "array_GiB": bw_array.nbytes / GIB,
+                 "runs": args.repeats}
+    print(f"read bandwidth ({bw_array.nbytes / GIB:.1f} GiB float32 prange sum, median of {args.repeats}): "
+          f"{bandwidth['read_GB_s']:.1f} GB/s with {machine['threads']} thread(s) "
+          f"(best {bandwidth['read_GB_s_best']:.1f}), {bandwidth['read_GB_s_1_thread']:.1f} GB/s with 1")
+
+    results = []
+    print(f"\n{'matvec (decode)':18s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} {'GB/s':>7s} {'bw GB/s':>8s} "
+          f"{'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
+    for kind in kinds:
+        for N, K in SHAPES:
+            r = bench_matvec(kind, N, K, total, args.repeats, bw_array, rng)
+            results.append(r)
+            if "missing" in r:
+                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {r['missing']}")
+            else:
+                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {r['bytes_per_weight']:8.3f} {r['us_per_call']:9.1f} "
+                      f"{r['GB_s']:7.1f} {r['bandwidth_GB_s']:8.1f} {r['ratio']:6.2f} {r['ratio_best']:6.2f} "
+                      f"{r['G_weights_s']:6.1f} {r['waits_per_ms']:8.3f}", flush=True)
+
+    print(f"\n{'matmul (prefill)':18s} {'shape':>12s} {'T':>4s} {'ms':>9s} {'GFLOP/s':>8s} {'best':>7s}")
+    for T in ([128] if args.quick else [128, 512]):
+        for kind in kinds:
+            for N, K in (SHAPES[:3] if args.quick else SHAPES):
+                r = bench_matmul(kind, N, K, T, max(3, args.repeats // 2), rng)
+                results.append(r)
+                if "missing" in r:
+                    print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['missing']}")
+                else:
+                    print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['ms']:9.2f} {r['GFLOP_s']:8.1f} "
+                          f"{r['GFLOP_s_best']:7.1f}", flush=True)
+
+    if any(r.get("waits_per_ms", 0) > 0.05 for r in results):
+        print("\nWARNING: threads blocked inside parallel regions (waits/ms > 0.05, each wait ~0.6 ms): other\n"
+              "processes were using the cores, so those rows measure the scheduler more than the kernel.\n"
+              "Rerun on a quiet machine, or with --threads 1 for a per-core figure.")
+    for r in results:
+        print(json.dumps(r))
+    print(json.dumps({"machine": machine, "bandwidth": bandwidth, "results": results}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
