@@ -1,11 +1,13 @@
 """The dense transformer's kernels against their float64 references, on random and awkward shapes."""
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minqwen.kernels.activations import swiglu, swiglu_reference
-from minqwen.kernels.attention import attention, attention_reference
+from minqwen.kernels.attention import attention, attention_blocked, attention_reference
 from minqwen.kernels.dtypes import BF16, FP16, FP32, from_float32
 from minqwen.kernels.embedding import embed, embed_reference
 from minqwen.kernels.matmul import linear, matmul, matmul_reference, matvec, matvec_reference, widen_rows
@@ -93,7 +95,7 @@ def test_apply_rope_rotates_halves_not_adjacent_pairs():
 
 # ---- attention ----
 
-def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity):
+def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention):
     q = rng.standard_normal((T, Hq, hd)).astype(np.float32)
     # Positions beyond start + T hold NaN: a kernel that reads them fails.
     k_cache = np.full((Hkv, capacity, hd), np.nan, np.float32)
@@ -103,7 +105,7 @@ def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity):
     v_cache[:, :L] = rng.standard_normal((Hkv, L, hd))
     scale = float(rng.choice([1.0 / np.sqrt(hd), 1.0, 3.0 / np.sqrt(hd)]))
     out = np.full((T, Hq, hd), np.nan, np.float32)
-    attention(out, q, k_cache, v_cache, start, window, scale)
+    kernel(out, q, k_cache, v_cache, start, window, scale)
     return out, attention_reference(q, k_cache, v_cache, start, window, scale)
 
 
@@ -115,6 +117,18 @@ def test_attention(seed, T, start, Hkv, ratio, hd, window, spare):
     rng = np.random.default_rng(seed)
     out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + spare)
     assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window}")
+
+
+@settings(deadline=None, max_examples=40)
+@given(seed=seeds, T=st.sampled_from([1, 2, 5, 33, 70]), start=st.sampled_from([0, 1, 7, 100]),
+       Hkv=st.integers(1, 3), ratio=st.sampled_from([1, 2, 3, 7]), hd=head_dims,
+       window=st.sampled_from([0, 1, 2, 5, 16, 1000]), block=st.sampled_from([1, 4, 64]))
+def test_attention_blocked(seed, T, start, Hkv, ratio, hd, window, block):
+    """The BLAS form of prefill attention, in blocks of queries of any size."""
+    rng = np.random.default_rng(seed)
+    kernel = functools.partial(attention_blocked, block=block)
+    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + 3, kernel)
+    assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window} block={block}")
 
 
 def test_attention_long_sequence_matches_and_window_matters():
