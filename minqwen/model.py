@@ -240,9 +240,13 @@ class Transformer:
         logits, weights, experts = ws.router_logits[:T], ws.route_weights[:T], ws.route_experts[:T]
         linear(logits, h, w.gate)
         route(weights, experts, logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-        if T == 1:  # decode: stream only the chosen experts' weights, in one pass
-            moe_decode(out[0], ws.expert_hidden, h[0], w.gate_projs, w.up_projs, w.down_projs, experts[0], weights[0])
-        else:  # prefill: each chosen expert runs once, on all of its tokens
+        if T * cfg.num_experts_per_tok <= cfg.num_experts:
+            # Decode, or so few tokens that an expert rarely serves two: stream only the chosen
+            # experts' weights, token by token, in one pass each.
+            for t in range(T):
+                moe_decode(out[t], ws.expert_hidden, h[t], w.gate_projs, w.up_projs, w.down_projs, experts[t],
+                           weights[t])
+        else:  # prefill: each chosen expert runs once, on all of its tokens, as matrix products
             moe_prefill(out, h, w.gate_projs, w.up_projs, w.down_projs, experts, weights)
         if w.shared_expert is not None:
             shared, gate = ws.shared[:T], ws.shared_gate[:T]
