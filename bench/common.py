@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import resource
 import time
 
 import numba
@@ -12,58 +13,106 @@ from numba import prange
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.jit import pjit
 
+GIB = 1 << 30
+
 
 @pjit
 def _read_all(a):  # a: [N] float32
+    """sum_i a[i]: one streaming read of a, the fastest any kernel can consume weights"""
     total = np.float32(0.0)
     for i in prange(a.size):
         total += a[i]
     return total
 
 
+class Bandwidth:
+    """Read bandwidth of this machine, sampled as often as a bench likes: one sample is one parallel
+    read-only sum over `gib` GiB of float32 (far beyond any cache). On a shared VM the bandwidth moves
+    by 10-30% from second to second, so benches sample it between their own timed runs and compare
+    medians taken over the same stretch of time."""
+
+    def __init__(self, gib: float = 1.0):
+        self.array = np.ones(int(gib * GIB) // 4, np.float32)
+        _read_all(self.array[:1024])  # compile, start the threads
+        self.samples: list[float] = []
+
+    def sample(self) -> float:
+        start = time.perf_counter()
+        _read_all(self.array)
+        self.samples.append(self.array.nbytes / (time.perf_counter() - start) / 1e9)
+        return self.samples[-1]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
+
+    @property
+    def best(self) -> float:
+        return float(max(self.samples))
+
+
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """GB/s of a parallel read-only sum over `gib` GiB (well beyond any cache), median of `repeats`."""
-    a = np.ones(int(gib * 2**30) // 4, np.float32)
-    _read_all(a)
-    return a.nbytes / median_seconds(lambda: _read_all(a), repeats) / 1e9
+    """GB/s of a parallel read-only sum over `gib` GiB, median of `repeats`."""
+    bandwidth = Bandwidth(gib)
+    for _ in range(repeats):
+        bandwidth.sample()
+    return bandwidth.median
 
 
-def median_seconds(run, repeats: int) -> float:
+def seconds_each(run, repeats: int) -> list[float]:
+    """Wall time of each of `repeats` calls of run()."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def median_seconds(run, repeats: int) -> float:
+    return float(np.median(seconds_each(run, repeats)))
+
+
+def context_switches() -> int:
+    """Times this process blocked so far. A thread blocking inside a parallel region means another
+    process held a core: the region then waits for it and the timing measures the scheduler."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
 class RandomBF16:
-    """Random N(0, 1/sqrt(fan_in)) weights as bf16 bits, cut from one shared pool (fast to make)."""
+    """Random weights ~ N(0, std^2), std = 1/sqrt(fan_in) unless given, as bf16 bits, copied out of one
+    random pool per std.
+
+    Drawing gigabytes of fresh normals would take minutes; copying slices of a 32 MB pool at random
+    offsets takes a memcpy. The copies repeat values, which no kernel's speed depends on, but each
+    matrix is its own memory, so the caches cannot serve one matrix from another's reads."""
 
     def __init__(self, seed: int = 0, pool: int = 1 << 24):
-        rng = np.random.default_rng(seed)
-        self.pool = bf16_bits(rng.standard_normal(pool).astype(np.float32))
-        self.offset = 0
+        self.rng = np.random.default_rng(seed)
+        self.size = pool
+        self.pools: dict[float, np.ndarray] = {}
 
-    def matrix(self, rows: int, cols: int) -> np.ndarray:
-        n = rows * cols
-        start = self.offset % self.pool.size
-        self.offset += 7919  # a different slice of the pool for every matrix
-        reps = -(-(start + n) // self.pool.size)
-        flat = np.tile(self.pool, reps)[start:start + n] if reps > 1 else self.pool[start:start + n].copy()
-        # scale 1/sqrt(cols) by shifting the exponent field: bf16 bits of x * 2^-k = bits - (k << 7)
-        shift = int(round(np.log2(np.sqrt(cols))))
-        nonzero = (flat & 0x7FFF) > (shift << 7)
-        flat = np.where(nonzero, flat - np.uint16(shift << 7), 0).astype(np.uint16)
-        return flat.reshape(rows, cols)
+    def matrix(self, rows: int, cols: int, std: float | None = None) -> np.ndarray:  # -> [rows, cols] bf16 bits
+        std = cols ** -0.5 if std is None else std
+        pool = self.pools.get(std)
+        if pool is None:
+            normal = self.rng.standard_normal(self.size, dtype=np.float32) * np.float32(std)
+            pool = self.pools[std] = bf16_bits(normal)
+        out = np.empty(rows * cols, np.uint16)
+        done, start = 0, int(self.rng.integers(self.size))
+        while done < out.size:  # wrap around the pool as often as the matrix needs
+            n = min(out.size - done, self.size - start)
+            out[done:done + n] = pool[start:start + n]
+            done, start = done + n, 0
+        return out.reshape(rows, cols)
 
     @staticmethod
-    def vector(size: int, around: float = 1.0) -> np.ndarray:
+    def vector(size: int, around: float = 1.0) -> np.ndarray:  # norm weights: float32, like the loader's
         return np.full(size, around, np.float32)
 
 
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -71,7 +120,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": numba.get_num_threads(), "threading_layer": _threading_layer()}
+    return {"cpu": cpu, "threads": numba.get_num_threads(), "threading_layer": _threading_layer(),
+            "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def _threading_layer() -> str:
@@ -79,6 +129,12 @@ def _threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
         return "not started"
+
+
+def warn_if_workqueue():
+    if _threading_layer() == "workqueue":
+        print("WARNING: Numba's 'workqueue' threading layer costs ~0.1 ms per parallel region; "
+              "decode times below are dominated by it. Install a Numba with OpenMP or TBB.")
 
 
 def report(name: str, results: dict):

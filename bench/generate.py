@@ -1,196 +1,475 @@
-"""Prefill and decode tok/s of minqwen (bf16, int8, int4) against transformers and llama.cpp, in one run,
-on the same random-weight checkpoints with real Qwen shapes and the same thread count.
+"""Prefill and decode speed of minqwen (bf16, int8, int4) against transformers and llama.cpp, in one run,
+on the same checkpoints, prompts and thread count.
 
-    python bench/generate.py [--shapes qwen2.5-0.5b,qwen3-0.6b] [--prompts 128,512] [--new 64] [--threads 2]
+    python bench/generate.py [--shapes qwen2.5-0.5b,qwen3-0.6b] [--prompts 128,512] [--new 64]
+                             [--threads 2] [--repeats 3] [--engines minqwen,transformers,llama.cpp]
+                             [--work ~/.cache/minqwen-bench] [--out results.json]
 
-Checkpoints are built once (transformers' save_pretrained, random bf16 weights, the real tokenizer) under
---work. Peers that are not installed are skipped with a message: transformers comes with the test extra;
-llama.cpp with `pip install llama-cpp-python` plus the `gguf` package (see bench/README.md), which we use
-to convert the checkpoint with llama.cpp's own convert_hf_to_gguf.py found in --llama-cpp-src.
-Decode limit = measured read bandwidth / bytes of weights read per token (all matrices incl. lm_head).
+Checkpoints: random bf16 weights with the real shapes of Qwen2.5-0.5B-Instruct and Qwen3-0.6B, built
+once under --work (bench/checkpoints.py). Prompts: random token ids, no chat template.
+
+Every engine gets --threads threads (numba.set_num_threads, torch.set_num_threads, llama.cpp's
+n_threads, and OPENBLAS/OMP/MKL_NUM_THREADS for BLAS) and runs in a fresh process, so no engine's
+thread pool, memory or crash can touch another's. What is timed, the same way for every engine:
+- prefill tok/s = prompt tokens / time from a fresh sequence to the logits of the last prompt token;
+- decode tok/s = (new - 1) / time of the (new - 1) one-token steps that follow, each feeding back the
+  greedy (argmax) token: `new` generated tokens in all, end-of-sequence ignored.
+One warm-up (the prompt plus 8 steps: JIT compiles, page faults, primitive caches) is not timed; the
+figures are medians over --repeats.
+- minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step.
+- transformers (bf16, torch CPU): `model.generate(do_sample=False, min_new_tokens=max_new_tokens=new)`,
+  timed by a logits processor that stamps the clock as each token's logits arrive: prefill = the first
+  stamp (a forward over the prompt, logits of its last position only), decode = first to last stamp.
+- llama.cpp (llama-cpp-python; GGUF bf16, Q8_0, Q4_0 converted by llama.cpp's own convert_hf_to_gguf.py
+  and llama_model_quantize, cached under --work): `llm.eval(prompt)`, then `llm.eval([token])` per step
+  with the argmax of the last logits; n_batch = n_ubatch = 512, n_threads = n_threads_batch = --threads.
+
+The decode limit of a row is the read bandwidth (a Numba prange sum over 1 GiB, sampled before, between
+and after the engines; the best sample) divided by the bytes of weights one decode step must read,
+counted from what the engine loaded: every matrix and vector once, lm_head included (a tied lm_head is
+the embedding table), an untied embedding table not (one row per token), nor the KV cache (a few MB).
+
+The last stdout line is one JSON document with everything (also written to --out).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import fields, is_dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from common import read_bandwidth, report  # noqa: E402
+from checkpoints import SHAPES, bench_checkpoint
+from common import Bandwidth, machine, warn_if_workqueue
 
-DATA = Path(__file__).parent.parent / "tests" / "data"
-SHAPES = {"qwen2.5-0.5b": ("qwen2.5-0.5b-instruct", "qwen2.5"), "qwen3-0.6b": ("qwen3-0.6b", "qwen3")}
-
-
-def checkpoint(work: Path, shape: str) -> Path:
-    from checkpoints import build_checkpoint
-
-    folder = work / shape
-    if not (folder / "model.safetensors").exists():
-        config_name, tokenizer = SHAPES[shape]
-        config = json.loads((DATA / "configs" / f"{config_name}.config.json").read_text())
-        build_checkpoint(folder, config, "bf16", tokenizer=tokenizer)
-    return folder
+ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "transformers-bf16",
+           "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0")
+BASELINES = ("transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0")  # the table's ratio columns
+GGUF_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
+WARMUP_STEPS = 8
+PROMPT_VOCAB = 151643  # random prompts use ordinary tokens only (the special tokens start here)
 
 
-def time_minqwen(folder: Path, prompt: list[int], new: int, quantize: str | None) -> tuple[float, float]:
-    import minqwen
-
-    model = minqwen.load(folder, quantize=quantize)
-    model.sequence().reset_to(prompt[:16])  # compile and fault the weights in
-    sequence = model.sequence()
-    start = time.perf_counter()
-    logits = sequence.reset_to(prompt)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new):
-        logits = sequence.extend([int(np.argmax(logits))])
-    decode = time.perf_counter() - start
-    return len(prompt) / prefill, new / decode
+class Skip(Exception):
+    """An engine that cannot run here: reported in one line, never a crash."""
 
 
-def time_transformers(folder: Path, prompt: list[int], new: int, threads: int) -> tuple[float, float]:
+# ---- timing: the same loop for every engine that can be driven one step at a time ----
+
+def time_steps(runner, prompts: list[list[int]], new: int, repeats: int) -> dict:
+    """{prompt length: ([prefill seconds], [decode seconds])} of `runner` (start(prompt) -> first greedy
+    token of a fresh sequence; step(token) -> next greedy token), after one untimed warm-up each."""
+    times = {}
+    for prompt in prompts:
+        token = runner.start(prompt)
+        for _ in range(min(WARMUP_STEPS, new - 1)):
+            token = runner.step(token)
+        prefill, decode = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            token = runner.start(prompt)
+            t1 = time.perf_counter()
+            for _ in range(new - 1):
+                token = runner.step(token)
+            t2 = time.perf_counter()
+            prefill.append(t1 - t0)
+            decode.append(t2 - t1)
+        times[len(prompt)] = (prefill, decode)
+    return times
+
+
+class MinqwenRunner:
+    def __init__(self, folder: Path, quantize: str | None):
+        import minqwen
+
+        self.model = minqwen.load(folder, quantize=quantize)
+        self.sequence = None
+
+    def start(self, prompt: list[int]) -> int:
+        self.sequence = self.model.sequence()
+        return int(np.argmax(self.sequence.reset_to(prompt)))
+
+    def step(self, token: int) -> int:
+        return int(np.argmax(self.sequence.extend([token])))
+
+
+class LlamaCppRunner:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def start(self, prompt: list[int]) -> int:
+        self.llm.reset()  # n_tokens = 0: eval() then drops the cached KV entries past it
+        self.llm.eval(prompt)
+        return self.greedy()
+
+    def step(self, token: int) -> int:
+        self.llm.eval([token])
+        return self.greedy()
+
+    def greedy(self) -> int:
+        # without logits_all the binding keeps no copy of the logits: read the last row from the context
+        row = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.n_vocab,))))
+
+
+def time_transformers(model, prompts: list[list[int]], new: int, repeats: int) -> dict:
+    """As time_steps, through model.generate: a logits processor stamps the clock at each new token."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import LogitsProcessor
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        model(ids[:, :16])
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    def generate(prompt: list[int], n: int) -> tuple[float, float]:
+        clock = Clock()
+        ids = torch.tensor([prompt])
         start = time.perf_counter()
-        model(ids)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        total = time.perf_counter() - start
-    return len(prompt) / prefill, new / max(total - prefill, 1e-9)
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                       min_new_tokens=n, logits_processor=[clock], pad_token_id=0)
+        assert len(clock.stamps) == n, "generate stopped early"
+        return clock.stamps[0] - start, clock.stamps[-1] - clock.stamps[0]
+
+    times = {}
+    with torch.inference_mode():
+        for prompt in prompts:
+            generate(prompt, min(WARMUP_STEPS, new - 1) + 1)
+            runs = [generate(prompt, new) for _ in range(repeats)]
+            times[len(prompt)] = ([p for p, _ in runs], [d for _, d in runs])
+    return times
 
 
-def gguf_files(folder: Path, source: Path | None) -> dict[str, Path]:
-    """bf16, Q8_0 and Q4_0 GGUF files of the checkpoint (converted once)."""
-    import llama_cpp
+# ---- bytes one decode step reads ----
 
-    files = {kind: folder / f"model-{kind}.gguf" for kind in ("bf16", "q8_0", "q4_0")}
+def minqwen_decode_bytes(model) -> int:
+    """Bytes of every array reachable from the layers, the final norm and lm_head, each counted once
+    (an int8/int4 matrix is a tuple of arrays: values, scales, mins)."""
+    seen: dict[int, int] = {}
+
+    def visit(x):
+        if isinstance(x, np.ndarray):
+            seen[id(x)] = x.nbytes
+        elif is_dataclass(x):
+            for f in fields(x):
+                visit(getattr(x, f.name))
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                visit(item)
+
+    w = model.weights
+    visit([w.layers, w.norm, w.lm_head])
+    return sum(seen.values())
+
+
+def transformers_decode_bytes(model) -> int:
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    rest = sum(p.nbytes for p in model.parameters() if p is not embedding and p is not head)
+    return rest + head.nbytes
+
+
+def gguf_decode_bytes(gguf: Path, source: Path) -> int:
+    """All tensors of the file but the embedding table, which counts only when it is also the output."""
+    sys.path.insert(0, str(source / "gguf-py"))
+    from gguf import GGUFReader
+
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
+    if "output.weight" in sizes:
+        sizes.pop("token_embd.weight", None)
+    return sum(sizes.values())
+
+
+# ---- one engine on one checkpoint, in its own process ----
+
+def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threads: int, repeats: int,
+            gguf: Path | None = None, source: Path | None = None) -> dict:
+    """{"decode_bytes": ..., "times": {length: ([prefill s], [decode s])}, "info": {...}} of one engine,
+    or {"skip": why} (a plain dict: an exception class of this script would not unpickle in the parent)."""
+    family, kind = engine.split("-")
+    if family == "minqwen":
+        import inspect
+
+        import numba
+        import minqwen
+
+        if kind != "bf16" and "quantize" not in inspect.signature(minqwen.load).parameters:
+            return {"skip": "this minqwen.load has no quantize= argument"}
+        numba.set_num_threads(threads)
+        runner = MinqwenRunner(folder, None if kind == "bf16" else kind)
+        times = time_steps(runner, prompts, new, repeats)
+        return {"decode_bytes": minqwen_decode_bytes(runner.model), "times": times,
+                "info": {"numba_threading_layer": numba.threading_layer()}}
+    if family == "transformers":
+        try:
+            import torch
+            import transformers
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:
+            return {"skip": f"not installed ({e}); pip install -e '.[test]'"}
+        torch.set_num_threads(threads)
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+        return {"decode_bytes": transformers_decode_bytes(model), "times": time_transformers(model, prompts, new, repeats),
+                "info": {"torch_threads": torch.get_num_threads()}}
+    runner = LlamaCppRunner(gguf, threads, n_ctx=max(map(len, prompts)) + new + 8)
+    return {"decode_bytes": gguf_decode_bytes(gguf, source), "times": time_steps(runner, prompts, new, repeats),
+            "info": {"flash_attn": False, "n_batch": 512}}
+
+
+def isolated(function, *args):
+    """function(*args) in a fresh Python process: (result, None) or (None, why it failed or skipped)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        try:
+            result = pool.submit(function, *args).result()
+            return (None, result["skip"]) if isinstance(result, dict) and "skip" in result else (result, None)
+        except BrokenProcessPool:
+            return None, "the process died (a crash in native code?)"
+        except Exception as e:  # an engine's failure is reported, never the end of the bench
+            return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+
+
+# ---- llama.cpp's files: its converter (from the matching sdist) and the GGUF checkpoints ----
+
+def llama_cpp_source(work: Path, version: str, given: Path | None) -> Path:
+    """A llama.cpp folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/: --llama-cpp-src, or
+    the same-version llama-cpp-python sdist's vendor/llama.cpp, fetched with pip once."""
+    if given is not None:
+        if not (given / "convert_hf_to_gguf.py").exists():
+            raise Skip(f"no convert_hf_to_gguf.py in {given}")
+        return given
+    source = work / f"llama-cpp-python-{version}" / "vendor" / "llama.cpp"
+    if (source / "convert_hf_to_gguf.py").exists():
+        return source
+    print(f"llama.cpp: fetching the llama-cpp-python {version} sdist for its GGUF converter (pip download)")
+    sdists = work / "sdist"
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+                           "-d", str(sdists), f"llama-cpp-python=={version}"], capture_output=True, text=True)
+    archive = next(sdists.glob(f"llama_cpp_python-{version}.tar.gz"), None)
+    if done.returncode != 0 or archive is None:
+        raise Skip(f"could not fetch its sdist: {(done.stderr.strip().splitlines() or ['?'])[-1]}; "
+                   "pass --llama-cpp-src (see bench/README.md)")
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+    with tarfile.open(archive) as tar:
+        inside = [m for m in tar.getmembers()
+                  if "/vendor/llama.cpp/" in m.name and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
+        for m in inside:
+            m.name = m.name.split("/vendor/llama.cpp/", 1)[1]
+        tar.extractall(source, members=inside, filter="data")
+    shutil.rmtree(sdists)  # 75 MB, of which we keep the converter's 2
+    return source
+
+
+def gguf_checkpoints(folder: Path, source: Path, version: str) -> dict[str, Path]:
+    """{"bf16" | "q8_0" | "q4_0": GGUF file} of a checkpoint, converted once per llama-cpp-python version."""
+    out = folder / f"gguf-{version}"
+    out.mkdir(exist_ok=True)
+    files = {kind: out / f"{kind}.gguf" for kind in ("bf16", *GGUF_FTYPES)}
     if not files["bf16"].exists():
-        script = source / "convert_hf_to_gguf.py" if source else None
-        if script is None or not script.exists():
-            raise RuntimeError("llama.cpp's convert_hf_to_gguf.py not found (pass --llama-cpp-src)")
-        subprocess.run([sys.executable, str(script), str(folder), "--outtype", "bf16", "--outfile",
-                        str(files["bf16"])], check=True, capture_output=True)
-    for kind, ftype in (("q8_0", 7), ("q4_0", 2)):  # LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0
+        print(f"llama.cpp: converting {folder.name} to GGUF bf16 (once)", flush=True)
+        partial = files["bf16"].with_suffix(".partial")
+        done = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--outtype",
+                               "bf16", "--outfile", str(partial)], capture_output=True, text=True)
+        (out / "convert.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["?"]
+            raise Skip(f"convert_hf_to_gguf.py failed: {lines[-1][:200]} (log: {out / 'convert.log'})")
+        partial.rename(files["bf16"])
+    for kind, ftype in GGUF_FTYPES.items():
         if not files[kind].exists():
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = ftype
-            llama_cpp.llama_model_quantize(str(files["bf16"]).encode(), str(files[kind]).encode(), params)
+            print(f"llama.cpp: quantising {folder.name} to {kind.upper()} (once)", flush=True)
+            _, why = isolated(quantize_gguf, files["bf16"], files[kind], ftype)
+            if why:
+                raise Skip(f"llama_model_quantize to {kind.upper()} failed: {why}")
     return files
 
 
-def time_llama_cpp(gguf: Path, prompt: list[int], new: int, threads: int) -> tuple[float, float]:
+def quantize_gguf(source: Path, target: Path, ftype: int):
+    """llama.cpp's own quantiser with its default choices (run in a process of its own: it logs every
+    tensor from C, so its stdout and stderr go to a log file beside the target)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=len(prompt) + new + 16, n_batch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False, logits_all=False)
-    llm.eval(prompt[:16])
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    decode = time.perf_counter() - start
-    return len(prompt) / prefill, new / decode
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    partial = target.with_suffix(".partial")
+    with open(target.with_suffix(".log"), "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+            raise RuntimeError(f"llama_model_quantize returned an error (log: {log.name})")
+    partial.rename(target)
 
 
-def weight_bytes(folder: Path, bits_per_weight: float) -> float:
-    import minqwen
+# ---- the run ----
 
-    model = minqwen.load(folder)
-    tensors = [model.weights.lm_head]
-    for layer in model.weights.layers:
-        tensors += [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    return sum(t.size for t in tensors) * bits_per_weight / 8
+def run(args) -> dict:
+    import numba
+
+    # The engines' BLAS pools (minqwen's prefill calls NumPy's OpenBLAS) get the same thread count as
+    # everything else: read when a process starts, so set here for the engine processes to inherit.
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(args.threads)
+    numba.set_num_threads(args.threads)
+    # Sampled now, between engines and at the end; other processes only ever take bandwidth away, so
+    # the best sample is the closer guess at what the machine can do (the median is reported too).
+    bandwidth = Bandwidth(1.0)
+    for _ in range(3):
+        bandwidth.sample()
+    print(f"read bandwidth: {bandwidth.median:.1f} GB/s (Numba prange sum over 1 GiB, {args.threads} threads, "
+          f"threading layer {numba.threading_layer()})", flush=True)
+    warn_if_workqueue()
+    lengths = [int(n) for n in args.prompts.split(",")]
+    prompts = [np.random.default_rng(n).integers(0, PROMPT_VOCAB, size=n).tolist() for n in lengths]
+    engines = [e for e in ENGINES if any(e == want or e.split("-")[0] == want for want in args.engines.split(","))]
+    skipped, rows = [], []
+
+    def skip(engine: str, shape: str, why: str):
+        print(f"{engine}: skipped on {shape}: {why}", flush=True)
+        skipped.append({"engine": engine, "shape": shape, "reason": why})
+
+    llama_version = _version("llama_cpp_python")
+    if llama_version is None or importlib.util.find_spec("llama_cpp") is None:
+        for engine in [e for e in engines if e.startswith("llama.cpp")]:
+            skip(engine, "all", "llama-cpp-python is not installed (see bench/README.md)")
+        engines = [e for e in engines if not e.startswith("llama.cpp")]
+    for shape in args.shapes.split(","):
+        folder = bench_checkpoint(args.work, shape)
+        ggufs, source = {}, None
+        if any(e.startswith("llama.cpp") for e in engines):
+            try:
+                source = llama_cpp_source(args.work, llama_version, args.llama_cpp_src)
+                ggufs = gguf_checkpoints(folder, source, llama_version)
+            except Skip as why:
+                for engine in [e for e in engines if e.startswith("llama.cpp")]:
+                    skip(engine, shape, str(why))
+        for engine in engines:
+            if engine.startswith("llama.cpp") and not ggufs:
+                continue
+            print(f"{engine} on {shape} ...", flush=True)
+            start = time.perf_counter()
+            result, why = isolated(measure, engine, folder, prompts, args.new, args.threads, args.repeats,
+                                   ggufs.get(engine.split("-")[1]), source)
+            if why:
+                skip(engine, shape, why)
+                continue
+            for length, (prefill, decode) in result["times"].items():
+                row = {"engine": engine, "shape": shape, "prompt": length,
+                       "prefill_tok_s": length / statistics.median(prefill),
+                       "decode_tok_s": (args.new - 1) / statistics.median(decode),
+                       "decode_bytes_per_token": result["decode_bytes"], "prefill_s": prefill, "decode_s": decode,
+                       **result["info"]}
+                rows.append(row)
+                print(f"  prompt {length}: prefill {row['prefill_tok_s']:.1f} tok/s, decode {row['decode_tok_s']:.2f} "
+                      f"tok/s, {row['decode_bytes_per_token'] / 1e6:.0f} MB of weights per token", flush=True)
+            print(f"  ({time.perf_counter() - start:.0f} s with loading)", flush=True)
+            bandwidth.sample()
+    for _ in range(3):
+        bandwidth.sample()
+    for row in rows:
+        row["decode_limit_tok_s"] = bandwidth.best * 1e9 / row["decode_bytes_per_token"]
+        row["of_limit"] = row["decode_tok_s"] / row["decode_limit_tok_s"]
+    add_ratios(rows)
+    return {"read_bandwidth_GBps": bandwidth.best, "read_bandwidth_median_GBps": bandwidth.median,
+            "read_bandwidth_samples": len(bandwidth.samples), "threads": args.threads, "new_tokens": args.new,
+            "repeats": args.repeats, "prompts": lengths, "versions": versions(), "skipped": skipped, "rows": rows}
+
+
+def add_ratios(rows: list[dict]):
+    """row["vs"][baseline] = (prefill ratio, decode ratio) against the baseline's row of the same shape
+    and prompt (> 1: faster than the baseline)."""
+    by_key = {(r["engine"], r["shape"], r["prompt"]): r for r in rows}
+    for r in rows:
+        r["vs"] = {}
+        for baseline in BASELINES:
+            b = by_key.get((baseline, r["shape"], r["prompt"]))
+            if b is not None:
+                r["vs"][baseline] = (r["prefill_tok_s"] / b["prefill_tok_s"], r["decode_tok_s"] / b["decode_tok_s"])
+
+
+def print_table(results: dict):
+    print(f"\nprefill and decode tok/s, {results['threads']} threads, {results['new_tokens']} new tokens, median of "
+          f"{results['repeats']}; decode limit = {results['read_bandwidth_GBps']:.1f} GB/s (best read bandwidth; "
+          f"median {results['read_bandwidth_median_GBps']:.1f}) / MB of weights per token; ratios are "
+          "prefill / decode against the baseline (> 1: faster)")
+    header = (f"{'engine':18} {'shape':13} {'prompt':>6} {'prefill':>8} {'decode':>7} {'MB/tok':>7} {'limit':>6} "
+              f"{'of lim':>6}" + "".join(f"  {'vs ' + b:>19}" for b in BASELINES))
+    print(header)
+    print("-" * len(header))
+    for r in results["rows"]:
+        ratios = "".join(f"  {'%.2f / %.2f' % r['vs'][b] if b in r['vs'] else '-':>19}" for b in BASELINES)
+        print(f"{r['engine']:18} {r['shape']:13} {r['prompt']:6d} {r['prefill_tok_s']:8.1f} {r['decode_tok_s']:7.2f} "
+              f"{r['decode_bytes_per_token'] / 1e6:7.0f} {r['decode_limit_tok_s']:6.1f} {r['of_limit']:6.0%}{ratios}")
+    for s in results["skipped"]:
+        print(f"skipped: {s['engine']} on {s['shape']}: {s['reason']}")
+
+
+def versions() -> dict:
+    return {name: _version(name) for name in ("minqwen", "numba", "numpy", "torch", "transformers",
+                                              "llama_cpp_python")}
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen3-0.6b")
-    parser.add_argument("--prompts", default="128,512")
-    parser.add_argument("--new", type=int, default=64)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"any of {', '.join(SHAPES)}")
+    parser.add_argument("--prompts", default="128,512", help="prompt lengths in tokens")
+    parser.add_argument("--new", type=int, default=64, help="tokens generated per prompt (>= 2)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "minqwen-bench")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", default="minqwen,transformers,llama.cpp",
+                        help=f"families or names among {', '.join(ENGINES)}")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "minqwen-bench",
+                        help="where checkpoints, GGUF files and llama.cpp's converter are kept")
     parser.add_argument("--llama-cpp-src", type=Path, default=None,
-                        help="llama.cpp source folder (holds convert_hf_to_gguf.py)")
+                        help="a llama.cpp checkout to convert with (default: the installed version's sdist)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON document here")
     args = parser.parse_args()
+    args.work = args.work.expanduser()
+    if args.new < 2 or args.repeats < 1 or args.threads < 1:
+        parser.error("--new must be >= 2, --repeats and --threads >= 1")
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape {unknown[0]!r}: choose from {', '.join(SHAPES)}")
+    families = {e.split("-")[0] for e in ENGINES}
+    unknown = [e for e in args.engines.split(",") if e not in ENGINES and e not in families]
+    if unknown:
+        parser.error(f"unknown engine {unknown[0]!r}: choose from {', '.join(sorted(families))}, {', '.join(ENGINES)}")
 
-    import numba
-
-    numba.set_num_threads(args.threads)
-    bandwidth = read_bandwidth()
-    engines = ("minqwen bf16", "minqwen int8", "minqwen int4", "transformers bf16", "llama.cpp bf16",
-               "llama.cpp Q8_0", "llama.cpp Q4_0")
-    try:
-        import llama_cpp  # noqa: F401
-        have_llama = True
-    except ImportError:
-        have_llama = False
-        print("llama.cpp: skipped (llama-cpp-python is not installed; see bench/README.md)")
-    rows = []
-    for shape in args.shapes.split(","):
-        folder = checkpoint(args.work, shape)
-        limits = {name: bandwidth * 1e9 / weight_bytes(folder, bits)
-                  for name, bits in (("bf16", 16), ("int8", 8 + 16 / 32), ("int4", 4 + 32 / 32))}
-        ggufs = {}
-        if have_llama:
-            try:
-                ggufs = gguf_files(folder, args.llama_cpp_src)
-            except Exception as e:  # a conversion problem skips llama.cpp, with the reason
-                print(f"llama.cpp: skipped for {shape} ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-        for length in map(int, args.prompts.split(",")):
-            prompt = np.random.default_rng(length).integers(0, 150000, size=length).tolist()
-            for engine in engines:
-                try:
-                    if engine.startswith("minqwen"):
-                        kind = engine.split()[1]
-                        prefill, decode = time_minqwen(folder, prompt, args.new, None if kind == "bf16" else kind)
-                    elif engine.startswith("transformers"):
-                        prefill, decode = time_transformers(folder, prompt, args.new, args.threads)
-                    else:
-                        kind = engine.split()[1].lower()
-                        if kind not in ggufs:
-                            continue
-                        prefill, decode = time_llama_cpp(ggufs[kind], prompt, args.new, args.threads)
-                except ImportError as e:
-                    print(f"{engine}: skipped ({e})")
-                    continue
-                limit = limits.get(engine.split()[1].lower().replace("q8_0", "int8").replace("q4_0", "int4"))
-                rows.append({"engine": engine, "shape": shape, "prompt": length, "prefill_tok_per_s": prefill,
-                             "decode_tok_per_s": decode, "decode_limit_tok_per_s": limit})
-                print(f"{engine:18} {shape:13} prompt {length:4}: prefill {prefill:7.1f} tok/s, decode {decode:6.2f} "
-                      f"tok/s ({decode / limit:.2f} of the {limit:.1f} tok/s bandwidth limit)", flush=True)
-
-    print("\nratios (same shape and prompt):")
-    by_key = {(r["engine"], r["shape"], r["prompt"]): r for r in rows}
-    for r in rows:
-        if not r["engine"].startswith("minqwen"):
-            continue
-        for peer in ("transformers bf16", "llama.cpp bf16", "llama.cpp Q8_0", "llama.cpp Q4_0"):
-            other = by_key.get((peer, r["shape"], r["prompt"]))
-            if other:
-                r[f"decode_vs_{peer}"] = r["decode_tok_per_s"] / other["decode_tok_per_s"]
-                r[f"prefill_vs_{peer}"] = r["prefill_tok_per_s"] / other["prefill_tok_per_s"]
-        ratios = ", ".join(f"{k[len('decode_vs_'):]} decode x{v:.2f}" for k, v in r.items() if k.startswith("decode_vs_"))
-        print(f"  {r['engine']:14} {r['shape']:13} {r['prompt']:4}: {ratios}")
-    report("generate", {"read_bandwidth_GBps": bandwidth, "threads": args.threads, "new_tokens": args.new,
-                        "rows": rows})
+    start = time.perf_counter()
+    results = run(args)
+    print_table(results)
+    document = {"bench": "generate", "machine": machine(), **results, "seconds": round(time.perf_counter() - start)}
+    if args.out:
+        args.out.write_text(json.dumps(document, indent=1))
+    print(json.dumps(document))  # the last stdout line
 
 
 if __name__ == "__main__":

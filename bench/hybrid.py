@@ -1,14 +1,22 @@
-"""Decode speed against context length for the two mixers of a Qwen3.5-shaped model.
+"""Decode time against context length for the two layer kinds of a Qwen3.5-shaped hybrid model.
 
-    python bench/hybrid.py [--quick]
+    python bench/hybrid.py [--quick] [--contexts 128,1024,8192] [--threads N]
 
-A Gated DeltaNet layer keeps a fixed-size state (conv window + one key x value matrix per value head),
-so its decode time must not change with the context; a full-attention layer reads its whole KV cache
-per token, so its time grows with it. Shapes: Qwen3.5-27B's text_config (hidden 5120; linear attention
-16 key / 48 value heads of 128; full attention 24 query / 4 kv heads of 256 with an output gate),
-random bf16 weights. The context is made by filling the KV cache and the recurrent state with random
-values (prefilling 8k tokens would only add minutes), then timing single-token steps of each mixer.
-The implied whole-model decode adds the MLPs and lm_head at the measured matvec bandwidth.
+A Gated DeltaNet (linear-attention) layer carries a fixed-size state, a conv window and one key x value
+matrix per value head, so its decode time must not change with the context; a full-attention layer
+reads its whole KV cache for every token, so its time grows with the context.
+
+Shapes: Qwen3.5-27B's text_config (tests/data/configs/qwen3.5-27b.config.json): hidden 5120, MLP 17408;
+linear attention 16 key / 48 value heads of 128, conv kernel 4; full attention 24 query / 4 kv heads of
+256 with q/k norm and an output gate. The model here has its first 4 layers (3 linear + 1 full, as the
+published layer_types start), random bf16 weights built as NumPy arrays, ~3 GB in all.
+
+The context is made by filling the KV cache, the recurrent states and the conv states with random values
+(prefilling 8k tokens of these shapes would take minutes and time nothing we report), then timing
+single-token steps at that position: each mixer through the engine's own Transformer.gated_deltanet /
+Transformer.attention, the MLP through Transformer.mlp, and the whole 4-layer forward pass as a check
+(~ 3 linear + 1 full + 4 MLPs). A layer = its mixer + the MLP. The implied 64-layer model (48 linear +
+16 full) adds the lm_head (248320 x 5120 bf16, too big to build here) at the GB/s the MLP reached.
 """
 from __future__ import annotations
 
@@ -16,93 +24,189 @@ import argparse
 import json
 from pathlib import Path
 
+import numba
 import numpy as np
 
-from common import RandomBF16, median_seconds, read_bandwidth, report
+from common import Bandwidth, RandomBF16, machine, report, seconds_each, warn_if_workqueue
 from minqwen.config import Config
+from minqwen.kernels.attention import attention
 from minqwen.model import Cache, Transformer
 from minqwen.weights import MLP, Attention, Layer, LinearAttention, Weights
 
 CONFIG = Path(__file__).parent.parent / "tests" / "data" / "configs" / "qwen3.5-27b.config.json"
-CONTEXTS = (128, 1024, 8192)
+LAYERS = 4  # the published model's first four: linear, linear, linear, full
+EMBED_ROWS = 1024
 
 
 def build(config: Config, rng: RandomBF16) -> Weights:
-    d, hd = config.hidden_size, config.head_dim
+    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     hk, hv, dk, dv = (config.linear_num_key_heads, config.linear_num_value_heads, config.linear_key_head_dim,
                       config.linear_value_head_dim)
     channels = 2 * hk * dk + hv * dv
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    mlp = MLP(gate_proj=rng.matrix(config.intermediate_size, d), up_proj=rng.matrix(config.intermediate_size, d),
-              down_proj=rng.matrix(d, config.intermediate_size))
-    linear = LinearAttention(
-        in_proj_qkv=rng.matrix(channels, d), in_proj_z=rng.matrix(hv * dv, d), in_proj_b=rng.matrix(hv, d),
-        in_proj_a=rng.matrix(hv, d), in_proj_qkvz=None, in_proj_ba=None, qkvz_order=None, ba_order=None,
-        conv1d=(np.random.default_rng(2).standard_normal((channels, config.linear_conv_kernel_dim)) * 0.5
-                ).astype(np.float32),
-        A_log=np.zeros(hv, np.float32), dt_bias=np.zeros(hv, np.float32), norm=rng.vector(dv),
-        out_proj=rng.matrix(d, hv * dv))
-    full = Attention(q_proj=rng.matrix(2 * q, d), k_proj=rng.matrix(kv, d), v_proj=rng.matrix(kv, d),
-                     o_proj=rng.matrix(d, q), q_bias=None, k_bias=None, v_bias=None, o_bias=None,
-                     q_norm=rng.vector(hd), k_norm=rng.vector(hd), output_gate=True)
-    layers = [Layer(rng.vector(d), rng.vector(d), None, linear, mlp),
-              Layer(rng.vector(d), rng.vector(d), full, None, mlp)]
-    return Weights(embed_tokens=rng.matrix(1024, d), layers=layers, norm=rng.vector(d), lm_head=rng.matrix(8, d))
+
+    def linear_attention():
+        return LinearAttention(
+            in_proj_qkv=rng.matrix(channels, d), in_proj_z=rng.matrix(hv * dv, d), in_proj_b=rng.matrix(hv, d),
+            in_proj_a=rng.matrix(hv, d), in_proj_qkvz=None, in_proj_ba=None, qkvz_order=None, ba_order=None,
+            conv1d=rng.matrix(channels, config.linear_conv_kernel_dim, std=0.5),
+            A_log=np.zeros(hv, np.float32), dt_bias=np.zeros(hv, np.float32), norm=rng.vector(dv),
+            out_proj=rng.matrix(d, hv * dv))
+
+    def full_attention():  # q_proj yields [q_h, gate_h] per head: twice the query width
+        return Attention(q_proj=rng.matrix(2 * q, d), k_proj=rng.matrix(kv, d), v_proj=rng.matrix(kv, d),
+                         o_proj=rng.matrix(d, q), q_bias=None, k_bias=None, v_bias=None, o_bias=None,
+                         q_norm=rng.vector(hd), k_norm=rng.vector(hd), output_gate=True)
+
+    layers = []
+    for kind in config.layer_types:
+        mlp = MLP(gate_proj=rng.matrix(f, d), up_proj=rng.matrix(f, d), down_proj=rng.matrix(d, f))
+        linear = kind == "linear_attention"
+        layers.append(Layer(rng.vector(d), rng.vector(d), None if linear else full_attention(),
+                            linear_attention() if linear else None, mlp))
+    return Weights(embed_tokens=rng.matrix(EMBED_ROWS, d, std=1.0), layers=layers, norm=rng.vector(d),
+                   lm_head=rng.matrix(8, d))
+
+
+def mixer_bytes(config: Config, layer: Layer, context: int) -> int:
+    """Bytes one decode step of this layer's mixer reads at position `context`."""
+    if layer.linear_attn is not None:
+        w = layer.linear_attn
+        weights = sum(a.nbytes for a in (w.in_proj_qkv, w.in_proj_z, w.in_proj_b, w.in_proj_a, w.conv1d, w.out_proj))
+        hv, dk, dv = config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
+        return weights + hv * dk * dv * 4  # + the recurrent state (read, and written back in place)
+    w = layer.self_attn
+    kv_cache = 2 * config.num_key_value_heads * (context + 1) * config.head_dim * 4
+    return sum(a.nbytes for a in (w.q_proj, w.k_proj, w.v_proj, w.o_proj)) + kv_cache
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke test: few repeats")
+    parser.add_argument("--contexts", default="128,1024,8192", help="comma-separated context lengths")
+    parser.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    repeats = 6 if args.quick else 30  # single-token steps per measurement (median)
 
-    raw = json.loads(CONFIG.read_text())["text_config"]
-    raw.update(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    published = json.loads(CONFIG.read_text())
+    full_types = Config.from_dict(published).layer_types
+    raw = json.loads(json.dumps(published))
+    raw["text_config"].update(num_hidden_layers=LAYERS, layer_types=full_types[:LAYERS])
     config = Config.from_dict(raw)
     weights = build(config, RandomBF16())
     transformer = Transformer(config, weights)
-    bandwidth = read_bandwidth(0.5 if args.quick else 1.0)
-    repeats = 10 if args.quick else 40
+    bandwidth = Bandwidth(1.0)
+    warn_if_workqueue()
     rng = np.random.default_rng(0)
-    h = rng.standard_normal((1, config.hidden_size)).astype(np.float32)
-    out = np.zeros_like(h)
-    cos, sin = transformer.rope.cos_sin(0, 1)
+    d, n_kv, hd = config.hidden_size, config.num_key_value_heads, config.head_dim
+    h = rng.standard_normal((repeats, 1, d), dtype=np.float32)
+    out = np.zeros((1, d), np.float32)
+    linear_layers = [i for i, t in enumerate(config.layer_types) if t == "linear_attention"]
+    full_layers = [i for i, t in enumerate(config.layer_types) if t != "linear_attention"]
+
+    def median_ms(call):  # call(j) for j < repeats, rotating over the layers of one kind; median ms
+        call(0)  # compile / warm up
+        return float(np.median([seconds_each(lambda: call(j), 1)[0] for j in range(repeats)])) * 1e3
+
+    # The MLP does not depend on the context: once, rotating over the 4 layers' MLPs.
+    mlp_ms = median_ms(lambda j: transformer.mlp(out, h[j], weights.layers[j % LAYERS].mlp))
+    bandwidth.sample()
+    mlp = weights.layers[0].mlp
+    mlp_bytes = mlp.gate_proj.nbytes + mlp.up_proj.nbytes + mlp.down_proj.nbytes
 
     rows = []
-    for context in CONTEXTS:
+    tokens = rng.integers(0, EMBED_ROWS, size=repeats + 1)
+    for context in contexts:
         cache = Cache(config, context + 1)
         cache.reserve(context + 1)
-        for i in cache.layers:  # a full KV cache of `context` positions
-            cache.k[i][:, :context] = rng.standard_normal((config.num_key_value_heads, context, config.head_dim))
-            cache.v[i][:, :context] = rng.standard_normal((config.num_key_value_heads, context, config.head_dim))
-        for i in cache.linear_layers:  # a state that has seen `context` tokens: its size never changes
-            cache.recurrent[i][:] = rng.standard_normal(cache.recurrent_shape) * 0.1
+        for i in cache.layers:  # a KV cache holding `context` positions
+            cache.k[i][:, :context] = rng.standard_normal((n_kv, context, hd), dtype=np.float32)
+            cache.v[i][:, :context] = rng.standard_normal((n_kv, context, hd), dtype=np.float32)
+        for i in cache.linear_layers:  # states that have seen `context` tokens: their size never changes
+            cache.recurrent[i][:] = rng.standard_normal(cache.recurrent_shape, dtype=np.float32) * 0.1
+            cache.conv[i][:] = rng.standard_normal(cache.conv_shape, dtype=np.float32)
         cache.length = context
         cos, sin = transformer.rope.cos_sin(context, 1)
+        q = rng.standard_normal((1, config.num_attention_heads, hd), dtype=np.float32)
+        scores_out = np.zeros_like(q)
 
-        def linear_step():
-            transformer.gated_deltanet(out, h, weights.layers[0].linear_attn, cache, 0)
+        def linear_step(j):
+            i = linear_layers[j % len(linear_layers)]
+            transformer.gated_deltanet(out, h[j], weights.layers[i].linear_attn, cache, i)
 
-        def full_step():
-            transformer.attention(out, h, weights.layers[1].self_attn, cache, 1, context, cos, sin)
+        def full_step(j):
+            i = full_layers[j % len(full_layers)]
+            transformer.attention(out, h[j], weights.layers[i].self_attn, cache, i, context, cos, sin)
 
-        linear_step(), full_step()
-        rows.append({"context": context, "linear_ms": median_seconds(linear_step, repeats) * 1e3,
-                     "full_ms": median_seconds(full_step, repeats) * 1e3})
+        def attention_kernel(j):  # the KV-cache part of full_step alone
+            i = full_layers[j % len(full_layers)]
+            attention(scores_out, q, cache.k[i], cache.v[i], context, 0, transformer.scale)
 
-    mlp = weights.layers[0].mlp
-    mlp_bytes = sum(w.nbytes for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    lm_head_bytes = config.vocab_size * config.hidden_size * 2
-    n_linear = sum(t == "linear_attention" for t in Config.from_dict(json.loads(CONFIG.read_text())).layer_types)
-    n_layers = 64
-    print(f"read bandwidth {bandwidth:.1f} GB/s; Qwen3.5-27B shapes, one token per step")
-    print(f"{'context':>8} {'linear-attn ms':>15} {'full-attn ms':>13} {'implied 27B decode tok/s':>25}")
+        def forward(j):
+            cache.length = context  # rewind the KV cache; the linear states just keep evolving
+            transformer.forward(cache, tokens[j:j + 1])
+
+        row = {"context": context, "linear_mixer_ms": median_ms(linear_step)}
+        bandwidth.sample()
+        row["full_mixer_ms"] = median_ms(full_step)
+        bandwidth.sample()
+        row["attention_kernel_ms"] = median_ms(attention_kernel)
+        row["forward_4_layers_ms"] = median_ms(forward)
+        bandwidth.sample()
+        row["linear_layer_ms"] = row["linear_mixer_ms"] + mlp_ms
+        row["full_layer_ms"] = row["full_mixer_ms"] + mlp_ms
+        row["linear_mixer_bytes"] = mixer_bytes(config, weights.layers[linear_layers[0]], context)
+        row["full_mixer_bytes"] = mixer_bytes(config, weights.layers[full_layers[0]], context)
+        row["kv_cache_bytes"] = 2 * n_kv * (context + 1) * hd * 4
+        rows.append(row)
+
+    bw = bandwidth.median
+    mlp_GBps = mlp_bytes / mlp_ms / 1e6
+    n_linear, n_full = full_types.count("linear_attention"), len(full_types) - full_types.count("linear_attention")
+    lm_head_bytes = config.vocab_size * d * 2
+    lm_head_ms = lm_head_bytes / mlp_GBps / 1e6
     for row in rows:
-        rest = (n_layers * mlp_bytes + lm_head_bytes) / (0.8 * bandwidth * 1e9)
-        seconds = n_linear * row["linear_ms"] / 1e3 + (n_layers - n_linear) * row["full_ms"] / 1e3 + rest
-        row["implied_model_tok_per_s"] = 1 / seconds
-        print(f"{row['context']:>8} {row['linear_ms']:>15.3f} {row['full_ms']:>13.3f} {1 / seconds:>25.2f}")
-    report("hybrid", {"read_bandwidth_GBps": bandwidth, "rows": rows, "linear_layers": n_linear,
-                      "layers": n_layers})
+        ms = n_linear * row["linear_layer_ms"] + n_full * row["full_layer_ms"] + lm_head_ms
+        model_bytes = (n_linear * row["linear_mixer_bytes"] + n_full * row["full_mixer_bytes"]
+                       + len(full_types) * mlp_bytes + lm_head_bytes)
+        row.update(model_tok_per_s=1e3 / ms, model_limit_tok_per_s=bw * 1e9 / model_bytes,
+                   model_bytes_per_token=model_bytes)
+
+    print(f"Qwen3.5-27B shapes, random bf16, {LAYERS} layers ({', '.join(config.layer_types)}), "
+          f"{numba.get_num_threads()} threads, threading layer {machine()['threading_layer']}")
+    print(f"read bandwidth (1 GiB prange sum, {len(bandwidth.samples)} samples between runs): median {bw:.1f} GB/s, "
+          f"best {bandwidth.best:.1f}; KV cache, recurrent and conv states filled with random values")
+    print(f"MLP (gate/up/down {mlp_bytes / 1e6:.0f} MB): {mlp_ms:.2f} ms, {mlp_GBps:.1f} GB/s "
+          f"({mlp_GBps / bw:.2f} of the read bandwidth)")
+    print("\nms per token, one layer; mixer GB/s counts weights (+ state or KV cache) read")
+    print(f"{'context':>8} | {'linear mixer':>12} {'GB/s':>5} {'layer':>7} | {'full mixer':>10} {'GB/s':>5} "
+          f"{'(kernel)':>8} {'layer':>7} | {'4-layer fwd':>11} | {'64-layer tok/s':>14} {'(limit)':>7}")
+    for r in rows:
+        linear_GBps = r["linear_mixer_bytes"] / r["linear_mixer_ms"] / 1e6
+        full_GBps = r["full_mixer_bytes"] / r["full_mixer_ms"] / 1e6
+        print(f"{r['context']:>8} | {r['linear_mixer_ms']:>12.2f} {linear_GBps:>5.1f} {r['linear_layer_ms']:>7.2f} | "
+              f"{r['full_mixer_ms']:>10.2f} {full_GBps:>5.1f} {r['attention_kernel_ms']:>8.2f} "
+              f"{r['full_layer_ms']:>7.2f} | {r['forward_4_layers_ms']:>11.1f} | {r['model_tok_per_s']:>14.2f} "
+              f"{r['model_limit_tok_per_s']:>7.2f}")
+    first, last = rows[0], rows[-1]
+    kv_GBps = last["kv_cache_bytes"] / last["attention_kernel_ms"] / 1e6
+    print(f"\nfrom context {first['context']} to {last['context']}: linear mixer x"
+          f"{last['linear_mixer_ms'] / first['linear_mixer_ms']:.2f}, full mixer x"
+          f"{last['full_mixer_ms'] / first['full_mixer_ms']:.2f} (its KV cache {first['kv_cache_bytes'] / 1e6:.1f} -> "
+          f"{last['kv_cache_bytes'] / 1e6:.1f} MB; the attention kernel alone {first['attention_kernel_ms']:.2f} -> "
+          f"{last['attention_kernel_ms']:.2f} ms = {kv_GBps:.1f} GB/s "
+          f"of KV cache)")
+    print(f"64-layer model = {n_linear} linear + {n_full} full layers + lm_head ({lm_head_bytes / 1e9:.2f} GB, "
+          f"estimated {lm_head_ms:.0f} ms at the MLP's GB/s)")
+    report("hybrid", {"quick": args.quick, "layers": config.layer_types, "repeats": repeats,
+                      "read_bandwidth_GBps": bw, "read_bandwidth_best_GBps": bandwidth.best,
+                      "read_bandwidth_samples": bandwidth.samples, "context_fill": "random",
+                      "mlp_ms": mlp_ms, "mlp_bytes": mlp_bytes, "mlp_GBps": mlp_GBps, "rows": rows,
+                      "model_layers": {"linear_attention": n_linear, "full_attention": n_full},
+                      "lm_head_ms_estimated": lm_head_ms})
 
 
 if __name__ == "__main__":
