@@ -14,8 +14,8 @@ thread pool, memory or crash can touch another's. What is timed, the same way fo
 - prefill tok/s = prompt tokens / time from a fresh sequence to the logits of the last prompt token;
 - decode tok/s = (new - 1) / time of the (new - 1) one-token steps that follow, each feeding back the
   greedy (argmax) token: `new` generated tokens in all, end-of-sequence ignored.
-One warm-up (the prompt plus 8 steps: JIT compiles, page faults, primitive caches) is not timed; the
-figures are medians over --repeats.
+One warm-up is not timed (the longest prompt plus 8 steps: JIT compiles, page faults, buffers; for
+transformers, which compiles nothing, 32 tokens); the figures are medians over --repeats.
 - minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step.
 - transformers (bf16, torch CPU): `model.generate(do_sample=False, min_new_tokens=max_new_tokens=new)`,
   timed by a logits processor that stamps the clock as each token's logits arrive: prefill = the first
@@ -60,6 +60,7 @@ ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "transformers-bf16",
 BASELINES = ("transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0")  # the table's ratio columns
 GGUF_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
 WARMUP_STEPS = 8
+WARMUP_PROMPT = 32  # tokens of transformers' warm-up prompt (see time_transformers)
 PROMPT_VOCAB = 151643  # random prompts use ordinary tokens only (the special tokens start here)
 
 
@@ -71,12 +72,13 @@ class Skip(Exception):
 
 def time_steps(runner, prompts: list[list[int]], new: int, repeats: int) -> dict:
     """{prompt length: ([prefill seconds], [decode seconds])} of `runner` (start(prompt) -> first greedy
-    token of a fresh sequence; step(token) -> next greedy token), after one untimed warm-up each."""
+    token of a fresh sequence; step(token) -> next greedy token), after one untimed warm-up on the
+    longest prompt (it runs every code path the shorter ones do)."""
+    token = runner.start(max(prompts, key=len))
+    for _ in range(min(WARMUP_STEPS, new - 1)):
+        token = runner.step(token)
     times = {}
     for prompt in prompts:
-        token = runner.start(prompt)
-        for _ in range(min(WARMUP_STEPS, new - 1)):
-            token = runner.step(token)
         prefill, decode = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -154,8 +156,10 @@ def time_transformers(model, prompts: list[list[int]], new: int, repeats: int) -
 
     times = {}
     with torch.inference_mode():
+        # Eager torch compiles nothing per shape: a short warm-up (thread pool, allocator, first-call
+        # dispatch) spares minutes of bf16 prefill, which is slow on CPUs without bf16 instructions.
+        generate(prompts[0][:WARMUP_PROMPT], min(WARMUP_STEPS, new - 1) + 1)
         for prompt in prompts:
-            generate(prompt, min(WARMUP_STEPS, new - 1) + 1)
             runs = [generate(prompt, new) for _ in range(repeats)]
             times[len(prompt)] = ([p for p, _ in runs], [d for _, d in runs])
     return times
@@ -190,22 +194,25 @@ def transformers_decode_bytes(model) -> int:
 
 
 def gguf_decode_bytes(gguf: Path, source: Path) -> int:
-    """All tensors of the file but the embedding table, which counts only when it is also the output."""
-    sys.path.insert(0, str(source / "gguf-py"))
-    from gguf import GGUFReader
+    """All tensors of the file but the embedding table, which counts only when it is also the output.
+    Cached beside the file: GGUFReader parses the 150k-token vocabulary in Python (~20 s)."""
+    cached = gguf.with_suffix(".decode-bytes")
+    if not cached.exists():
+        sys.path.insert(0, str(source / "gguf-py"))
+        from gguf import GGUFReader
 
-    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
-    if "output.weight" in sizes:
-        sizes.pop("token_embd.weight", None)
-    return sum(sizes.values())
+        sizes = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
+        if "output.weight" in sizes:
+            sizes.pop("token_embd.weight", None)
+        cached.write_text(str(sum(sizes.values())))
+    return int(cached.read_text())
 
 
 # ---- one engine on one checkpoint, in its own process ----
 
 def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threads: int, repeats: int,
             gguf: Path | None = None, source: Path | None = None) -> dict:
-    """{"decode_bytes": ..., "times": {length: ([prefill s], [decode s])}, "info": {...}} of one engine,
-    or {"skip": why} (a plain dict: an exception class of this script would not unpickle in the parent)."""
+    """{"decode_bytes": ..., "times": {length: ([prefill s], [decode s])}, "info": {...}} of one engine."""
     family, kind = engine.split("-")
     if family == "minqwen":
         import inspect
@@ -214,7 +221,7 @@ def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threa
         import minqwen
 
         if kind != "bf16" and "quantize" not in inspect.signature(minqwen.load).parameters:
-            return {"skip": "this minqwen.load has no quantize= argument"}
+            raise Skip("this minqwen.load has no quantize= argument")
         numba.set_num_threads(threads)
         runner = MinqwenRunner(folder, None if kind == "bf16" else kind)
         times = time_steps(runner, prompts, new, repeats)
@@ -226,7 +233,7 @@ def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threa
             import transformers
             from transformers import AutoModelForCausalLM
         except ImportError as e:
-            return {"skip": f"not installed ({e}); pip install -e '.[test]'"}
+            raise Skip(f"not installed ({e}); pip install -e '.[test]'")
         torch.set_num_threads(threads)
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
@@ -242,8 +249,9 @@ def isolated(function, *args):
     """function(*args) in a fresh Python process: (result, None) or (None, why it failed or skipped)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         try:
-            result = pool.submit(function, *args).result()
-            return (None, result["skip"]) if isinstance(result, dict) and "skip" in result else (result, None)
+            return pool.submit(function, *args).result(), None
+        except Skip as e:
+            return None, str(e)
         except BrokenProcessPool:
             return None, "the process died (a crash in native code?)"
         except Exception as e:  # an engine's failure is reported, never the end of the bench
