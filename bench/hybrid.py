@@ -27,7 +27,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from common import Bandwidth, RandomBF16, machine, report, seconds_each, warn_if_workqueue
+from common import (Bandwidth, RandomBF16, context_switches, machine, report, seconds_each, warn_if_contended,
+                    warn_if_workqueue)
 from minqwen.config import Config
 from minqwen.kernels.attention import attention
 from minqwen.model import Cache, Transformer
@@ -111,6 +112,7 @@ def main():
         call(0)  # compile / warm up
         return float(np.median([seconds_each(lambda: call(j), 1)[0] for j in range(repeats)])) * 1e3
 
+    switches = context_switches()
     # The MLP does not depend on the context: once, rotating over the 4 layers' MLPs.
     mlp_ms = median_ms(lambda j: transformer.mlp(out, h[j], weights.layers[j % LAYERS].mlp))
     bandwidth.sample()
@@ -168,6 +170,8 @@ def main():
         row["kv_cache_bytes"] = 2 * n_kv * (context + 1) * hd * 4
         rows.append(row)
 
+    switches = context_switches() - switches
+    timed_calls = repeats * (1 + 4 * len(contexts))
     bw = bandwidth.median
     mlp_GBps = mlp_bytes / mlp_ms / 1e6
     n_linear, n_full = full_types.count("linear_attention"), len(full_types) - full_types.count("linear_attention")
@@ -204,11 +208,13 @@ def main():
           f"{last['kv_cache_bytes'] / 1e6:.1f} MB; the attention kernel alone {first['attention_kernel_ms']:.2f} -> "
           f"{last['attention_kernel_ms']:.2f} ms = {kv_GBps:.1f} GB/s "
           f"of KV cache)")
+    warn_if_contended(switches, timed_calls)
     print(f"64-layer model = {n_linear} linear + {n_full} full layers + lm_head ({lm_head_bytes / 1e9:.2f} GB, "
           f"estimated {lm_head_ms:.0f} ms at the MLP's GB/s)")
     report("hybrid", {"quick": args.quick, "layers": config.layer_types, "repeats": repeats,
                       "read_bandwidth_GBps": bw, "read_bandwidth_best_GBps": bandwidth.best,
                       "read_bandwidth_samples": bandwidth.samples, "context_fill": "random",
+                      "context_switches": switches, "timed_calls": timed_calls,
                       "mlp_ms": mlp_ms, "mlp_bytes": mlp_bytes, "mlp_GBps": mlp_GBps, "rows": rows,
                       "model_layers": {"linear_attention": n_linear, "full_attention": n_full},
                       "lm_head_ms_estimated": lm_head_ms})

@@ -31,7 +31,8 @@ import numba
 import numpy as np
 from numba.typed import List
 
-from common import Bandwidth, RandomBF16, context_switches, machine, report, seconds_each, warn_if_workqueue
+from common import (Bandwidth, RandomBF16, context_switches, machine, report, seconds_each, warn_if_contended,
+                    warn_if_workqueue)
 from minqwen.config import Config
 from minqwen.model import Cache, Model, Transformer
 from minqwen.weights import Attention, Layer, SparseMoE, Weights
@@ -211,6 +212,7 @@ def main():
           f"{lm_head_bytes / lm_head_seconds / 1e9:7.1f} {lm_head_bytes / (bw * 1e9) / lm_head_seconds:6.2f}")
     print(f"bandwidth limit per layer {limit_seconds * 1e3:.2f} ms -> ratio {limit_seconds / layer_seconds:.2f} "
           f"(goal >= 0.8); {switches} context switches during decode")
+    warn_if_contended(switches, len(step_seconds))
     print(f"routing over {len(chosen)} tokens (last layer): {np.count_nonzero(usage)} of {config.num_experts} "
           f"experts used, busiest {usage.max()} times (uniform would be {len(picks) / config.num_experts:.1f})")
     print(f"\n{'prefill T':>10s} {'tok/s per layer':>16s} {'48-layer tok/s':>15s}")
