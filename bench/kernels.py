@@ -28,20 +28,19 @@ import resource
 import sys
 import time
 
+import llvmlite.binding
 import numba
 import numpy as np
 from numba import prange
 
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.jit import pjit
+from minqwen.kernels.matmul import matmul, matmul_few, matvec
 from minqwen.kernels.quant import matmul_int4, matmul_int8, matvec_int4, matvec_int8, quantize_int4, quantize_int8
 
-try:
-    from minqwen.kernels.matmul import matmul, matvec
-except ImportError:  # written by someone else; the bench reports it missing instead of failing
-    matmul = matvec = None
-
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
+FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up and down; a dense gate
+FEW_TOKENS = [2, 4, 8, 16, 24, 32]
 GIB = 1 << 30
 
 
@@ -97,7 +96,7 @@ def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads,
 
 def matvec_call(kind):
     if kind in ("fp32", "bf16", "fp16"):
-        return None if matvec is None else (lambda out, arrays, x: matvec(out, arrays[0], x))
+        return lambda out, arrays, x: matvec(out, arrays[0], x)
     if kind == "int8":
         return lambda out, arrays, x: matvec_int8(out, *arrays, x)
     return lambda out, arrays, x: matvec_int4(out, *arrays, x)
@@ -105,7 +104,7 @@ def matvec_call(kind):
 
 def matmul_call(kind):
     if kind in ("fp32", "bf16", "fp16"):
-        return None if matmul is None else (lambda out, x, arrays: matmul(out, x, arrays[0]))
+        return lambda out, x, arrays: matmul(out, x, arrays[0])
     if kind == "int8":
         return lambda out, x, arrays: matmul_int8(out, x, *arrays)
     return lambda out, x, arrays: matmul_int4(out, x, *arrays)
@@ -113,8 +112,6 @@ def matmul_call(kind):
 
 def bench_matvec(kind, N, K, total_bytes, repeats, bw_array, rng):
     call = matvec_call(kind)
-    if call is None:
-        return {"kernel": f"matvec_{kind}", "shape": [N, K], "missing": "kernels/matmul.py has no matvec"}
     one = stored_weights(kind, N, K, rng)
     nbytes = sum(a.nbytes for a in one)
     copies = [one] + [tuple(a.copy() for a in one) for _ in range(max(2, -(-total_bytes // nbytes)) - 1)]
@@ -142,8 +139,6 @@ def bench_matvec(kind, N, K, total_bytes, repeats, bw_array, rng):
 
 def bench_matmul(kind, N, K, T, repeats, rng):
     call = matmul_call(kind)
-    if call is None:
-        return {"kernel": f"matmul_{kind}", "shape": [N, K], "T": T, "missing": "kernels/matmul.py has no matmul"}
     arrays = stored_weights(kind, N, K, rng)
     x = rng.standard_normal((T, K)).astype(np.float32)
     out = np.empty((T, N), np.float32)
@@ -156,6 +151,26 @@ def bench_matmul(kind, N, K, T, repeats, rng):
     dt = float(np.median(ts))
     return {"kernel": f"matmul_{kind}", "shape": [N, K], "T": T, "ms": dt * 1e3, "GFLOP_s": 2 * T * N * K / dt / 1e9,
             "GFLOP_s_best": 2 * T * N * K / min(ts) / 1e9}
+
+
+def bench_few(N, K, T, total_bytes, repeats, rng):
+    """A few tokens through bf16 weights read from DRAM (rotated copies): matmul_few, which streams W
+    once, against matmul, which widens W into float32 tiles for BLAS. Where they cross is FEW_TOKENS."""
+    copies = [stored_weights("bf16", N, K, rng)[0]]
+    copies += [copies[0].copy() for _ in range(max(2, -(-total_bytes // copies[0].nbytes)) - 1)]
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    out = np.empty((T, N), np.float32)
+    row = {"kernel": "few_bf16", "shape": [N, K], "T": T}
+    for name, kernel in (("matmul_few", matmul_few), ("matmul", matmul)):
+        kernel(out, x, copies[0])  # compile
+        sweeps = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for w in copies:
+                kernel(out, x, w)
+            sweeps.append((time.perf_counter() - t) / len(copies))
+        row[f"{name}_us"] = float(np.median(sweeps)) * 1e6
+    return row
 
 
 def main(argv=None):
@@ -179,16 +194,16 @@ def main(argv=None):
         "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version(),
         "NUMBA_CPU_FEATURES": os.environ.get("NUMBA_CPU_FEATURES"),
         "avx512": "avx512f" in cpu_flags(), "avx2": "avx2" in cpu_flags(),
+        "llvm_cpu": llvmlite.binding.get_host_cpu_name(),
     }
     print(f"CPU {machine['cpu']}, {machine['threads']} Numba threads, threading layer {machine['threading_layer']}")
     if machine["threading_layer"] == "workqueue":
         print("!" * 78 + "\n!! WARNING: Numba's 'workqueue' threading layer costs ~0.1 ms per parallel region:\n"
               "!! a decode step has ~170 of them. Install a wheel with OpenMP or TBB (layer 'omp' / 'tbb').\n"
               + "!" * 78)
-    if machine["avx512"]:
-        print("note: AVX-512 CPU; LLVM prefers 256-bit vectors unless NUMBA_CPU_FEATURES adds -prefer-256-bit")
-    else:
-        print("note: no AVX-512 here; 256-bit AVX2 vectors are the widest, NUMBA_CPU_FEATURES has nothing to add")
+    print(f"LLVM target {machine['llvm_cpu']}: AVX-512 {'yes' if machine['avx512'] else 'no'}, "
+          f"AVX2 {'yes' if machine['avx2'] else 'no'} (Zen 4/5 get 512-bit code by default; some Intel "
+          "targets only with NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit)")
 
     bws = [read_bandwidth(bw_array) for _ in range(args.repeats)]
     numba.set_num_threads(1)
@@ -208,12 +223,9 @@ def main(argv=None):
         for N, K in SHAPES:
             r = bench_matvec(kind, N, K, total, args.repeats, bw_array, rng)
             results.append(r)
-            if "missing" in r:
-                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {r['missing']}")
-            else:
-                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {r['bytes_per_weight']:8.3f} {r['us_per_call']:9.1f} "
-                      f"{r['GB_s']:7.1f} {r['bandwidth_GB_s']:8.1f} {r['ratio']:6.2f} {r['ratio_best']:6.2f} "
-                      f"{r['G_weights_s']:6.1f} {r['waits_per_ms']:8.3f}", flush=True)
+            print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {r['bytes_per_weight']:8.3f} {r['us_per_call']:9.1f} "
+                  f"{r['GB_s']:7.1f} {r['bandwidth_GB_s']:8.1f} {r['ratio']:6.2f} {r['ratio_best']:6.2f} "
+                  f"{r['G_weights_s']:6.1f} {r['waits_per_ms']:8.3f}", flush=True)
 
     print(f"\n{'matmul (prefill)':18s} {'shape':>12s} {'T':>4s} {'ms':>9s} {'GFLOP/s':>8s} {'best':>7s}")
     for T in ([128] if args.quick else [128, 512]):
@@ -221,11 +233,17 @@ def main(argv=None):
             for N, K in (SHAPES[:3] if args.quick else SHAPES):
                 r = bench_matmul(kind, N, K, T, max(3, args.repeats // 2), rng)
                 results.append(r)
-                if "missing" in r:
-                    print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['missing']}")
-                else:
-                    print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['ms']:9.2f} {r['GFLOP_s']:8.1f} "
-                          f"{r['GFLOP_s_best']:7.1f}", flush=True)
+                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['ms']:9.2f} {r['GFLOP_s']:8.1f} "
+                      f"{r['GFLOP_s_best']:7.1f}", flush=True)
+
+    if "bf16" in kinds:
+        print(f"\n{'few tokens, bf16':18s} {'shape':>12s} {'T':>4s} {'matmul_few us':>14s} {'matmul us':>10s}")
+        for N, K in FEW_SHAPES[:2] if args.quick else FEW_SHAPES:
+            for T in FEW_TOKENS:
+                r = bench_few(N, K, T, total // 4, max(3, args.repeats // 2), rng)
+                results.append(r)
+                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['matmul_few_us']:14.1f} {r['matmul_us']:10.1f}",
+                      flush=True)
 
     if any(r.get("waits_per_ms", 0) > 0.05 for r in results):
         print("\nWARNING: threads blocked inside parallel regions (waits/ms > 0.05, each wait ~0.6 ms): other\n"

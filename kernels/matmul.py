@@ -4,6 +4,9 @@ Decoding one token (T = 1) reads every weight once and does two flops per weight
 bound by memory bandwidth: `matvec` streams the stored 16-bit weights and widens them in
 registers, moving half the bytes of an fp32 copy. Prefill (T > 1) reuses each weight T times, so
 it is bound by flops: `matmul` widens W a tile at a time and lets BLAS do the multiplication.
+In between, a few tokens (a short chat turn, an MoE expert chosen by a handful of a prompt's
+tokens) are served by `matmul_few`: widening all of W for so few products costs more than the
+products, so it streams W once, like matvec, and multiplies each row by every token.
 """
 import numpy as np
 from numba import prange
@@ -13,6 +16,7 @@ from .jit import jit, pjit
 from .quant import Int4Matrix, Int8Matrix, matmul_int4, matmul_int8, matvec_int4, matvec_int8
 
 TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, whatever its shape
+FEW_TOKENS = 8  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py: "few tokens")
 
 
 @pjit
@@ -27,6 +31,30 @@ def matvec(out, w, x):  # out: [N] float32, w: [N, K] bf16/fp16/fp32 bits, x: [K
         for k in range(K):
             acc += widen(w[n, k]) * x[k]
         out[n] = acc
+
+
+@pjit
+def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] bf16/fp16/fp32 bits
+    """out[t, n] = sum_k x[t,k] w[n,k]    (for a few tokens T)"""
+    T, K = x.shape
+    N = w.shape[0]
+    for n in prange(N):  # each thread streams its own rows of W once, as in matvec
+        # Four tokens at a time: each widened weight feeds four FMAs, and the row (a few KB) stays
+        # in L1 for the next four tokens.
+        for t in range(0, T - T % 4, 4):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(K):
+                wk = widen(w[n, k])
+                a0 += wk * x[t, k]
+                a1 += wk * x[t + 1, k]
+                a2 += wk * x[t + 2, k]
+                a3 += wk * x[t + 3, k]
+            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
+        for t in range(T - T % 4, T):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += widen(w[n, k]) * x[t, k]
+            out[t, n] = acc
 
 
 @jit
@@ -67,6 +95,8 @@ def linear(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] stor
         matvec_int4(out[0], w.q, w.scales, w.mins, x[0]) if decode else matmul_int4(out, x, w.q, w.scales, w.mins)
     elif decode:
         matvec(out[0], w, x[0])
+    elif x.shape[0] <= FEW_TOKENS:
+        matmul_few(out, x, w)
     else:
         matmul(out, x, w)
 

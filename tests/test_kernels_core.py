@@ -10,7 +10,8 @@ from minqwen.kernels.activations import swiglu, swiglu_reference
 from minqwen.kernels.attention import attention, attention_blocked, attention_reference
 from minqwen.kernels.dtypes import BF16, FP16, FP32, from_float32
 from minqwen.kernels.embedding import embed, embed_reference
-from minqwen.kernels.matmul import linear, matmul, matmul_reference, matvec, matvec_reference, widen_rows
+from minqwen.kernels.matmul import (FEW_TOKENS, linear, matmul, matmul_few, matmul_reference, matvec, matvec_reference,
+                                    widen_rows)
 from minqwen.kernels.norm import rmsnorm, rmsnorm_reference
 from minqwen.kernels.rope import apply_rope, apply_rope_reference
 
@@ -186,8 +187,19 @@ def test_matmul(seed, T, N, K, dtype, tile):
     assert_close(out, matmul_reference(x, w), TOL, str(dtype))
 
 
+@settings(deadline=None, max_examples=40)
+@given(seed=seeds, T=st.integers(1, 2 * FEW_TOKENS), N=awkward, K=awkward, dtype=st.sampled_from(DTYPES))
+def test_matmul_few(seed, T, N, K, dtype):  # every remainder of the four-token blocks
+    rng = np.random.default_rng(seed)
+    w = from_float32(rng.standard_normal((N, K)), dtype)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    out = np.full((T, N), np.nan, np.float32)
+    matmul_few(out, x, w)
+    assert_close(out, matmul_reference(x, w), TOL, str(dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4, FEW_TOKENS + 1])
 def test_linear_dispatch_and_strided_out(dtype, T):
     rng = np.random.default_rng(T)
     N, K = 37, 29
@@ -197,7 +209,7 @@ def test_linear_dispatch_and_strided_out(dtype, T):
     linear(out, x, w)
     assert_close(out, matmul_reference(x, w), TOL)
     wide = np.full((T, N + 5), np.nan, np.float32)  # a column slice: out not C-contiguous
-    matmul(wide[:, 2:N + 2], x, w) if T > 1 else linear(wide[:, 2:N + 2], x, w)
+    linear(wide[:, 2:N + 2], x, w)  # each path: matvec, matmul_few, matmul
     assert_close(wide[:, 2:N + 2], matmul_reference(x, w), TOL)
     assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, N + 2:]).all()
 
