@@ -3,7 +3,8 @@
 Decoding a token reads every weight once, so it takes as long as moving the weights from DRAM:
 fewer bytes per weight is more tokens per second. Both formats cut each row of W [N, K] into
 blocks of 32 consecutive weights along K (K % 32 == 0) and store a few bits per weight plus one
-or two fp16 numbers per block; activations stay float32 and all arithmetic is float32.
+or two fp16 numbers per block. Activations stay float32 between kernels; the int8 decode product
+rounds x to int16 per block of 32 for an integer dot product (below), everything else is float32.
 
     int8:  w[n, 32b+i] ~= q[n, 32b+i] * scale[n, b]
            q int8 in [-127, 127], scale = max|block| / 127 (rounded up to fp16).
@@ -32,12 +33,12 @@ pre-scaled by 16**-r (computed once per call, with the block sums of x that the 
 measured 1.2-1.4x faster than nibbles in byte order (GGML's layout), which need shifts and
 byte widening first.
 
-Speed on Zen 3 (AVX2, no VNNI): float32 math costs ~4 vector operations per 8 weights, so these
-kernels reach 7-9 G weights/s per core from DRAM and are compute-bound: ~55% (int8) and ~35%
-(int4) of the 2-thread read bandwidth, so int4 saves memory but decodes no faster than int8
-(bench/kernels.py). Integer dot products would be cheaper, but
-LLVM emits vpmaddwd only for int32 sum reductions: with x rounded to int16 per block the int8
-kernel measured 1.1-1.3x faster at ~2e-5 extra relative error; not worth its casts here.
+Decode speed (bench/kernels.py). float32 math costs ~4 vector operations per 16 weights (widen,
+convert, FMA), which makes these kernels compute-bound below the read bandwidth: measured on Zen 3
+(AVX2) at ~55% (int8) and ~35% (int4) of it, and on Zen 5 (AVX-512) int8 at 45-75%. The int8 product
+therefore multiplies in integers: x is rounded to int16 per block of 32 (x_scale = max|x| / 32767,
+relative error <= 1.5e-5 of the block's largest |x|), and q * xq is summed in int32, which LLVM
+emits as vpmaddwd / vpdpwssd (32 products an instruction): 1.0-2x faster, at the bandwidth on Zen 5.
 """
 from typing import NamedTuple
 
@@ -150,38 +151,58 @@ def dequantize_int8(q, scales):  # [N, K] int8, [N, K/32] fp16 bits -> [N, K] fl
     return q.astype(np.float64) * np.repeat(s, BLOCK, axis=1)
 
 
+@jit
+def quantize_activations(xq, x_scales, x):  # xq: [K] int16 out, x_scales: [K/32] float32 out, x: [K] float32
+    """x_scale[b] = max_{i in b} |x[i]| / 32767  (1 for an all-zero block),   xq[i] = round(x[i] / x_scale[b])"""
+    for b in range(x.shape[0] // 32):
+        m = np.float32(0.0)
+        for i in range(32 * b, 32 * b + 32):
+            m = max(m, abs(x[i]))
+        scale = m / np.float32(32767.0) if m > 0 else np.float32(1.0)
+        inverse = np.float32(1.0) / scale
+        for i in range(32 * b, 32 * b + 32):
+            xq[i] = np.int16(round(x[i] * inverse))
+        x_scales[b] = scale
+
+
 @pjit
 def matvec_int8(out, q, scales, x):  # out: [N] float32, q: [N, K] int8, scales: [N, K/32] fp16 bits, x: [K]
-    """out[n] = sum_b scale[n,b] sum_{i<32} q[n, 32b+i] x[32b+i]"""
+    """out[n] = sum_b scale[n,b] x_scale[b] sum_{i<32} q[n, 32b+i] xq[32b+i]     (x ~= xq x_scale, see
+    quantize_activations: each x[i] moves by at most x_scale[b] / 2 = max|x in its block| / 65534)"""
     N, K = q.shape
     nb = K // 32
+    xq = np.empty(K, np.int16)
+    x_scales = np.empty(nb, np.float32)
+    quantize_activations(xq, x_scales, x)
     for n in prange(N):
         qn = q[n]
         total = np.float32(0.0)
         b = 0
         while b + 4 <= nb:
-            # Four blocks a step, one float32 sum each, so each block's scale multiplies once.
-            # LLVM turns the loop into 8-lane FMAs fed by sign-extending loads (vpmovsxbd) and
-            # sums each block's lanes after it. A loop over a single block is vectorised across
-            # blocks instead, with gathers: 5x slower.
+            # Four blocks a step, one int32 sum each (|sum| <= 32 * 127 * 32767 < 2**31). Numba
+            # widens int32 arithmetic to int64; truncating each partial sum back to int32 lets LLVM
+            # see 16-bit products summed in 32 bits: vpmaddwd (vpdpwssd with VNNI), 32 weights an
+            # instruction, where float32 needs two conversions and two FMAs per 16 weights.
             o0, o1, o2, o3 = 32 * b, 32 * b + 32, 32 * b + 64, 32 * b + 96
-            t0 = np.float32(0.0)
-            t1 = np.float32(0.0)
-            t2 = np.float32(0.0)
-            t3 = np.float32(0.0)
+            t0 = np.int32(0)
+            t1 = np.int32(0)
+            t2 = np.int32(0)
+            t3 = np.int32(0)
             for i in range(32):
-                t0 += np.float32(qn[o0 + i]) * x[o0 + i]
-                t1 += np.float32(qn[o1 + i]) * x[o1 + i]
-                t2 += np.float32(qn[o2 + i]) * x[o2 + i]
-                t3 += np.float32(qn[o3 + i]) * x[o3 + i]
-            total += ((widen(scales[n, b]) * t0 + widen(scales[n, b + 1]) * t1)
-                      + (widen(scales[n, b + 2]) * t2 + widen(scales[n, b + 3]) * t3))
+                t0 = np.int32(t0 + np.int32(qn[o0 + i]) * np.int32(xq[o0 + i]))
+                t1 = np.int32(t1 + np.int32(qn[o1 + i]) * np.int32(xq[o1 + i]))
+                t2 = np.int32(t2 + np.int32(qn[o2 + i]) * np.int32(xq[o2 + i]))
+                t3 = np.int32(t3 + np.int32(qn[o3 + i]) * np.int32(xq[o3 + i]))
+            total += ((widen(scales[n, b]) * x_scales[b] * np.float32(t0)
+                       + widen(scales[n, b + 1]) * x_scales[b + 1] * np.float32(t1))
+                      + (widen(scales[n, b + 2]) * x_scales[b + 2] * np.float32(t2)
+                         + widen(scales[n, b + 3]) * x_scales[b + 3] * np.float32(t3)))
             b += 4
         for b in range(b, nb):  # the last K/32 % 4 blocks (none for Qwen's shapes)
-            t0 = np.float32(0.0)
+            t0 = np.int32(0)
             for i in range(32 * b, 32 * b + 32):
-                t0 += np.float32(qn[i]) * x[i]
-            total += widen(scales[n, b]) * t0
+                t0 = np.int32(t0 + np.int32(qn[i]) * np.int32(xq[i]))
+            total += widen(scales[n, b]) * x_scales[b] * np.float32(t0)
         out[n] = total
 
 
