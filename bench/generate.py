@@ -2,7 +2,7 @@
 on the same checkpoints, prompts and thread count.
 
     python bench/generate.py [--shapes qwen2.5-0.5b,qwen3-0.6b] [--prompts 128,512] [--new 64]
-                             [--threads 2] [--repeats 3] [--engines minqwen,transformers,llama.cpp]
+                             [--threads 2] [--repeats 3] [--rounds 1] [--engines minqwen,transformers,llama.cpp]
                              [--work ~/.cache/minqwen-bench] [--out results.json]
 
 Checkpoints: random bf16 weights with the real shapes of Qwen2.5-0.5B-Instruct and Qwen3-0.6B, built
@@ -15,7 +15,7 @@ thread pool, memory or crash can touch another's. What is timed, the same way fo
 - decode tok/s = (new - 1) / time of the (new - 1) one-token steps that follow, each feeding back the
   greedy (argmax) token: `new` generated tokens in all, end-of-sequence ignored.
 One warm-up is not timed (the longest prompt plus 8 steps: JIT compiles, page faults, buffers; for
-transformers, which compiles nothing, 32 tokens); the figures are medians over --repeats.
+transformers, which compiles nothing, 32 tokens); the figures are medians over --repeats x --rounds.
 - minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step.
 - transformers (bf16, torch CPU): `model.generate(do_sample=False, min_new_tokens=max_new_tokens=new)`,
   timed by a logits processor that stamps the clock as each token's logits arrive: prefill = the first
@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+import minqwen
 from checkpoints import SHAPES, bench_checkpoint
 from common import Bandwidth, machine, warn_if_slow_blas, warn_if_workqueue
 
@@ -245,8 +246,17 @@ def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threa
             "info": {"flash_attn": False, "n_batch": 512}}
 
 
-def isolated(function, *args):
-    """function(*args) in a fresh Python process: (result, None) or (None, why it failed or skipped)."""
+# libgomp's and OpenBLAS's own defaults for the thread settings minqwen changes when it is imported
+# (minqwen/__init__.py): torch runs on libgomp too, and the peers are measured as they ship.
+PEER_DEFAULTS = {name: {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "28"}[name]
+                 for name in minqwen.SET_BY_MINQWEN}
+
+
+def isolated(function, *args, env=None):
+    """function(*args) in a fresh Python process, with `env` added to its environment:
+    (result, None) or (None, why it failed or skipped)."""
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         try:
             return pool.submit(function, *args).result(), None
@@ -256,6 +266,12 @@ def isolated(function, *args):
             return None, "the process died (a crash in native code?)"
         except Exception as e:  # an engine's failure is reported, never the end of the bench
             return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
 
 
 # ---- llama.cpp's files: its converter (from the matching sdist) and the GGUF checkpoints ----
@@ -373,27 +389,40 @@ def run(args) -> dict:
             except Skip as why:
                 for engine in [e for e in engines if e.startswith("llama.cpp")]:
                     skip(engine, shape, str(why))
-        for engine in engines:
-            if engine.startswith("llama.cpp") and not ggufs:
+        # Rounds: every engine in turn, then again. A shared VM's speed drifts over minutes (its
+        # neighbours come and go), so interleaving puts the same drift into every engine's median.
+        collected, failed = {}, set()
+        for round_ in range(args.rounds):
+            for engine in engines:
+                if (engine.startswith("llama.cpp") and not ggufs) or engine in failed:
+                    continue
+                print(f"{engine} on {shape}, round {round_ + 1} of {args.rounds} ...", flush=True)
+                start = time.perf_counter()
+                # minqwen's process inherits the thread settings importing minqwen made here, as `python -m
+                # minqwen` has them; a peer's process gets its libraries' defaults back for those names.
+                result, why = isolated(measure, engine, folder, prompts, args.new, args.threads, args.repeats,
+                                       ggufs.get(engine.split("-")[1]), source,
+                                       env=None if engine.startswith("minqwen") else PEER_DEFAULTS)
+                if why:
+                    skip(engine, shape, why)
+                    failed.add(engine)
+                    continue
+                for length, (prefill, decode) in result["times"].items():
+                    times = collected.setdefault((engine, length), {"prefill_s": [], "decode_s": [], **result})
+                    times["prefill_s"] += prefill
+                    times["decode_s"] += decode
+                    print(f"  prompt {length}: prefill {length / statistics.median(prefill):.1f} tok/s, decode "
+                          f"{(args.new - 1) / statistics.median(decode):.2f} tok/s", flush=True)
+                print(f"  ({time.perf_counter() - start:.0f} s with loading)", flush=True)
+                bandwidth.sample()
+        for (engine, length), times in collected.items():
+            if engine in failed:
                 continue
-            print(f"{engine} on {shape} ...", flush=True)
-            start = time.perf_counter()
-            result, why = isolated(measure, engine, folder, prompts, args.new, args.threads, args.repeats,
-                                   ggufs.get(engine.split("-")[1]), source)
-            if why:
-                skip(engine, shape, why)
-                continue
-            for length, (prefill, decode) in result["times"].items():
-                row = {"engine": engine, "shape": shape, "prompt": length,
-                       "prefill_tok_s": length / statistics.median(prefill),
-                       "decode_tok_s": (args.new - 1) / statistics.median(decode),
-                       "decode_bytes_per_token": result["decode_bytes"], "prefill_s": prefill, "decode_s": decode,
-                       **result["info"]}
-                rows.append(row)
-                print(f"  prompt {length}: prefill {row['prefill_tok_s']:.1f} tok/s, decode {row['decode_tok_s']:.2f} "
-                      f"tok/s, {row['decode_bytes_per_token'] / 1e6:.0f} MB of weights per token", flush=True)
-            print(f"  ({time.perf_counter() - start:.0f} s with loading)", flush=True)
-            bandwidth.sample()
+            rows.append({"engine": engine, "shape": shape, "prompt": length,
+                         "prefill_tok_s": length / statistics.median(times["prefill_s"]),
+                         "decode_tok_s": (args.new - 1) / statistics.median(times["decode_s"]),
+                         "decode_bytes_per_token": times["decode_bytes"], "prefill_s": times["prefill_s"],
+                         "decode_s": times["decode_s"], **times["info"]})
     for _ in range(3):
         bandwidth.sample()
     for row in rows:
@@ -402,7 +431,7 @@ def run(args) -> dict:
     add_ratios(rows)
     return {"read_bandwidth_GBps": bandwidth.median, "read_bandwidth_best_GBps": bandwidth.best,
             "read_bandwidth_samples": len(bandwidth.samples), "threads": args.threads, "new_tokens": args.new,
-            "repeats": args.repeats, "prompts": lengths, "versions": versions(), "skipped": skipped, "rows": rows}
+            "repeats": args.repeats, "rounds": args.rounds, "prompts": lengths, "versions": versions(), "skipped": skipped, "rows": rows}
 
 
 def add_ratios(rows: list[dict]):
@@ -419,7 +448,7 @@ def add_ratios(rows: list[dict]):
 
 def print_table(results: dict):
     print(f"\nprefill and decode tok/s, {results['threads']} threads, {results['new_tokens']} new tokens, median of "
-          f"{results['repeats']}; decode limit = {results['read_bandwidth_GBps']:.1f} GB/s (median read bandwidth; "
+          f"{results['repeats']} x {results['rounds']} rounds; decode limit = {results['read_bandwidth_GBps']:.1f} GB/s (median read bandwidth; "
           f"best {results['read_bandwidth_best_GBps']:.1f}) / MB of weights per token; ratios are "
           "prefill / decode against the baseline (> 1: faster)")
     header = (f"{'engine':18} {'shape':13} {'prompt':>6} {'prefill':>8} {'decode':>7} {'MB/tok':>7} {'limit':>6} "
@@ -453,7 +482,9 @@ def main():
     parser.add_argument("--prompts", default="128,512", help="prompt lengths in tokens")
     parser.add_argument("--new", type=int, default=64, help="tokens generated per prompt (>= 2)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt in each engine process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the list of engines this many times in turn (medians over all rounds)")
     parser.add_argument("--engines", default="minqwen,transformers,llama.cpp",
                         help=f"families or names among {', '.join(ENGINES)}")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "minqwen-bench",
@@ -463,8 +494,8 @@ def main():
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON document here")
     args = parser.parse_args()
     args.work = args.work.expanduser()
-    if args.new < 2 or args.repeats < 1 or args.threads < 1:
-        parser.error("--new must be >= 2, --repeats and --threads >= 1")
+    if args.new < 2 or args.repeats < 1 or args.rounds < 1 or args.threads < 1:
+        parser.error("--new must be >= 2, --repeats, --rounds and --threads >= 1")
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape {unknown[0]!r}: choose from {', '.join(SHAPES)}")

@@ -5,16 +5,9 @@ fastmath lets LLVM reassociate float sums (vectorised reductions) and drop NaN/I
 we keep it off for nothing: every kernel is tested against a float64 reference with tolerances
 that fastmath's reordering passes and a wrong kernel does not.
 """
-import os
-
-# OpenMP threads spin after each parallel region before sleeping (libgomp's default: ~300k spins).
-# Between two Numba regions that is what makes back-to-back kernels cheap, but during prefill the
-# spinning threads fight OpenBLAS's threads for the cores (measured 2-3x slower matmuls on 2 cores).
-# A short spin keeps decode's region-to-region handoff fast and lets BLAS have the cores. Must be
-# set before Numba starts its OpenMP runtime, i.e. before the first parallel kernel runs.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import numba  # noqa: E402
+# The thread pools' spinning (GOMP_SPINCOUNT, OPENBLAS_THREAD_TIMEOUT) is set in minqwen/__init__.py,
+# which runs before NumPy and Numba load.
+import numba
 
 # OpenMP first: its ~2 us per parallel region is what decode (a few hundred regions a token) needs;
 # the workqueue layer costs ~0.1 ms a region.
