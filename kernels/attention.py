@@ -14,6 +14,7 @@ import math
 import numpy as np
 from numba import prange
 
+from .dtypes import to_float32, widen
 from .jit import pjit
 
 QUERY_BLOCK = 64  # queries per block in attention_blocked: bounds the score matrix to 64 G x L
@@ -21,7 +22,7 @@ QUERY_BLOCK = 64  # queries per block in attention_blocked: bounds the score mat
 
 @pjit
 def attention(out, q, k_cache, v_cache, start, window, scale):
-    # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32
+    # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32 or bf16/fp16 bits
     """For the query of token t at position p = start + t, in head h (kv head g = h // (Hq/Hkv)):
 
         s_j = scale * q[t,h] . k[g,j]       for lo <= j <= p,  lo = max(0, p - window + 1)
@@ -40,15 +41,15 @@ def attention(out, q, k_cache, v_cache, start, window, scale):
         # Start from the first key rather than from m = -inf: fastmath lets LLVM assume no infinities.
         s = np.float32(0.0)
         for d in range(hd):
-            s += q[t, h, d] * k_cache[g, lo, d]
+            s += q[t, h, d] * widen(k_cache[g, lo, d])
         m = s * scale
         l = np.float32(1.0)
         for d in range(hd):
-            acc[d] = v_cache[g, lo, d]
+            acc[d] = widen(v_cache[g, lo, d])
         for j in range(lo + 1, p + 1):
             s = np.float32(0.0)
             for d in range(hd):
-                s += q[t, h, d] * k_cache[g, j, d]
+                s += q[t, h, d] * widen(k_cache[g, j, d])
             s *= scale
             if s > m:
                 # A new maximum: rescale what was summed so far to the new reference point.
@@ -60,14 +61,14 @@ def attention(out, q, k_cache, v_cache, start, window, scale):
             e = np.float32(math.exp(s - m))
             l += e
             for d in range(hd):
-                acc[d] += e * v_cache[g, j, d]
+                acc[d] += e * widen(v_cache[g, j, d])
         inv_l = np.float32(1.0) / l
         for d in range(hd):
             acc[d] *= inv_l
 
 
 def attention_blocked(out, q, k_cache, v_cache, start, window, scale, block=QUERY_BLOCK):
-    # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32
+    # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32 or bf16/fp16 bits
     """The same as `attention`, for T > 1: per kv head g and block of queries,
         S = scale * Q_g K_g^T   (masked: j <= p, and j > p - window with a window)
         out = softmax_rows(S) V_g
@@ -89,20 +90,20 @@ def attention_blocked(out, q, k_cache, v_cache, start, window, scale, block=QUER
         for g in range(Hkv):
             heads = slice(g * group, (g + 1) * group)
             queries = q[t0:t1, heads].reshape(-1, hd)
-            scores = (queries @ k_cache[g, lo:hi].T) * np.float32(scale)
+            scores = (queries @ to_float32(k_cache[g, lo:hi]).T) * np.float32(scale)
             scores[hidden] = -np.inf
             scores -= scores.max(axis=1, keepdims=True)
             np.exp(scores, out=scores)
             scores /= scores.sum(axis=1, keepdims=True)
-            out[t0:t1, heads] = (scores @ v_cache[g, lo:hi]).reshape(t1 - t0, group, hd)
+            out[t0:t1, heads] = (scores @ to_float32(v_cache[g, lo:hi])).reshape(t1 - t0, group, hd)
 
 
 def attention_reference(q, k_cache, v_cache, start, window, scale):  # -> [T, Hq, hd] float64
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[0]
     L = start + T
-    k = np.repeat(k_cache[:, :L].astype(np.float64), Hq // Hkv, axis=0)  # [Hq, L, hd]
-    v = np.repeat(v_cache[:, :L].astype(np.float64), Hq // Hkv, axis=0)
+    k = np.repeat(to_float32(k_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)  # [Hq, L, hd]
+    v = np.repeat(to_float32(v_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)
     scores = scale * np.einsum("thd,hjd->htj", q.astype(np.float64), k)  # [Hq, T, L]
     pos = start + np.arange(T)[:, None]
     j = np.arange(L)[None, :]

@@ -103,6 +103,13 @@ def test_prompt_longer_than_context(good):
     assert len(model.generate([1] * 54, max_new_tokens=10)) == 10  # exactly fills the window
 
 
+def test_unknown_load_options(good):
+    with pytest.raises(ConfigError, match="kv_cache must be one of fp32, fp16, got 'int8'"):
+        minqwen.load(good, kv_cache="int8")
+    with pytest.raises(ConfigError, match="quantize must be one of int8, int4, got 'int2'"):
+        minqwen.load(good, quantize="int2")
+
+
 def test_token_ids_outside_vocabulary(good):
     model = minqwen.load(good)
     for bad in ([128], [-1], [3, 500]):

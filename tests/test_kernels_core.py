@@ -96,7 +96,7 @@ def test_apply_rope_rotates_halves_not_adjacent_pairs():
 
 # ---- attention ----
 
-def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention):
+def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention, cache_dtype=FP32):
     q = rng.standard_normal((T, Hq, hd)).astype(np.float32)
     # Positions beyond start + T hold NaN: a kernel that reads them fails.
     k_cache = np.full((Hkv, capacity, hd), np.nan, np.float32)
@@ -104,6 +104,7 @@ def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention
     L = start + T
     k_cache[:, :L] = rng.standard_normal((Hkv, L, hd))
     v_cache[:, :L] = rng.standard_normal((Hkv, L, hd))
+    k_cache, v_cache = from_float32(k_cache, cache_dtype), from_float32(v_cache, cache_dtype)
     scale = float(rng.choice([1.0 / np.sqrt(hd), 1.0, 3.0 / np.sqrt(hd)]))
     out = np.full((T, Hq, hd), np.nan, np.float32)
     kernel(out, q, k_cache, v_cache, start, window, scale)
@@ -113,22 +114,24 @@ def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention
 @settings(deadline=None, max_examples=60)
 @given(seed=seeds, T=st.sampled_from([1, 1, 2, 5, 33]), start=st.sampled_from([0, 0, 1, 7, 100]),
        Hkv=st.integers(1, 3), ratio=st.sampled_from([1, 2, 3, 4, 7]), hd=head_dims,
-       window=st.sampled_from([0, -1, 1, 2, 5, 16, 1000]), spare=st.integers(0, 9))
-def test_attention(seed, T, start, Hkv, ratio, hd, window, spare):
+       window=st.sampled_from([0, -1, 1, 2, 5, 16, 1000]), spare=st.integers(0, 9),
+       cache_dtype=st.sampled_from(DTYPES))
+def test_attention(seed, T, start, Hkv, ratio, hd, window, spare, cache_dtype):
     rng = np.random.default_rng(seed)
-    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + spare)
+    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + spare, cache_dtype=cache_dtype)
     assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window}")
 
 
 @settings(deadline=None, max_examples=40)
 @given(seed=seeds, T=st.sampled_from([1, 2, 5, 33, 70]), start=st.sampled_from([0, 1, 7, 100]),
        Hkv=st.integers(1, 3), ratio=st.sampled_from([1, 2, 3, 7]), hd=head_dims,
-       window=st.sampled_from([0, 1, 2, 5, 16, 1000]), block=st.sampled_from([1, 4, 64]))
-def test_attention_blocked(seed, T, start, Hkv, ratio, hd, window, block):
+       window=st.sampled_from([0, 1, 2, 5, 16, 1000]), block=st.sampled_from([1, 4, 64]),
+       cache_dtype=st.sampled_from(DTYPES))
+def test_attention_blocked(seed, T, start, Hkv, ratio, hd, window, block, cache_dtype):
     """The BLAS form of prefill attention, in blocks of queries of any size."""
     rng = np.random.default_rng(seed)
     kernel = functools.partial(attention_blocked, block=block)
-    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + 3, kernel)
+    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + 3, kernel, cache_dtype)
     assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window} block={block}")
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import minqwen
-from checkpoints import assert_matches_transformers, build_case, build_checkpoint, published_config as published
+from checkpoints import (TOLERANCE, assert_matches_transformers, build_case, build_checkpoint,
+                         published_config as published)
+from minqwen.kernels.dtypes import FP16, FP32, to_float32
 
 QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=320, hidden_size=64,
              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -69,6 +71,33 @@ def test_sliding_window_really_slides(tmp_path):
     full = minqwen.load(folder).logits(prompt)
     np.testing.assert_allclose(windowed[:3], full[:3], rtol=1e-5, atol=1e-5)
     assert np.abs(windowed[-1] - full[-1]).max() > 1e-3
+
+
+def test_fp16_kv_cache_stays_close(tmp_path):
+    """kv_cache="fp16" rounds keys and values to fp16: logits move, but stay within the half-precision
+    tolerance of the float32 cache's (prefill and decode both read the cache)."""
+    folder = build_checkpoint(tmp_path, QWEN3)
+    prompt = np.random.default_rng(3).integers(0, 320, size=30).tolist()
+    exact, half = minqwen.load(folder), minqwen.load(folder, kv_cache="fp16")
+    error = np.abs(half.logits(prompt) - exact.logits(prompt)).max() / np.abs(exact.logits(prompt)).max()
+    assert 0 < error <= TOLERANCE["fp16"]
+    sequence = half.sequence()
+    sequence.reset_to(prompt)
+    assert sequence.cache.dtype == FP16 and sequence.cache.k[0].dtype == FP16
+
+
+def test_fp16_kv_cache_turns_float32_rather_than_overflow(tmp_path):
+    folder = build_checkpoint(tmp_path, QWEN3)
+    sequence = minqwen.load(folder, kv_cache="fp16").sequence()
+    sequence.reset_to(list(range(1, 9)))
+    cache = sequence.cache
+    before = to_float32(cache.k[1][:, :cache.length]).copy()
+    n_kv, hd = cache.n_kv_heads, cache.head_dim
+    huge = np.full((1, n_kv, hd), 1e6, np.float32)
+    cache.store(1, cache.length, huge, huge)
+    assert cache.dtype == FP32 and cache.k[0].dtype == cache.k[1].dtype == FP32
+    assert np.array_equal(cache.k[1][:, :cache.length], before)  # what was stored survives the change
+    assert np.all(cache.k[1][:, cache.length] == 1e6) and np.all(cache.v[1][:, cache.length] == 1e6)
 
 
 def test_prefill_in_chunks_equals_one_pass(tmp_path, monkeypatch):
