@@ -16,7 +16,7 @@ from .jit import jit, pjit
 from .quant import Int4Matrix, Int8Matrix, matmul_int4, matmul_int8, matvec_int4, matvec_int8
 
 TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, whatever its shape
-FEW_TOKENS = 8  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py: "few tokens")
+FEW_TOKENS = 32  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py: "few tokens")
 
 
 @pjit
@@ -38,23 +38,35 @@ def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] 
     """out[t, n] = sum_k x[t,k] w[n,k]    (for a few tokens T)"""
     T, K = x.shape
     N = w.shape[0]
-    for n in prange(N):  # each thread streams its own rows of W once, as in matvec
-        # Four tokens at a time: each widened weight feeds four FMAs, and the row (a few KB) stays
-        # in L1 for the next four tokens.
-        for t in range(0, T - T % 4, 4):
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(K):
-                wk = widen(w[n, k])
-                a0 += wk * x[t, k]
-                a1 += wk * x[t + 1, k]
-                a2 += wk * x[t + 2, k]
-                a3 += wk * x[t + 3, k]
-            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
-        for t in range(T - T % 4, T):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += widen(w[n, k]) * x[t, k]
-            out[t, n] = acc
+    T4 = T - T % 4
+    for pair in prange((N + 1) // 2):  # each thread streams its own rows of W once, as in matvec
+        n = 2 * pair
+        single_from, rows_end = 0, n + 1  # an odd last row takes every token one at a time
+        if n + 1 < N:
+            # Two rows by four tokens: each widened weight feeds four FMAs and each x element two,
+            # in eight accumulators; both rows (a few KB) stay in L1 for the next four tokens.
+            for t in range(0, T4, 4):
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+                for k in range(K):
+                    wa, wb = widen(w[n, k]), widen(w[n + 1, k])
+                    x0, x1, x2, x3 = x[t, k], x[t + 1, k], x[t + 2, k], x[t + 3, k]
+                    a0 += wa * x0
+                    a1 += wa * x1
+                    a2 += wa * x2
+                    a3 += wa * x3
+                    b0 += wb * x0
+                    b1 += wb * x1
+                    b2 += wb * x2
+                    b3 += wb * x3
+                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
+                out[t, n + 1], out[t + 1, n + 1], out[t + 2, n + 1], out[t + 3, n + 1] = b0, b1, b2, b3
+            single_from, rows_end = T4, n + 2
+        for m in range(n, rows_end):  # the last T % 4 tokens
+            for t in range(single_from, T):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += widen(w[m, k]) * x[t, k]
+                out[t, m] = acc
 
 
 @jit
