@@ -120,16 +120,24 @@ class RandomBF16:
         return np.full(size, around, np.float32)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo(field: str) -> str | None:  # the first value of `field` in /proc/cpuinfo (None off Linux)
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), None)
     except OSError:
-        pass
-    return {"cpu": cpu, "threads": numba.get_num_threads(), "threading_layer": _threading_layer(),
+        return None
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags") or "").split())
+
+
+def machine() -> dict:
+    return {"cpu": cpu_model(), "threads": numba.get_num_threads(), "threading_layer": _threading_layer(),
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
@@ -146,17 +154,9 @@ def warn_if_slow_blas():
     OPENBLAS_CORETYPE names a core (some machine images set Haswell everywhere, for identical results).
     On an AVX-512 CPU that halves sgemm: 240 vs 430 GFLOP/s measured here (Zen 5, 2 threads)."""
     core = os.environ.get("OPENBLAS_CORETYPE")
-    if core and core.lower() in ("haswell", "zen", "sandybridge", "nehalem", "prescott") and "avx512f" in _cpu_flags():
+    if core and core.lower() in ("haswell", "zen", "sandybridge", "nehalem", "prescott") and "avx512f" in cpu_flags():
         print(f"NOTE: OPENBLAS_CORETYPE={core} makes OpenBLAS use AVX2 kernels on this AVX-512 CPU: sgemm, "
               "and so minqwen's prefill, runs below the machine's speed. `env -u OPENBLAS_CORETYPE ...` lifts it.")
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 def warn_if_workqueue():

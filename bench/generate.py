@@ -219,7 +219,6 @@ def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threa
         import inspect
 
         import numba
-        import minqwen
 
         if kind != "bf16" and "quantize" not in inspect.signature(minqwen.load).parameters:
             raise Skip("this minqwen.load has no quantize= argument")

@@ -33,6 +33,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from common import cpu_flags, cpu_model
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.jit import pjit
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
@@ -57,28 +58,6 @@ def read_bandwidth(a):  # GB/s of one timed read_sum
     t = time.perf_counter()
     read_sum(a)
     return a.nbytes / (time.perf_counter() - t) / 1e9
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads, random N(0, 0.02)
