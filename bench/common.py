@@ -101,7 +101,7 @@ class RandomBF16:
         self.size = pool
         self.pools: dict[float, np.ndarray] = {}
 
-    def matrix(self, rows: int, cols: int, std: float | None = None) -> np.ndarray:  # -> [rows, cols] bf16 bits
+    def matrix(self, rows: int, cols: int, std: float | None = None) -> np.ndarray:  # [rows, cols] bf16 bits
         std = cols ** -0.5 if std is None else std
         pool = self.pools.get(std)
         if pool is None:
@@ -154,9 +154,11 @@ def warn_if_slow_blas():
     OPENBLAS_CORETYPE names a core (some machine images set Haswell everywhere, for identical results).
     On an AVX-512 CPU that halves sgemm: 240 vs 430 GFLOP/s measured here (Zen 5, 2 threads)."""
     core = os.environ.get("OPENBLAS_CORETYPE")
-    if core and core.lower() in ("haswell", "zen", "sandybridge", "nehalem", "prescott") and "avx512f" in cpu_flags():
+    if (core and core.lower() in ("haswell", "zen", "sandybridge", "nehalem", "prescott")
+            and "avx512f" in cpu_flags()):
         print(f"NOTE: OPENBLAS_CORETYPE={core} makes OpenBLAS use AVX2 kernels on this AVX-512 CPU: sgemm, "
-              "and so minqwen's prefill, runs below the machine's speed. `env -u OPENBLAS_CORETYPE ...` lifts it.")
+              "and so minqwen's prefill, runs below the machine's speed. "
+              "`env -u OPENBLAS_CORETYPE ...` lifts it.")
 
 
 def warn_if_workqueue():

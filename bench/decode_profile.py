@@ -2,7 +2,7 @@
 
     python bench/decode_profile.py [--shape qwen2.5-0.5b] [--quantize int8|int4] [--context 128] [--steps 64]
 
-Every kernel name the forward pass looks up in minqwen.model (linear, rmsnorm, apply_rope, attention,
+Every kernel name the forward pass looks up in minqwen.model (linear, rmsnorm, apply_rope, attention_decode,
 swiglu, ...) is wrapped with a clock for the run; matrix products are told apart by their weight's
 shape. "outside kernels" is the step's wall time minus the time inside them: the Python of the
 forward pass, NumPy one-liners (residual adds, the KV-cache store) and the calls themselves. The
@@ -20,14 +20,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import minqwen.model as model_module  # noqa: E402
 from checkpoints import SHAPES, bench_checkpoint  # noqa: E402
 from common import Bandwidth, context_switches, report, warn_if_contended  # noqa: E402
-
-import minqwen.model as model_module  # noqa: E402
+from minqwen import load  # noqa: E402
 from minqwen.kernels.quant import Int4Matrix, Int8Matrix  # noqa: E402
-from minqwen.model import load  # noqa: E402
 
-KERNELS = ["embed", "rmsnorm", "linear", "apply_rope", "attention", "swiglu", "moe_decode", "route",
+KERNELS = ["embed", "rmsnorm", "linear", "apply_rope", "attention_decode", "swiglu", "moe_one_token", "route",
            "causal_conv1d", "l2norm", "delta_rule_gates", "gated_delta_rule_recurrent", "gated_rmsnorm",
            "sigmoid_gate"]
 

@@ -2,7 +2,8 @@
 on the same checkpoints, prompts and thread count.
 
     python bench/generate.py [--shapes qwen2.5-0.5b,qwen3-0.6b] [--prompts 128,512] [--new 64]
-                             [--threads 2] [--repeats 3] [--rounds 1] [--engines minqwen,transformers,llama.cpp]
+                             [--threads 2] [--repeats 3] [--rounds 1]
+                             [--engines minqwen,transformers,llama.cpp]
                              [--work ~/.cache/minqwen-bench] [--out results.json]
 
 Checkpoints: random bf16 weights with the real shapes of Qwen2.5-0.5B-Instruct and Qwen3-0.6B, built
@@ -238,17 +239,19 @@ def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threa
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-        return {"decode_bytes": transformers_decode_bytes(model), "times": time_transformers(model, prompts, new, repeats),
+        return {"decode_bytes": transformers_decode_bytes(model),
+                "times": time_transformers(model, prompts, new, repeats),
                 "info": {"torch_threads": torch.get_num_threads()}}
     runner = LlamaCppRunner(gguf, threads, n_ctx=max(map(len, prompts)) + new + 8)
-    return {"decode_bytes": gguf_decode_bytes(gguf, source), "times": time_steps(runner, prompts, new, repeats),
+    return {"decode_bytes": gguf_decode_bytes(gguf, source),
+            "times": time_steps(runner, prompts, new, repeats),
             "info": {"flash_attn": False, "n_batch": 512}}
 
 
 # libgomp's and OpenBLAS's own defaults for the thread settings minqwen changes when it is imported
-# (minqwen/__init__.py): torch runs on libgomp too, and the peers are measured as they ship.
+# (minqwen/threads.py): torch runs on libgomp too, and the peers are measured as they ship.
 PEER_DEFAULTS = {name: {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "28"}[name]
-                 for name in minqwen.SET_BY_MINQWEN}
+                 for name in minqwen.threads.SET_BY_MINQWEN}
 
 
 def isolated(function, *args, env=None):
@@ -264,7 +267,8 @@ def isolated(function, *args, env=None):
         except BrokenProcessPool:
             return None, "the process died (a crash in native code?)"
         except Exception as e:  # an engine's failure is reported, never the end of the bench
-            return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+            return None, (f"{type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}")[:300]
         finally:
             for name, value in saved.items():
                 if value is None:
@@ -296,7 +300,8 @@ def llama_cpp_source(work: Path, version: str, given: Path | None) -> Path:
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
     with tarfile.open(archive) as tar:
         inside = [m for m in tar.getmembers()
-                  if "/vendor/llama.cpp/" in m.name and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
+                  if "/vendor/llama.cpp/" in m.name
+                  and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
         for m in inside:
             m.name = m.name.split("/vendor/llama.cpp/", 1)[1]
         tar.extractall(source, members=inside, filter="data")
@@ -312,8 +317,9 @@ def gguf_checkpoints(folder: Path, source: Path, version: str) -> dict[str, Path
     if not files["bf16"].exists():
         print(f"llama.cpp: converting {folder.name} to GGUF bf16 (once)", flush=True)
         partial = files["bf16"].with_suffix(".partial")
-        done = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder), "--outtype",
-                               "bf16", "--outfile", str(partial)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder),
+                               "--outtype", "bf16", "--outfile", str(partial)],
+                              capture_output=True, text=True)
         (out / "convert.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["?"]
@@ -360,13 +366,14 @@ def run(args) -> dict:
     bandwidth = Bandwidth(1.0)
     for _ in range(3):
         bandwidth.sample()
-    print(f"read bandwidth: {bandwidth.median:.1f} GB/s (Numba prange sum over 1 GiB, {args.threads} threads, "
-          f"threading layer {numba.threading_layer()})", flush=True)
+    print(f"read bandwidth: {bandwidth.median:.1f} GB/s (Numba prange sum over 1 GiB, "
+          f"{args.threads} threads, threading layer {numba.threading_layer()})", flush=True)
     warn_if_workqueue()
     warn_if_slow_blas()
     lengths = [int(n) for n in args.prompts.split(",")]
     prompts = [np.random.default_rng(n).integers(0, PROMPT_VOCAB, size=n).tolist() for n in lengths]
-    engines = [e for e in ENGINES if any(e == want or e.split("-")[0] == want for want in args.engines.split(","))]
+    engines = [e for e in ENGINES
+               if any(e == want or e.split("-")[0] == want for want in args.engines.split(","))]
     skipped, rows = [], []
 
     def skip(engine: str, shape: str, why: str):
@@ -407,11 +414,12 @@ def run(args) -> dict:
                     failed.add(engine)
                     continue
                 for length, (prefill, decode) in result["times"].items():
-                    times = collected.setdefault((engine, length), {"prefill_s": [], "decode_s": [], **result})
+                    times = collected.setdefault((engine, length),
+                                                 {"prefill_s": [], "decode_s": [], **result})
                     times["prefill_s"] += prefill
                     times["decode_s"] += decode
-                    print(f"  prompt {length}: prefill {length / statistics.median(prefill):.1f} tok/s, decode "
-                          f"{(args.new - 1) / statistics.median(decode):.2f} tok/s", flush=True)
+                    print(f"  prompt {length}: prefill {length / statistics.median(prefill):.1f} tok/s, "
+                          f"decode {(args.new - 1) / statistics.median(decode):.2f} tok/s", flush=True)
                 print(f"  ({time.perf_counter() - start:.0f} s with loading)", flush=True)
                 bandwidth.sample()
         for (engine, length), times in collected.items():
@@ -430,7 +438,8 @@ def run(args) -> dict:
     add_ratios(rows)
     return {"read_bandwidth_GBps": bandwidth.median, "read_bandwidth_best_GBps": bandwidth.best,
             "read_bandwidth_samples": len(bandwidth.samples), "threads": args.threads, "new_tokens": args.new,
-            "repeats": args.repeats, "rounds": args.rounds, "prompts": lengths, "versions": versions(), "skipped": skipped, "rows": rows}
+            "repeats": args.repeats, "rounds": args.rounds, "prompts": lengths, "versions": versions(),
+            "skipped": skipped, "rows": rows}
 
 
 def add_ratios(rows: list[dict]):
@@ -442,22 +451,25 @@ def add_ratios(rows: list[dict]):
         for baseline in BASELINES:
             b = by_key.get((baseline, r["shape"], r["prompt"]))
             if b is not None:
-                r["vs"][baseline] = (r["prefill_tok_s"] / b["prefill_tok_s"], r["decode_tok_s"] / b["decode_tok_s"])
+                r["vs"][baseline] = (r["prefill_tok_s"] / b["prefill_tok_s"],
+                                     r["decode_tok_s"] / b["decode_tok_s"])
 
 
 def print_table(results: dict):
-    print(f"\nprefill and decode tok/s, {results['threads']} threads, {results['new_tokens']} new tokens, median of "
-          f"{results['repeats']} x {results['rounds']} rounds; decode limit = {results['read_bandwidth_GBps']:.1f} GB/s (median read bandwidth; "
+    print(f"\nprefill and decode tok/s, {results['threads']} threads, {results['new_tokens']} new tokens, "
+          f"median of {results['repeats']} x {results['rounds']} rounds; "
+          f"decode limit = {results['read_bandwidth_GBps']:.1f} GB/s (median read bandwidth; "
           f"best {results['read_bandwidth_best_GBps']:.1f}) / MB of weights per token; ratios are "
           "prefill / decode against the baseline (> 1: faster)")
-    header = (f"{'engine':18} {'shape':13} {'prompt':>6} {'prefill':>8} {'decode':>7} {'MB/tok':>7} {'limit':>6} "
-              f"{'of lim':>6}" + "".join(f"  {'vs ' + b:>19}" for b in BASELINES))
+    header = (f"{'engine':18} {'shape':13} {'prompt':>6} {'prefill':>8} {'decode':>7} {'MB/tok':>7} "
+              f"{'limit':>6} {'of lim':>6}" + "".join(f"  {'vs ' + b:>19}" for b in BASELINES))
     print(header)
     print("-" * len(header))
     for r in results["rows"]:
         ratios = "".join(f"  {'%.2f / %.2f' % r['vs'][b] if b in r['vs'] else '-':>19}" for b in BASELINES)
-        print(f"{r['engine']:18} {r['shape']:13} {r['prompt']:6d} {r['prefill_tok_s']:8.1f} {r['decode_tok_s']:7.2f} "
-              f"{r['decode_bytes_per_token'] / 1e6:7.0f} {r['decode_limit_tok_s']:6.1f} {r['of_limit']:6.0%}{ratios}")
+        print(f"{r['engine']:18} {r['shape']:13} {r['prompt']:6d} {r['prefill_tok_s']:8.1f} "
+              f"{r['decode_tok_s']:7.2f} {r['decode_bytes_per_token'] / 1e6:7.0f} "
+              f"{r['decode_limit_tok_s']:6.1f} {r['of_limit']:6.0%}{ratios}")
     for s in results["skipped"]:
         print(f"skipped: {s['engine']} on {s['shape']}: {s['reason']}")
 
@@ -501,12 +513,14 @@ def main():
     families = {e.split("-")[0] for e in ENGINES}
     unknown = [e for e in args.engines.split(",") if e not in ENGINES and e not in families]
     if unknown:
-        parser.error(f"unknown engine {unknown[0]!r}: choose from {', '.join(sorted(families))}, {', '.join(ENGINES)}")
+        parser.error(f"unknown engine {unknown[0]!r}: "
+                     f"choose from {', '.join(sorted(families))}, {', '.join(ENGINES)}")
 
     start = time.perf_counter()
     results = run(args)
     print_table(results)
-    document = {"bench": "generate", "machine": machine(), **results, "seconds": round(time.perf_counter() - start)}
+    document = {"bench": "generate", "machine": machine(), **results,
+                "seconds": round(time.perf_counter() - start)}
     if args.out:
         args.out.write_text(json.dumps(document, indent=1))
     print(json.dumps(document))  # the last stdout line

@@ -13,8 +13,8 @@ published layer_types start), random bf16 weights built as NumPy arrays, ~3 GB i
 
 The context is made by filling the KV cache, the recurrent states and the conv states with random values
 (prefilling 8k tokens of these shapes would take minutes and time nothing we report), then timing
-single-token steps at that position: each mixer through the engine's own Transformer.gated_deltanet /
-Transformer.attention, the MLP through Transformer.mlp, and the whole 4-layer forward pass as a check
+single-token steps at that position: each mixer through the engine's own Decoder.gated_deltanet /
+Decoder.self_attention, the MLP through Decoder.mlp, and the whole 4-layer forward pass as a check
 (~ 3 linear + 1 full + 4 MLPs). A layer = its mixer + the MLP. The implied 64-layer model (48 linear +
 16 full) adds the lm_head (248320 x 5120 bf16, too big to build here) at the GB/s the MLP reached.
 """
@@ -27,12 +27,20 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from common import (Bandwidth, RandomBF16, context_switches, machine, report, seconds_each, warn_if_contended,
-                    warn_if_workqueue)
+from common import (
+    Bandwidth,
+    RandomBF16,
+    context_switches,
+    machine,
+    report,
+    seconds_each,
+    warn_if_contended,
+    warn_if_workqueue,
+)
 from minqwen.config import Config
-from minqwen.kernels.attention import attention
-from minqwen.model import Cache, Transformer
-from minqwen.weights import MLP, Attention, Layer, LinearAttention, Weights
+from minqwen.kernels.attention import attention_decode
+from minqwen.model import Cache, Decoder, Segment
+from minqwen.weights import AttentionWeights, DeltaNetWeights, LayerWeights, MLPWeights, Weights
 
 CONFIG = Path(__file__).parent.parent / "tests" / "data" / "configs" / "qwen3.5-27b.config.json"
 LAYERS = 4  # the published model's first four: linear, linear, linear, full
@@ -47,33 +55,35 @@ def build(config: Config, rng: RandomBF16) -> Weights:
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
 
     def linear_attention():
-        return LinearAttention(
-            in_proj_qkv=rng.matrix(channels, d), in_proj_z=rng.matrix(hv * dv, d), in_proj_b=rng.matrix(hv, d),
-            in_proj_a=rng.matrix(hv, d), in_proj_qkvz=None, in_proj_ba=None, qkvz_order=None, ba_order=None,
+        return DeltaNetWeights(
+            in_proj_qkv=rng.matrix(channels, d), in_proj_z=rng.matrix(hv * dv, d),
+            in_proj_b=rng.matrix(hv, d), in_proj_a=rng.matrix(hv, d),
+            in_proj_qkvz=None, in_proj_ba=None, qkvz_order=None, ba_order=None,
             conv1d=rng.matrix(channels, config.linear_conv_kernel_dim, std=0.5),
             A_log=np.zeros(hv, np.float32), dt_bias=np.zeros(hv, np.float32), norm=rng.vector(dv),
             out_proj=rng.matrix(d, hv * dv))
 
     def full_attention():  # q_proj yields [q_h, gate_h] per head: twice the query width
-        return Attention(q_proj=rng.matrix(2 * q, d), k_proj=rng.matrix(kv, d), v_proj=rng.matrix(kv, d),
-                         o_proj=rng.matrix(d, q), q_bias=None, k_bias=None, v_bias=None, o_bias=None,
-                         q_norm=rng.vector(hd), k_norm=rng.vector(hd), output_gate=True)
+        return AttentionWeights(q_proj=rng.matrix(2 * q, d), k_proj=rng.matrix(kv, d),
+                                v_proj=rng.matrix(kv, d), o_proj=rng.matrix(d, q), q_bias=None, k_bias=None,
+                                v_bias=None, o_bias=None, q_norm=rng.vector(hd), k_norm=rng.vector(hd))
 
     layers = []
     for kind in config.layer_types:
-        mlp = MLP(gate_proj=rng.matrix(f, d), up_proj=rng.matrix(f, d), down_proj=rng.matrix(d, f))
+        mlp = MLPWeights(gate_proj=rng.matrix(f, d), up_proj=rng.matrix(f, d), down_proj=rng.matrix(d, f))
         linear = kind == "linear_attention"
-        layers.append(Layer(rng.vector(d), rng.vector(d), None if linear else full_attention(),
+        layers.append(LayerWeights(rng.vector(d), rng.vector(d), None if linear else full_attention(),
                             linear_attention() if linear else None, mlp))
     return Weights(embed_tokens=rng.matrix(EMBED_ROWS, d, std=1.0), layers=layers, norm=rng.vector(d),
                    lm_head=rng.matrix(8, d))
 
 
-def mixer_bytes(config: Config, layer: Layer, context: int) -> int:
+def mixer_bytes(config: Config, layer: LayerWeights, context: int) -> int:
     """Bytes one decode step of this layer's mixer reads at position `context`."""
     if layer.linear_attn is not None:
         w = layer.linear_attn
-        weights = sum(a.nbytes for a in (w.in_proj_qkv, w.in_proj_z, w.in_proj_b, w.in_proj_a, w.conv1d, w.out_proj))
+        weights = sum(a.nbytes for a in (w.in_proj_qkv, w.in_proj_z, w.in_proj_b, w.in_proj_a, w.conv1d,
+                                         w.out_proj))
         hv, dk, dv = config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim
         return weights + hv * dk * dv * 4  # + the recurrent state (read, and written back in place)
     w = layer.self_attn
@@ -98,15 +108,14 @@ def main():
     raw["text_config"].update(num_hidden_layers=LAYERS, layer_types=full_types[:LAYERS])
     config = Config.from_dict(raw)
     weights = build(config, RandomBF16())
-    transformer = Transformer(config, weights)
+    decoder = Decoder(config, weights)
     bandwidth = Bandwidth(1.0)
     warn_if_workqueue()
     rng = np.random.default_rng(0)
     d, n_kv, hd = config.hidden_size, config.num_key_value_heads, config.head_dim
     h = rng.standard_normal((repeats, 1, d), dtype=np.float32)
     out = np.zeros((1, d), np.float32)
-    linear_layers = [i for i, t in enumerate(config.layer_types) if t == "linear_attention"]
-    full_layers = [i for i, t in enumerate(config.layer_types) if t != "linear_attention"]
+    linear_layers, full_layers = config.deltanet_layers, config.attention_layers
 
     def median_ms(call):  # call(j) for j < repeats, rotating over the layers of one kind; median ms
         call(0)  # compile / warm up
@@ -114,7 +123,7 @@ def main():
 
     switches = context_switches()
     # The MLP does not depend on the context: once, rotating over the 4 layers' MLPs.
-    mlp_ms = median_ms(lambda j: transformer.mlp(out, h[j], weights.layers[j % LAYERS].mlp))
+    mlp_ms = median_ms(lambda j: decoder.mlp(out, h[j], weights.layers[j % LAYERS].mlp))
     bandwidth.sample()
     mlp = weights.layers[0].mlp
     mlp_bytes = mlp.gate_proj.nbytes + mlp.up_proj.nbytes + mlp.down_proj.nbytes
@@ -124,14 +133,15 @@ def main():
     for context in contexts:
         cache = Cache(config, context + 1)
         cache.reserve(context + 1)
-        for i in cache.layers:  # a KV cache holding `context` positions
+        for i in cache.attention_layers:  # a KV cache holding `context` positions
             cache.k[i][:, :context] = rng.standard_normal((n_kv, context, hd), dtype=np.float32)
             cache.v[i][:, :context] = rng.standard_normal((n_kv, context, hd), dtype=np.float32)
-        for i in cache.linear_layers:  # states that have seen `context` tokens: their size never changes
-            cache.recurrent[i][:] = rng.standard_normal(cache.recurrent_shape, dtype=np.float32) * 0.1
-            cache.conv[i][:] = rng.standard_normal(cache.conv_shape, dtype=np.float32)
+        for i in cache.deltanet_layers:  # states that have seen `context` tokens: their size never changes
+            cache.recurrent[i][:] = rng.standard_normal(cache.recurrent[i].shape, dtype=np.float32) * 0.1
+            cache.conv[i][:] = rng.standard_normal(cache.conv[i].shape, dtype=np.float32)
         cache.length = context
-        cos, sin = transformer.rope.cos_sin(context, 1)
+        cos, sin = decoder.rope.cos_sin(context, 1)
+        one_token = [Segment(cache, 0, 1, context)]
         q = rng.standard_normal((1, config.num_attention_heads, hd), dtype=np.float32)
         attention_out = np.zeros_like(q)
         # The attention kernel alone rotates over copies of the KV cache totalling >= 128 MB: in the model
@@ -142,19 +152,19 @@ def main():
 
         def linear_step(j):
             i = linear_layers[j % len(linear_layers)]
-            transformer.gated_deltanet(out, h[j], weights.layers[i].linear_attn, cache, i)
+            decoder.gated_deltanet(out, h[j], weights.layers[i].linear_attn, one_token, i)
 
         def full_step(j):
             i = full_layers[j % len(full_layers)]
-            transformer.attention(out, h[j], weights.layers[i].self_attn, cache, i, context, cos, sin)
+            decoder.self_attention(out, h[j], weights.layers[i].self_attn, one_token, i, cos, sin)
 
         def attention_kernel(j):  # the KV-cache part of full_step alone
             k, v = kv_copies[j % len(kv_copies)]
-            attention(attention_out, q, k, v, context, 0, transformer.scale)
+            attention_decode(attention_out, q, k, v, context, 0, decoder.scale)
 
         def forward(j):
             cache.length = context  # rewind the KV cache; the linear states just keep evolving
-            transformer.forward(cache, tokens[j:j + 1])
+            decoder.forward([(cache, tokens[j:j + 1])])
 
         row = {"context": context, "linear_mixer_ms": median_ms(linear_step)}
         bandwidth.sample()
@@ -174,7 +184,8 @@ def main():
     timed_calls = repeats * (1 + 4 * len(contexts))
     bw = bandwidth.median
     mlp_GBps = mlp_bytes / mlp_ms / 1e6
-    n_linear, n_full = full_types.count("linear_attention"), len(full_types) - full_types.count("linear_attention")
+    n_linear, n_full = (full_types.count("linear_attention"),
+                        len(full_types) - full_types.count("linear_attention"))
     lm_head_bytes = config.vocab_size * d * 2
     lm_head_ms = lm_head_bytes / mlp_GBps / 1e6
     for row in rows:
@@ -186,8 +197,9 @@ def main():
 
     print(f"Qwen3.5-27B shapes, random bf16, {LAYERS} layers ({', '.join(config.layer_types)}), "
           f"{numba.get_num_threads()} threads, threading layer {machine()['threading_layer']}")
-    print(f"read bandwidth (1 GiB prange sum, {len(bandwidth.samples)} samples between runs): median {bw:.1f} GB/s, "
-          f"best {bandwidth.best:.1f}; KV cache, recurrent and conv states filled with random values")
+    print(f"read bandwidth (1 GiB prange sum, {len(bandwidth.samples)} samples between runs): "
+          f"median {bw:.1f} GB/s, best {bandwidth.best:.1f}; "
+          "KV cache, recurrent and conv states filled with random values")
     print(f"MLP (gate/up/down {mlp_bytes / 1e6:.0f} MB): {mlp_ms:.2f} ms, {mlp_GBps:.1f} GB/s "
           f"({mlp_GBps / bw:.2f} of the read bandwidth)")
     print("\nms per token, one layer; mixer GB/s counts weights (+ state or KV cache) read")
@@ -196,21 +208,23 @@ def main():
     for r in rows:
         linear_GBps = r["linear_mixer_bytes"] / r["linear_mixer_ms"] / 1e6
         full_GBps = r["full_mixer_bytes"] / r["full_mixer_ms"] / 1e6
-        print(f"{r['context']:>8} | {r['linear_mixer_ms']:>12.2f} {linear_GBps:>5.1f} {r['linear_layer_ms']:>7.2f} | "
-              f"{r['full_mixer_ms']:>10.2f} {full_GBps:>5.1f} {r['attention_kernel_ms']:>8.2f} "
-              f"{r['full_layer_ms']:>7.2f} | {r['forward_4_layers_ms']:>11.1f} | {r['model_tok_per_s']:>14.2f} "
+        print(f"{r['context']:>8} | {r['linear_mixer_ms']:>12.2f} {linear_GBps:>5.1f} "
+              f"{r['linear_layer_ms']:>7.2f} | {r['full_mixer_ms']:>10.2f} {full_GBps:>5.1f} "
+              f"{r['attention_kernel_ms']:>8.2f} {r['full_layer_ms']:>7.2f} | "
+              f"{r['forward_4_layers_ms']:>11.1f} | {r['model_tok_per_s']:>14.2f} "
               f"{r['model_limit_tok_per_s']:>7.2f}")
     first, last = rows[0], rows[-1]
     kv_GBps = last["kv_cache_bytes"] / last["attention_kernel_ms"] / 1e6
     print(f"\nfrom context {first['context']} to {last['context']}: linear mixer x"
           f"{last['linear_mixer_ms'] / first['linear_mixer_ms']:.2f}, full mixer x"
-          f"{last['full_mixer_ms'] / first['full_mixer_ms']:.2f} (its KV cache {first['kv_cache_bytes'] / 1e6:.1f} -> "
-          f"{last['kv_cache_bytes'] / 1e6:.1f} MB; the attention kernel alone {first['attention_kernel_ms']:.2f} -> "
+          f"{last['full_mixer_ms'] / first['full_mixer_ms']:.2f} "
+          f"(its KV cache {first['kv_cache_bytes'] / 1e6:.1f} -> {last['kv_cache_bytes'] / 1e6:.1f} MB; "
+          f"the attention kernel alone {first['attention_kernel_ms']:.2f} -> "
           f"{last['attention_kernel_ms']:.2f} ms = {kv_GBps:.1f} GB/s "
           f"of KV cache)")
     warn_if_contended(switches, timed_calls)
-    print(f"64-layer model = {n_linear} linear + {n_full} full layers + lm_head ({lm_head_bytes / 1e9:.2f} GB, "
-          f"estimated {lm_head_ms:.0f} ms at the MLP's GB/s)")
+    print(f"64-layer model = {n_linear} linear + {n_full} full layers + lm_head "
+          f"({lm_head_bytes / 1e9:.2f} GB, estimated {lm_head_ms:.0f} ms at the MLP's GB/s)")
     report("hybrid", {"quick": args.quick, "layers": config.layer_types, "repeats": repeats,
                       "read_bandwidth_GBps": bw, "read_bandwidth_best_GBps": bandwidth.best,
                       "read_bandwidth_samples": bandwidth.samples, "context_fill": "random",

@@ -13,8 +13,8 @@ so it is the closer guess at a quiet machine).
 "Gw/s" is weights per second, the kernel's compute rate: when it, not bandwidth, is the limit,
 fewer bytes per weight stop paying. "waits/ms" counts the times a thread blocked per ms of
 kernel time: on a shared machine another process can hold a core, a parallel region then waits
-for it (~0.6 ms here), and the row measures the scheduler more than the kernel; --threads 1 gives a per-core figure
-that other processes cannot spoil as easily.
+for it (~0.6 ms here), and the row measures the scheduler more than the kernel; --threads 1
+gives a per-core figure that other processes cannot spoil as easily.
 
 Prefill (matmul, T = 128 / 512) is bound by flops: reported in GFLOP/s. Compile time is excluded
 (one warm-up call each); times are medians. Prints a table, then one JSON object per result, and
@@ -37,10 +37,17 @@ from common import cpu_flags, cpu_model
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.jit import pjit
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
-from minqwen.kernels.quant import matmul_int4, matmul_int8, matvec_int4, matvec_int8, quantize_int4, quantize_int8
+from minqwen.kernels.quant import (
+    matmul_int4,
+    matmul_int8,
+    matvec_int4,
+    matvec_int8,
+    quantize_int4,
+    quantize_int8,
+)
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
-FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up and down; a dense gate
+FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up, down; a dense gate
 FEW_TOKENS = [2, 4, 8, 16, 24, 32]
 GIB = 1 << 30
 
@@ -113,7 +120,8 @@ def bench_matvec(kind, N, K, total_bytes, repeats, bw_array, rng):
     return {"kernel": f"matvec_{kind}", "shape": [N, K], "bytes_per_weight": nbytes / (N * K),
             "us_per_call": dt * 1e6, "GB_s": gbs, "bandwidth_GB_s": bw, "ratio": gbs / bw,
             "GB_s_best": best, "bandwidth_GB_s_best": bw_best, "ratio_best": best / bw_best,
-            "G_weights_s": N * K / dt / 1e9, "copies": len(copies), "waits_per_ms": waits / (sum(sweeps) * 1e3)}
+            "G_weights_s": N * K / dt / 1e9, "copies": len(copies),
+            "waits_per_ms": waits / (sum(sweeps) * 1e3)}
 
 
 def bench_matmul(kind, N, K, T, repeats, rng):
@@ -128,8 +136,8 @@ def bench_matmul(kind, N, K, T, repeats, rng):
         call(out, x, arrays)
         ts.append(time.perf_counter() - t)
     dt = float(np.median(ts))
-    return {"kernel": f"matmul_{kind}", "shape": [N, K], "T": T, "ms": dt * 1e3, "GFLOP_s": 2 * T * N * K / dt / 1e9,
-            "GFLOP_s_best": 2 * T * N * K / min(ts) / 1e9}
+    return {"kernel": f"matmul_{kind}", "shape": [N, K], "T": T, "ms": dt * 1e3,
+            "GFLOP_s": 2 * T * N * K / dt / 1e9, "GFLOP_s_best": 2 * T * N * K / min(ts) / 1e9}
 
 
 def bench_few(N, K, T, total_bytes, repeats, rng):
@@ -154,7 +162,8 @@ def bench_few(N, K, T, total_bytes, repeats, rng):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gib", type=float, default=1.0, help="weights streamed per case, GiB (>= 1 defeats caches)")
+    p.add_argument("--gib", type=float, default=1.0,
+                   help="weights streamed per case, GiB (>= 1 defeats caches)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="skip the lm_head shape in prefill and T = 512")
     p.add_argument("--kinds", default="fp32,bf16,fp16,int8,int4")
@@ -175,9 +184,11 @@ def main(argv=None):
         "avx512": "avx512f" in cpu_flags(), "avx2": "avx2" in cpu_flags(),
         "llvm_cpu": llvmlite.binding.get_host_cpu_name(),
     }
-    print(f"CPU {machine['cpu']}, {machine['threads']} Numba threads, threading layer {machine['threading_layer']}")
+    print(f"CPU {machine['cpu']}, {machine['threads']} Numba threads, "
+          f"threading layer {machine['threading_layer']}")
     if machine["threading_layer"] == "workqueue":
-        print("!" * 78 + "\n!! WARNING: Numba's 'workqueue' threading layer costs ~0.1 ms per parallel region:\n"
+        print("!" * 78 + "\n"
+              "!! WARNING: Numba's 'workqueue' threading layer costs ~0.1 ms per parallel region:\n"
               "!! a decode step has ~170 of them. Install a wheel with OpenMP or TBB (layer 'omp' / 'tbb').\n"
               + "!" * 78)
     print(f"LLVM target {machine['llvm_cpu']}: AVX-512 {'yes' if machine['avx512'] else 'no'}, "
@@ -196,8 +207,8 @@ def main(argv=None):
           f"(best {bandwidth['read_GB_s_best']:.1f}), {bandwidth['read_GB_s_1_thread']:.1f} GB/s with 1")
 
     results = []
-    print(f"\n{'matvec (decode)':18s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} {'GB/s':>7s} {'bw GB/s':>8s} "
-          f"{'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
+    print(f"\n{'matvec (decode)':18s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} {'GB/s':>7s} "
+          f"{'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
     for kind in kinds:
         for N, K in SHAPES:
             r = bench_matvec(kind, N, K, total, args.repeats, bw_array, rng)
@@ -216,16 +227,18 @@ def main(argv=None):
                       f"{r['GFLOP_s_best']:7.1f}", flush=True)
 
     if "bf16" in kinds:
-        print(f"\n{'few tokens, bf16':18s} {'shape':>12s} {'T':>4s} {'matmul_few us':>14s} {'matmul us':>10s}")
+        print(f"\n{'few tokens, bf16':18s} {'shape':>12s} {'T':>4s} {'matmul_few us':>14s} "
+              f"{'matmul us':>10s}")
         for N, K in FEW_SHAPES[:2] if args.quick else FEW_SHAPES:
             for T in FEW_TOKENS:
                 r = bench_few(N, K, T, total // 4, max(3, args.repeats // 2), rng)
                 results.append(r)
-                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['matmul_few_us']:14.1f} {r['matmul_us']:10.1f}",
-                      flush=True)
+                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['matmul_few_us']:14.1f} "
+                      f"{r['matmul_us']:10.1f}", flush=True)
 
     if any(r.get("waits_per_ms", 0) > 0.05 for r in results):
-        print("\nWARNING: threads blocked inside parallel regions (waits/ms > 0.05, each wait ~0.6 ms): other\n"
+        print("\nWARNING: threads blocked inside parallel regions (waits/ms > 0.05, "
+              "each wait ~0.6 ms): other\n"
               "processes were using the cores, so those rows measure the scheduler more than the kernel.\n"
               "Rerun on a quiet machine, or with --threads 1 for a per-core figure.")
     for r in results:

@@ -31,11 +31,20 @@ import numba
 import numpy as np
 from numba.typed import List
 
-from common import (Bandwidth, RandomBF16, context_switches, machine, report, seconds_each, warn_if_contended,
-                    warn_if_workqueue)
+from common import (
+    Bandwidth,
+    RandomBF16,
+    context_switches,
+    machine,
+    report,
+    seconds_each,
+    warn_if_contended,
+    warn_if_workqueue,
+)
 from minqwen.config import Config
-from minqwen.model import Cache, Model, Transformer
-from minqwen.weights import Attention, Layer, SparseMoE, Weights
+from minqwen.kernels.linear import linear
+from minqwen.model import Cache, Decoder, Segment
+from minqwen.weights import AttentionWeights, LayerWeights, MoEWeights, Weights
 
 CONFIG = Path(__file__).parent.parent / "tests" / "data" / "configs" / "qwen3-30b-a3b.config.json"
 MODEL_LAYERS = 48  # Qwen3-30B-A3B
@@ -49,15 +58,16 @@ def build(config: Config, rng: RandomBF16) -> Weights:
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
 
     def layer():
-        attention = Attention(q_proj=rng.matrix(q, d), k_proj=rng.matrix(kv, d), v_proj=rng.matrix(kv, d),
-                              o_proj=rng.matrix(d, q), q_bias=None, k_bias=None, v_bias=None, o_bias=None,
-                              q_norm=rng.vector(hd), k_norm=rng.vector(hd), output_gate=False)
-        moe = SparseMoE(gate=rng.matrix(e, d), gate_projs=List([rng.matrix(f, d) for _ in range(e)]),
-                        up_projs=List([rng.matrix(f, d) for _ in range(e)]),
-                        down_projs=List([rng.matrix(d, f) for _ in range(e)]),
-                        shared_expert=None, shared_expert_gate=None)
-        return Layer(input_layernorm=rng.vector(d), post_attention_layernorm=rng.vector(d), self_attn=attention,
-                     linear_attn=None, mlp=moe)
+        attention = AttentionWeights(q_proj=rng.matrix(q, d), k_proj=rng.matrix(kv, d),
+                                     v_proj=rng.matrix(kv, d), o_proj=rng.matrix(d, q), q_bias=None,
+                                     k_bias=None, v_bias=None, o_bias=None, q_norm=rng.vector(hd),
+                                     k_norm=rng.vector(hd))
+        moe = MoEWeights(gate=rng.matrix(e, d), gate_projs=List([rng.matrix(f, d) for _ in range(e)]),
+                         up_projs=List([rng.matrix(f, d) for _ in range(e)]),
+                         down_projs=List([rng.matrix(d, f) for _ in range(e)]),
+                         shared_expert=None, shared_expert_gate=None)
+        return LayerWeights(input_layernorm=rng.vector(d), post_attention_layernorm=rng.vector(d),
+                            self_attn=attention, linear_attn=None, mlp=moe)
 
     # Embedding rows ~ N(0, 1): each token's residual stream is then mostly its own row, so the router
     # sees unrelated inputs and picks different experts token to token (with N(0, 1/d) rows the
@@ -72,7 +82,8 @@ def bytes_per_token(config: Config, weights: Weights, context: int) -> dict:
     attention, moe = weights.layers[0].self_attn, weights.layers[0].mlp
     k, d = config.num_experts_per_tok, config.hidden_size
     return {
-        "attention": sum(w.nbytes for w in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)),
+        "attention": sum(w.nbytes for w in (attention.q_proj, attention.k_proj, attention.v_proj,
+                                            attention.o_proj)),
         "router": moe.gate.nbytes,
         "experts": k * (moe.gate_projs[0].nbytes + moe.up_projs[0].nbytes + moe.down_projs[0].nbytes),
         "kv_cache": 2 * config.num_key_value_heads * (context + 1) * config.head_dim * 4,
@@ -81,7 +92,8 @@ def bytes_per_token(config: Config, weights: Weights, context: int) -> dict:
 
 
 def active_parameters(config: Config) -> int:
-    """Parameters one token touches: per layer attention, router, k experts, norms; plus embedding + lm_head."""
+    """Parameters one token touches: per layer attention, router, k experts, norms;
+    plus embedding + lm_head."""
     d, hd, f = config.hidden_size, config.head_dim, config.moe_intermediate_size
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     per_layer = (2 * q * d + 2 * kv * d + config.num_experts * d + config.num_experts_per_tok * 3 * f * d
@@ -100,24 +112,23 @@ def main():
     if args.threads:
         numba.set_num_threads(args.threads)
     n_layers = args.layers or (1 if args.quick else 3)
-    rounds, steps = (3, 10) if args.quick else (8, 25)  # decode: rounds x steps tokens, bandwidth between rounds
+    rounds, steps = (3, 10) if args.quick else (8, 25)  # decode: rounds x steps tokens, bandwidth in between
     repeats = {1: 3, 16: 2, 128: 1, 512: 1} if args.quick else {1: 10, 16: 5, 128: 3, 512: 3}  # prefill
 
     raw = json.loads(CONFIG.read_text())
     raw["num_hidden_layers"] = n_layers
     config = Config.from_dict(raw)
     weights = build(config, RandomBF16())
-    model = Model(config, weights, context_length=args.context + max(PREFILL) + 1)
-    transformer = model.transformer
+    decoder = Decoder(config, weights)
     bandwidth = Bandwidth(1.0)
     warn_if_workqueue()
     rng = np.random.default_rng(1)
     n_kv, hd = config.num_key_value_heads, config.head_dim
 
-    # --- decode: the whole forward pass over n_layers, then lm_head on its own --------------------------
+    # --- decode: the whole forward pass over n_layers (lm_head included), and lm_head on its own ---------
     cache = Cache(config, args.context + 1)
     cache.reserve(args.context + 1)
-    for i in cache.layers:
+    for i in cache.attention_layers:
         cache.k[i][:, :args.context] = rng.standard_normal((n_kv, args.context, hd), dtype=np.float32)
         cache.v[i][:, :args.context] = rng.standard_normal((n_kv, args.context, hd), dtype=np.float32)
     tokens = rng.integers(0, EMBED_ROWS, size=rounds * steps + 1)
@@ -125,11 +136,10 @@ def main():
 
     def decode(token):
         cache.length = args.context  # rewind: every step attends to context + 1 positions
-        hidden = transformer.forward(cache, tokens[token:token + 1])
-        chosen.append(transformer.ws.route_experts[0].copy())  # the last layer's picks
-        return hidden
+        decoder.forward([(cache, tokens[token:token + 1])])
+        chosen.append(decoder.ws.route_experts[0].copy())  # the last layer's picks
 
-    model.lm_head(decode(len(tokens) - 1))  # compile every decode kernel
+    decode(len(tokens) - 1)  # compile every decode kernel
     chosen.clear()
     step_seconds, switches = [], context_switches()
     for r in range(rounds):
@@ -138,20 +148,23 @@ def main():
             step_seconds += seconds_each(lambda: decode(r * steps + s), 1)
     bandwidth.sample()
     switches = context_switches() - switches
-    hidden = np.ascontiguousarray(transformer.ws.x[:1])
-    lm_head_seconds = float(np.median(seconds_each(lambda: model.lm_head(hidden), 2 * rounds)))
-    layer_seconds = float(np.median(step_seconds)) / n_layers
-    best_layer_seconds = min(step_seconds) / n_layers
+    hidden = np.ascontiguousarray(decoder.ws.x[:1])
+    logits = np.empty((1, config.vocab_size), np.float32)
+    lm_head_seconds = float(np.median(seconds_each(lambda: linear(logits, hidden, weights.lm_head),
+                                                   2 * rounds)))
+    layer_seconds = (float(np.median(step_seconds)) - lm_head_seconds) / n_layers
+    best_layer_seconds = (min(step_seconds) - lm_head_seconds) / n_layers
 
     # --- the same layer in parts: attention, and router + experts ---------------------------------------
     h = rng.standard_normal((2 * steps, 1, config.hidden_size), dtype=np.float32)
     out = np.zeros((1, config.hidden_size), np.float32)
-    cos, sin = transformer.rope.cos_sin(args.context, 1)
+    cos, sin = decoder.rope.cos_sin(args.context, 1)
+    one_token = [Segment(cache, 0, 1, args.context)]
     parts = {}
     calls = {
-        "attention": lambda j: transformer.attention(out, h[j], weights.layers[j % n_layers].self_attn, cache,
-                                                     j % n_layers, args.context, cos, sin),
-        "router+experts": lambda j: transformer.sparse_moe(out, h[j], weights.layers[j % n_layers].mlp),
+        "attention": lambda j: decoder.self_attention(out, h[j], weights.layers[j % n_layers].self_attn,
+                                                      one_token, j % n_layers, cos, sin),
+        "router+experts": lambda j: decoder.sparse_moe(out, h[j], weights.layers[j % n_layers].mlp),
     }
     for name, call in calls.items():
         parts[name] = float(np.median([seconds_each(lambda: call(j), 1)[0] for j in range(2 * steps)]))
@@ -162,8 +175,9 @@ def main():
     # so one layer suffices, and a full run stays short.
     raw["num_hidden_layers"] = 1
     one_layer = Config.from_dict(raw)
-    prefill_model = Transformer(one_layer, Weights(weights.embed_tokens, weights.layers[:1], weights.norm,
-                                                   weights.lm_head))
+    # (Its lm_head runs on the last token only: the figures below include one lm_head per prompt.)
+    prefill_model = Decoder(one_layer, Weights(weights.embed_tokens, weights.layers[:1], weights.norm,
+                                               weights.lm_head))
     prefill = {}
     prefill_cache = Cache(one_layer, max(PREFILL))
     prefill_cache.reserve(max(PREFILL))
@@ -171,11 +185,11 @@ def main():
     for T in PREFILL:
         def run():
             prefill_cache.length = 0
-            prefill_model.forward(prefill_cache, prompt[:T])
-        run()  # compile (moe_prefill and the blocked attention only run for T > 1)
+            prefill_model.forward([(prefill_cache, prompt[:T])])
+        run()  # compile (moe_by_expert and attention_prefill only run for T > 1)
         seconds = float(np.median(seconds_each(run, repeats[T])))
-        prefill[T] = {"layer_tok_per_s": T / seconds,
-                      "model_tok_per_s": T / (MODEL_LAYERS * seconds + lm_head_seconds)}
+        prefill[T] = {"layer_tok_per_s": T / (seconds - lm_head_seconds),
+                      "model_tok_per_s": T / (MODEL_LAYERS * (seconds - lm_head_seconds) + lm_head_seconds)}
 
     # --- what it all means --------------------------------------------------------------------------------
     parts_bytes = bytes_per_token(config, weights, args.context)
@@ -195,12 +209,13 @@ def main():
     print(f"Qwen3-30B-A3B shapes, random bf16, {n_layers} distinct layers rotating "
           f"({sum(w.nbytes for w in _matrices(weights)) / 1e9:.1f} GB), context {args.context}, "
           f"{numba.get_num_threads()} threads, threading layer {machine()['threading_layer']}")
-    print(f"read bandwidth (1 GiB prange sum, {len(bandwidth.samples)} samples between runs): median {bw:.1f} GB/s, "
-          f"best {bandwidth.best:.1f}")
+    print(f"read bandwidth (1 GiB prange sum, {len(bandwidth.samples)} samples between runs): "
+          f"median {bw:.1f} GB/s, best {bandwidth.best:.1f}")
     print(f"\n{'decode, per layer':24s} {'ms':>8s} {'MB':>8s} {'GB/s':>7s} {'ratio':>6s}")
     print(f"{'whole layer (median)':24s} {layer_seconds * 1e3:8.2f} {layer_bytes / 1e6:8.1f} "
           f"{layer_bytes / layer_seconds / 1e9:7.1f} {limit_seconds / layer_seconds:6.2f}")
-    best_ratio = layer_bytes / (bandwidth.best * 1e9) / best_layer_seconds  # both best: the quiet-machine guess
+    # both best: the quiet-machine guess
+    best_ratio = layer_bytes / (bandwidth.best * 1e9) / best_layer_seconds
     print(f"{'whole layer (best)':24s} {best_layer_seconds * 1e3:8.2f} {layer_bytes / 1e6:8.1f} "
           f"{layer_bytes / best_layer_seconds / 1e9:7.1f} {best_ratio:6.2f}")
     for name, seconds in parts.items():
@@ -210,23 +225,27 @@ def main():
     print(f"{'  rest (norms, Python)':24s} {other * 1e3:8.2f}")
     print(f"{'lm_head (once a token)':24s} {lm_head_seconds * 1e3:8.2f} {lm_head_bytes / 1e6:8.1f} "
           f"{lm_head_bytes / lm_head_seconds / 1e9:7.1f} {lm_head_bytes / (bw * 1e9) / lm_head_seconds:6.2f}")
-    print(f"bandwidth limit per layer {limit_seconds * 1e3:.2f} ms -> ratio {limit_seconds / layer_seconds:.2f} "
-          f"(goal >= 0.8); {switches} context switches during decode")
+    print(f"bandwidth limit per layer {limit_seconds * 1e3:.2f} ms -> "
+          f"ratio {limit_seconds / layer_seconds:.2f} (goal >= 0.8); "
+          f"{switches} context switches during decode")
     warn_if_contended(switches, len(step_seconds))
-    print(f"routing over {len(chosen)} tokens (last layer): {np.count_nonzero(usage)} of {config.num_experts} "
-          f"experts used, busiest {usage.max()} times (uniform would be {len(picks) / config.num_experts:.1f})")
+    print(f"routing over {len(chosen)} tokens (last layer): "
+          f"{np.count_nonzero(usage)} of {config.num_experts} experts used, busiest {usage.max()} times "
+          f"(uniform would be {len(picks) / config.num_experts:.1f})")
     print(f"\n{'prefill T':>10s} {'tok/s per layer':>16s} {'48-layer tok/s':>15s}")
     for T, row in prefill.items():
         print(f"{T:>10d} {row['layer_tok_per_s']:>16.1f} {row['model_tok_per_s']:>15.2f}")
     print(f"\n48-layer model: {1 / model_seconds:.2f} tok/s decode "
           f"(bandwidth limit {bw * 1e9 / model_bytes:.2f}); reads {model_bytes / 1e9:.2f} GB per token "
-          f"({weight_bytes / 1e9:.2f} GB weights + {MODEL_LAYERS * parts_bytes['kv_cache'] / 1e9:.2f} GB KV cache) vs "
+          f"({weight_bytes / 1e9:.2f} GB weights + "
+          f"{MODEL_LAYERS * parts_bytes['kv_cache'] / 1e9:.2f} GB KV cache) vs "
           f"{2 * active / 1e9:.2f} GB of active parameters in bf16 ({active / 1e9:.2f} B by shape, "
-          f"published {ACTIVE_PARAMETERS / 1e9:.1f} B; the difference is the embedding table, of which a token "
-          f"reads one row)")
+          f"published {ACTIVE_PARAMETERS / 1e9:.1f} B; the difference is the embedding table, "
+          f"of which a token reads one row)")
     report("moe", {
         "quick": args.quick, "layers": n_layers, "context": args.context, "experts": config.num_experts,
-        "top_k": config.num_experts_per_tok, "read_bandwidth_GBps": bw, "read_bandwidth_best_GBps": bandwidth.best,
+        "top_k": config.num_experts_per_tok,
+        "read_bandwidth_GBps": bw, "read_bandwidth_best_GBps": bandwidth.best,
         "read_bandwidth_samples": bandwidth.samples, "decode_steps": len(step_seconds),
         "decode_ms_per_layer": layer_seconds * 1e3, "decode_ms_per_layer_best": best_layer_seconds * 1e3,
         "limit_ms_per_layer": limit_seconds * 1e3, "decode_limit_ratio": limit_seconds / layer_seconds,

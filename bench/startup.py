@@ -34,11 +34,12 @@ def child(folder: str, quantize: str | None):
     """Runs in the timed process: report the end of each phase, in seconds since the parent started it."""
     started = float(os.environ["STARTUP_BENCH_T0"])
     phases = {}
-    from minqwen.model import load
+    from minqwen import load
     phases["import"] = time.time() - started
     model = load(folder, quantize=quantize)
     phases["load"] = time.time() - started
-    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                                 add_generation_prompt=True)
     next(iter(model.stream(prompt, 1)))
     phases["first"] = time.time() - started
     print(json.dumps({"prompt_tokens": len(prompt), **phases}))
@@ -46,8 +47,10 @@ def child(folder: str, quantize: str | None):
 
 def run_child(folder: Path, cache_dir: str, threads: int, quantize: str | None) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=str(threads),
-               OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), STARTUP_BENCH_T0=repr(time.time()))
-    command = [sys.executable, __file__, "--child", str(folder)] + (["--quantize", quantize] if quantize else [])
+               OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               STARTUP_BENCH_T0=repr(time.time()))
+    command = ([sys.executable, __file__, "--child", str(folder)]
+               + (["--quantize", quantize] if quantize else []))
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"the timed process failed:\n{done.stderr}")
@@ -82,7 +85,8 @@ def main():
             median = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in ("import", "load", "first")}
             rows.append({"shape": shape, "cache": cache, "quantize": args.quantize,
                          "prompt_tokens": runs[0]["prompt_tokens"], "runs": runs, **median})
-            print(f"{shape:14s} {cache:6s} {median['import']:9.2f} {median['load']:7.2f} {median['first']:14.2f}")
+            print(f"{shape:14s} {cache:6s} {median['import']:9.2f} {median['load']:7.2f} "
+                  f"{median['first']:14.2f}")
     from common import report
     report("startup", {"threads": args.threads, "rows": rows})
 

@@ -1,12 +1,12 @@
 """Causal grouped-query attention over a KV cache, with an optional sliding window.
 
 Two forms of the same computation:
-- `attention` (decode: one token, or a few): each (query head, token) pair computes its row of
+- `attention_decode` (one token, or a few): each (query head, token) pair computes its row of
   scores, its softmax and the weighted sum of values in three passes over the keys. One row of
   scores per pair is stored (T x Hq x L floats); in return the exponentials are one vectorised loop
-  (kernels/exp.py) instead of one libm call per key inside a loop that carries a running maximum
+  (kernels/exp.py's expf) instead of one libm call per key inside a loop that carries a running maximum
   (the "online softmax" of FlashAttention): measured 1.2-1.7x faster on Qwen2.5/Qwen3 shapes.
-- `attention_blocked` (prefill): for a block of queries, S = Q K^T and O = softmax(S) V as matrix
+- `attention_prefill` (many tokens): for a block of queries, S = Q K^T and O = softmax(S) V as matrix
   products through BLAS — ~10x the flop rate of scalar loops. Scores exist for one block of queries
   at a time, so memory still grows linearly with the sequence length.
 """
@@ -14,14 +14,14 @@ import numpy as np
 from numba import prange
 
 from .dtypes import to_float32, widen
-from .exp import exp_neg
+from .exp import expf
 from .jit import pjit
 
-QUERY_BLOCK = 64  # queries per block in attention_blocked: bounds the score matrix to 64 G x L
+QUERY_BLOCK = 64  # queries per block in attention_prefill: bounds the score matrix to 64 G x L
 
 
 @pjit
-def attention(out, q, k_cache, v_cache, start, window, scale):
+def attention_decode(out, q, k_cache, v_cache, start, window, scale):
     # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32 or bf16/fp16 bits
     """For the query of token t at position p = start + t, in head h (kv head g = h // (Hq/Hkv)):
 
@@ -49,8 +49,8 @@ def attention(out, q, k_cache, v_cache, start, window, scale):
         for j in range(1, n):
             m = max(m, s[j])
         total = np.float32(0.0)
-        for j in range(n):  # s_j - m <= 0: exp_neg, vectorised
-            s[j] = exp_neg(s[j] - m)
+        for j in range(n):  # expf vectorises
+            s[j] = expf(s[j] - m)
             total += s[j]
         acc = out[t, h]
         for d in range(hd):
@@ -63,9 +63,9 @@ def attention(out, q, k_cache, v_cache, start, window, scale):
             acc[d] *= inv_total
 
 
-def attention_blocked(out, q, k_cache, v_cache, start, window, scale, block=QUERY_BLOCK):
+def attention_prefill(out, q, k_cache, v_cache, start, window, scale, block=QUERY_BLOCK):
     # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32 or bf16/fp16 bits
-    """The same as `attention`, for T > 1: per kv head g and block of queries,
+    """The same as `attention_decode`, for T > 1: per kv head g and block of queries,
         S = scale * Q_g K_g^T   (masked: j <= p, and j > p - window with a window)
         out = softmax_rows(S) V_g
     where Q_g stacks the block's queries of the G = Hq / Hkv heads that share kv head g."""

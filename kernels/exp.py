@@ -1,17 +1,17 @@
-"""exp(x) for x <= 0 as a few float32 vector operations, so that loops over it vectorise.
+"""e**x in float32 as a few vector operations, so that loops over it vectorise.
 
-Softmax (after subtracting the maximum) and SiLU (in its overflow-free form) only ever need e**x for
-x <= 0. `math.exp` compiles to a call into libm, one element at a time, which LLVM cannot vectorise
-without a vector math library; in the decode attention kernel it was ~40% of the time. This is the
-textbook reduction
+Softmax (after subtracting the maximum), sigmoid and SiLU need e**x inside loops; `math.exp` compiles to a
+call into libm, one element at a time, which LLVM cannot vectorise without a vector math library (in the
+decode attention kernel it was ~40% of the time). This is the textbook reduction
 
     x = n ln2 + r,   n = round(x / ln2),  |r| <= ln2 / 2
     e**x = 2**n * e**r,   e**r by its Taylor polynomial to r**7 / 7!  (error < 2e-8 on |r| <= 0.35)
     2**n = the float32 whose exponent bits are n + 127
 
 with ln2 split into a short high part (exact in float32) and a tiny low part, so n ln2 is subtracted
-without rounding. Measured error: <= 3e-7 relative (2-3 ulp) for x >= -87. Below -87 e**x is under
-float32's normal range (and 2**n would need a subnormal exponent): the result is 0.
+without rounding. Measured error: <= 3e-7 relative (2-3 ulp) for -87 <= x <= 88. Outside that range
+float32 has no normal result: below -87 the result is 0, above 88 it saturates at e**88 (~1.65e38), so
+1 + e**-x and x / (1 + e**-x) stay finite (fastmath assumes there is no inf).
 """
 import numpy as np
 from llvmlite import ir
@@ -22,6 +22,7 @@ from .jit import jit
 
 LN2_HIGH, LN2_LOW = np.float32(0.693145751953125), np.float32(1.428606765330187e-06)  # ln2 = high + low
 LOG2_E = np.float32(1.4426950408889634)
+EXP_MIN, EXP_MAX = np.float32(-87.0), np.float32(88.0)
 
 
 @intrinsic
@@ -32,9 +33,9 @@ def _float_from_bits(typingctx, bits):  # uint32 -> the float32 with those bits
 
 
 @jit
-def exp_neg(x):  # x: float32 <= 0
-    """e**x   (see the module docstring)"""
-    clamped = max(x, np.float32(-87.0))  # a select, like the last line: the loop stays vectorised
+def expf(x):  # x: float32
+    """e**x for x in [-87, 88]; 0 below, e**88 above   (see the module docstring)"""
+    clamped = min(max(x, EXP_MIN), EXP_MAX)  # selects, like the last line: the loop stays vectorised
     n = np.float32(round(clamped * LOG2_E))
     r = clamped - n * LN2_HIGH - n * LN2_LOW
     p = np.float32(1.0 / 5040.0)  # Horner: 1 + r + r^2/2! + ... + r^7/7!
@@ -46,9 +47,9 @@ def exp_neg(x):  # x: float32 <= 0
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
     e = p * _float_from_bits(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
-    return e if x >= np.float32(-87.0) else np.float32(0.0)
+    return e if x >= EXP_MIN else np.float32(0.0)
 
 
-def exp_neg_reference(x):  # -> float64
+def expf_reference(x):  # -> float64
     x = np.asarray(x, np.float64)
-    return np.where(x >= -87.0, np.exp(x), 0.0)
+    return np.where(x >= -87.0, np.exp(np.minimum(x, 88.0)), 0.0)

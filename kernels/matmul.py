@@ -13,12 +13,8 @@ from numba import prange
 
 from .dtypes import FP32, to_float32, widen
 from .jit import jit, pjit
-from .quant import Int4Matrix, Int8Matrix, matmul_int4, matmul_int8, matvec_int4, matvec_int8
 
 TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, whatever its shape
-FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py "few tokens"):
-# 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2 sgemm; an
-# AVX-512 sgemm (twice as fast) lowers the crossover.
 
 
 @pjit
@@ -83,36 +79,30 @@ def widen_rows(out_tile, w_rows):  # out_tile: [B, K] float32, w_rows: [B, K] an
             out_tile[b, k] = widen(w_rows[b, k])
 
 
-def matmul(out, x, w, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32, w: [N, K] any dtype
-    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1)"""
-    if w.dtype == FP32:
-        np.matmul(x, w.T, out=out)  # BLAS sgemm, also when out is a column slice of a wider array
-        return
-    # Half-width weights: widen a block of rows of W into a float32 tile, multiply it by x with
-    # BLAS into the matching columns of out, and move on; memory stays at one tile.
-    N, K = w.shape
+def matmul_tiled(out, x, shape, float32_rows, tile_floats=TILE_FLOATS):
+    # out: [T, N] float32, x: [T, K] float32, shape: (N, K) of W; float32_rows(tile, r0, r1) writes rows
+    # r0..r1-1 of W, as float32, into tile[:r1 - r0]
+    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1, W in any stored format)
+
+    Prefill reuses each weight T times, so it is bound by flops, not bytes: widen (or dequantise) a
+    block of rows of W into a float32 tile, let BLAS multiply it into the matching columns of out, and
+    move on. Memory stays at one tile (at most 4 MB) whatever the shape of W."""
+    N, K = shape
     rows = max(1, min(N, tile_floats // K))
     tile = np.empty((rows, K), dtype=np.float32)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        widen_rows(tile[: r1 - r0], w[r0:r1])
-        # np.matmul (unlike np.dot) writes into a column slice of out directly, still through BLAS.
+        float32_rows(tile[: r1 - r0], r0, r1)
+        # np.matmul (unlike np.dot) writes into a column slice of out directly, still through BLAS sgemm.
         np.matmul(x, tile[: r1 - r0].T, out=out[:, r0:r1])
 
 
-def linear(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Int8Matrix or Int4Matrix
-    """out = x @ w.T  (no bias: the caller adds it)"""
-    decode = x.shape[0] == 1
-    if isinstance(w, Int8Matrix):
-        matvec_int8(out[0], w.q, w.scales, x[0]) if decode else matmul_int8(out, x, w.q, w.scales)
-    elif isinstance(w, Int4Matrix):
-        matvec_int4(out[0], w.q, w.scales, w.mins, x[0]) if decode else matmul_int4(out, x, w.q, w.scales, w.mins)
-    elif decode:
-        matvec(out[0], w, x[0])
-    elif x.shape[0] <= FEW_TOKENS:
-        matmul_few(out, x, w)
+def matmul(out, x, w, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32, w: [N, K] bf16/fp16/fp32
+    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1)"""
+    if w.dtype == FP32:
+        np.matmul(x, w.T, out=out)  # BLAS sgemm, also when out is a column slice of a wider array
     else:
-        matmul(out, x, w)
+        matmul_tiled(out, x, w.shape, lambda tile, r0, r1: widen_rows(tile, w[r0:r1]), tile_floats)
 
 
 def matvec_reference(w, x):  # [N, K] stored dtype, [K] -> [N] float64
@@ -121,6 +111,3 @@ def matvec_reference(w, x):  # [N, K] stored dtype, [K] -> [N] float64
 
 def matmul_reference(x, w):  # [T, K], [N, K] stored dtype -> [T, N] float64
     return x.astype(np.float64) @ to_float32(w).astype(np.float64).T
-
-
-linear_reference = matmul_reference

@@ -1,4 +1,4 @@
-"""Sparse mixture of experts (Qwen2-MoE, Qwen3-MoE): a router picks k of E SwiGLU experts per token.
+"""Sparse mixture of experts: a router picks k of E SwiGLU experts per token.
 
     p      = softmax(router_logits)                       over all E experts, in float32
     e_1..k = the k largest p (ties: lower expert index first)
@@ -9,18 +9,21 @@ Expert weights stay in their stored dtype: gate_w, up_w [E][F, D], down_w [E][D,
 3-D arrays or (as the model passes them) numba typed Lists of the checkpoint's memory-mapped
 per-expert matrices; the kernels only ever index one expert at a time, w[e].
 Only the k chosen experts are read, so decoding a token moves bytes in proportion to the *active*
-parameters (3 k F D weights), not the total. Qwen2-MoE also adds a shared expert, an ordinary
-SwiGLU MLP scaled by sigmoid(shared_expert_gate . x): the dense kernels compute it.
+parameters (3 k F D weights), not the total. Two forms of the same sum:
+- `moe_one_token` streams one token's k experts (decode, or a few tokens, one at a time);
+- `moe_by_expert` runs each chosen expert once on all of its tokens, as matrix products (prefill).
+Qwen2-MoE, Qwen3-Next and Qwen3.5-MoE also add a shared expert, an ordinary SwiGLU MLP scaled by
+sigmoid(shared_expert_gate . x): the dense kernels compute it.
 """
 import math
 
 import numpy as np
 from numba import prange
 
-from .activations import swiglu
+from .activations import silu, silu_reference, swiglu
 from .dtypes import to_float32, widen
 from .jit import jit, pjit
-from .matmul import linear
+from .linear import linear
 
 
 @jit
@@ -75,7 +78,7 @@ def route_reference(router_logits, top_k, norm_topk_prob):  # [T, E] -> [T, k] f
 
 
 @pjit
-def moe_decode(out, hidden, x, gate_w, up_w, down_w, experts, weights):
+def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     # out: [D] f32, hidden: [k, F] f32 scratch, x: [D] f32, experts: [k] i64, weights: [k] f32,
     # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored dtype (stacked array or typed List)
     """hidden[j] = silu(gate[e_j] @ x) * (up[e_j] @ x);   out = sum_j weights[j] * down[e_j] @ hidden[j]"""
@@ -100,10 +103,7 @@ def moe_decode(out, hidden, x, gate_w, up_w, down_w, experts, weights):
             for i in range(D):
                 g += widen(gate[r, i]) * x[i]
                 u += widen(up[r, i]) * x[i]
-            # silu(g) = g * sigmoid(g), with exp(-|g|) so that nothing overflows (see swiglu)
-            a = np.float32(math.exp(-abs(g)))
-            sig = (np.float32(1.0) if g >= 0 else a) / (np.float32(1.0) + a)
-            hidden[j, r] = g * sig * u
+            hidden[j, r] = silu(g) * u
     # Region 2: blocks of output rows, each summing over the k experts, so threads write disjoint
     # rows of out and no reduction across threads is needed.
     for db in prange((D + rows - 1) // rows):
@@ -123,16 +123,15 @@ def expert_reference(x, gate_w, up_w, down_w):  # [.., D], [F, D], [F, D], [D, F
     """down @ (silu(gate @ x) * (up @ x))  in float64"""
     g = x.astype(np.float64) @ to_float32(gate_w).astype(np.float64).T
     u = x.astype(np.float64) @ to_float32(up_w).astype(np.float64).T
-    h = g / (1.0 + np.exp(-g)) * u
-    return h @ to_float32(down_w).astype(np.float64).T
+    return (silu_reference(g) * u) @ to_float32(down_w).astype(np.float64).T
 
 
-def moe_decode_reference(x, gate_w, up_w, down_w, experts, weights):  # [D], .., [k], [k] -> [D] float64
+def moe_one_token_reference(x, gate_w, up_w, down_w, experts, weights):  # [D], .., [k], [k] -> [D] float64
     terms = [float(w) * expert_reference(x, gate_w[e], up_w[e], down_w[e]) for e, w in zip(experts, weights)]
     return np.sum(terms, axis=0)
 
 
-def moe_prefill(out, x, gate_w, up_w, down_w, experts, weights):
+def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
     # out, x: [T, D] f32, experts: [T, k] i64, weights: [T, k] f32,
     # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored dtype (stacked array or typed List)
     """out[t] = sum_j weights[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t]))
@@ -169,13 +168,16 @@ def moe_prefill(out, x, gate_w, up_w, down_w, experts, weights):
         out[tokens] += weights.reshape(-1)[pairs][:, None] * y[:n]
 
 
-def moe_prefill_reference(x, gate_w, up_w, down_w, experts, weights):  # [T, D], .., [T, k], [T, k] -> [T, D] f64
+def moe_by_expert_reference(x, gate_w, up_w, down_w, experts, weights):
+    # [T, D], .., [T, k], [T, k] -> [T, D] f64
     """token by token, straight from the formula"""
-    return np.stack([moe_decode_reference(xt, gate_w, up_w, down_w, e, w) for xt, e, w in zip(x, experts, weights)])
+    return np.stack([moe_one_token_reference(xt, gate_w, up_w, down_w, e, w)
+                     for xt, e, w in zip(x, experts, weights)])
 
 
-def moe_reference(x, gate_w, up_w, down_w, router_w, top_k, norm_topk_prob):  # [T, D], .., [E, D] -> [T, D] f64
+def moe_reference(x, gate_w, up_w, down_w, router_w, top_k, norm_topk_prob):
+    # [T, D], .., [E, D] -> [T, D] f64
     """The whole sparse block in float64: router logits, route, experts (no shared expert)."""
     logits = x.astype(np.float64) @ to_float32(router_w).astype(np.float64).T
     weights, experts = route_reference(logits, top_k, norm_topk_prob)
-    return moe_prefill_reference(x, gate_w, up_w, down_w, experts, weights)
+    return moe_by_expert_reference(x, gate_w, up_w, down_w, experts, weights)

@@ -1,4 +1,5 @@
-"""RMSNorm (Zhang & Sennrich 2019), the only normalisation Qwen uses.
+"""RMSNorm (Zhang & Sennrich 2019), the only normalisation Qwen uses, and the sum of squares that every
+norm in minqwen (RMSNorm, DeltaNet's l2norm and gated RMSNorm) starts from.
 
 Qwen3 also normalises every query and key head before RoPE; the caller reshapes [T, H, hd] to
 [T*H, hd] and reuses this kernel, so one row may be a token's hidden state or one head of it.
@@ -8,7 +9,18 @@ import math
 import numpy as np
 from numba import prange
 
-from .jit import pjit
+from .jit import jit, pjit
+
+
+@jit
+def sum_of_squares(v):  # v: [D] float32 -> float32
+    """sum_d v[d]**2"""
+    # float32 is enough: rows are at most a few thousand wide and every term is positive, so there is
+    # no cancellation; fastmath lets LLVM vectorise the sum.
+    ss = np.float32(0.0)
+    for d in range(v.shape[0]):
+        ss += v[d] * v[d]
+    return ss
 
 
 @pjit
@@ -16,12 +28,7 @@ def rmsnorm(out, x, weight, eps):  # out, x: [N, D] float32 (out may be x), weig
     """out[n] = x[n] / sqrt(mean(x[n]**2) + eps) * weight"""
     N, D = x.shape
     for n in prange(N):
-        # A float32 sum of squares is enough: rows are at most a few thousand wide and every
-        # term is positive, so there is no cancellation; fastmath lets LLVM vectorise the sum.
-        ss = np.float32(0.0)
-        for d in range(D):
-            ss += x[n, d] * x[n, d]
-        inv_rms = np.float32(1.0 / math.sqrt(ss / D + eps))
+        inv_rms = np.float32(1.0 / math.sqrt(sum_of_squares(x[n]) / D + eps))
         # Reading x[n, d] before writing out[n, d] keeps the in-place call (out is x) correct.
         for d in range(D):
             out[n, d] = x[n, d] * inv_rms * weight[d]

@@ -50,9 +50,9 @@ from numba import prange
 
 from .dtypes import BF16, FP16, widen
 from .jit import jit, pjit
+from .matmul import TILE_FLOATS, matmul_tiled
 
 BLOCK = 32  # weights per scale (per scale and min for int4)
-TILE_FLOATS = 1 << 20  # prefill dequantises W in tiles of at most 4 MB of float32
 
 
 class Int8Matrix(NamedTuple):
@@ -156,7 +156,8 @@ def dequantize_int8(q, scales):  # [N, K] int8, [N, K/32] fp16 bits -> [N, K] fl
 
 @jit
 def quantize_activations(xq, x_scales, x):  # xq: [K] int16 out, x_scales: [K/32] float32 out, x: [K] float32
-    """x_scale[b] = max_{i in b} |x[i]| / 32767  (1 for an all-zero block),   xq[i] = round(x[i] / x_scale[b])"""
+    """x_scale[b] = max_{i in b} |x[i]| / 32767  (1 for an all-zero block),
+    xq[i] = round(x[i] / x_scale[b])"""
     for b in range(x.shape[0] // 32):
         m = np.float32(0.0)
         for i in range(32 * b, 32 * b + 32):
@@ -229,25 +230,12 @@ def dequantize_int8_rows(tile, q, scales):  # tile: [R, K] float32 out, q: [R, K
 
 def matmul_int8(out, x, q, scales, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32, q: [N, K]
     """out[t, n] = sum_k x[t, k] w[n, k],  w = dequantize_int8(q, scales)   (out = x @ w.T, T > 1)"""
-    _matmul_tiled(out, x, q.shape, tile_floats,
-                  lambda tile, r0, r1: dequantize_int8_rows(tile, q[r0:r1], scales[r0:r1]))
+    matmul_tiled(out, x, q.shape, lambda tile, r0, r1: dequantize_int8_rows(tile, q[r0:r1], scales[r0:r1]),
+                 tile_floats)
 
 
 def matmul_int8_reference(x, q, scales):  # [T, K], [N, K], [N, K/32] -> [T, N] float64
     return x.astype(np.float64) @ dequantize_int8(q, scales).T
-
-
-def _matmul_tiled(out, x, shape, tile_floats, dequantize_rows):
-    # Prefill reuses each weight T times, so it is bound by flops, not bytes: dequantise a block
-    # of rows of W into a float32 tile, let BLAS multiply it into the matching columns of out,
-    # and move on. Memory stays at one tile whatever the shape of W.
-    N, K = shape
-    rows = max(1, min(N, tile_floats // K))
-    tile = np.empty((rows, K), dtype=np.float32)
-    for r0 in range(0, N, rows):
-        r1 = min(N, r0 + rows)
-        dequantize_rows(tile[: r1 - r0], r0, r1)
-        np.matmul(x, tile[: r1 - r0].T, out=out[:, r0:r1])  # writes the column slice, via sgemm
 
 
 # ------------------------------------------------------------------------------------ int4 ----
@@ -364,7 +352,8 @@ def _in_place(word, mask):  # the nibble under mask (bits 4r..4r+3, r < 7), unsh
 
 
 @pjit
-def matvec_int4(out, q, scales, mins, x):  # out: [N] f32, q: [N, K/2] uint8, scales, mins: [N, K/32] fp16, x: [K]
+def matvec_int4(out, q, scales, mins, x):
+    # out: [N] f32, q: [N, K/2] uint8, scales, mins: [N, K/32] fp16, x: [K]
     """out[n] = sum_b scale[n,b] sum_{e in b} nibble(n,e) x[e]  +  sum_b min[n,b] sum_{e in b} x[e]"""
     N, K = q.shape[0], 2 * q.shape[1]
     nb = K // 32
@@ -390,7 +379,8 @@ def matvec_int4(out, q, scales, mins, x):  # out: [N] f32, q: [N, K/2] uint8, sc
                 lo = ((_in_place(v, 0xF) * xs[o + L] + _in_place(v, 0xF0) * xs[o + 16 + L])
                       + (_in_place(v, 0xF00) * xs[o + 32 + L] + _in_place(v, 0xF000) * xs[o + 48 + L]))
                 hi = ((_in_place(v, 0xF0000) * xs[o + 64 + L] + _in_place(v, 0xF00000) * xs[o + 80 + L])
-                      + (_in_place(v, 0xF000000) * xs[o + 96 + L] + np.float32(np.int32(v >> 28)) * xs[o + 112 + L]))
+                      + (_in_place(v, 0xF000000) * xs[o + 96 + L]
+                         + np.float32(np.int32(v >> 28)) * xs[o + 112 + L]))
                 t += (s0 if L < 8 else s2) * lo + (s1 if L < 8 else s3) * hi
             total += t
         if K % 128 >= 64:  # a last single unit (two blocks), 8 lanes: nibble r of word j is weight 8r + j
@@ -403,7 +393,8 @@ def matvec_int4(out, q, scales, mins, x):  # out: [N] f32, q: [N, K/2] uint8, sc
                 t0 += ((_in_place(v, 0xF) * xs[o + j] + _in_place(v, 0xF0) * xs[o + 8 + j])
                        + (_in_place(v, 0xF00) * xs[o + 16 + j] + _in_place(v, 0xF000) * xs[o + 24 + j]))
                 t1 += ((_in_place(v, 0xF0000) * xs[o + 32 + j] + _in_place(v, 0xF00000) * xs[o + 40 + j])
-                       + (_in_place(v, 0xF000000) * xs[o + 48 + j] + np.float32(np.int32(v >> 28)) * xs[o + 56 + j]))
+                       + (_in_place(v, 0xF000000) * xs[o + 48 + j]
+                          + np.float32(np.int32(v >> 28)) * xs[o + 56 + j]))
             total += widen(scales[n, 2 * u]) * t0 + widen(scales[n, 2 * u + 1]) * t1
         for b in range(nb):
             total += widen(mins[n, b]) * xsum[b]
@@ -435,7 +426,8 @@ def dequantize_int4_rows(tile, q, scales, mins):  # tile: [R, K] float32 out, q:
                 for j in range(4):
                     v = words_r[8 * u + j]
                     for k in range(8):
-                        tile_r[64 * u + 4 * k + j] = np.float32((v >> np.uint32(4 * k)) & np.uint32(15)) * s + m
+                        tile_r[64 * u + 4 * k + j] = (np.float32((v >> np.uint32(4 * k)) & np.uint32(15))
+                                                      * s + m)
                 continue
             s0, m0 = widen(scales[r, 2 * u]), widen(mins[r, 2 * u])
             s1, m1 = widen(scales[r, 2 * u + 1]), widen(mins[r, 2 * u + 1])
@@ -452,11 +444,12 @@ def dequantize_int4_rows(tile, q, scales, mins):  # tile: [R, K] float32 out, q:
                 tile_r[o + 56 + j] = np.float32(v >> 28) * s1 + m1
 
 
-def matmul_int4(out, x, q, scales, mins, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32, q: [N, K/2]
+def matmul_int4(out, x, q, scales, mins, tile_floats=TILE_FLOATS):
+    # out: [T, N] f32, x: [T, K] f32, q: [N, K/2]
     """out[t, n] = sum_k x[t, k] w[n, k],  w = dequantize_int4(q, scales, mins)   (out = x @ w.T, T > 1)"""
-    shape = (q.shape[0], 2 * q.shape[1])
-    _matmul_tiled(out, x, shape, tile_floats,
-                  lambda tile, r0, r1: dequantize_int4_rows(tile, q[r0:r1], scales[r0:r1], mins[r0:r1]))
+    matmul_tiled(out, x, (q.shape[0], 2 * q.shape[1]),
+                 lambda tile, r0, r1: dequantize_int4_rows(tile, q[r0:r1], scales[r0:r1], mins[r0:r1]),
+                 tile_floats)
 
 
 def matmul_int4_reference(x, q, scales, mins):  # [T, K], [N, K/2], [N, K/32] x2 -> [T, N] float64

@@ -22,20 +22,6 @@ from .jit import jit
 
 
 @jit
-def softmax(out, x):  # out, x: [V] float32
-    """out[i] = exp(x[i] - max x) / sum_j exp(x[j] - max x)"""
-    m = x.max()  # subtracting the max keeps every exp <= 1: no overflow
-    total = 0.0  # float64: a sum over 150k terms
-    for i in range(x.shape[0]):
-        e = math.exp(x[i] - m)
-        out[i] = e
-        total += e
-    inv = np.float32(1.0 / total)
-    for i in range(x.shape[0]):
-        out[i] *= inv
-
-
-@jit
 def apply_penalties(logits, seen_ids, repetition_penalty, presence_penalty):
     # logits: [V] float32, in place; seen_ids: [S] int64, each seen token id once
     """For every seen token i (repetition as in CTRL / transformers, presence as in OpenAI / vLLM):
@@ -227,12 +213,6 @@ def _sift_down_rank(order, root, n, key):
 
 
 # ---- float64 references, straight from the transformers warpers ----
-
-def softmax_reference(x):  # [V] -> [V] float64
-    x = x.astype(np.float64)
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
 
 def apply_penalties_reference(logits, seen_ids, repetition_penalty, presence_penalty):  # -> [V] f64
     z = logits.astype(np.float64)

@@ -1,4 +1,4 @@
-"""Read the tensors of a Hugging Face checkpoint folder, memory-mapped, without the safetensors library.
+"""The safetensors format: read a Hugging Face checkpoint folder memory-mapped, and write tensors.
 
 Why parse safetensors ourselves: NumPy has no bfloat16, so the `safetensors` library cannot hand
 NumPy a bf16 tensor. The format is simple enough to read in a page of Python:
@@ -23,12 +23,18 @@ whose one-line message names the file.
 import json
 import mmap
 import os
+import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 
-from minqwen.errors import CheckpointError
-from minqwen.kernels.dtypes import BF16, FP16, FP32
+from .config import load_config, read_json
+from .errors import CheckpointError, ConfigError
+from .kernels.dtypes import BF16, FP16, FP32
+from .kernels.quant import BLOCK
+from .quantize import quantizable, quantize_matrix
+from .weights import language_model_prefix
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (MAX_HEADER_SIZE, 100 MB)
 MAX_USIZE = 2**64 - 1           # header integers are Rust `usize` (64-bit)
@@ -49,6 +55,8 @@ DTYPES = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
+
+STORED_NAMES = {dtype: name for name, dtype in DTYPES.items() if name != "I16"}  # int16 arrays are F16 bits
 
 TensorEntry = tuple[str, tuple[int, ...], tuple[int, int]]  # (dtype, shape, (begin, end))
 
@@ -302,3 +310,58 @@ def _read_indexed(index_path: Path) -> dict[str, np.ndarray]:
                                   f"which the index places {placed}")
         tensors.update(found)
     return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]):
+    """The format above, written by hand because the library's NumPy writer cannot say BF16 for our
+    uint16 bits (and we keep fp16 as int16 bits: see kernels/dtypes.py)."""
+    header, offset = {}, 0
+    for name, w in tensors.items():
+        header[name] = {"dtype": STORED_NAMES[w.dtype], "shape": list(w.shape),
+                        "data_offsets": [offset, offset + w.nbytes]}
+        offset += w.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for w in tensors.values():
+            f.write(np.ascontiguousarray(w).tobytes())
+
+
+def write_quantized_checkpoint(folder: Path, out: Path, bits: int):
+    """Read a checkpoint, write its quantised copy (config, tokenizer and generation files copied)."""
+    folder, out = Path(folder), Path(out)
+    config = load_config(folder)
+    tensors = read_tensors(folder)
+    raw_config = read_json(folder / "config.json")
+    if "quantization_config" in raw_config:
+        raise ConfigError(f"{folder} is already quantised")
+    out.mkdir(parents=True, exist_ok=True)
+    if "lm_head.weight" not in tensors:  # tied: lm_head becomes its own (quantised) tensor
+        embed = tensors[language_model_prefix(tensors) + "embed_tokens.weight"]
+        tensors = dict(tensors, **{"lm_head.weight": embed})
+    written = {}
+    for name, w in tensors.items():
+        if name.endswith(".weight") and quantizable(name, w):
+            stem = name[:-len(".weight")]
+            parts = quantize_matrix(w, bits)
+            written[stem + ".qweight"] = parts.q
+            written[stem + ".scales"] = parts.scales
+            if bits == 4:
+                written[stem + ".mins"] = parts.mins
+        else:
+            written[name] = w
+    write_safetensors(out / "model.safetensors", written)
+    target = raw_config.get("text_config", raw_config) if config.has_vision_tower else raw_config
+    target["tie_word_embeddings"] = False
+    raw_config["tie_word_embeddings"] = False
+    raw_config["quantization_config"] = {"quant_method": "minqwen", "bits": bits, "block_size": BLOCK}
+    (out / "config.json").write_text(json.dumps(raw_config, indent=2))
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        if (folder / extra).exists():
+            shutil.copy(folder / extra, out / extra)

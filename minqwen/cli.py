@@ -1,4 +1,4 @@
-"""python -m minqwen {generate, chat, info}: the command line.
+"""python -m minqwen {generate, chat, info, quantize}: the command line.
 
 Every MinqwenError becomes one line on stderr and exit status 2 (no traceback).
 """
@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 import numpy as np
 
-from .errors import CheckpointError, ContextLengthError, MinqwenError, TemplateError
+from .checkpoint import STORED_NAMES, read_tensors, write_quantized_checkpoint
+from .config import load_config
+from .errors import CheckpointError, MinqwenError, TemplateError
+from .generate import GenerationOptions, Stats, options_with_defaults, stream_tokens
+from .hub import resolve
+from .loader import load
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DIM, RESET = "\033[2m", "\033[0m"
@@ -31,7 +37,7 @@ def main(argv=None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minqwen", description="Run Qwen checkpoints on the CPU.")
-    commands = parser.add_subparsers(required=True, metavar="{generate,chat,info}")
+    commands = parser.add_subparsers(required=True, metavar="{generate,chat,info,quantize}")
 
     gen = commands.add_parser("generate", help="stream a completion of one prompt")
     _model_options(gen)
@@ -60,8 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_options(p):
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--context", type=int, default=None, help="context window in tokens (default: the model's)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--context", type=int, default=None,
+                   help="context window in tokens (default: the model's)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="quantise the weights as they load (weight-only, blocks of 32)")
     p.add_argument("--kv-cache", choices=("fp32", "fp16"), default="fp32",
@@ -71,7 +79,8 @@ def _model_options(p):
 def _chat_options(p):
     p.add_argument("--system", default=None, help="system message")
     think = p.add_mutually_exclusive_group()
-    think.add_argument("--think", dest="think", action="store_true", default=None, help="Qwen3: enable thinking")
+    think.add_argument("--think", dest="think", action="store_true", default=None,
+                       help="Qwen3: enable thinking")
     think.add_argument("--no-think", dest="think", action="store_false", help="Qwen3: disable thinking")
 
 
@@ -88,21 +97,13 @@ def _sampling_options(p):
 
 
 def _load(args):
-    from .model import load
-
     return load(args.model, context_length=args.context, quantize=args.quantize, kv_cache=args.kv_cache)
 
 
-def _sampling(args, model) -> dict:
-    """CLI options, falling back to generation_config.json's values as transformers does."""
-    gen = model.generation_config
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else gen.get(name)  # noqa: E731
-    temperature = args.temperature
-    if temperature is None:
-        temperature = gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0
-    return dict(temperature=temperature, top_k=pick("top_k"), top_p=pick("top_p"), min_p=pick("min_p"),
-                repetition_penalty=pick("repetition_penalty"), presence_penalty=args.presence_penalty,
-                seed=args.seed, stop=args.stop)
+def _options(args, model) -> GenerationOptions:
+    """The sampling options given on the command line; the others from generation_config.json."""
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationOptions)}
+    return options_with_defaults(given, model.generation_config)
 
 
 def _template_kwargs(args) -> dict:
@@ -115,8 +116,6 @@ def _messages(args, user: str) -> list[dict]:
 
 
 def _generate(args) -> int:
-    from .generate import Stats
-
     model = _load(args)
     tok = _require_tokenizer(model)
     if args.no_chat or not tok.has_chat_template:
@@ -134,17 +133,12 @@ def _generate(args) -> int:
 
 def _stream_to_stdout(model, sequence, prompt, args, stats) -> str:
     """Generate, printing text as it comes (thinking dimmed); returns the decoded reply."""
-    from .generate import SamplingParams, stream_tokens
-
-    sampling = _sampling(args, model)
-    stop = sampling.pop("stop")
-    max_new = args.max_new_tokens
-    if max_new is None:  # until the end of turn, or of the context window
-        if len(prompt) >= model.context_length:
-            raise ContextLengthError(f"the prompt's {len(prompt)} tokens leave no room in the context window "
-                                     f"of {model.context_length}")
-        max_new = model.context_length - len(prompt)
-    tokens = stream_tokens(sequence, prompt, max_new, SamplingParams(**sampling), stop, stats)
+    # By default until the end of turn or of the context window (a prompt that fills the window is
+    # refused by the sequence: it leaves no room for the one token asked for).
+    max_new = (args.max_new_tokens if args.max_new_tokens is not None
+               else max(1, model.context_length - len(prompt)))
+    tokens = stream_tokens(sequence, prompt, max_new, _options(args, model), model.eos_token_ids,
+                           model.tokenizer, stats)
     decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
     reply = []
     for token in tokens:
@@ -160,8 +154,6 @@ def _stream_to_stdout(model, sequence, prompt, args, stats) -> str:
 
 
 def _chat(args) -> int:
-    from .generate import Stats
-
     model = _load(args)
     tok = _require_tokenizer(model)
     if not tok.has_chat_template:
@@ -197,42 +189,38 @@ def _require_tokenizer(model):
 
 
 def _quantize(args) -> int:
-    from .hub import resolve
-    from .quantize import write_quantized_checkpoint
-
     write_quantized_checkpoint(resolve(args.model), args.out, args.bits)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
 def _info(args) -> int:
-    from .checkpoint import read_tensors
-    from .config import load_config
-    from .hub import resolve
-
     folder = resolve(args.model)
     config = load_config(folder)
     tensors = read_tensors(folder)
-    kinds = sorted({str(t.dtype) for t in tensors.values()})
-    stored = {"uint16": "bf16", "int16": "fp16", "float32": "fp32", "int8": "int8", "uint8": "int4"}
+    kinds = sorted({STORED_NAMES[t.dtype].lower() for t in tensors.values()})
     params = sum(int(np.prod(t.shape)) for t in tensors.values())
     weight_bytes = sum(t.nbytes for t in tensors.values())
     context = args.context or config.context_window
-    n_attn = sum(t != "linear_attention" for t in config.layer_types)
+    n_attn = len(config.attention_layers)
     kv_bytes = 2 if args.kv_cache == "fp16" else 4
     kv_per_token = 2 * n_attn * config.num_key_value_heads * config.head_dim * kv_bytes
     lines = [
         ("folder", str(folder)),
         ("architecture", config.model_type + (" (image-text checkpoint: vision tower ignored, not loaded)"
                                               if config.has_vision_tower else "")),
-        ("layers", f"{config.num_hidden_layers} ({', '.join(f'{n} {t}' for t, n in _counts(config.layer_types))})"),
+        ("layers", f"{config.num_hidden_layers} "
+                   f"({', '.join(f'{n} {t}' for t, n in _counts(config.layer_types))})"),
         ("hidden / intermediate", f"{config.hidden_size} / {config.intermediate_size}"),
-        ("heads", f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, head_dim {config.head_dim}"),
+        ("heads", f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, "
+                  f"head_dim {config.head_dim}"),
         ("vocabulary", str(config.vocab_size)),
-        ("context", f"{config.context_window} (RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),
-        ("parameters", f"{params / 1e6:.1f} M stored ({', '.join(stored.get(k, k) for k in kinds)})"),
+        ("context", f"{config.context_window} "
+                    f"(RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),
+        ("parameters", f"{params / 1e6:.1f} M stored ({', '.join(kinds)})"),
         ("RAM for weights", f"{weight_bytes / 2**30:.2f} GiB, memory-mapped"),
-        ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; {kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
+        ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; "
+                     f"{kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
     ]
     if config.num_experts:
         lines.insert(5, ("experts", f"{config.num_experts}, top-{config.num_experts_per_tok}, "

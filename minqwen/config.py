@@ -1,11 +1,11 @@
 """config.json -> Config: one dataclass for every Qwen family, field names exactly as in config.json.
 
 Qwen's families share one skeleton (embed -> N x [norm, mixer, norm, MLP] -> norm -> lm_head) and differ
-in a few switches, so one dataclass holds them all; each group of fields below names the family that
-uses it. Everything derived from the raw fields (per-layer attention kind, which layers are sparse, the
-RoPE parameters in one canonical form) is computed once in `from_dict`, so the model never re-reads raw
-config keys. Hub configs spell RoPE as `rope_theta` + `rope_scaling`; newer ones as `rope_parameters`;
-both end up in `Config.rope`.
+in a few switches. FAMILIES below is the whole list of those switches, one row a model_type; everything
+else is either shared or read from config.json. `Config.from_dict` is four small steps: unwrap an
+image-text config, resolve the family's defaults and fixed values, build the dataclass, validate.
+Sizes derived from the raw fields (per-layer windows, DeltaNet channel counts, rotated dims) are
+properties, computed in one place.
 """
 from __future__ import annotations
 
@@ -16,12 +16,39 @@ from pathlib import Path
 
 from .errors import ConfigError, UnsupportedModelError
 
-DENSE = ("qwen2", "qwen3")
-SPARSE = ("qwen2_moe", "qwen3_moe")
-HYBRID = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+
+@dataclass(frozen=True)
+class Family:
+    """What sets one model_type apart from the shared skeleton."""
+
+    qk_norm: bool = False  # RMSNorm over each query and key head, before RoPE
+    output_gate: bool = False  # q_proj also yields a per-head gate: attention output * sigmoid(gate)
+    zero_centred_norms: bool = False  # RMSNorm weights stored as w, applied as (1 + w)
+    layer_kinds: str = "window_from"  # each layer's mixer when config.json has no layer_types: _layer_types
+    defaults: dict = field(default_factory=dict)  # values the family implies when config.json is silent
+    fixed: dict = field(default_factory=dict)  # values the family always uses, whatever the file says
+
+
+HYBRID_DEFAULTS = dict(partial_rotary_factor=0.25, norm_topk_prob=True)
+FAMILIES = {
+    # Dense: Qwen1.5 / Qwen2 / Qwen2.5 project q, k, v with biases; Qwen3 normalises q and k per head.
+    "qwen2": Family(defaults=dict(qkv_bias=True)),
+    "qwen3": Family(qk_norm=True),
+    # Sparse MoE: top-k experts; Qwen2-MoE adds a gated shared expert and has its own sliding-window rule.
+    "qwen2_moe": Family(layer_kinds="window_odd_below", defaults=dict(qkv_bias=True)),
+    "qwen3_moe": Family(qk_norm=True),
+    # Hybrid: Gated DeltaNet layers between gated full-attention layers that rotate a quarter of each head.
+    "qwen3_next": Family(qk_norm=True, output_gate=True, zero_centred_norms=True, layer_kinds="interval",
+                         defaults=HYBRID_DEFAULTS),
+    "qwen3_5_text": Family(qk_norm=True, output_gate=True, zero_centred_norms=True, layer_kinds="interval",
+                           defaults=HYBRID_DEFAULTS),
+    "qwen3_5_moe_text": Family(qk_norm=True, output_gate=True, zero_centred_norms=True,
+                               layer_kinds="interval", defaults=HYBRID_DEFAULTS,
+                               fixed=dict(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])),
+}
 # Image-text checkpoints of the Qwen3.5 generation: the language model's config sits in `text_config`.
 IMAGE_TEXT = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
-SUPPORTED = DENSE + SPARSE + HYBRID
+LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
 
 
 @dataclass(frozen=True)
@@ -44,54 +71,46 @@ class Rope:
 @dataclass
 class Config:
     model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    max_position_embeddings: int
+    vocab_size: int = 0  # these four are required: _check_sizes says which is missing
+    hidden_size: int = 0
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    intermediate_size: int = 0  # dense MLP width (0 when every layer is sparse)
+    num_key_value_heads: int = 0  # 0: as many as query heads
+    max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-6
-    head_dim: int = 0  # Qwen3+: may differ from hidden_size / num_attention_heads
+    head_dim: int = 0  # 0: hidden_size / num_attention_heads (Qwen3+ set it independently)
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
-    # Qwen2 projects q/k/v with bias (o without); Qwen3 uses `attention_bias` for all four.
-    attention_bias: bool = False
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # q, k, v projections carry biases (o does not)
+    attention_bias: bool = False  # q, k, v and o projections carry biases (Qwen3 and later)
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 0
-    # Sparse mixture of experts (qwen2_moe, qwen3_moe, qwen3_next, qwen3_5_moe_text).
+    # Sparse mixture of experts.
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    shared_expert_intermediate_size: int = 0
-    norm_topk_prob: bool = False
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
-    # Hybrid generation (qwen3_next, qwen3_5*): Gated DeltaNet layers between gated full-attention ones.
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    decoder_sparse_step: int = 1  # every step-th layer is sparse ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... except these
+    # Gated DeltaNet (linear attention) layers of the hybrid generation.
     full_attention_interval: int = 4
     linear_conv_kernel_dim: int = 4
     linear_key_head_dim: int = 0
     linear_num_key_heads: int = 0
     linear_value_head_dim: int = 0
     linear_num_value_heads: int = 0
-    attn_output_gate: bool = False
     eos_token_id: list[int] = field(default_factory=list)
-
-    # Derived once in from_dict.
+    layer_types: list[str] = field(default_factory=list)  # per layer: one of LAYER_KINDS
+    # Not config.json fields: filled in by from_dict.
     rope: Rope = field(default_factory=Rope)
-    layer_types: list[str] = field(default_factory=list)  # full_attention | sliding_attention | linear_attention
     has_vision_tower: bool = False  # an image-text checkpoint read as a text model
 
     @property
-    def zero_centred_norms(self) -> bool:
-        """The hybrid generation stores RMSNorm weights as w and scales by (1 + w)."""
-        return self.model_type in HYBRID
-
-    @property
-    def sliding(self) -> list[bool]:
-        return [t == "sliding_attention" for t in self.layer_types]
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
 
     @property
     def context_window(self) -> int:
@@ -104,123 +123,160 @@ class Config:
             return max(self.max_position_embeddings, int(rope.original_max_position_embeddings * rope.factor))
         return self.max_position_embeddings
 
+    @property
+    def rotary_dims(self) -> int:
+        """Dims of each head that RoPE rotates (the rest carry no position)."""
+        return int(self.head_dim * self.rope.partial_rotary_factor)
+
+    @property
+    def windows(self) -> list[int]:
+        """Per layer: how many positions back attention sees, 0 for all of them."""
+        return [self.sliding_window if kind == "sliding_attention" else 0 for kind in self.layer_types]
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_types) if kind != "linear_attention"]
+
+    @property
+    def deltanet_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_types) if kind == "linear_attention"]
+
+    @property
+    def deltanet_key_dim(self) -> int:  # all key heads: q and k each have this many channels
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def deltanet_value_dim(self) -> int:  # all value heads: v, z and the output have this many channels
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def deltanet_conv_channels(self) -> int:  # the causal convolution runs over [q | k | v]
+        return 2 * self.deltanet_key_dim + self.deltanet_value_dim
+
     def is_sparse(self, layer: int) -> bool:
         """A layer uses experts iff it is not listed as dense, there are experts, and it is on the step."""
         return (layer not in self.mlp_only_layers and self.num_experts > 0
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "Config":
+    def from_dict(cls, raw: dict) -> Config:
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object")
+        raw, has_vision_tower = _text_config(raw)
         model_type = raw.get("model_type")
-        has_vision_tower = False
-        if model_type in IMAGE_TEXT:
-            if not isinstance(raw.get("text_config"), dict):
-                raise ConfigError(f"{model_type} config has no text_config object")
-            has_vision_tower = "vision_config" in raw
-            text = raw["text_config"]
-            raw = {**{k: v for k, v in raw.items() if k in ("tie_word_embeddings", "eos_token_id")}, **text}
-            raw["model_type"] = IMAGE_TEXT[model_type]
-            model_type = raw["model_type"]
-        if model_type not in SUPPORTED:
-            raise UnsupportedModelError(
-                f"unsupported model_type {model_type!r}; minqwen runs: {', '.join(SUPPORTED + tuple(IMAGE_TEXT))}")
-
-        method = (raw.get("quantization_config") or {}).get("quant_method")
-        if method not in (None, "minqwen"):
-            raise UnsupportedModelError(f"{method} quantised checkpoints are not supported (minqwen reads bf16, "
-                                        "fp16, fp32 and its own int8/int4: `python -m minqwen quantize`)")
-        names = {f.name for f in fields(cls)} - {"rope", "layer_types", "has_vision_tower"}
-        known = {k: v for k, v in raw.items() if k in names}
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if not isinstance(known.get(k), int) or known[k] <= 0]
-        if missing:
-            raise ConfigError(f"config.json lacks a positive integer {', '.join(missing)}")
-        known.setdefault("intermediate_size", 0)
-        known.setdefault("max_position_embeddings", 32768)
-        if known.get("num_key_value_heads") is None:
-            known["num_key_value_heads"] = known["num_attention_heads"]
-        if not known.get("head_dim"):
-            known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
-        eos = raw.get("eos_token_id")
-        known["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        known["mlp_only_layers"] = list(known.get("mlp_only_layers") or [])
-        if model_type == "qwen2" and "qkv_bias" not in raw:
-            known["qkv_bias"] = True  # Qwen2/2.5/1.5 always project q, k, v with bias
-        if model_type == "qwen2_moe":
-            known["qkv_bias"] = raw.get("qkv_bias", True)
-        if model_type in HYBRID:
-            # This generation always gates attention outputs and rotates a quarter of each head.
-            known["attn_output_gate"] = True
-            raw = {"partial_rotary_factor": 0.25, **raw}
-            known.setdefault("norm_topk_prob", True)
-        if model_type == "qwen3_5_moe_text":  # every layer is sparse and routing weights renormalised
-            known.update(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
-        if known.get("sliding_window") is None or not known.get("use_sliding_window"):
-            known["sliding_window"] = None  # Qwen2.5 ships sliding_window with use_sliding_window: false
+        if model_type not in FAMILIES:
+            supported = ", ".join(list(FAMILIES) + list(IMAGE_TEXT))
+            raise UnsupportedModelError(f"unsupported model_type {model_type!r}; minqwen runs: {supported}")
+        _check_quantization(raw)
+        family = FAMILIES[model_type]
+        raw = {**family.defaults, **raw, **family.fixed}
+        names = {f.name for f in fields(cls)} - {"rope", "has_vision_tower"}
+        known = {k: v for k, v in raw.items() if k in names and v is not None}
+        known["eos_token_id"] = [known["eos_token_id"]] if isinstance(known.get("eos_token_id"), int) \
+            else list(known.get("eos_token_id") or [])
         try:
             config = cls(**known)
         except TypeError as e:
             raise ConfigError(f"config.json: {e}") from None
+        _check_sizes(config)
+        config.num_key_value_heads = config.num_key_value_heads or config.num_attention_heads
+        config.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        if not config.use_sliding_window:
+            config.sliding_window = None  # Qwen2.5 ships sliding_window with use_sliding_window: false
+        config.mlp_only_layers = list(config.mlp_only_layers)
         config.has_vision_tower = has_vision_tower
-        config.rope = _rope_from_config(raw, config)
-        config.layer_types = _layer_types(raw, config)
-        if config.num_attention_heads % config.num_key_value_heads:
-            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
-        if config.hidden_act != "silu":
-            raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} (only silu is implemented)")
+        config.rope = _rope(raw, config)
+        config.layer_types = _layer_types(config)
+        _check_shapes(config)
         return config
 
 
-def _rope_from_config(raw: dict, config: Config) -> Rope:
+def _text_config(raw: dict) -> tuple[dict, bool]:
+    """An image-text config's language model, as a text config of its own (and whether a vision tower
+    was there); any other config as it is."""
+    model_type = raw.get("model_type")
+    if model_type not in IMAGE_TEXT:
+        return raw, False
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{model_type} config has no text_config object")
+    outer = {k: v for k, v in raw.items() if k in ("tie_word_embeddings", "eos_token_id")}
+    return {**outer, **text, "model_type": IMAGE_TEXT[model_type]}, "vision_config" in raw
+
+
+def _check_quantization(raw: dict):
+    method = (raw.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, "minqwen"):
+        raise UnsupportedModelError(f"{method} quantised checkpoints are not supported (minqwen reads bf16, "
+                                    "fp16, fp32 and its own int8/int4: `python -m minqwen quantize`)")
+
+
+def _check_sizes(config: Config):
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if isinstance(getattr(config, k), bool)
+               or not isinstance(getattr(config, k), int) or getattr(config, k) <= 0]
+    if missing:
+        raise ConfigError(f"config.json lacks a positive integer {', '.join(missing)}")
+
+
+def _check_shapes(config: Config):
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+    if config.hidden_act != "silu":
+        raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} (only silu is implemented)")
+
+
+def _rope(raw: dict, config: Config) -> Rope:
     """Merge `rope_theta`, `rope_scaling` / `rope_parameters` and `partial_rotary_factor` into one Rope."""
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(params, dict):
         raise ConfigError("rope_scaling / rope_parameters must be a JSON object")
     if any(isinstance(v, dict) for v in params.values()):
         raise UnsupportedModelError("per-layer-type RoPE parameters are not supported")
+
+    def get(key, default):  # a parameter from rope_scaling / rope_parameters, else top level, else default
+        value = params.get(key, raw.get(key))
+        return default if value is None else value
+
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear", "dynamic", "yarn"):
         raise UnsupportedModelError(f"RoPE type {rope_type!r} (supported: default, linear, dynamic, yarn)")
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     factor = params.get("factor", 1.0)
     if rope_type != "default" and (not isinstance(factor, (int, float)) or factor <= 0):
         raise ConfigError(f"RoPE {rope_type} needs a positive factor, got {factor!r}")
     original = params.get("original_max_position_embeddings")
     if rope_type == "yarn" and original is None:
         original = config.max_position_embeddings
-    get = lambda key, default: default if params.get(key) is None else params[key]  # noqa: E731
-    return Rope(rope_type=rope_type, rope_theta=float(theta), factor=float(factor),
+    return Rope(rope_type=rope_type, rope_theta=float(get("rope_theta", 10000.0)), factor=float(factor),
                 original_max_position_embeddings=original, attention_factor=params.get("attention_factor"),
                 beta_fast=float(get("beta_fast", 32.0)), beta_slow=float(get("beta_slow", 1.0)),
                 mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
-                truncate=bool(params.get("truncate", True)), partial_rotary_factor=float(partial))
+                truncate=bool(params.get("truncate", True)),
+                partial_rotary_factor=float(get("partial_rotary_factor", 1.0)))
 
 
-def _layer_types(raw: dict, config: Config) -> list[str]:
-    """Per-layer attention kind: from `layer_types` when the config lists it, else each family's rule."""
-    n = config.num_hidden_layers
-    types = raw.get("layer_types")
-    if types is not None:
+def _layer_types(config: Config) -> list[str]:
+    """Per-layer mixer: config.json's `layer_types` when it lists them, else the family's rule."""
+    n, types = config.num_hidden_layers, config.layer_types
+    if types:
         if not isinstance(types, list) or len(types) != n:
             raise ConfigError(f"layer_types must list {n} entries")
-        allowed = {"full_attention", "sliding_attention", "linear_attention"}
-        if not set(types) <= allowed:
-            raise ConfigError(f"unknown layer types {sorted(set(types) - allowed)}")
-        if "sliding_attention" in types and config.sliding_window is None:
+        if not set(types) <= set(LAYER_KINDS):
+            raise ConfigError(f"unknown layer types {sorted(set(types) - set(LAYER_KINDS))}")
+        if config.sliding_window is None:
             # transformers keeps the window off unless use_sliding_window is set, whatever layer_types says.
             types = ["full_attention" if t == "sliding_attention" else t for t in types]
         return list(types)
-    if config.model_type in HYBRID:
+    rule = config.family.layer_kinds
+    if rule == "interval":  # every k-th layer full attention, the others Gated DeltaNet
         k = config.full_attention_interval
         return ["full_attention" if (i + 1) % k == 0 else "linear_attention" for i in range(n)]
     if config.sliding_window is None:
         return ["full_attention"] * n
-    if config.model_type == "qwen2_moe":  # its own rule: odd-numbered layers below max_window_layers
+    if rule == "window_odd_below":  # Qwen2-MoE: odd-numbered layers below max_window_layers slide
         return ["sliding_attention" if (i + 1) % 2 and i < config.max_window_layers else "full_attention"
                 for i in range(n)]
+    # window_from: the layers from max_window_layers on slide
     return ["sliding_attention" if i >= config.max_window_layers else "full_attention" for i in range(n)]
 
 

@@ -15,25 +15,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ContextLengthError, SamplingError
+from .errors import SamplingError
 from .kernels.sampling import apply_penalties, sample
 
 
 @dataclass
-class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+class GenerationOptions:
+    """How to choose each token and when to stop, as `Model.generate(..., **options)` takes them."""
+
+    temperature: float | None = 0.0  # 0 or None = greedy
     top_k: int | None = None  # None or 0 = off
     top_p: float | None = None  # None or 1 = off
     min_p: float | None = None  # None or 0 = off
     repetition_penalty: float | None = None  # None or 1 = off
     presence_penalty: float | None = None  # None or 0 = off
     seed: int | None = None
+    stop: list[str] | str | None = None  # stop strings, matched on the decoded text
 
     def __post_init__(self):
         def number(name, value, ok, rule):
             if value is None:
                 return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
                 raise SamplingError(f"{name} must be {rule}, got {value!r}")
 
         number("temperature", self.temperature, lambda v: v >= 0, "a number >= 0")
@@ -42,10 +46,28 @@ class SamplingParams:
         number("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
         number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "a number > 0")
         number("presence_penalty", self.presence_penalty, lambda v: True, "a finite number")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or self.seed < 0):
             raise SamplingError(f"seed must be an integer >= 0, got {self.seed!r}")
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingError("stop strings must be non-empty strings")
         if self.temperature is None:
             self.temperature = 0.0
+
+
+def options_with_defaults(given: dict, generation_config: dict) -> GenerationOptions:
+    """Options given as None take generation_config.json's values, as transformers does: sampling only
+    if it says do_sample (then at its temperature, default 1), and its top_k / top_p / min_p /
+    repetition_penalty."""
+    options = dict(given)
+    for name in ("top_k", "top_p", "min_p", "repetition_penalty"):
+        if options.get(name) is None:
+            options[name] = generation_config.get(name)
+    if options.get("temperature") is None:
+        options["temperature"] = (generation_config.get("temperature", 1.0)
+                                  if generation_config.get("do_sample") else 0.0)
+    return GenerationOptions(**options)
 
 
 @dataclass
@@ -84,58 +106,49 @@ class StopStrings:
         return any(s in window for s in self.strings)
 
 
-def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, params: SamplingParams, stop=None,
-                  stats: Stats | None = None):
-    """Validate everything, then return a generator of new token ids (so bad input raises here, not on
-    the first next())."""
-    model = sequence.model
+def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: GenerationOptions,
+                  eos_ids: list[int], tokenizer=None, stats: Stats | None = None):
+    """A generator of new token ids. The arguments are checked here, at the call; the prompt's ids are
+    checked by the sequence (Sequence.check) when the generator starts."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    model.check_tokens(prompt)
-    if len(prompt) + max_new_tokens > model.context_length:
-        raise ContextLengthError(
-            f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context window of "
-            f"{model.context_length}")
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise SamplingError("stop strings must be non-empty strings")
-    if stop and model.tokenizer is None:
+    if options.stop and tokenizer is None:
         raise SamplingError("stop strings need the checkpoint's tokenizer")
-    return _generate(sequence, prompt, max_new_tokens, params, stop, stats or Stats())
+    stop = (StopStrings(options.stop, tokenizer.stream_decoder(skip_special_tokens=False))
+            if options.stop else None)
+    return _generate(sequence, prompt, max_new_tokens, options, set(eos_ids), stop, stats or Stats())
 
 
-def _generate(sequence, prompt, max_new_tokens, params: SamplingParams, stop, stats: Stats):
-    model = sequence.model
-    eos = set(model.eos_token_ids)
-    rng = np.random.default_rng(params.seed)
-    vocab = model.config.vocab_size
+def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos: set[int], stop,
+              stats: Stats):
+    if max_new_tokens == 0:
+        return
+    vocab = sequence.decoder.config.vocab_size
+    rng = np.random.default_rng(options.seed)
     probs, order = np.empty(vocab, np.float32), np.empty(vocab, np.int64)
-    stopper = StopStrings(stop, model.tokenizer.stream_decoder(skip_special_tokens=False)) if stop else None
-    penalize = (params.repetition_penalty not in (None, 1.0)) or bool(params.presence_penalty)
+    penalize = (options.repetition_penalty not in (None, 1.0)) or bool(options.presence_penalty)
+    stats.prompt_tokens = len(prompt)
+    started = time.perf_counter()
+    logits = sequence.reset_to(prompt, room=max_new_tokens)
+    stats.cached_tokens = sequence.reused
+    stats.prefill_seconds = time.perf_counter() - started
     seen = np.zeros(vocab, dtype=bool)
     seen[np.asarray(prompt)] = True
     seen_ids = np.flatnonzero(seen)
-
-    if max_new_tokens == 0:
-        return
-    stats.prompt_tokens = len(prompt)
-    started = time.perf_counter()
-    logits = sequence.reset_to(prompt)
-    stats.cached_tokens = sequence.reused
-    stats.prefill_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for n in range(max_new_tokens):
         if penalize:
-            apply_penalties(logits, seen_ids, params.repetition_penalty or 1.0, params.presence_penalty or 0.0)
-        token = int(sample(probs, order, logits, params.temperature, params.top_k or 0,
-                           1.0 if params.top_p is None else params.top_p, params.min_p or 0.0, rng.random()))
+            apply_penalties(logits, seen_ids, options.repetition_penalty or 1.0,
+                            options.presence_penalty or 0.0)
+        token = int(sample(probs, order, logits, options.temperature, options.top_k or 0,
+                           1.0 if options.top_p is None else options.top_p, options.min_p or 0.0,
+                           rng.random()))
         stats.generated_tokens = n + 1
         stats.decode_seconds = time.perf_counter() - started
         yield token
-        if token in eos or (stopper and stopper.hit(token)) or n + 1 == max_new_tokens:
+        if token in eos or (stop and stop.hit(token)) or n + 1 == max_new_tokens:
             return
         if not seen[token]:
             seen[token] = True
             seen_ids = np.append(seen_ids, token)
         logits = sequence.extend([token])
-

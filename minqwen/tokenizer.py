@@ -19,10 +19,11 @@ import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from minqwen.errors import CheckpointError, TemplateError
+from .errors import CheckpointError, TemplateError
 
 # The named special tokens transformers passes to every chat template (`bos_token`, `eos_token`, ...).
-NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                        "mask_token")
 
 # Names a message's reasoning may arrive under; transformers copies the first found to the first two.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -31,7 +32,8 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 class Tokenizer:
     """A Qwen tokenizer: `tokenizers` BPE for text, Jinja for chat templates."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, chat_templates: dict[str, str], template_vars: dict[str, str]):
+    def __init__(self, backend: tokenizers.Tokenizer, chat_templates: dict[str, str],
+                 template_vars: dict[str, str]):
         self.backend = backend
         self.chat_templates = chat_templates  # name -> Jinja source; the usual one is "default"
         self.template_vars = template_vars  # bos_token / eos_token / ... as tokenizer_config names them
@@ -42,7 +44,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, folder, chat_template: str | None = None) -> "Tokenizer":
-        """Load tokenizer.json (+ tokenizer_config.json and chat_template.jinja if present) from a model folder.
+        """Load tokenizer.json (+ tokenizer_config.json and chat_template.jinja if present) from a
+        model folder.
 
         `chat_template` overrides the folder's template (Jinja source)."""
         folder = Path(folder)
@@ -78,7 +81,7 @@ class Tokenizer:
         if chat_template is not None:
             templates = {"default": chat_template}
 
-        # Special tokens are stored as "<|im_end|>" or as a serialised AddedToken {"content": "<|im_end|>", ...}.
+        # Special tokens are stored as "<|im_end|>" or a serialised AddedToken {"content": "<|im_end|>", ...}.
         # transformers also passes named model-specific tokens (extra_special_tokens given as a dict).
         named = {name: config.get(name) for name in NAMED_SPECIAL_TOKENS}
         if isinstance(config.get("extra_special_tokens"), dict):
@@ -136,8 +139,8 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental detokenisation: push ids one at a time, get back the text they complete.
 
-    Decoding one token alone is wrong in two ways: a byte-level BPE token can hold half of a UTF-8
-    character (decoding it gives U+FFFD), and some decoders change a token's text depending on what precedes it.
+    Decoding one token alone is wrong in two ways: a byte-level BPE token can hold half of a UTF-8 character
+    (decoding it gives U+FFFD), and some decoders change a token's text depending on what precedes it.
     So, as text-generation-inference does, we decode a short window: `ids[prefix:]` minus `ids[prefix:read]`,
     where `ids[prefix:read]` is the text already returned for the previous step. While the window's text ends
     in U+FFFD the last character is incomplete and we return nothing yet. The window only spans the tokens
@@ -162,7 +165,7 @@ class StreamDecoder:
         text = self.decode(self.ids)
         if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
             return ""  # nothing new yet, or a character split across tokens: wait for the rest
-        # ids[:read] ended on a character boundary (its text had no trailing U+FFFD): it becomes the new prefix.
+        # ids[:read] ended on a character boundary (its text had no trailing U+FFFD): it becomes the prefix.
         self.ids = self.ids[self.read :]
         self.read = len(self.ids)
         return text[len(prefix_text) :]

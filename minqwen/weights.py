@@ -1,43 +1,45 @@
-"""Checkpoint tensors -> the model's weights: the one place where tensors are named, checked and stacked.
+"""Checkpoint tensors -> the model's weights: the one place where tensors are named, checked and grouped.
 
-Matrices stay memory-mapped in their stored dtype (see kernels/dtypes.py); only vectors (norm weights,
-biases: a few KB each) are widened to float32. Every tensor's shape is checked against the config, so a
-config that disagrees with the checkpoint fails at load with the tensor's name, not later with garbage.
-Field names are the checkpoint's own (`q_proj` holds `self_attn.q_proj.weight`).
+Matrices stay memory-mapped in their stored dtype (see kernels/dtypes.py), or are quantised as they load
+(`quantize_bits`, see quantize.py); only vectors (norm weights, biases: a few KB each) are widened to
+float32. Every tensor's shape is checked against the config, so a config that disagrees with the
+checkpoint fails at load with the tensor's name, not later with garbage. Field names are the
+checkpoint's own (`q_proj` holds `self_attn.q_proj.weight`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+from numba.typed import List
 
 from .config import Config
 from .errors import ConfigError
 from .kernels.dtypes import BF16, FP16, FP32, to_float32
 from .kernels.quant import BLOCK, Int4Matrix, Int8Matrix
+from .quantize import quantizable, quantize_matrix
 
 MATRIX_DTYPES = (BF16, FP16, FP32)
 
 
 @dataclass
-class Attention:
+class AttentionWeights:
     """Softmax attention over a KV cache (Qwen2/Qwen3 and the full-attention layers of the hybrids)."""
 
     q_proj: np.ndarray  # (n_heads * head_dim [* 2 with an output gate], hidden)
     k_proj: np.ndarray  # (n_kv_heads * head_dim, hidden)
     v_proj: np.ndarray  # (n_kv_heads * head_dim, hidden)
     o_proj: np.ndarray  # (hidden, n_heads * head_dim)
-    q_bias: np.ndarray | None  # Qwen2: q, k, v biases; Qwen3: attention_bias for all four
+    q_bias: np.ndarray | None  # qkv_bias: q, k, v biases; attention_bias: all four
     k_bias: np.ndarray | None
     v_bias: np.ndarray | None
     o_bias: np.ndarray | None
-    q_norm: np.ndarray | None  # Qwen3+: RMSNorm over each head's dims, before RoPE
+    q_norm: np.ndarray | None  # families with qk_norm: RMSNorm over each head's dims, before RoPE
     k_norm: np.ndarray | None
-    output_gate: bool  # hybrid generation: q_proj also yields a per-head gate, interleaved [q_h, gate_h]
 
 
 @dataclass
-class LinearAttention:
+class DeltaNetWeights:
     """Gated DeltaNet (Qwen3-Next, Qwen3.5): linear attention with a [key_dim, value_dim] state per head.
 
     Stored as Qwen3.5 does (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a). Qwen3-Next fuses them into
@@ -60,7 +62,7 @@ class LinearAttention:
 
 
 @dataclass
-class MLP:
+class MLPWeights:
     """SwiGLU feed-forward: down(silu(gate x) * up x)."""
 
     gate_proj: np.ndarray  # (intermediate, hidden)
@@ -69,44 +71,44 @@ class MLP:
 
 
 @dataclass
-class SparseMoE:
-    """A router picks num_experts_per_tok of num_experts SwiGLU experts per token (Qwen2-MoE adds an
-    always-on shared expert scaled by sigmoid(shared_expert_gate . x)).
+class MoEWeights:
+    """A router picks num_experts_per_tok of num_experts SwiGLU experts per token; Qwen2-MoE, Qwen3-Next
+    and Qwen3.5-MoE add an always-on shared expert scaled by sigmoid(shared_expert_gate . x).
 
-    The experts stay where the checkpoint stores them, one tensor each, memory-mapped: a typed list of
-    per-expert matrices (stacking them would copy the whole model into RAM)."""
+    The experts stay where the checkpoint stores them, memory-mapped: a typed list of per-expert
+    matrices (stacking them would copy the whole model into RAM)."""
 
     gate: np.ndarray  # router (num_experts, hidden)
-    gate_projs: object  # numba typed List of (moe_intermediate, hidden), one per expert
-    up_projs: object  # typed List of (moe_intermediate, hidden)
-    down_projs: object  # typed List of (hidden, moe_intermediate)
-    shared_expert: MLP | None
+    gate_projs: List  # numba typed List of (moe_intermediate, hidden), one per expert
+    up_projs: List  # typed List of (moe_intermediate, hidden)
+    down_projs: List  # typed List of (hidden, moe_intermediate)
+    shared_expert: MLPWeights | None
     shared_expert_gate: np.ndarray | None  # (1, hidden)
 
 
 @dataclass
-class Layer:
+class LayerWeights:
     input_layernorm: np.ndarray  # (hidden,) float32
     post_attention_layernorm: np.ndarray  # (hidden,) float32
-    self_attn: Attention | None  # softmax attention layers
-    linear_attn: LinearAttention | None  # Gated DeltaNet layers of the hybrid generation
-    mlp: MLP | SparseMoE
+    self_attn: AttentionWeights | None  # softmax attention layers
+    linear_attn: DeltaNetWeights | None  # Gated DeltaNet layers of the hybrid generation
+    mlp: MLPWeights | MoEWeights
 
 
 @dataclass
 class Weights:
     embed_tokens: np.ndarray  # (vocab, hidden)
-    layers: list[Layer]
+    layers: list[LayerWeights]
     norm: np.ndarray  # (hidden,) float32
-    lm_head: np.ndarray  # (vocab, hidden): embed_tokens itself when tied
+    lm_head: np.ndarray  # (vocab, hidden): embed_tokens itself when tied (or its quantised copy)
 
 
 class TensorSource:
-    """Takes tensors out of the checkpoint by name, checking each one's shape and dtype."""
+    """Takes tensors out of the checkpoint by name, checking each one's shape and dtype; with
+    `quantize_bits`, the matrices that quantize.quantizable names come out quantised."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], prefix: str = ""):
-        self.tensors, self.prefix = tensors, prefix
-        self.used: set[str] = set()
+    def __init__(self, tensors: dict[str, np.ndarray], prefix: str = "", quantize_bits: int | None = None):
+        self.tensors, self.prefix, self.quantize_bits = tensors, prefix, quantize_bits
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.tensors
@@ -118,13 +120,12 @@ class TensorSource:
         w = self._get(name, shape)
         if w.dtype not in MATRIX_DTYPES:
             raise ConfigError(f"tensor {self.prefix + name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
+        if self.quantize_bits and quantizable(self.prefix + name, w):
+            return quantize_matrix(w, self.quantize_bits)
         return w
 
     def vector(self, name: str, size: int) -> np.ndarray:
         return np.ascontiguousarray(to_float32(self.matrix(name, (size,))))
-
-    def optional_vector(self, name: str, size: int) -> np.ndarray | None:
-        return self.vector(name, size) if self.has(name) else None
 
     def _quantized(self, stem: str, shape: tuple[int, int]):
         """A matrix written by `minqwen quantize`: int8 q [N, K] or int4 q [N, K/2] (uint8), fp16 scales
@@ -143,95 +144,100 @@ class TensorSource:
         w = self.tensors[full]
         if w.shape != tuple(shape):
             raise ConfigError(f"tensor {full} has shape {w.shape}; the config implies {tuple(shape)}")
-        self.used.add(full)
         return w
 
 
-def load_weights(config: Config, tensors: dict[str, np.ndarray]) -> Weights:
-    src = TensorSource(tensors, prefix=_language_model_prefix(tensors))
+def load_weights(config: Config, tensors: dict[str, np.ndarray], quantize_bits: int | None = None) -> Weights:
+    src = TensorSource(tensors, language_model_prefix(tensors), quantize_bits)
     d, v = config.hidden_size, config.vocab_size
-    embed = src.matrix("embed_tokens.weight", (v, d))
+    embed = src.matrix("embed_tokens.weight", (v, d))  # never quantised: see quantize.py
     layers = [_layer(config, src, i) for i in range(config.num_hidden_layers)]
-    head_src = TensorSource(tensors)
-    if config.tie_word_embeddings:
-        lm_head = embed
+    if config.tie_word_embeddings:  # the head is the embedding table itself, or its quantised copy
+        head_quantized = quantize_bits and quantizable("lm_head.weight", embed)
+        lm_head = quantize_matrix(embed, quantize_bits) if head_quantized else embed
     else:
-        lm_head = head_src.matrix("lm_head.weight", (v, d))
-    return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, "norm.weight", d), lm_head=lm_head)
+        lm_head = TensorSource(tensors, "", quantize_bits).matrix("lm_head.weight", (v, d))
+    return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, "norm.weight", d),
+                   lm_head=lm_head)
 
 
-def _language_model_prefix(tensors: dict[str, np.ndarray]) -> str:
+def language_model_prefix(names) -> str:
     """Text models keep the decoder under `model.`; Qwen3.5 image-text ones under `model.language_model.`."""
-    if "model.language_model.embed_tokens.weight" in tensors:
-        return "model.language_model."
-    return "model."
+    return "model.language_model." if "model.language_model.embed_tokens.weight" in names else "model."
 
 
 def _norm(config: Config, src: TensorSource, name: str, size: int) -> np.ndarray:
-    """An RMSNorm weight as the kernels use it: x / rms(x) * weight (zero-centred ones: 1 + w, exact in fp32)."""
+    """An RMSNorm weight as the kernels use it: x / rms(x) * weight
+    (zero-centred ones: 1 + w, exact in fp32)."""
     weight = src.vector(name, size)
-    return weight + np.float32(1) if config.zero_centred_norms else weight
+    return weight + np.float32(1) if config.family.zero_centred_norms else weight
 
 
-def _layer(config: Config, src: TensorSource, i: int) -> Layer:
+def _layer(config: Config, src: TensorSource, i: int) -> LayerWeights:
     d = config.hidden_size
     p = f"layers.{i}."
-    linear = config.layer_types[i] == "linear_attention"
-    return Layer(input_layernorm=_norm(config, src, p + "input_layernorm.weight", d),
-                 post_attention_layernorm=_norm(config, src, p + "post_attention_layernorm.weight", d),
-                 self_attn=None if linear else _attention(config, src, p + "self_attn."),
-                 linear_attn=_linear_attention(config, src, p + "linear_attn.") if linear else None,
-                 mlp=_sparse_moe(config, src, p + "mlp.") if config.is_sparse(i)
-                 else _mlp(src, p + "mlp.", d, config.intermediate_size))
+    deltanet = config.layer_types[i] == "linear_attention"
+    return LayerWeights(input_layernorm=_norm(config, src, p + "input_layernorm.weight", d),
+                        post_attention_layernorm=_norm(config, src, p + "post_attention_layernorm.weight", d),
+                        self_attn=None if deltanet else _attention(config, src, p + "self_attn."),
+                        linear_attn=_deltanet(config, src, p + "linear_attn.") if deltanet else None,
+                        mlp=_moe(config, src, p + "mlp.") if config.is_sparse(i)
+                        else _mlp(src, p + "mlp.", d, config.intermediate_size))
 
 
-def _attention(config: Config, src: TensorSource, p: str) -> Attention:
-    d, hd = config.hidden_size, config.head_dim
+def _attention(config: Config, src: TensorSource, p: str) -> AttentionWeights:
+    d, hd, family = config.hidden_size, config.head_dim, config.family
     q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
     qkv_bias = config.qkv_bias or config.attention_bias
-    bias = lambda name, n, on: src.vector(p + name + ".bias", n) if on else None  # noqa: E731
-    has_qk_norm = config.model_type != "qwen2" and config.model_type != "qwen2_moe"
-    return Attention(
-        q_proj=src.matrix(p + "q_proj.weight", (q_out * (2 if config.attn_output_gate else 1), d)),
+
+    def bias(name, size, present):
+        return src.vector(p + name + ".bias", size) if present else None
+
+    return AttentionWeights(
+        q_proj=src.matrix(p + "q_proj.weight", (q_out * (2 if family.output_gate else 1), d)),
         k_proj=src.matrix(p + "k_proj.weight", (kv_out, d)),
         v_proj=src.matrix(p + "v_proj.weight", (kv_out, d)),
         o_proj=src.matrix(p + "o_proj.weight", (d, q_out)),
         q_bias=bias("q_proj", q_out, qkv_bias), k_bias=bias("k_proj", kv_out, qkv_bias),
         v_bias=bias("v_proj", kv_out, qkv_bias), o_bias=bias("o_proj", d, config.attention_bias),
-        q_norm=_norm(config, src, p + "q_norm.weight", hd) if has_qk_norm else None,
-        k_norm=_norm(config, src, p + "k_norm.weight", hd) if has_qk_norm else None,
-        output_gate=config.attn_output_gate)
+        q_norm=_norm(config, src, p + "q_norm.weight", hd) if family.qk_norm else None,
+        k_norm=_norm(config, src, p + "k_norm.weight", hd) if family.qk_norm else None)
 
 
-def _linear_attention(config: Config, src: TensorSource, p: str) -> LinearAttention:
+def _deltanet(config: Config, src: TensorSource, p: str) -> DeltaNetWeights:
     d = config.hidden_size
     hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
     dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
     if not (hk and hv and dk and dv) or hv % hk:
         raise ConfigError("linear attention needs linear_num_{key,value}_heads (value a multiple of key) "
                           "and linear_{key,value}_head_dim")
-    channels = 2 * hk * dk + hv * dv
+    channels, value_dim = config.deltanet_conv_channels, config.deltanet_value_dim
     fused = src.has(p + "in_proj_qkvz.weight")
-    separate = lambda name, rows: None if fused else src.matrix(p + name + ".weight", (rows, d))  # noqa: E731
+
+    def separate(name, rows):
+        return None if fused else src.matrix(p + name + ".weight", (rows, d))
+
     conv = src.matrix(p + "conv1d.weight", (channels, 1, config.linear_conv_kernel_dim))
-    return LinearAttention(
-        in_proj_qkv=separate("in_proj_qkv", channels), in_proj_z=separate("in_proj_z", hv * dv),
+    return DeltaNetWeights(
+        in_proj_qkv=separate("in_proj_qkv", channels), in_proj_z=separate("in_proj_z", value_dim),
         in_proj_b=separate("in_proj_b", hv), in_proj_a=separate("in_proj_a", hv),
-        in_proj_qkvz=src.matrix(p + "in_proj_qkvz.weight", (channels + hv * dv, d)) if fused else None,
+        in_proj_qkvz=src.matrix(p + "in_proj_qkvz.weight", (channels + value_dim, d)) if fused else None,
         in_proj_ba=src.matrix(p + "in_proj_ba.weight", (2 * hv, d)) if fused else None,
         qkvz_order=_qwen3_next_qkvz_order(hk, hv // hk, dk, dv) if fused else None,
         ba_order=_qwen3_next_ba_order(hk, hv // hk) if fused else None,
         conv1d=conv.reshape(channels, config.linear_conv_kernel_dim),
         A_log=src.vector(p + "A_log", hv), dt_bias=src.vector(p + "dt_bias", hv),
-        norm=src.vector(p + "norm.weight", dv), out_proj=src.matrix(p + "out_proj.weight", (d, hv * dv)))
+        norm=src.vector(p + "norm.weight", dv), out_proj=src.matrix(p + "out_proj.weight", (d, value_dim)))
 
 
 def _qwen3_next_qkvz_order(hk: int, group: int, dk: int, dv: int) -> np.ndarray:
     """in_proj_qkvz rows come per key head j as [q_j (Dk), k_j (Dk), v (G Dv), z (G Dv)]; the order
     that lists them as [all q | all k | all v | all z]."""
-    per_head = 2 * dk + 2 * group * dv
-    start = np.arange(hk)[:, None] * per_head
-    block = lambda offset, size: (start + offset + np.arange(size)).ravel()  # noqa: E731
+    start = np.arange(hk)[:, None] * (2 * dk + 2 * group * dv)
+
+    def block(offset, size):
+        return (start + offset + np.arange(size)).ravel()
+
     return np.concatenate([block(0, dk), block(dk, dk), block(2 * dk, group * dv),
                            block(2 * dk + group * dv, group * dv)])
 
@@ -242,15 +248,13 @@ def _qwen3_next_ba_order(hk: int, group: int) -> np.ndarray:
     return np.concatenate([(start + np.arange(group)).ravel(), (start + group + np.arange(group)).ravel()])
 
 
-def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLP:
-    return MLP(gate_proj=src.matrix(p + "gate_proj.weight", (f, d)),
-               up_proj=src.matrix(p + "up_proj.weight", (f, d)),
-               down_proj=src.matrix(p + "down_proj.weight", (d, f)))
+def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLPWeights:
+    return MLPWeights(gate_proj=src.matrix(p + "gate_proj.weight", (f, d)),
+                      up_proj=src.matrix(p + "up_proj.weight", (f, d)),
+                      down_proj=src.matrix(p + "down_proj.weight", (d, f)))
 
 
-def _sparse_moe(config: Config, src: TensorSource, p: str) -> SparseMoE:
-    from numba.typed import List
-
+def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
     d, f, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
     projections = {}
     for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
@@ -259,9 +263,10 @@ def _sparse_moe(config: Config, src: TensorSource, p: str) -> SparseMoE:
             raise ConfigError(f"{p}experts.*.{name} mix dtypes")
         projections[name] = List(matrices)
     shared = config.shared_expert_intermediate_size > 0
-    return SparseMoE(gate=src.matrix(p + "gate.weight", (n, d)),
-                     gate_projs=projections["gate_proj"], up_projs=projections["up_proj"],
-                     down_projs=projections["down_proj"],
-                     shared_expert=_mlp(src, p + "shared_expert.", d, config.shared_expert_intermediate_size)
-                     if shared else None,
-                     shared_expert_gate=src.matrix(p + "shared_expert_gate.weight", (1, d)) if shared else None)
+    return MoEWeights(gate=src.matrix(p + "gate.weight", (n, d)),
+                      gate_projs=projections["gate_proj"], up_projs=projections["up_proj"],
+                      down_projs=projections["down_proj"],
+                      shared_expert=_mlp(src, p + "shared_expert.", d, config.shared_expert_intermediate_size)
+                      if shared else None,
+                      shared_expert_gate=src.matrix(p + "shared_expert_gate.weight", (1, d))
+                      if shared else None)

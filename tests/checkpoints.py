@@ -17,8 +17,9 @@ DATA = Path(__file__).parent / "data"
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def build_checkpoint(folder: Path, config: dict, dtype: str = "fp32", seed: int = 0, shard_size: str | None = None,
-                     tokenizer: str | None = None, generation_config: dict | None = None) -> Path:
+def build_checkpoint(folder: Path, config: dict, dtype: str = "fp32", seed: int = 0,
+                     shard_size: str | None = None, tokenizer: str | None = None,
+                     generation_config: dict | None = None) -> Path:
     import torch
     from transformers import AutoConfig
 
@@ -90,8 +91,8 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_length: int = 20, new_tokens: int = 16,
-                                reference_dtype: str = "float32"):
+def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_length: int = 20,
+                                new_tokens: int = 16, reference_dtype: str = "float32"):
     """Logits of every position within tolerance of transformers' logits, and identical greedy tokens
     (which run the KV cache / recurrent state: decode after prefill).
 
@@ -110,17 +111,20 @@ def assert_matches_transformers(name: str, folder: Path, dtype: str, prompt_leng
     if reference_dtype == "float64":
         noise = relative_error(reference_logits(reference_model(folder), prompt), theirs)
         tolerance = max(tolerance, 3 * noise)
-    print(f"PARITY {name}: max|diff|/max|logit| = {error:.2e}, mean|diff| = {np.abs(ours - theirs).mean():.2e}"
+    print(f"PARITY {name}: max|diff|/max|logit| = {error:.2e}, "
+          f"mean|diff| = {np.abs(ours - theirs).mean():.2e}"
           + (f" (transformers fp32 vs fp64: {noise:.2e})" if noise else ""))
     assert error <= tolerance, f"{name}: relative logit error {error:.2e} > {tolerance:.2e}"
-    assert model.generate(prompt, max_new_tokens=new_tokens) == reference_greedy(reference, prompt, new_tokens)
+    assert (model.generate(prompt, max_new_tokens=new_tokens)
+            == reference_greedy(reference, prompt, new_tokens))
     return model
 
 
 def build_case(cases: dict, name: str, tmp_path_factory) -> tuple[str, Path, str]:
     """(name, folder, dtype) of a parity case given as (config, dtype[, shard size])."""
     config, dtype, *shard = cases[name]
-    folder = build_checkpoint(tmp_path_factory.mktemp(name), config, dtype, shard_size=shard[0] if shard else None)
+    folder = build_checkpoint(tmp_path_factory.mktemp(name), config, dtype,
+                              shard_size=shard[0] if shard else None)
     return name, folder, dtype
 
 
@@ -133,3 +137,29 @@ def shrink(config: dict, **sizes) -> dict:
     small = dict(config)
     small.update(sizes)
     return small
+
+
+def assert_batch_matches_alone(model, sizes=(3, 11, 7)):
+    """Several sequences in one forward pass (each weight read once for all of them) get the logits each
+    gets alone, whatever their lengths: a decode step each, and a fresh sequence's prefill beside them.
+    To float rounding only: in a batch, a sparse layer may take the by-expert path where a sequence alone
+    streams its experts one token at a time (measured: 3e-5 apart)."""
+    from minqwen.model import Cache
+
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in sizes]
+    alone, caches = [], []
+    for prompt in prompts:
+        sequence = model.sequence()
+        sequence.reset_to(prompt)
+        alone.append(sequence.extend([5]).copy())
+        cache = Cache(model.config, 64)
+        model.decoder(cache, np.array(prompt))
+        caches.append(cache)
+    batch = ([(cache, np.array([5])) for cache in caches]
+             + [(Cache(model.config, 64), np.array(prompts[0] + [5]))])
+    together = model.decoder.forward(batch)
+    scale = np.abs(np.array(alone)).max()
+    for i, logits in enumerate(alone + [alone[0]]):
+        error = np.abs(together[i] - logits).max() / scale
+        assert error <= TOLERANCE["fp32"], f"sequence {i} of the batch: relative logit error {error:.2e}"

@@ -47,20 +47,24 @@ TOOLS = [
         "function": {
             "name": "search",
             "description": "Search the web.",
-            "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "top_k": {"type": "integer"}}},
+            "parameters": {"type": "object",
+                           "properties": {"query": {"type": "string"}, "top_k": {"type": "integer"}}},
         },
     },
 ]
 
-SYSTEM = {"role": "system", "content": "You are a helpful assistant. Réponds en français si on te le demande."}
+SYSTEM = {"role": "system",
+          "content": "You are a helpful assistant. Réponds en français si on te le demande."}
 USER = {"role": "user", "content": "What's the weather in Paris? 巴黎天气怎么样？"}
 CALL = {
     "role": "assistant",
     "content": "Let me check.",
     "tool_calls": [
-        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}},
-        {"type": "function", "function": {"name": "search", "arguments": {"query": "Paris météo", "top_k": 3,
-                                                                          "filters": {"lang": ["fr", "en"]}}}},
+        {"type": "function", "function": {"name": "get_weather",
+                                          "arguments": {"city": "Paris", "unit": "celsius"}}},
+        {"type": "function", "function": {"name": "search",
+                                          "arguments": {"query": "Paris météo", "top_k": 3,
+                                                        "filters": {"lang": ["fr", "en"]}}}},
     ],
 }
 RESULTS = [
@@ -96,7 +100,8 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "It is 21 °C and clear in Paris."},
         {"role": "user", "content": "Thanks!"},
     ],
-    "tool_call_without_content": [USER, {"role": "assistant", "content": None, "tool_calls": CALL["tool_calls"]},
+    "tool_call_without_content": [USER,
+                                  {"role": "assistant", "content": None, "tool_calls": CALL["tool_calls"]},
                                   RESULTS[0]],
 }
 USES_TOOLS = {"tools", "tools_then_answer", "tool_call_without_content"}
@@ -126,7 +131,8 @@ def pairs():
     from transformers import AutoTokenizer
 
     folders = sorted(set(TEMPLATES.values()))
-    return {f: (Tokenizer.from_dir(DATA / "tokenizers" / f), AutoTokenizer.from_pretrained(DATA / "tokenizers" / f))
+    return {f: (Tokenizer.from_dir(DATA / "tokenizers" / f),
+                AutoTokenizer.from_pretrained(DATA / "tokenizers" / f))
             for f in folders}
 
 
@@ -172,7 +178,8 @@ def test_chat_template_matches_transformers(pairs, template_file):
     assert rendered >= (len(CONVERSATIONS) - 1) * len(THINKING) * 2
 
 
-@pytest.mark.parametrize("template_file", ["qwen2.5-instruct.jinja", "qwen3.jinja", "qwen3-initial-2025-04.jinja"])
+@pytest.mark.parametrize("template_file",
+                         ["qwen2.5-instruct.jinja", "qwen3.jinja", "qwen3-initial-2025-04.jinja"])
 def test_tool_call_arguments_as_json_string(pairs, template_file):
     # OpenAI-style APIs send arguments as a JSON string; the Qwen2.5/3 templates print it verbatim.
     template = (DATA / "templates" / template_file).read_text()
@@ -203,7 +210,8 @@ def test_folder_template_is_used_by_default(pairs, folder):
 
 def test_multimodal_text_parts_match_transformers(pairs):
     ours, theirs = pairs["qwen3.5"]
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe "}, {"type": "text", "text": "this."}]}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Describe "},
+                                             {"type": "text", "text": "this."}]}]
     assert ours.apply_chat_template(messages) == theirs_apply(theirs, messages, add_generation_prompt=True)
 
 
@@ -240,7 +248,8 @@ def test_sandbox_rejects_unsafe_calls(tiny_dir):
 
 
 def test_environment_features_match_transformers(pairs):
-    """tojson arguments, loop controls, generation blocks, special-token variables, kwargs: as transformers."""
+    """tojson arguments, loop controls, generation blocks, special-token variables, kwargs:
+    as transformers."""
     ours, theirs = pairs["qwen2.5"]
     template = (
         "{{ bos_token is defined }} {{ eos_token }} {{ pad_token }} {{ custom }}\n"
@@ -250,7 +259,8 @@ def test_environment_features_match_transformers(pairs):
         "{% if m.role == 'system' %}{% continue %}{% endif %}[{{ m.content }}]{% endfor %}\n"
         "{% generation %}{{ messages[-1].content | trim }}{% endgeneration %}\n"
         "{{ add_generation_prompt }} {{ documents }}\n"
-        "{% for m in messages %}\n    {% if m.role != 'system' %}\n  {{ m.role }}\n    {% endif %}\n{% endfor %}\n"
+        "{% for m in messages %}\n    {% if m.role != 'system' %}\n  {{ m.role }}\n"
+        "    {% endif %}\n{% endfor %}\n"
     )
     # "gone": None is dropped before rendering (APIs send content=None), so tojson must not show it.
     messages = [{"role": "user", "content": "<b>é & 中\"'</b>", "z": 1, "a": [1.5, None, True], "gone": None},
@@ -282,7 +292,8 @@ def test_template_sources_and_precedence(tiny_dir):
     ours = Tokenizer.from_dir(tiny_dir)
     assert ours.has_chat_template and ours.chat_template.startswith("D")
     assert ours.apply_chat_template(user, tokenize=False) == "D<|im_end|>False"
-    assert ours.apply_chat_template(user, tokenize=False, tools=TOOLS) == "T"  # transformers' named-template rule
+    # transformers' named-template rule
+    assert ours.apply_chat_template(user, tokenize=False, tools=TOOLS) == "T"
     assert ours.apply_chat_template(user) == ours.encode("D<|im_end|>False")
     assert ours.apply_chat_template(user)[1] == ours.token_to_id("<|im_end|>")
 

@@ -25,7 +25,8 @@ def qwen25(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    config = shrink(json.loads((DATA / "configs" / "qwen3-0.6b.config.json").read_text()), head_dim=16, **SIZES)
+    config = shrink(json.loads((DATA / "configs" / "qwen3-0.6b.config.json").read_text()), head_dim=16,
+                    **SIZES)
     generation = json.loads((DATA / "configs" / "qwen3-0.6b.generation_config.json").read_text())
     return build_checkpoint(tmp_path_factory.mktemp("qwen3"), config, "bf16", tokenizer="qwen3",
                             generation_config=generation)
@@ -52,7 +53,8 @@ def test_raw_prompt_and_system_message(qwen25):
     model = minqwen.load(qwen25)
     raw = run_cli("generate", "--model", str(qwen25), "--prompt", "abc", "--no-chat", "--temperature", "0",
                   "--max-new-tokens", "3")
-    assert raw.returncode == 0 and raw.stderr.startswith(f"prompt: {len(model.tokenizer.encode('abc'))} tokens")
+    assert (raw.returncode == 0
+            and raw.stderr.startswith(f"prompt: {len(model.tokenizer.encode('abc'))} tokens"))
     system = run_cli("generate", "--model", str(qwen25), "--prompt", "abc", "--system", "Be brief.",
                      "--temperature", "0", "--max-new-tokens", "3")
     with_system = model.tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
@@ -107,7 +109,8 @@ def test_cli_sampling_errors_are_one_line(qwen25):
     for option in (["--temperature", "-1"], ["--top-p", "0"], ["--top-p", "1.5"], ["--max-new-tokens", "-2"]):
         result = run_cli("generate", "--model", str(qwen25), "--prompt", "hi", *option)
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+        assert (len(result.stderr.strip().splitlines()) == 1
+                and result.stderr.startswith("error: ")), result.stderr
 
 
 def test_prompt_longer_than_context_cli(qwen25):
@@ -128,8 +131,8 @@ def test_thinking_switch_changes_the_prompt(qwen3):
     think = model.tokenizer.apply_chat_template(messages, enable_thinking=True)
     no_think = model.tokenizer.apply_chat_template(messages, enable_thinking=False)
     assert no_think[:len(think)] == think and len(no_think) > len(think)  # an empty <think></think> block
-    result = run_cli("generate", "--model", str(qwen3), "--prompt", "2+2?", "--no-think", "--max-new-tokens", "2",
-                     "--temperature", "0")
+    result = run_cli("generate", "--model", str(qwen3), "--prompt", "2+2?", "--no-think",
+                     "--max-new-tokens", "2", "--temperature", "0")
     assert result.returncode == 0 and result.stderr.startswith(f"prompt: {len(no_think)} tokens")
 
 

@@ -10,8 +10,14 @@ import pytest
 
 import minqwen
 from checkpoints import build_checkpoint
-from minqwen.errors import (CheckpointError, ConfigError, ContextLengthError, SamplingError, TokenError,
-                            UnsupportedModelError)
+from minqwen.errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    SamplingError,
+    TokenError,
+    UnsupportedModelError,
+)
 
 CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=128, hidden_size=32,
               intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -30,7 +36,8 @@ def broken(good, tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "minqwen", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "minqwen", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def assert_one_line_error(result, fragment: str):
@@ -67,7 +74,8 @@ def test_unsupported_model_type(broken):
 
 def test_config_disagrees_with_tensors(broken):
     (broken / "config.json").write_text(json.dumps(dict(CONFIG, intermediate_size=50)))
-    with pytest.raises(ConfigError, match=r"mlp.gate_proj.weight has shape \(48, 32\); the config implies \(50, 32\)"):
+    with pytest.raises(ConfigError,
+                       match=r"mlp.gate_proj.weight has shape \(48, 32\); the config implies \(50, 32\)"):
         minqwen.load(broken)
 
 

@@ -6,14 +6,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minqwen.kernels.activations import swiglu, swiglu_reference
-from minqwen.kernels.attention import attention, attention_blocked, attention_reference
+from minqwen.kernels.activations import (
+    sigmoid,
+    sigmoid_gate,
+    sigmoid_gate_reference,
+    sigmoid_reference,
+    silu,
+    silu_reference,
+    swiglu,
+    swiglu_reference,
+)
+from minqwen.kernels.attention import attention_decode, attention_prefill, attention_reference
 from minqwen.kernels.dtypes import BF16, FP16, FP32, from_float32
 from minqwen.kernels.embedding import embed, embed_reference
-from minqwen.kernels.exp import exp_neg, exp_neg_reference
+from minqwen.kernels.exp import expf, expf_reference
 from minqwen.kernels.jit import jit
-from minqwen.kernels.matmul import (FEW_TOKENS, linear, matmul, matmul_few, matmul_reference, matvec, matvec_reference,
-                                    widen_rows)
+from minqwen.kernels.linear import FEW_TOKENS, linear
+from minqwen.kernels.matmul import matmul, matmul_few, matmul_reference, matvec, matvec_reference, widen_rows
 from minqwen.kernels.norm import rmsnorm, rmsnorm_reference
 from minqwen.kernels.rope import apply_rope, apply_rope_reference
 
@@ -96,28 +105,30 @@ def test_apply_rope_rotates_halves_not_adjacent_pairs():
     assert np.array_equal(x[0, 0], np.array([-2.0, 10.0, 1.0, 20.0], np.float32))
 
 
-# ---- exp_neg ----
+# ---- expf ----
 
 @jit
-def exp_neg_all(out, x):  # the scalar kernel over an array, as the attention and SwiGLU loops call it
+def expf_all(out, x):  # the scalar kernel over an array, as the attention and activation loops call it
     for i in range(x.size):
-        out[i] = exp_neg(x[i])
+        out[i] = expf(x[i])
 
 
-@settings(deadline=None, max_examples=30)
-@given(seed=seeds, scale=st.sampled_from([1e-6, 0.1, 1.0, 10.0, 86.0, 200.0]), n=st.integers(1, 300))
-def test_exp_neg(seed, scale, n):
-    x = -np.abs(np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+@settings(deadline=None, max_examples=40)
+@given(seed=seeds, scale=st.sampled_from([1e-6, 0.1, 1.0, 10.0, 86.0, 200.0]), n=st.integers(1, 300),
+       sign=st.sampled_from([-1.0, 1.0, 0.0]))
+def test_expf(seed, scale, n, sign):
+    x = np.random.default_rng(seed).standard_normal(n) * scale
+    x = (sign * np.abs(x) if sign else x).astype(np.float32)  # all <= 0, all >= 0, or both
     x[0] = 0.0  # e**0 = 1 exactly enough
     out = np.full(n, np.nan, np.float32)
-    exp_neg_all(out, x)
-    ref = exp_neg_reference(x)
+    expf_all(out, x)
+    ref = expf_reference(x)
     assert np.all(np.abs(out - ref) <= 4e-7 * ref), np.abs(out / ref - 1).max()
-    assert np.all(out[x < -87] == 0) and np.all(out[x >= -87] > 0)
+    assert np.all(out[x < -87] == 0) and np.all(out[x >= -87] > 0) and np.isfinite(out).all()
 
 
 
-def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention, cache_dtype=FP32):
+def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention_decode, cache_dtype=FP32):
     q = rng.standard_normal((T, Hq, hd)).astype(np.float32)
     # Positions beyond start + T hold NaN: a kernel that reads them fails.
     k_cache = np.full((Hkv, capacity, hd), np.nan, np.float32)
@@ -139,7 +150,8 @@ def run_attention(rng, T, Hq, Hkv, hd, start, window, capacity, kernel=attention
        cache_dtype=st.sampled_from(DTYPES))
 def test_attention(seed, T, start, Hkv, ratio, hd, window, spare, cache_dtype):
     rng = np.random.default_rng(seed)
-    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + spare, cache_dtype=cache_dtype)
+    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + spare,
+                             cache_dtype=cache_dtype)
     assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window}")
 
 
@@ -151,7 +163,7 @@ def test_attention(seed, T, start, Hkv, ratio, hd, window, spare, cache_dtype):
 def test_attention_blocked(seed, T, start, Hkv, ratio, hd, window, block, cache_dtype):
     """The BLAS form of prefill attention, in blocks of queries of any size."""
     rng = np.random.default_rng(seed)
-    kernel = functools.partial(attention_blocked, block=block)
+    kernel = functools.partial(attention_prefill, block=block)
     out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + 3, kernel, cache_dtype)
     assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window} block={block}")
 
@@ -175,11 +187,11 @@ def test_attention_prefill_then_decode_equals_one_prefill():
     k_cache = rng.standard_normal((Hkv, T, hd)).astype(np.float32)
     v_cache = rng.standard_normal((Hkv, T, hd)).astype(np.float32)
     whole = np.empty_like(q)
-    attention(whole, q, k_cache, v_cache, 0, 4, 0.2)
+    attention_decode(whole, q, k_cache, v_cache, 0, 4, 0.2)
     steps = np.empty_like(q)
-    attention(steps[:5], q[:5], k_cache, v_cache, 0, 4, 0.2)
+    attention_decode(steps[:5], q[:5], k_cache, v_cache, 0, 4, 0.2)
     for t in range(5, T):
-        attention(steps[t:t + 1], q[t:t + 1], k_cache, v_cache, t, 4, 0.2)
+        attention_decode(steps[t:t + 1], q[t:t + 1], k_cache, v_cache, t, 4, 0.2)
     assert_close(steps, whole.astype(np.float64), TOL)
 
 
@@ -290,3 +302,38 @@ def test_embed(seed, V, D, T, dtype):
     out = np.full((T, D), np.nan, np.float32)
     embed(out, table, ids)
     assert np.array_equal(out, embed_reference(table, ids).astype(np.float32))  # widening is exact
+
+
+# ---- sigmoid, silu, sigmoid_gate ----
+
+@jit
+def sigmoid_silu_all(s_out, silu_out, x):  # the scalar helpers over an array, as the kernels call them
+    for i in range(x.shape[0]):
+        s_out[i] = sigmoid(x[i])
+        silu_out[i] = silu(x[i])
+
+
+def test_sigmoid_and_silu_stay_finite_and_exact():
+    x = np.concatenate([np.linspace(-120, 120, 2001),
+                        [-1e30, -89.0, -88.0, 0.0, 88.0, 89.0, 1e30]]).astype(np.float32)
+    s, si = np.empty_like(x), np.empty_like(x)
+    sigmoid_silu_all(s, si, x)
+    assert np.isfinite(s).all() and np.isfinite(si).all()
+    assert np.abs(s - sigmoid_reference(x)).max() <= 1e-6
+    rel = np.abs(si - silu_reference(x)) / np.maximum(np.abs(silu_reference(x)), 1e-30)
+    assert rel[np.abs(x) < 80].max() <= 1e-6, f"max relative error {rel.max():.3g}"
+
+
+@settings(deadline=None, max_examples=20)
+@given(T=st.integers(1, 20), H=st.integers(1, 4), D=st.sampled_from([1, 3, 5, 16, 17, 32]),
+       per_head=st.booleans(), seed=seeds)
+def test_sigmoid_gate(T, H, D, per_head, seed):
+    """The attention output gate (gate [T, H, D], a strided half of q_proj's output) and the shared
+    expert's one gate per row (gate [T, H, 1])."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, H, D)).astype(np.float32)
+    q_and_gate = 4 * rng.standard_normal((T, H, 2 * D)).astype(np.float32)
+    gate = q_and_gate[:, :, D:D + 1] if per_head else q_and_gate[:, :, D:]
+    ref = sigmoid_gate_reference(x, gate)
+    sigmoid_gate(x, x, gate)
+    assert_close(x, ref, TOL, "sigmoid_gate")

@@ -1,22 +1,29 @@
 """Gated DeltaNet kernels (Qwen3-Next / Qwen3.5) against their float64 references, against each other
-(chunked prefill == recurrent decode for any chunk size and any split), and against transformers'
-torch code: the functions one by one, then whole Qwen3NextGatedDeltaNet / Qwen3_5GatedDeltaNet layers
+(any split of a sequence gives the same outputs and state), and against transformers' torch code: the
+functions one by one, then whole Qwen3NextGatedDeltaNet / Qwen3_5GatedDeltaNet layers
 rebuilt from our kernels with the projection layouts the model loader must use.
 """
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
 
 from minqwen.kernels.deltanet import (
-    causal_conv1d, causal_conv1d_reference, delta_rule_gates, delta_rule_gates_reference,
-    gated_delta_rule_chunked, gated_delta_rule_chunked_reference, gated_delta_rule_recurrent,
-    gated_delta_rule_recurrent_reference, gated_rmsnorm, gated_rmsnorm_reference, l2norm,
-    l2norm_reference, sigmoid_gate, sigmoid_gate_reference,
+    causal_conv1d,
+    causal_conv1d_reference,
+    delta_rule_gates,
+    delta_rule_gates_reference,
+    gated_delta_rule_recurrent,
+    gated_delta_rule_recurrent_reference,
+    gated_rmsnorm,
+    gated_rmsnorm_reference,
+    l2norm,
+    l2norm_reference,
 )
 from minqwen.kernels.dtypes import bf16_bits, to_float32
 
@@ -106,18 +113,6 @@ def test_delta_rule_gates(T, H, seed, bf16):
     assert_close(beta, ref_beta, "beta")
 
 
-@settings(deadline=None, max_examples=40)
-@given(T=st.integers(1, 30), Hk=st.integers(1, 3), group=st.integers(1, 3), Dk=head_dims, Dv=head_dims,
-       decay=decays, chunk=st.integers(1, 12), seed=st.integers(0, 2**31))
-def test_chunked_reference_is_the_recurrence(T, Hk, group, Dk, Dv, decay, chunk, seed):
-    """The two float64 references agree to rounding: the chunk formulas are the recurrence."""
-    args = delta_inputs(seed, T, Hk, group, Dk, Dv, decay)
-    out, state = gated_delta_rule_recurrent_reference(*args)
-    chunk_out, chunk_state = gated_delta_rule_chunked_reference(*args, chunk)
-    assert_close(chunk_out, out, "chunked reference out", tol=1e-9)
-    assert_close(chunk_state, state, "chunked reference state", tol=1e-9)
-
-
 @settings(deadline=None, max_examples=30)
 @given(T=st.integers(1, 80), Hk=st.integers(1, 4), group=st.integers(1, 3), Dk=head_dims, Dv=head_dims,
        decay=decays, seed=st.integers(0, 2**31))
@@ -131,36 +126,18 @@ def test_gated_delta_rule_recurrent(T, Hk, group, Dk, Dv, decay, seed):
 
 
 @settings(deadline=None, max_examples=30)
-@given(T=st.integers(1, 80), Hk=st.integers(1, 4), group=st.integers(1, 3), Dk=head_dims, Dv=head_dims,
-       decay=decays, chunk=st.one_of(st.sampled_from([1, 3, 16, 64]), st.integers(1, 90)),
-       seed=st.integers(0, 2**31))
-def test_gated_delta_rule_chunked(T, Hk, group, Dk, Dv, decay, chunk, seed):
-    state, q, k, v, g, beta = delta_inputs(seed, T, Hk, group, Dk, Dv, decay)
-    ref_out, ref_state = gated_delta_rule_recurrent_reference(state, q, k, v, g, beta)
-    out = np.empty_like(v)
-    gated_delta_rule_chunked(out, state, q, k, v, g, beta, chunk)
-    assert_close(out, ref_out, f"chunked out (chunk {chunk})")
-    assert_close(state, ref_state, f"chunked state (chunk {chunk})")
-
-
-@settings(deadline=None, max_examples=30)
 @given(T=st.integers(2, 80), Hk=st.integers(1, 3), group=st.integers(1, 3), Dk=head_dims, Dv=head_dims,
        decay=decays, data=st.data(), seed=st.integers(0, 2**31))
-def test_any_split_of_prefill_chunks_and_decode_steps(T, Hk, group, Dk, Dv, decay, data, seed):
-    """A sequence fed as pieces, each either chunked (random chunk size) or token by token, from a zero
-    state like a new sequence: same outputs and final state as the recurrence over the whole."""
+def test_any_split_of_prefill_and_decode_steps(T, Hk, group, Dk, Dv, decay, data, seed):
+    """A sequence fed as pieces (prefill chunks, single tokens), from a zero state like a new sequence:
+    same outputs and final state as the recurrence over the whole."""
     state, q, k, v, g, beta = delta_inputs(seed, T, Hk, group, Dk, Dv, decay)
     state[:] = 0.0
     ref_out, ref_state = gated_delta_rule_recurrent_reference(state, q, k, v, g, beta)
     out = np.empty_like(v)
     for lo, hi in cuts(T, data.draw(st.lists(st.integers(1, T - 1), max_size=4), label="cuts")):
         piece = slice(lo, hi)
-        chunk = data.draw(st.sampled_from([0, 1, 3, 16, 64]), label="chunk (0 = recurrent)")
-        if chunk == 0:
-            gated_delta_rule_recurrent(out[piece], state, q[piece], k[piece], v[piece], g[piece], beta[piece])
-        else:
-            gated_delta_rule_chunked(out[piece], state, q[piece], k[piece], v[piece], g[piece], beta[piece],
-                                     chunk)
+        gated_delta_rule_recurrent(out[piece], state, q[piece], k[piece], v[piece], g[piece], beta[piece])
     assert_close(out, ref_out, "split out")
     assert_close(state, ref_state, "split state")
 
@@ -182,26 +159,14 @@ def test_gated_rmsnorm(T, H, D, bf16, in_place, seed):
     assert_close(out, ref, "gated_rmsnorm")
 
 
-@settings(deadline=None, max_examples=15)
-@given(T=st.integers(1, 20), H=st.integers(1, 4), D=head_dims, seed=st.integers(0, 2**31))
-def test_sigmoid_gate(T, H, D, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, H, D)).astype(np.float32)
-    # gate as the model has it: q_proj's output viewed [T, H, 2D] is [q_h, gate_h] per head
-    q_and_gate = 4 * rng.standard_normal((T, H, 2 * D)).astype(np.float32)
-    gate = q_and_gate[:, :, D:]
-    ref = sigmoid_gate_reference(x, gate)
-    sigmoid_gate(x, x, gate)
-    assert_close(x, ref, "sigmoid_gate")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Against transformers' torch code
 
 
 def test_kernels_match_transformers_functions():
     """One random case through transformers' own l2norm, causal_conv1d_fn/_update,
-    torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule and Qwen3NextRMSNormGated."""
+    torch_chunk_gated_delta_rule (its prefill form), torch_recurrent_gated_delta_rule and
+    Qwen3NextRMSNormGated."""
     rng = np.random.default_rng(7)
     T, Hk, group, Dk, Dv, K, chunk = 45, 2, 3, 17, 12, 4, 16
     Hv = Hk * group
@@ -234,17 +199,14 @@ def test_kernels_match_transformers_functions():
     l2norm(q, q_raw, 1e-6)
     l2norm(k, k_raw, 1e-6)
     batched = [tensor(a[None].copy()) for a in (q_raw, k_raw, v, g, beta)]
-    for name, torch_fn, ours, extra in [
-        ("chunked", hf.torch_chunk_gated_delta_rule, gated_delta_rule_chunked, (chunk,)),
-        ("recurrent", hf.torch_recurrent_gated_delta_rule, gated_delta_rule_recurrent, ()),
-    ]:
-        kw = {"chunk_size": chunk} if extra else {}
+    for name, torch_fn, kw in [("chunked", hf.torch_chunk_gated_delta_rule, {"chunk_size": chunk}),
+                               ("recurrent", hf.torch_recurrent_gated_delta_rule, {})]:
         torch_o, torch_s = torch_fn(*batched, initial_state=tensor(state0[None].copy()),
                                     output_final_state=True, use_qk_l2norm_in_kernel=True, **kw)
         state, o = state0.copy(), np.empty_like(v)
-        ours(o, state, q, k, v, g, beta, *extra)
-        assert_close(o, torch_o[0].numpy(), f"{name} out vs transformers")
-        assert_close(state, torch_s[0].numpy(), f"{name} state vs transformers")
+        gated_delta_rule_recurrent(o, state, q, k, v, g, beta)
+        assert_close(o, torch_o[0].numpy(), f"recurrence vs transformers' {name} form: out")
+        assert_close(state, torch_s[0].numpy(), f"recurrence vs transformers' {name} form: state")
 
     # Gated RMSNorm over rows of one value head.
     norm = hf.Qwen3NextRMSNormGated(Dv, eps=1e-6)
@@ -281,8 +243,7 @@ def qwen3_next_ba_rows(Hk, group):  # -> (rows of in_proj_b, rows of in_proj_a)
 
 
 def deltanet_layer(hidden, weights, Hk, Hv, Dk, Dv, eps, pieces):  # [T, hidden] -> [T, hidden]
-    """A Gated DeltaNet layer from our kernels, Qwen3.5 weight layout, fed as the given pieces
-    (single tokens through the recurrent kernel, longer pieces chunked)."""
+    """A Gated DeltaNet layer from our kernels, Qwen3.5 weight layout, fed as the given pieces."""
     in_proj_qkv, in_proj_z, in_proj_b, in_proj_a = (weights[n] for n in ("qkv", "z", "b", "a"))
     conv_weight = weights["conv1d"][:, 0, :]
     K = conv_weight.shape[1]
@@ -302,10 +263,7 @@ def deltanet_layer(hidden, weights, Hk, Hv, Dk, Dv, eps, pieces):  # [T, hidden]
         g, beta = np.empty((n, Hv), np.float32), np.empty((n, Hv), np.float32)
         delta_rule_gates(g, beta, x @ in_proj_a.T, x @ in_proj_b.T, weights["A_log"], weights["dt_bias"])
         o = np.empty((n, Hv, Dv), np.float32)
-        if n == 1:
-            gated_delta_rule_recurrent(o, state, q, k, v, g, beta)
-        else:
-            gated_delta_rule_chunked(o, state, q, k, v, g, beta, 4)
+        gated_delta_rule_recurrent(o, state, q, k, v, g, beta)
         gated_rmsnorm(o, o, weights["norm"], (x @ in_proj_z.T).reshape(n, Hv, Dv), eps)
         outputs.append(o.reshape(n, Hv * Dv) @ weights["out_proj"].T)
     return np.concatenate(outputs)

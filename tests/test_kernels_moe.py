@@ -7,10 +7,10 @@ from numba.typed import List
 
 from minqwen.kernels.dtypes import BF16, FP16, FP32, from_float32, to_float32
 from minqwen.kernels.moe import (
-    moe_decode,
-    moe_decode_reference,
-    moe_prefill,
-    moe_prefill_reference,
+    moe_by_expert,
+    moe_by_expert_reference,
+    moe_one_token,
+    moe_one_token_reference,
     moe_reference,
     route,
     route_reference,
@@ -157,19 +157,19 @@ expert_cases = st.tuples(
 def run_decode(x, gate_w, up_w, down_w, experts, weights):
     out = np.full(x.shape[0], np.nan, dtype=np.float32)
     hidden = np.full((len(experts), gate_w[0].shape[0]), np.nan, dtype=np.float32)
-    moe_decode(out, hidden, x, gate_w, up_w, down_w, experts, weights)
+    moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights)
     return out
 
 
 def run_prefill(x, gate_w, up_w, down_w, experts, weights):
     out = np.full(x.shape, np.nan, dtype=np.float32)
-    moe_prefill(out, x, gate_w, up_w, down_w, experts, weights)
+    moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights)
     return out
 
 
 @settings(max_examples=50)
 @given(expert_cases)
-def test_moe_decode_matches_reference(case):
+def test_moe_one_token_matches_reference(case):
     E, k, D, F, dtype, as_list, seed = case
     k = min(k, E)
     rng = np.random.default_rng(seed)
@@ -177,13 +177,13 @@ def test_moe_decode_matches_reference(case):
     x = rng.standard_normal(D).astype(np.float32)
     weights, experts = draw_routing(rng, 1, E, k)
     got = run_decode(x, gate_w, up_w, down_w, experts[0], weights[0])
-    ref = moe_decode_reference(x, gate_w, up_w, down_w, experts[0], weights[0])
-    assert_close(got, ref, TOL, f"moe_decode {dtype}")
+    ref = moe_one_token_reference(x, gate_w, up_w, down_w, experts[0], weights[0])
+    assert_close(got, ref, TOL, f"moe_one_token {dtype}")
 
 
 @settings(max_examples=40)
 @given(expert_cases, st.integers(1, 40))
-def test_moe_prefill_matches_reference_and_decode(case, T):
+def test_moe_by_expert_matches_reference_and_decode(case, T):
     E, k, D, F, dtype, as_list, seed = case
     k = min(k, E)
     rng = np.random.default_rng(seed)
@@ -191,10 +191,10 @@ def test_moe_prefill_matches_reference_and_decode(case, T):
     x = rng.standard_normal((T, D)).astype(np.float32)
     weights, experts = draw_routing(rng, T, E, k)
     got = run_prefill(x, gate_w, up_w, down_w, experts, weights)
-    ref = moe_prefill_reference(x, gate_w, up_w, down_w, experts, weights)
-    assert_close(got, ref, TOL, f"moe_prefill {dtype}")
+    ref = moe_by_expert_reference(x, gate_w, up_w, down_w, experts, weights)
+    assert_close(got, ref, TOL, f"moe_by_expert {dtype}")
     by_token = np.stack([run_decode(x[t], gate_w, up_w, down_w, experts[t], weights[t]) for t in range(T)])
-    assert_close(got, by_token.astype(np.float64), TOL, f"moe_prefill vs moe_decode {dtype}")
+    assert_close(got, by_token.astype(np.float64), TOL, f"moe_by_expert vs moe_one_token {dtype}")
 
 
 @settings(max_examples=30)
@@ -243,7 +243,7 @@ def test_route_then_prefill_matches_moe_reference(case, T, norm):
     weights, experts = run_route(logits, k, norm)
     got = run_prefill(x, gate_w, up_w, down_w, experts, weights)
     ref = moe_reference(x, gate_w, up_w, down_w, router_w, k, norm)
-    assert_close(got, ref, TOL, f"route + moe_prefill {dtype}")
+    assert_close(got, ref, TOL, f"route + moe_by_expert {dtype}")
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])

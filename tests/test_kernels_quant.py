@@ -6,9 +6,19 @@ from hypothesis import strategies as st
 
 from minqwen.kernels.dtypes import BF16, FP16, FP32, bf16_bits, to_float32
 from minqwen.kernels.quant import (
-    dequantize_int4, dequantize_int8, int4_nibbles, matmul_int4, matmul_int4_reference, matmul_int8,
-    matmul_int8_reference, matvec_int4, matvec_int4_reference, matvec_int8, matvec_int8_reference,
-    quantize_int4, quantize_int8,
+    dequantize_int4,
+    dequantize_int8,
+    int4_nibbles,
+    matmul_int4,
+    matmul_int4_reference,
+    matmul_int8,
+    matmul_int8_reference,
+    matvec_int4,
+    matvec_int4_reference,
+    matvec_int8,
+    matvec_int8_reference,
+    quantize_int4,
+    quantize_int8,
 )
 
 TOL = 1e-5  # fp32 math against float64, relative to the size of the terms summed (max_n sum_k |w x|)
@@ -94,7 +104,9 @@ def test_quantize_int4_format(seed, N, K, kind, dtype):
     assert np.all(m + 15 * s >= hi - 1e-6 * np.abs(hi))
     assert np.all(s <= (hi - m) / 15 + fp16_ulp((hi - m) / 15))
     err = np.abs(dequantize_int4(q, scales, mins) - w)
-    assert np.all(err <= np.repeat(s, 32, axis=1) * (0.5 + 1e-5) + 1e-6 * np.abs(w)), f"max err {err.max():.3g}"
+    assert np.all(err <= np.repeat(s, 32, axis=1) * (0.5 + 1e-5) + 1e-6 * np.abs(w)), (
+        f"max err {err.max():.3g}"
+    )
 
 
 def test_int4_nibble_order_is_the_documented_one():
@@ -116,7 +128,10 @@ def test_int4_nibble_order_is_the_documented_one():
 
 def test_quantisation_error_on_gaussian_weights():
     w = np.random.default_rng(1).standard_normal((256, 1024)).astype(np.float32)
-    rel = lambda d: np.sqrt(((d - w) ** 2).sum() / (w.astype(np.float64) ** 2).sum())
+
+    def rel(d):
+        return np.sqrt(((d - w) ** 2).sum() / (w.astype(np.float64) ** 2).sum())
+
     e8 = rel(dequantize_int8(*quantize_int8(w)))
     e4 = rel(dequantize_int4(*quantize_int4(w)))
     # measured 0.53% and 7.8%; a symmetric [-8, 7] int4 grid would give 8.6%
@@ -177,7 +192,8 @@ def test_matvec_int8_activation_rounding_is_bounded_not_free():  # the bound abo
     x = rng.standard_normal(896).astype(np.float32)
     out = np.empty(64, np.float32)
     matvec_int8(out, q, scales, x)
-    error = np.abs(out - matvec_int8_reference(q, scales, x)).max() / term_scale(dequantize_int8(q, scales), x)
+    error = (np.abs(out - matvec_int8_reference(q, scales, x)).max()
+             / term_scale(dequantize_int8(q, scales), x))
     assert 1e-7 < error < 2e-5  # larger than float32 rounding alone, far below int8 weight rounding
 
 
@@ -189,7 +205,8 @@ def test_matvec_int4(seed, N, K, kind):
     x = (rng.standard_normal(K) * rng.choice([1e-3, 1.0, 30.0])).astype(np.float32)
     out = np.full(N, np.nan, np.float32)
     matvec_int4(out, q, scales, mins, x)
-    assert_close(out, matvec_int4_reference(q, scales, mins, x), term_scale(dequantize_int4(q, scales, mins), x))
+    assert_close(out, matvec_int4_reference(q, scales, mins, x),
+                 term_scale(dequantize_int4(q, scales, mins), x))
 
 
 def test_matvec_int4_any_nibbles():  # every bit pattern, not only what the quantiser produces
@@ -201,7 +218,8 @@ def test_matvec_int4_any_nibbles():  # every bit pattern, not only what the quan
         x = rng.standard_normal(K).astype(np.float32)
         out = np.full(37, np.nan, np.float32)
         matvec_int4(out, q, scales, mins, x)
-        assert_close(out, matvec_int4_reference(q, scales, mins, x), term_scale(dequantize_int4(q, scales, mins), x))
+        assert_close(out, matvec_int4_reference(q, scales, mins, x),
+                     term_scale(dequantize_int4(q, scales, mins), x))
 
 
 @settings(deadline=None, max_examples=25)
@@ -230,6 +248,7 @@ def test_matmul_int4(seed, T, N, K, kind, tile_floats, column_slice):
     wide = np.full((T, N + 5), np.nan, np.float32)
     out = wide[:, 2:2 + N] if column_slice else np.full((T, N), np.nan, np.float32)
     matmul_int4(out, x, q, scales, mins, tile_floats=tile_floats)
-    assert_close(out, matmul_int4_reference(x, q, scales, mins), term_scale(dequantize_int4(q, scales, mins), x))
+    assert_close(out, matmul_int4_reference(x, q, scales, mins),
+                 term_scale(dequantize_int4(q, scales, mins), x))
     if column_slice:
         assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, 2 + N:]).all()

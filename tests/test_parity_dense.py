@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 
 import minqwen
-from checkpoints import (TOLERANCE, assert_matches_transformers, build_case, build_checkpoint,
-                         published_config as published)
+from checkpoints import (
+    TOLERANCE,
+    assert_batch_matches_alone,
+    assert_matches_transformers,
+    build_case,
+    build_checkpoint,
+)
+from checkpoints import published_config as published
 from minqwen.kernels.dtypes import FP16, FP32, to_float32
+from minqwen.model import Cache, Decoder
 
 QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=320, hidden_size=64,
              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -25,7 +32,8 @@ TINY = dict(hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_atten
 CASES = {
     # name: (config, dtype, shard size)
     "qwen2-fp32-gqa2": (QWEN2, "fp32", None),
-    "qwen2-bf16-gqa6-untied": (dict(QWEN2, hidden_size=48, num_attention_heads=6, num_key_value_heads=1), "bf16", None),
+    "qwen2-bf16-gqa6-untied": (dict(QWEN2, hidden_size=48, num_attention_heads=6, num_key_value_heads=1),
+                               "bf16", None),
     "qwen2-fp16-tied": (dict(QWEN2, tie_word_embeddings=True), "fp16", None),
     "qwen2-mha-sharded": (dict(QWEN2, num_key_value_heads=4), "fp32", "100KB"),
     "qwen2-sliding-window": (dict(QWEN2, num_hidden_layers=3, use_sliding_window=True, sliding_window=5,
@@ -35,17 +43,20 @@ CASES = {
                                 rope_scaling={"rope_type": "dynamic", "factor": 3.0}), "fp32", None),
     "qwen2-rope-yarn": (dict(QWEN2, rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                   "original_max_position_embeddings": 32}), "fp32", None),
-    "qwen2-rope-yarn-default-original": (dict(QWEN2, rope_scaling={"type": "yarn", "factor": 2.0}), "bf16", None),
+    "qwen2-rope-yarn-default-original": (dict(QWEN2, rope_scaling={"type": "yarn", "factor": 2.0}),
+                                         "bf16", None),
     "qwen3-fp32-headdim": (QWEN3, "fp32", None),
-    "qwen3-bf16-tied-bias": (dict(QWEN3, tie_word_embeddings=True, attention_bias=True, num_key_value_heads=3),
-                             "bf16", None),
-    "qwen3-rope-parameters-spelling": (dict({k: v for k, v in QWEN3.items() if k not in ("rope_theta", "rope_scaling")},
-                                            rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 3.0,
-                                                             "original_max_position_embeddings": 40}), "fp32", None),
+    "qwen3-bf16-tied-bias": (dict(QWEN3, tie_word_embeddings=True, attention_bias=True,
+                                  num_key_value_heads=3), "bf16", None),
+    "qwen3-rope-parameters-spelling": (
+        dict({k: v for k, v in QWEN3.items() if k not in ("rope_theta", "rope_scaling")},
+             rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 3.0,
+                              "original_max_position_embeddings": 40}), "fp32", None),
     "qwen3-layer-types-sliding": (dict(QWEN3, use_sliding_window=True, sliding_window=4,
                                        layer_types=["sliding_attention", "full_attention"]), "fp32", None),
     "published-qwen2.5-0.5b": (published("qwen2.5-0.5b-instruct", **TINY), "bf16", None),
-    "published-qwen2.5-7b": (published("qwen2.5-7b-instruct", **dict(TINY, num_key_value_heads=1)), "fp32", None),
+    "published-qwen2.5-7b": (published("qwen2.5-7b-instruct", **dict(TINY, num_key_value_heads=1)),
+                             "fp32", None),
     "published-qwen3-0.6b": (published("qwen3-0.6b", **dict(TINY, head_dim=32)), "bf16", None),
 }
 
@@ -100,13 +111,18 @@ def test_fp16_kv_cache_turns_float32_rather_than_overflow(tmp_path):
     assert np.all(cache.k[1][:, cache.length] == 1e6) and np.all(cache.v[1][:, cache.length] == 1e6)
 
 
-def test_prefill_in_chunks_equals_one_pass(tmp_path, monkeypatch):
-    """A prompt longer than the prefill chunk is run in pieces; the logits must not notice."""
-    from minqwen import model as model_module
-
+def test_prefill_in_chunks_equals_one_pass(tmp_path):
+    """A prompt longer than the decoder's chunk is run in pieces; the logits must not notice."""
     folder = build_checkpoint(tmp_path, QWEN3)
     prompt = np.random.default_rng(2).integers(0, 320, size=37).tolist()
-    whole = minqwen.load(folder).logits(prompt)
-    monkeypatch.setattr(model_module, "PREFILL_CHUNK", 8)
-    chunked = minqwen.load(folder).logits(prompt)
+    model = minqwen.load(folder)
+    whole = model.logits(prompt)
+    small_chunks = Decoder(model.config, model.weights, prefill_chunk=8)
+    chunked = small_chunks(Cache(model.config, 64), np.array(prompt), every_token=True)
     assert np.abs(whole - chunked).max() <= 1e-5 * np.abs(whole).max()
+
+
+def test_a_batch_decodes_as_its_sequences_do(tmp_path):
+    folder = build_checkpoint(tmp_path, dict(QWEN2, use_sliding_window=True, sliding_window=5,
+                                             max_window_layers=1))
+    assert_batch_matches_alone(minqwen.load(folder))

@@ -16,7 +16,8 @@ from minqwen.kernels.quant import Int4Matrix, Int8Matrix
 # Every matrix's input size a multiple of 32, as in every real Qwen model.
 CASES = {
     "qwen2.5": published_config("qwen2.5-0.5b-instruct", hidden_size=128, intermediate_size=256,
-                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                vocab_size=512),
     "qwen3": published_config("qwen3-0.6b", hidden_size=128, intermediate_size=224, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512),
 }
@@ -28,7 +29,8 @@ BOUNDS = {"int8": (0.85, 1e-3), "int4": (0.40, 0.1)}
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
-    return request.param, build_checkpoint(tmp_path_factory.mktemp(request.param), CASES[request.param], "bf16")
+    return request.param, build_checkpoint(tmp_path_factory.mktemp(request.param),
+                                           CASES[request.param], "bf16")
 
 
 def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -63,19 +65,21 @@ def test_quantised_logits_stay_close(checkpoint, scheme):
 def test_quantize_command_writes_a_checkpoint_that_loads_the_same(checkpoint, tmp_path, bits):
     _, folder = checkpoint
     out = tmp_path / f"int{bits}"
-    result = subprocess.run([sys.executable, "-m", "minqwen", "quantize", "--model", str(folder), "--out", str(out),
-                             "--bits", str(bits)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "minqwen", "quantize", "--model", str(folder),
+                             "--out", str(out), "--bits", str(bits)],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == bits
     stream = list(range(1, 40))
     on_disk = minqwen.load(out)
     assert isinstance(on_disk.weights.lm_head, Int8Matrix if bits == 8 else Int4Matrix)
-    np.testing.assert_array_equal(on_disk.logits(stream), minqwen.load(folder, quantize=f"int{bits}").logits(stream))
+    np.testing.assert_array_equal(on_disk.logits(stream),
+                                  minqwen.load(folder, quantize=f"int{bits}").logits(stream))
     assert (out / "model.safetensors").stat().st_size < (folder / "model.safetensors").stat().st_size
 
 
 def test_quantising_twice_or_foreign_quantisation_is_refused(checkpoint, tmp_path):
-    from minqwen.quantize import write_quantized_checkpoint
+    from minqwen.checkpoint import write_quantized_checkpoint
 
     _, folder = checkpoint
     write_quantized_checkpoint(folder, tmp_path / "q", 8)

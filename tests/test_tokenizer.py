@@ -41,7 +41,8 @@ def pairs():
     """name -> (ours, transformers') for every fixture tokenizer, loaded once."""
     from transformers import AutoTokenizer
 
-    return {name: (Tokenizer.from_dir(DATA / name), AutoTokenizer.from_pretrained(DATA / name)) for name in NAMES}
+    return {name: (Tokenizer.from_dir(DATA / name), AutoTokenizer.from_pretrained(DATA / name))
+            for name in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -51,7 +52,8 @@ def test_encode_decode_match_transformers(pairs, name):
         ids = ours.encode(text)
         assert ids == theirs.encode(text, add_special_tokens=False), text
         for skip in (False, True):
-            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text
+            assert (ours.decode(ids, skip_special_tokens=skip)
+                    == theirs.decode(ids, skip_special_tokens=skip)), text
         assert ours.decode(ids) == unicodedata.normalize("NFC", text)  # byte-level BPE is lossless after NFC
 
 

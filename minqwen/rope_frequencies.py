@@ -20,18 +20,15 @@ import numpy as np
 from .config import Config, yarn_mscale
 
 
-def rotary_dims(config: Config) -> int:
-    return int(config.head_dim * config.rope.partial_rotary_factor)
-
-
 def inverse_frequencies(config: Config, seq_len: int) -> tuple[np.ndarray, float]:
     """(inv_freq [R/2] float32, attention_factor) for a sequence of `seq_len` positions."""
-    rope, dim = config.rope, rotary_dims(config)
+    rope, dim = config.rope, config.rotary_dims
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     base = rope.rope_theta
     if rope.rope_type == "dynamic":
         length = max(seq_len, config.max_position_embeddings)
-        base = base * ((rope.factor * length / config.max_position_embeddings) - (rope.factor - 1)) ** (dim / (dim - 2))
+        base = base * ((rope.factor * length / config.max_position_embeddings)
+                       - (rope.factor - 1)) ** (dim / (dim - 2))
     inv_freq = (1.0 / np.float32(base) ** exponents).astype(np.float32)
     if rope.rope_type == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32), 1.0
