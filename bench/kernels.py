@@ -1,6 +1,7 @@
 """Kernel bench: how close each weight-streaming kernel gets to this machine's memory bandwidth.
 
-    python bench/kernels.py [--gib 1] [--repeats 7] [--quick] [--threads N] [--kinds fp32,bf16,int8,int4]
+    python bench/kernels.py [--gib 1] [--repeats 7] [--quick] [--threads N]
+                            [--kinds fp32,bf16,fp16,fp8,int8,int4]
 
 Decoding one token streams every weight from DRAM once, so the decode kernels (matvec) are judged
 in GB/s of weights read, next to the read bandwidth of the machine measured the same way (a Numba
@@ -35,6 +36,7 @@ from numba import prange
 
 from common import cpu_flags, cpu_model
 from minqwen.kernels.dtypes import bf16_bits
+from minqwen.kernels.fp8 import Fp8Matrix, matmul_fp8, matvec_fp8
 from minqwen.kernels.jit import pjit
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 from minqwen.kernels.quant import (
@@ -77,6 +79,9 @@ def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads,
         return (w.astype(np.float16).view(np.int16),)
     if kind == "int8":
         return quantize_int8(w)
+    if kind == "fp8":  # e4m3 bytes of a scaled Gaussian (NaN bytes avoided), one float32 scale per 128 x 128
+        q = rng.integers(0, 0x7E, (N, K), dtype=np.uint8) | (rng.integers(0, 2, (N, K), dtype=np.uint8) << 7)
+        return q, np.full((-(-N // 128), -(-K // 128)), 0.02 / 64, np.float32)
     return quantize_int4(w)
 
 
@@ -85,6 +90,8 @@ def matvec_call(kind):
         return lambda out, arrays, x: matvec(out, arrays[0], x)
     if kind == "int8":
         return lambda out, arrays, x: matvec_int8(out, *arrays, x)
+    if kind == "fp8":
+        return lambda out, arrays, x: matvec_fp8(out, *arrays, x, 128)
     return lambda out, arrays, x: matvec_int4(out, *arrays, x)
 
 
@@ -93,6 +100,8 @@ def matmul_call(kind):
         return lambda out, x, arrays: matmul(out, x, arrays[0])
     if kind == "int8":
         return lambda out, x, arrays: matmul_int8(out, x, *arrays)
+    if kind == "fp8":
+        return lambda out, x, arrays: matmul_fp8(out, x, Fp8Matrix(*arrays, 128))
     return lambda out, x, arrays: matmul_int4(out, x, *arrays)
 
 
@@ -166,7 +175,7 @@ def main(argv=None):
                    help="weights streamed per case, GiB (>= 1 defeats caches)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="skip the lm_head shape in prefill and T = 512")
-    p.add_argument("--kinds", default="fp32,bf16,fp16,int8,int4")
+    p.add_argument("--kinds", default="fp32,bf16,fp16,fp8,int8,int4")
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     args = p.parse_args(argv)
     if args.threads:

@@ -1,11 +1,19 @@
 """out = x W^T for a weight matrix in any stored format: the one place that picks the product kernel.
 
-    format \\ tokens     1                  2 .. FEW_TOKENS      more
+    stored format        1 token            2 .. FEW_TOKENS      more tokens
     bf16 / fp16 / fp32   matvec             matmul_few           matmul (tiles widened for BLAS)
+    fp8 (Fp8Matrix)      matvec_fp8         matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
     int8                 matvec_int8        matmul_int8          matmul_int8
     int4                 matvec_int4        matmul_int4          matmul_int4
+
+and `row_dot`, its counterpart inside compiled kernels: one row of W times x, for the formats MoE
+experts come in (the MoE kernel streams the rows of the experts a token chose).
 """
-from .matmul import matmul, matmul_few, matvec
+from numba import types
+from numba.extending import overload
+
+from .fp8 import Fp8Matrix, fp8_row_dot, matmul_fp8, matvec_fp8
+from .matmul import float_row_dot, matmul, matmul_few, matvec
 from .quant import Int4Matrix, Int8Matrix, matmul_int4, matmul_int8, matvec_int4, matvec_int8
 
 FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py "few tokens"):
@@ -17,7 +25,9 @@ def linear(out, x, w):
     # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Int8Matrix or Int4Matrix
     """out = x @ w.T  (no bias: the caller adds it)"""
     one_token = x.shape[0] == 1
-    if isinstance(w, Int8Matrix):
+    if isinstance(w, Fp8Matrix):
+        matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows) if one_token else matmul_fp8(out, x, w)
+    elif isinstance(w, Int8Matrix):
         matvec_int8(out[0], w.q, w.scales, x[0]) if one_token else matmul_int8(out, x, w.q, w.scales)
     elif isinstance(w, Int4Matrix):
         if one_token:
@@ -30,3 +40,17 @@ def linear(out, x, w):
         matmul_few(out, x, w)
     else:
         matmul(out, x, w)
+
+
+def row_dot(w, r, x):
+    """sum_k W[r, k] x[k] for W in any format row_dot knows (callable from compiled kernels only)"""
+    raise NotImplementedError("row_dot is only callable from compiled kernels")
+
+
+@overload(row_dot, inline="always")
+def _row_dot(w, r, x):
+    if isinstance(w, types.Array):
+        return lambda w, r, x: float_row_dot(w[r], x)
+    if isinstance(w, types.BaseNamedTuple) and w.instance_class is Fp8Matrix:
+        return lambda w, r, x: fp8_row_dot(w.q[r], w.scales[r // w.block_rows], x)
+    return None

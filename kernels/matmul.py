@@ -17,18 +17,23 @@ from .jit import jit, pjit
 TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, whatever its shape
 
 
+@jit
+def float_row_dot(w_row, x):  # w_row: [K] bf16/fp16/fp32 bits, x: [K] float32 -> float32
+    """sum_k w_row[k] x[k]"""
+    # A plain scalar sum: fastmath allows LLVM to reorder it, so it becomes 4 x 8 float32 lanes of
+    # FMAs fed by widening loads (vpmovzxwd + vpslld for bf16, vcvtph2ps for fp16).
+    acc = np.float32(0.0)
+    for k in range(w_row.shape[0]):
+        acc += widen(w_row[k]) * x[k]
+    return acc
+
+
 @pjit
 def matvec(out, w, x):  # out: [N] float32, w: [N, K] bf16/fp16/fp32 bits, x: [K] float32
     """out[n] = sum_k w[n,k] x[k]"""
-    N, K = w.shape
     # Numba hands each thread one contiguous block of rows, so each streams its own part of W.
-    for n in prange(N):
-        # A plain scalar sum: fastmath allows LLVM to reorder it, so it becomes 4 x 8 float32
-        # lanes of FMAs fed by widening loads (vpmovzxwd + vpslld for bf16, vcvtph2ps for fp16).
-        acc = np.float32(0.0)
-        for k in range(K):
-            acc += widen(w[n, k]) * x[k]
-        out[n] = acc
+    for n in prange(w.shape[0]):
+        out[n] = float_row_dot(w[n], x)
 
 
 @pjit

@@ -5,9 +5,10 @@
     w_j    = p[e_j]          or  p[e_j] / sum_i p[e_i]    if norm_topk_prob
     out    = sum_j w_j * down[e_j] @ (silu(gate[e_j] @ x) * up[e_j] @ x)
 
-Expert weights stay in their stored dtype: gate_w, up_w [E][F, D], down_w [E][D, F], either stacked
+Expert weights stay in their stored format: gate_w, up_w [E][F, D], down_w [E][D, F], either stacked
 3-D arrays or (as the model passes them) numba typed Lists of the checkpoint's memory-mapped
-per-expert matrices; the kernels only ever index one expert at a time, w[e].
+per-expert matrices (bf16 / fp16 / fp32 arrays, or FP8 blocks: linear.row_dot reads any of them);
+the kernels only ever index one expert at a time, w[e].
 Only the k chosen experts are read, so decoding a token moves bytes in proportion to the *active*
 parameters (3 k F D weights), not the total. Two forms of the same sum:
 - `moe_one_token` streams one token's k experts (decode, or a few tokens, one at a time);
@@ -21,9 +22,9 @@ import numpy as np
 from numba import prange
 
 from .activations import silu, silu_reference, swiglu
-from .dtypes import to_float32, widen
+from .dtypes import to_float32
 from .jit import jit, pjit
-from .linear import linear
+from .linear import linear, row_dot
 
 
 @jit
@@ -80,7 +81,7 @@ def route_reference(router_logits, top_k, norm_topk_prob):  # [T, E] -> [T, k] f
 @pjit
 def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     # out: [D] f32, hidden: [k, F] f32 scratch, x: [D] f32, experts: [k] i64, weights: [k] f32,
-    # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored dtype (stacked array or typed List)
+    # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored format (stacked array or typed List)
     """hidden[j] = silu(gate[e_j] @ x) * (up[e_j] @ x);   out = sum_j weights[j] * down[e_j] @ hidden[j]"""
     k, F = hidden.shape
     D = x.shape[0]
@@ -90,20 +91,14 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     rows = 32
     #
     # Region 1: blocks of the k experts' gate and up rows, (expert, block) flattened into one axis
-    # so both threads get work even when k is small. A row reads its gate and up rows together
-    # (x once) and writes one element of hidden.
+    # so both threads get work even when k is small. A row writes one element of hidden.
     f_blocks = (F + rows - 1) // rows
     for jb in prange(k * f_blocks):
         j = jb // f_blocks
         r0 = (jb % f_blocks) * rows
         gate, up = gate_w[experts[j]], up_w[experts[j]]
         for r in range(r0, min(r0 + rows, F)):
-            g = np.float32(0.0)
-            u = np.float32(0.0)
-            for i in range(D):
-                g += widen(gate[r, i]) * x[i]
-                u += widen(up[r, i]) * x[i]
-            hidden[j, r] = silu(g) * u
+            hidden[j, r] = silu(row_dot(gate, r, x)) * row_dot(up, r, x)
     # Region 2: blocks of output rows, each summing over the k experts, so threads write disjoint
     # rows of out and no reduction across threads is needed.
     for db in prange((D + rows - 1) // rows):
@@ -113,10 +108,7 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
         for j in range(k):
             down = down_w[experts[j]]
             for d in range(d0, d1):
-                s = np.float32(0.0)
-                for f in range(F):
-                    s += widen(down[d, f]) * hidden[j, f]
-                out[d] += weights[j] * s
+                out[d] += weights[j] * row_dot(down, d, hidden[j])
 
 
 def expert_reference(x, gate_w, up_w, down_w):  # [.., D], [F, D], [F, D], [D, F] stored -> [.., D] float64
@@ -142,13 +134,14 @@ def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
     with one token it streams them like decode does), then scatter-add the results.
     """
     T, k = experts.shape
-    E, (F, D) = len(gate_w), gate_w[0].shape
+    E, D = len(gate_w), out.shape[1]
     flat = experts.reshape(-1)
     order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert
     starts = np.zeros(E + 1, dtype=np.int64)
     np.cumsum(np.bincount(flat, minlength=E), out=starts[1:])
     n_max = int(np.diff(starts).max())
     # Work buffers sized for the busiest expert; each expert uses their first n rows.
+    F = gate_w[0].shape[0]
     gate = np.empty((n_max, F), dtype=np.float32)
     up = np.empty((n_max, F), dtype=np.float32)
     y = np.empty((n_max, D), dtype=np.float32)

@@ -37,12 +37,17 @@ from .quantize import quantizable, quantize_matrix
 from .weights import language_model_prefix
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (MAX_HEADER_SIZE, 100 MB)
+# Parsed, a tensor's header entry takes ~1 KB of Python objects: a header may not list more tensors than
+# this (~200 MB), checked before parsing. The largest published checkpoints have ~100k tensors in all,
+# spread over dozens of files.
+MAX_TENSORS = 200_000
 MAX_USIZE = 2**64 - 1           # header integers are Rust `usize` (64-bit)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 # Stored dtype -> how we hand it out. All little-endian, as the format stores them.
-# I16 shares int16 with F16 bits: only small integer buffers are ever I16, never weights.
+# I16 shares int16 with F16 bits: only small integer buffers are ever I16, never weights. F8_E4M3 shares
+# uint8 with U8: an FP8 weight is told apart by its scale (`X.weight_scale_inv`, see weights.py).
 DTYPES = {
     "BF16": BF16,                 # raw bits, np.uint16
     "F16": FP16,                  # raw bits, np.int16
@@ -53,10 +58,12 @@ DTYPES = {
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),
+    "F8_E4M3": np.dtype("u1"),    # raw bits
     "BOOL": np.dtype("?"),
 }
 
-STORED_NAMES = {dtype: name for name, dtype in DTYPES.items() if name != "I16"}  # int16 arrays are F16 bits
+# For writing: int16 arrays are F16 bits, uint8 arrays U8.
+STORED_NAMES = {dtype: name for name, dtype in DTYPES.items() if name not in ("I16", "F8_E4M3")}
 
 TensorEntry = tuple[str, tuple[int, ...], tuple[int, int]]  # (dtype, shape, (begin, end))
 
@@ -108,6 +115,8 @@ def _parse_header(path: Path, raw: bytes) -> dict[str, TensorEntry]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _error(path, "header is not valid UTF-8") from None
+    if raw.count(b"{") > MAX_TENSORS + 2:  # each entry is an object: a bound on the count, before parsing
+        raise _error(path, f"header lists more than {MAX_TENSORS} tensors")
     try:
         # Python's json is laxer than the library's Rust serde_json; the hooks close the gaps that
         # matter here (NaN/Infinity, also accepted by Python, parse to floats and fail the checks).
@@ -339,8 +348,11 @@ def write_quantized_checkpoint(folder: Path, out: Path, bits: int):
     config = load_config(folder)
     tensors = read_tensors(folder)
     raw_config = read_json(folder / "config.json")
-    if "quantization_config" in raw_config:
-        raise ConfigError(f"{folder} is already quantised")
+    if config.quantization_config:
+        method = config.quantization_config.get("quant_method")
+        raise ConfigError(f"{folder} is already quantised ({method}); to run an FP8 checkpoint at "
+                          "int8 / int4, re-quantise it as it loads: --quantize int8|int4" if method == "fp8"
+                          else f"{folder} is already quantised ({method})")
     out.mkdir(parents=True, exist_ok=True)
     if "lm_head.weight" not in tensors:  # tied: lm_head becomes its own (quantised) tensor
         embed = tensors[language_model_prefix(tensors) + "embed_tokens.weight"]

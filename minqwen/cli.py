@@ -16,6 +16,7 @@ from .errors import CheckpointError, MinqwenError, TemplateError
 from .generate import GenerationOptions, Stats, options_with_defaults, stream_tokens
 from .hub import resolve
 from .loader import load
+from .weights import IGNORED, TensorSource, load_weights, unread_tensors
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DIM, RESET = "\033[2m", "\033[0m"
@@ -197,17 +198,17 @@ def _quantize(args) -> int:
 def _info(args) -> int:
     folder = resolve(args.model)
     config = load_config(folder)
-    tensors = read_tensors(folder)
-    kinds = sorted({STORED_NAMES[t.dtype].lower() for t in tensors.values()})
-    params = sum(int(np.prod(t.shape)) for t in tensors.values())
-    weight_bytes = sum(t.nbytes for t in tensors.values())
+    src = TensorSource(read_tensors(folder), fp8_block_rows=config.fp8_block_rows)
+    load_weights(config, src)  # checks every tensor the model reads (maps them; reads no weights)
+    loaded = [src.tensors[name] for name in src.read]
+    kinds = sorted({"f8_e4m3" if config.fp8_block_rows and t.dtype == np.uint8
+                    else STORED_NAMES[t.dtype].lower() for t in loaded})
     context = args.context or config.context_window
-    n_attn = len(config.attention_layers)
     kv_bytes = 2 if args.kv_cache == "fp16" else 4
-    kv_per_token = 2 * n_attn * config.num_key_value_heads * config.head_dim * kv_bytes
+    kv_per_token = 2 * len(config.attention_layers) * config.num_key_value_heads * config.head_dim * kv_bytes
     lines = [
         ("folder", str(folder)),
-        ("architecture", config.model_type + (" (image-text checkpoint: vision tower ignored, not loaded)"
+        ("architecture", config.model_type + (" (image-text checkpoint read as a text model)"
                                               if config.has_vision_tower else "")),
         ("layers", f"{config.num_hidden_layers} "
                    f"({', '.join(f'{n} {t}' for t, n in _counts(config.layer_types))})"),
@@ -217,14 +218,23 @@ def _info(args) -> int:
         ("vocabulary", str(config.vocab_size)),
         ("context", f"{config.context_window} "
                     f"(RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),
-        ("parameters", f"{params / 1e6:.1f} M stored ({', '.join(kinds)})"),
-        ("RAM for weights", f"{weight_bytes / 2**30:.2f} GiB, memory-mapped"),
+        ("parameters", f"{sum(t.size for t in loaded) / 1e6:.1f} M stored ({', '.join(kinds)})"
+                       + (f"; FP8 blocks of {config.fp8_block_rows} x 128" if config.fp8_block_rows else "")),
+        ("RAM for weights", f"{sum(t.nbytes for t in loaded) / 2**30:.2f} GiB, memory-mapped"),
         ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; "
                      f"{kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
     ]
     if config.num_experts:
         lines.insert(5, ("experts", f"{config.num_experts}, top-{config.num_experts_per_tok}, "
-                                    f"moe_intermediate {config.moe_intermediate_size}"))
+                                    f"moe_intermediate {config.moe_intermediate_size}, stored "
+                                    f"{' and '.join(sorted(src.expert_layouts))}"))
+    for kind, names in unread_tensors(src).items():
+        size = sum(src.tensors[name].nbytes for name in names) / 2**30
+        if kind in IGNORED.values():
+            lines.append(("not loaded", f"{kind}: {len(names)} tensors, {size:.2f} GiB"))
+        else:  # a layout minqwen does not know: say so, never drop it silently
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            lines.append(("unexpected tensors", f"{len(names)} ({size:.2f} GiB), not loaded: {shown}"))
     for key, value in lines:
         print(f"{key:>22}: {value}")
     return 0

@@ -2,8 +2,9 @@
 
 Qwen's families share one skeleton (embed -> N x [norm, mixer, norm, MLP] -> norm -> lm_head) and differ
 in a few switches. FAMILIES below is the whole list of those switches, one row a model_type; everything
-else is either shared or read from config.json. `Config.from_dict` is four small steps: unwrap an
-image-text config, resolve the family's defaults and fixed values, build the dataclass, validate.
+else is either shared or read from config.json. `Config.from_dict` is a few small steps: unwrap an
+image-text config, bring other spellings to ours (SPELLINGS), resolve the family's defaults and fixed
+values, build the dataclass, validate.
 Sizes derived from the raw fields (per-layer windows, DeltaNet channel counts, rotated dims) are
 properties, computed in one place.
 """
@@ -48,6 +49,12 @@ FAMILIES = {
 }
 # Image-text checkpoints of the Qwen3.5 generation: the language model's config sits in `text_config`.
 IMAGE_TEXT = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+# Other spellings of our fields, as published configs or newer transformers write them -> ours. Where a
+# config has both, the other spelling wins, as in transformers (whose attribute_map reads it first).
+# Other synonyms need no entry: `rope_theta` + `rope_scaling` / `rope_parameters` (and `type` /
+# `rope_type`) meet in _rope; `full_attention_interval` / `layer_types` in _layer_types; `torch_dtype` /
+# `dtype` are not read (tensors carry their own dtype).
+SPELLINGS = {"num_local_experts": "num_experts"}  # qwen3_moe from transformers >= 5.8
 LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
 
 
@@ -104,6 +111,7 @@ class Config:
     linear_num_value_heads: int = 0
     eos_token_id: list[int] = field(default_factory=list)
     layer_types: list[str] = field(default_factory=list)  # per layer: one of LAYER_KINDS
+    quantization_config: dict = field(default_factory=dict)  # fp8 blocks, or minqwen's int8 / int4
     # Not config.json fields: filled in by from_dict.
     rope: Rope = field(default_factory=Rope)
     has_vision_tower: bool = False  # an image-text checkpoint read as a text model
@@ -153,6 +161,13 @@ class Config:
     def deltanet_conv_channels(self) -> int:  # the causal convolution runs over [q | k | v]
         return 2 * self.deltanet_key_dim + self.deltanet_value_dim
 
+    @property
+    def fp8_block_rows(self) -> int:
+        """Rows per FP8 scale block (0: not an FP8 checkpoint); columns are always 128
+        (_check_quantization)."""
+        q = self.quantization_config
+        return q["weight_block_size"][0] if q.get("quant_method") == "fp8" else 0
+
     def is_sparse(self, layer: int) -> bool:
         """A layer uses experts iff it is not listed as dense, there are experts, and it is on the step."""
         return (layer not in self.mlp_only_layers and self.num_experts > 0
@@ -163,6 +178,7 @@ class Config:
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object")
         raw, has_vision_tower = _text_config(raw)
+        raw = _respell(raw)
         model_type = raw.get("model_type")
         if model_type not in FAMILIES:
             supported = ", ".join(list(FAMILIES) + list(IMAGE_TEXT))
@@ -200,15 +216,39 @@ def _text_config(raw: dict) -> tuple[dict, bool]:
     text = raw.get("text_config")
     if not isinstance(text, dict):
         raise ConfigError(f"{model_type} config has no text_config object")
-    outer = {k: v for k, v in raw.items() if k in ("tie_word_embeddings", "eos_token_id")}
+    # transformers reads quantization_config at either level; FP8 image-text checkpoints keep it outside.
+    outer = {k: v for k, v in raw.items()
+             if k in ("tie_word_embeddings", "eos_token_id", "quantization_config")}
     return {**outer, **text, "model_type": IMAGE_TEXT[model_type]}, "vision_config" in raw
 
 
+def _respell(raw: dict) -> dict:
+    """config.json with SPELLINGS' keys renamed to ours (theirs winning where a config has both)."""
+    ours = dict(raw)
+    for theirs, name in SPELLINGS.items():
+        if theirs in ours:
+            ours[name] = ours.pop(theirs)
+    return ours
+
+
 def _check_quantization(raw: dict):
-    method = (raw.get("quantization_config") or {}).get("quant_method")
-    if method not in (None, "minqwen"):
+    """FP8 blocks as Qwen publishes them (e4m3, [rows, 128]), or minqwen's own int8 / int4; nothing else."""
+    q = raw.get("quantization_config")
+    if q is None:
+        return
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method == "fp8":
+        block = q.get("weight_block_size")
+        if q.get("fmt", "e4m3") != "e4m3":
+            raise UnsupportedModelError(f"FP8 format {q.get('fmt')!r} (minqwen reads e4m3)")
+        if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)
+                and block[1] == 128):
+            raise UnsupportedModelError(f"FP8 weight_block_size {block!r} (minqwen reads [rows, 128] blocks, "
+                                        "as Qwen's FP8 checkpoints have)")
+    elif method != "minqwen":
         raise UnsupportedModelError(f"{method} quantised checkpoints are not supported (minqwen reads bf16, "
-                                    "fp16, fp32 and its own int8/int4: `python -m minqwen quantize`)")
+                                    "fp16, fp32, Qwen's FP8 blocks and its own int8/int4: "
+                                    "`python -m minqwen quantize`)")
 
 
 def _check_sizes(config: Config):
@@ -222,6 +262,9 @@ def _check_sizes(config: Config):
 def _check_shapes(config: Config):
     if config.num_attention_heads % config.num_key_value_heads:
         raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+    if config.num_experts and not 0 < config.num_experts_per_tok <= config.num_experts:
+        raise ConfigError(f"num_experts_per_tok must be in [1, num_experts = {config.num_experts}], "
+                          f"got {config.num_experts_per_tok}")
     if config.hidden_act != "silu":
         raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} (only silu is implemented)")
 

@@ -8,7 +8,7 @@ from .hub import resolve
 from .model import KV_CACHE_DTYPES, Model
 from .quantize import BITS
 from .tokenizer import Tokenizer
-from .weights import load_weights
+from .weights import TensorSource, load_weights
 
 
 def load(path_or_hub_id, context_length: int | None = None, quantize: str | None = None,
@@ -24,7 +24,8 @@ def load(path_or_hub_id, context_length: int | None = None, quantize: str | None
     config = load_config(folder)
     if context_length is not None and not 0 < context_length <= config.context_window:
         raise ContextLengthError(f"context length {context_length} must be in [1, {config.context_window}]")
-    weights = load_weights(config, read_tensors(folder), BITS.get(quantize))
+    weights = load_weights(config, TensorSource(read_tensors(folder), BITS.get(quantize),
+                                                config.fp8_block_rows))
     tokenizer = Tokenizer.from_dir(folder) if (folder / "tokenizer.json").exists() else None
     gen_path = folder / "generation_config.json"
     generation_config = read_json(gen_path) if gen_path.exists() else {}

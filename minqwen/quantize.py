@@ -30,4 +30,4 @@ def quantize_matrix(w: np.ndarray, bits: int) -> Int8Matrix | Int4Matrix:
 
 def quantizable(tensor_name: str, w: np.ndarray) -> bool:
     """Whether the checkpoint tensor `tensor_name` is quantised (see the docstring)."""
-    return w.ndim == 2 and w.shape[1] % BLOCK == 0 and not any(part in tensor_name for part in KEEP)
+    return len(w.shape) == 2 and w.shape[1] % BLOCK == 0 and not any(part in tensor_name for part in KEEP)

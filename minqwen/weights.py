@@ -16,6 +16,7 @@ from numba.typed import List
 from .config import Config
 from .errors import ConfigError
 from .kernels.dtypes import BF16, FP16, FP32, to_float32
+from .kernels.fp8 import BLOCK_COLS, Fp8Matrix, dequantize_fp8
 from .kernels.quant import BLOCK, Int4Matrix, Int8Matrix
 from .quantize import quantizable, quantize_matrix
 
@@ -104,61 +105,101 @@ class Weights:
 
 
 class TensorSource:
-    """Takes tensors out of the checkpoint by name, checking each one's shape and dtype; with
-    `quantize_bits`, the matrices that quantize.quantizable names come out quantised."""
+    """Takes tensors out of the checkpoint by name, checking each one's shape and dtype, and remembers
+    which it took (so `info` can say what no rule read). Matrices come out in the format the kernels
+    read: as stored (bf16 / fp16 / fp32), as FP8 blocks (`X.weight` e4m3 + `X.weight_scale_inv`), as
+    minqwen's int8 / int4 (`X.qweight`, ...), or, with `quantize_bits`, quantised as they load when
+    quantize.quantizable says so."""
 
-    def __init__(self, tensors: dict[str, np.ndarray], prefix: str = "", quantize_bits: int | None = None):
-        self.tensors, self.prefix, self.quantize_bits = tensors, prefix, quantize_bits
+    def __init__(self, tensors: dict[str, np.ndarray], quantize_bits: int | None = None,
+                 fp8_block_rows: int = 0):
+        self.tensors, self.quantize_bits, self.fp8_block_rows = tensors, quantize_bits, fp8_block_rows
+        self.read: set[str] = set()
+        self.expert_layouts: set[str] = set()  # "per-expert" and/or "fused", as _moe found them
 
     def has(self, name: str) -> bool:
-        return self.prefix + name in self.tensors
+        return name in self.tensors
 
-    def matrix(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def matrix(self, name: str, shape: tuple[int, ...]):
         stem = name[:-len(".weight")] if name.endswith(".weight") else None
         if stem and not self.has(name) and self.has(stem + ".qweight"):
-            return self._quantized(stem, shape)
-        w = self._get(name, shape)
-        if w.dtype not in MATRIX_DTYPES:
-            raise ConfigError(f"tensor {self.prefix + name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
-        if self.quantize_bits and quantizable(self.prefix + name, w):
-            return quantize_matrix(w, self.quantize_bits)
+            return self._minqwen_quantized(stem, shape)
+        w = self.get(name, shape)
+        if stem and self.has(stem + ".weight_scale_inv"):
+            w = self._fp8(stem, w)
+        elif w.dtype not in MATRIX_DTYPES:
+            raise ConfigError(f"tensor {name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
+        if self.quantize_bits and quantizable(name, w):
+            return quantize_matrix(dequantize_fp8(w) if isinstance(w, Fp8Matrix) else w, self.quantize_bits)
         return w
 
     def vector(self, name: str, size: int) -> np.ndarray:
         return np.ascontiguousarray(to_float32(self.matrix(name, (size,))))
 
-    def _quantized(self, stem: str, shape: tuple[int, int]):
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor as stored, of exactly this shape."""
+        if name not in self.tensors:
+            raise ConfigError(f"checkpoint has no tensor {name} (the config implies it)")
+        w = self.tensors[name]
+        if w.shape != tuple(shape):
+            raise ConfigError(f"tensor {name} has shape {w.shape}; the config implies {tuple(shape)}")
+        self.read.add(name)
+        return w
+
+    def _fp8(self, stem: str, q: np.ndarray) -> Fp8Matrix:
+        """An FP8 matrix of an official FP8 checkpoint: e4m3 bytes and a float32 / bf16 / fp16 scale per
+        block of fp8_block_rows x 128 (see kernels/fp8.py)."""
+        rows = self.fp8_block_rows
+        if not rows:
+            raise ConfigError(f"tensor {stem}.weight has an FP8 scale, but config.json's quantization_config "
+                              "does not say fp8")
+        if q.dtype != np.uint8 or q.ndim != 2:
+            raise ConfigError(f"tensor {stem}.weight has dtype {q.dtype}; an FP8 weight (with a scale) "
+                              "must be a matrix of F8_E4M3 bytes")
+        n, k = q.shape
+        scales = self.get(stem + ".weight_scale_inv", (-(-n // rows), -(-k // BLOCK_COLS)))
+        if scales.dtype not in MATRIX_DTYPES:
+            raise ConfigError(f"tensor {stem}.weight_scale_inv has dtype {scales.dtype}; "
+                              "expected f32, bf16 or f16")
+        return Fp8Matrix(q, np.ascontiguousarray(to_float32(scales)), rows)
+
+    def _minqwen_quantized(self, stem: str, shape: tuple[int, int]):
         """A matrix written by `minqwen quantize`: int8 q [N, K] or int4 q [N, K/2] (uint8), fp16 scales
         (and int4 mins) [N, K/32]."""
         n, k = shape
         blocks = (n, k // BLOCK)
-        if self.tensors[self.prefix + stem + ".qweight"].dtype == np.int8:
-            return Int8Matrix(self._get(stem + ".qweight", (n, k)), self._get(stem + ".scales", blocks))
-        return Int4Matrix(self._get(stem + ".qweight", (n, k // 2)), self._get(stem + ".scales", blocks),
-                          self._get(stem + ".mins", blocks))
-
-    def _get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        full = self.prefix + name
-        if full not in self.tensors:
-            raise ConfigError(f"checkpoint has no tensor {full} (the config implies it)")
-        w = self.tensors[full]
-        if w.shape != tuple(shape):
-            raise ConfigError(f"tensor {full} has shape {w.shape}; the config implies {tuple(shape)}")
-        return w
+        if self.tensors[stem + ".qweight"].dtype == np.int8:
+            return Int8Matrix(self.get(stem + ".qweight", (n, k)), self.get(stem + ".scales", blocks))
+        return Int4Matrix(self.get(stem + ".qweight", (n, k // 2)), self.get(stem + ".scales", blocks),
+                          self.get(stem + ".mins", blocks))
 
 
-def load_weights(config: Config, tensors: dict[str, np.ndarray], quantize_bits: int | None = None) -> Weights:
-    src = TensorSource(tensors, language_model_prefix(tensors), quantize_bits)
+def load_weights(config: Config, src: TensorSource) -> Weights:
+    lm = language_model_prefix(src.tensors)
     d, v = config.hidden_size, config.vocab_size
-    embed = src.matrix("embed_tokens.weight", (v, d))  # never quantised: see quantize.py
-    layers = [_layer(config, src, i) for i in range(config.num_hidden_layers)]
+    embed = src.matrix(lm + "embed_tokens.weight", (v, d))  # never quantised: see quantize.py
+    layers = [_layer(config, src, f"{lm}layers.{i}.", i) for i in range(config.num_hidden_layers)]
     if config.tie_word_embeddings:  # the head is the embedding table itself, or its quantised copy
-        head_quantized = quantize_bits and quantizable("lm_head.weight", embed)
-        lm_head = quantize_matrix(embed, quantize_bits) if head_quantized else embed
+        bits = src.quantize_bits
+        lm_head = quantize_matrix(embed, bits) if bits and quantizable("lm_head.weight", embed) else embed
     else:
-        lm_head = TensorSource(tensors, "", quantize_bits).matrix("lm_head.weight", (v, d))
-    return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, "norm.weight", d),
+        lm_head = src.matrix("lm_head.weight", (v, d))
+    return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, lm + "norm.weight", d),
                    lm_head=lm_head)
+
+
+# Tensors of published checkpoints that no rule reads on purpose, by what they are: the multi-token
+# prediction head (speculative decoding, which minqwen does not do) and the vision tower.
+IGNORED = {"mtp.": "multi-token prediction head", "model.visual.": "vision tower"}
+
+
+def unread_tensors(src: TensorSource) -> dict[str, list[str]]:
+    """The checkpoint's tensors that loading did not read: {IGNORED kind or "unexpected": names}."""
+    unread: dict[str, list[str]] = {}
+    for name in sorted(set(src.tensors) - src.read):
+        kind = next((what for prefix, what in IGNORED.items() if name.startswith(prefix)), "unexpected")
+        unread.setdefault(kind, []).append(name)
+    return unread
 
 
 def language_model_prefix(names) -> str:
@@ -173,9 +214,8 @@ def _norm(config: Config, src: TensorSource, name: str, size: int) -> np.ndarray
     return weight + np.float32(1) if config.family.zero_centred_norms else weight
 
 
-def _layer(config: Config, src: TensorSource, i: int) -> LayerWeights:
+def _layer(config: Config, src: TensorSource, p: str, i: int) -> LayerWeights:
     d = config.hidden_size
-    p = f"layers.{i}."
     deltanet = config.layer_types[i] == "linear_attention"
     return LayerWeights(input_layernorm=_norm(config, src, p + "input_layernorm.weight", d),
                         post_attention_layernorm=_norm(config, src, p + "post_attention_layernorm.weight", d),
@@ -256,17 +296,35 @@ def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLPWeights:
 
 def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
     d, f, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
-    projections = {}
-    for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
-        matrices = [src.matrix(f"{p}experts.{e}.{name}.weight", shape) for e in range(n)]
-        if len({m.dtype for m in matrices}) > 1:
+    if src.has(p + "experts.gate_up_proj"):  # fused, as Qwen3.5/3.6 MoE publish their bf16 experts
+        src.expert_layouts.add("fused")
+        gate_up = _stacked(src, p + "experts.gate_up_proj", (n, 2 * f, d))
+        down = _stacked(src, p + "experts.down_proj", (n, d, f))
+        # Expert e's gate rows are gate_up[e, :f], its up rows gate_up[e, f:]: contiguous views, no copy.
+        experts = {"gate_proj": [gate_up[e, :f] for e in range(n)],
+                   "up_proj": [gate_up[e, f:] for e in range(n)],
+                   "down_proj": [down[e] for e in range(n)]}
+    else:
+        src.expert_layouts.add("per-expert")
+        shapes = {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+        experts = {name: [src.matrix(f"{p}experts.{e}.{name}.weight", shape) for e in range(n)]
+                   for name, shape in shapes.items()}
+    for name, matrices in experts.items():  # a typed List holds one type: one format, one dtype
+        if len({(type(m), m.q.dtype if isinstance(m, Fp8Matrix) else m.dtype) for m in matrices}) > 1:
             raise ConfigError(f"{p}experts.*.{name} mix dtypes")
-        projections[name] = List(matrices)
     shared = config.shared_expert_intermediate_size > 0
     return MoEWeights(gate=src.matrix(p + "gate.weight", (n, d)),
-                      gate_projs=projections["gate_proj"], up_projs=projections["up_proj"],
-                      down_projs=projections["down_proj"],
+                      gate_projs=List(experts["gate_proj"]), up_projs=List(experts["up_proj"]),
+                      down_projs=List(experts["down_proj"]),
                       shared_expert=_mlp(src, p + "shared_expert.", d, config.shared_expert_intermediate_size)
                       if shared else None,
                       shared_expert_gate=src.matrix(p + "shared_expert_gate.weight", (1, d))
                       if shared else None)
+
+
+def _stacked(src: TensorSource, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """A 3-D stack of expert matrices (no `.weight` suffix), as stored."""
+    w = src.get(name, shape)
+    if w.dtype not in MATRIX_DTYPES or src.has(name + "_scale_inv"):
+        raise ConfigError(f"tensor {name} has dtype {w.dtype}; fused experts must be bf16, fp16 or fp32")
+    return w

@@ -28,11 +28,12 @@ from minqwen.errors import CheckpointError
 EXPECTED_NUMPY = {
     "BF16": np.uint16, "F16": np.int16, "F32": np.float32, "F64": np.float64, "I64": np.int64,
     "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": np.uint8,  # raw bits: FP8 weights of the official FP8 checkpoints
 }
 TORCH_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
 }
 # Every dtype the library knows, with its size in bytes where it is whole (F4/F6 pack bits).
 LIBRARY_ITEMSIZE = {
@@ -53,6 +54,9 @@ def random_torch_tensor(dtype: str, shape, rng: np.random.Generator) -> torch.Te
         return torch.from_numpy(np.asarray(values)).to(TORCH_DTYPES[dtype])
     if dtype == "BOOL":
         return torch.from_numpy(np.asarray(rng.integers(0, 2, shape).astype(bool)))
+    if dtype == "F8_E4M3":  # any byte pattern, NaNs included: the reader hands bits over untouched
+        return (torch.from_numpy(np.asarray(rng.integers(0, 256, shape, dtype=np.uint8)))
+                .view(torch.float8_e4m3fn))
     info = np.iinfo(EXPECTED_NUMPY[dtype])
     values = rng.integers(info.min, info.max, shape, dtype=EXPECTED_NUMPY[dtype], endpoint=True)
     return torch.from_numpy(np.asarray(values))
@@ -64,6 +68,8 @@ def torch_bits(t: torch.Tensor) -> np.ndarray:
         return t.view(torch.int16).numpy().view(np.uint16)
     if t.dtype == torch.float16:
         return t.view(torch.int16).numpy()
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy()
     return t.numpy()
 
 
@@ -138,7 +144,7 @@ def base_file() -> bytes:
     """A valid file written by the library: every dtype we read, incl. 0-d and empty tensors."""
     rng = np.random.default_rng(0)
     shapes = {"BF16": (3, 5), "F16": (7,), "F32": (2, 3), "F64": (), "I64": (2,), "I32": (0, 4),
-              "I16": (3,), "I8": (5,), "U8": (1, 1, 3), "BOOL": (4,)}
+              "I16": (3,), "I8": (5,), "U8": (1, 1, 3), "BOOL": (4,), "F8_E4M3": (2, 3)}
     return safetensors.torch.save({f"t.{dtype.lower()}": random_torch_tensor(dtype, shape, rng)
                                    for dtype, shape in shapes.items()})
 
@@ -391,13 +397,24 @@ def test_unknown_tensor_field_is_refused(tmp_path):
 
 
 def test_unsupported_dtype_names_tensor_and_dtype(tmp_path):
-    blob = pack({"lm_head.weight": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}},
+    blob = pack({"lm_head.weight": {"dtype": "F8_E5M2", "shape": [2], "data_offsets": [0, 2]}},
                 b"\0\0")
     assert library_view(blob) is not None  # the library reads it; we refuse by name
     (tmp_path / "model.safetensors").write_bytes(blob)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'lm_head\.weight' "
-                                              r"has dtype 'F8_E4M3'"):
+                                              r"has dtype 'F8_E5M2'"):
         read_tensors(tmp_path)
+
+
+def test_absurd_number_of_tensors_is_refused_before_parsing(tmp_path):
+    entry = '"t{}":{{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
+    header = "{" + ",".join(entry.format(i) for i in range(200_005)) + "}"
+    (tmp_path / "model.safetensors").write_bytes(pack(header))
+    with pytest.raises(CheckpointError, match="more than 200000 tensors"):
+        read_tensors(tmp_path)
+    header = "{" + ",".join(entry.format(i) for i in range(1000)) + "}"  # many, but not absurd
+    (tmp_path / "model.safetensors").write_bytes(pack(header))
+    assert len(read_tensors(tmp_path)) == 1000
 
 
 @pytest.mark.parametrize("blob, message", [
