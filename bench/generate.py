@@ -249,9 +249,9 @@ def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threa
 
 
 # libgomp's and OpenBLAS's own defaults for the thread settings minqwen changes when it is imported
-# (minqwen/threads.py): torch runs on libgomp too, and the peers are measured as they ship.
+# (minqwen/environment.py): torch runs on libgomp too, and the peers are measured as they ship.
 PEER_DEFAULTS = {name: {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "28"}[name]
-                 for name in minqwen.threads.SET_BY_MINQWEN}
+                 for name in minqwen.environment.SET_BY_MINQWEN}
 
 
 def isolated(function, *args, env=None):

@@ -1,6 +1,7 @@
 """out = x W^T for a weight matrix in any stored format: the one place that picks the product kernel.
 
     stored format        1 token            2 .. FEW_TOKENS      more tokens
+    bf16                 matvec             matmul_few           gemm.matmul_bf16 (micro-kernel; avx2 and up)
     bf16 / fp16 / fp32   matvec             matmul_few           matmul (tiles widened for BLAS)
     fp8 (Fp8Matrix)      matvec_fp8         matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
     int8                 matvec_int8        matmul_int8          matmul_int8
@@ -9,12 +10,18 @@
 and `row_dot`, its counterpart inside compiled kernels: one row of W times x, for the formats MoE
 experts come in (the MoE kernel streams the rows of the experts a token chose).
 """
+import numpy as np
 from numba import types
 from numba.extending import overload
 
+from . import isa
+from .dtypes import BF16
 from .fp8 import Fp8Matrix, fp8_row_dot, matmul_fp8, matvec_fp8
 from .matmul import float_row_dot, matmul, matmul_few, matvec
 from .quant import Int4Matrix, Int8Matrix, matmul_int4, matmul_int8, matvec_int4, matvec_int8
+
+if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
+    from .gemm import matmul_bf16
 
 FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py "few tokens"):
 # 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2 sgemm; an
@@ -38,6 +45,8 @@ def linear(out, x, w):
         matvec(out[0], w, x[0])
     elif x.shape[0] <= FEW_TOKENS:
         matmul_few(out, x, w)
+    elif w.dtype == BF16 and isa.ISA != "generic":
+        matmul_bf16(out, np.ascontiguousarray(x), w)
     else:
         matmul(out, x, w)
 

@@ -1,5 +1,5 @@
 """minqwen: a small, readable, fast CPU inference engine for Qwen language models."""
-from . import threads  # noqa: F401  (first: sets the thread pools' environment before NumPy and Numba load)
+from . import environment  # noqa: F401  (first: sets what NumPy and Numba read when they load)
 from .errors import (
     CheckpointError,
     ConfigError,

@@ -12,9 +12,11 @@ import numpy as np
 
 from .checkpoint import STORED_NAMES, read_tensors, write_quantized_checkpoint
 from .config import load_config
-from .errors import CheckpointError, MinqwenError, TemplateError
+from .errors import CheckpointError, ConfigError, MinqwenError, TemplateError
 from .generate import GenerationOptions, Stats, options_with_defaults, stream_tokens
 from .hub import resolve
+from .kernels import isa
+from .kernels.simd import target_features
 from .loader import load
 from .weights import IGNORED, TensorSource, load_weights, unread_tensors
 
@@ -196,6 +198,8 @@ def _quantize(args) -> int:
 
 
 def _info(args) -> int:
+    if isa.PROBLEM:
+        raise ConfigError(isa.PROBLEM)
     folder = resolve(args.model)
     config = load_config(folder)
     src = TensorSource(read_tensors(folder), fp8_block_rows=config.fp8_block_rows)
@@ -223,6 +227,8 @@ def _info(args) -> int:
         ("RAM for weights", f"{sum(t.nbytes for t in loaded) / 2**30:.2f} GiB, memory-mapped"),
         ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; "
                      f"{kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
+        ("kernels", f"{isa.ISA} path "
+                    f"(MINQWEN_ISA chooses among {', '.join(isa.usable_paths(target_features()))})"),
     ]
     if config.num_experts:
         lines.insert(5, ("experts", f"{config.num_experts}, top-{config.num_experts_per_tok}, "

@@ -5,6 +5,7 @@ from .checkpoint import read_tensors
 from .config import load_config, read_json
 from .errors import ConfigError, ContextLengthError
 from .hub import resolve
+from .kernels import isa
 from .model import KV_CACHE_DTYPES, Model
 from .quantize import BITS
 from .tokenizer import Tokenizer
@@ -16,6 +17,8 @@ def load(path_or_hub_id, context_length: int | None = None, quantize: str | None
     """Load a checkpoint folder (or a hub id found in the local Hugging Face cache); `quantize="int8"` or
     `"int4"` quantises the weights as they load (see quantize.py); `kv_cache="fp16"` halves the KV cache
     (see model.Cache)."""
+    if isa.PROBLEM:
+        raise ConfigError(isa.PROBLEM)
     if kv_cache not in KV_CACHE_DTYPES:
         raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
     if quantize is not None and quantize not in BITS:

@@ -1,4 +1,5 @@
-"""Thread pools, configured before NumPy (OpenBLAS) and Numba (OpenMP) start them: both read these once.
+"""What must be set before NumPy (OpenBLAS) and Numba start, because they read it once: the thread pools'
+spinning, and the instructions Numba compiles for when MINQWEN_ISA forces a path (kernels/isa.py).
 
 Imported first by minqwen/__init__.py.
 """
@@ -14,3 +15,14 @@ THREAD_SETTINGS = {"OPENBLAS_THREAD_TIMEOUT": "4",  # 2**4 cycles of spinning, t
                    "GOMP_SPINCOUNT": "10000"}
 SET_BY_MINQWEN = [name for name in THREAD_SETTINGS if name not in os.environ]  # (benches undo them for peers)
 os.environ.update({name: THREAD_SETTINGS[name] for name in SET_BY_MINQWEN})
+
+# MINQWEN_ISA=avx2 on a CPU with more (AVX-512, VNNI, AMX): Numba compiles for that CPU without them, so
+# that the plain loops are vectorised as on an AVX2 machine too and the benches compare paths, not
+# compilers. A NUMBA_CPU_FEATURES the user exported wins.
+if os.environ.get("MINQWEN_ISA") == "avx2" and "NUMBA_CPU_FEATURES" not in os.environ:
+    import llvmlite.binding
+
+    host = llvmlite.binding.get_host_cpu_features()
+    beyond_avx2 = ("avx512", "avxvnni", "amx")
+    flags = (("+" if on and not name.startswith(beyond_avx2) else "-") + name for name, on in host.items())
+    os.environ["NUMBA_CPU_FEATURES"] = ",".join(flags)
