@@ -240,8 +240,9 @@ PRE_TOKENIZERS = {
     "default": PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]")),
 }
 
-# tokenizer.ggml.token_type values (llama.cpp's gguf-py TokenType).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)
+# tokenizer.ggml.token_type values (llama.cpp's gguf-py TokenType); the others, 5 UNUSED (the converter's
+# "[PAD<id>]" fillers) and 6 BYTE (SentencePiece's "<0xNN>"), are plain vocabulary entries here.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 
 # Control token texts llama.cpp ends generation at, whatever the file's eos id says (llama-vocab.cpp,
 # special_eog_ids). llama.cpp takes them even when the file types them as ordinary tokens; we do not: in
@@ -264,11 +265,12 @@ def gguf_backend(gguf: "GGUFFile") -> tokenizers.Tokenizer:
         add_bos_token, add_eos_token   what encode(add_special_tokens=True) adds
     """
     meta, path = gguf.metadata, gguf.path
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise CheckpointError(f"{path}: tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; "
-                              "minqwen reads byte-level BPE vocabularies (\"gpt2\") only")
+    model = meta.get("tokenizer.ggml.model")
+    if not (isinstance(model, str) and model == "gpt2"):
+        raise CheckpointError(f"{path}: tokenizer.ggml.model is {model!r}; minqwen reads byte-level BPE "
+                              "vocabularies (\"gpt2\") only")
     pre = meta.get("tokenizer.ggml.pre")
-    if pre not in PRE_TOKENIZERS:
+    if not (isinstance(pre, str) and pre in PRE_TOKENIZERS):
         said = "is missing (llama.cpp would guess, warning that quality degrades)" if pre is None \
             else f"is {pre!r}, which minqwen does not know"
         raise CheckpointError(f"{path}: tokenizer.ggml.pre {said}; known: {', '.join(PRE_TOKENIZERS)}")
@@ -276,14 +278,15 @@ def gguf_backend(gguf: "GGUFFile") -> tokenizers.Tokenizer:
     tokens = _strings(gguf, "tokenizer.ggml.tokens")
     merges = _strings(gguf, "tokenizer.ggml.merges")
     types = _token_types(gguf, len(tokens))
+    vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    bad = next((i for i, pair in enumerate(pairs) if len(pair) != 2), None)
-    if bad is not None:
+    # `tokenizers` panics (an uncatchable BaseException) at a merge whose result is not a token: check.
+    if not (all(map((2).__eq__, map(len, pairs))) and all(map(vocab.__contains__, map("".join, pairs)))):
+        bad = next(i for i, pair in enumerate(pairs) if len(pair) != 2 or "".join(pair) not in vocab)
         raise CheckpointError(f"{path}: tokenizer.ggml.merges[{bad}] = {merges[bad][:40]!r} is not two "
-                              "tokens separated by a space")
+                              "tokens, separated by a space, that join into a third")
     try:
-        backend = tokenizers.Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, pairs,
-                                                  ignore_merges=spec.ignore_merges))
+        backend = tokenizers.Tokenizer(models.BPE(vocab, pairs, ignore_merges=spec.ignore_merges))
     except Exception as e:  # the Rust side raises a bare Exception, e.g. for a merge of unknown tokens
         raise CheckpointError(f"{path}: tokenizer.ggml.merges: {one_line(e)}") from None
     if spec.nfc:
@@ -304,7 +307,7 @@ def gguf_backend(gguf: "GGUFFile") -> tokenizers.Tokenizer:
 def _bos_and_eos(gguf: "GGUFFile", tokens: list[str], add_bos: bool) -> processors.TemplateProcessing | None:
     """What encode(add_special_tokens=True) puts around the text: BOS and EOS as add_bos_token and
     add_eos_token say, else as llama.cpp defaults (`add_bos`, no EOS)."""
-    single, special = ["$A"], set()
+    single, special = ["$A"], []
     for name, default in (("bos", add_bos), ("eos", False)):
         key = f"tokenizer.ggml.add_{name}_token"
         add = gguf.metadata.get(key, default)
@@ -315,9 +318,10 @@ def _bos_and_eos(gguf: "GGUFFile", tokens: list[str], add_bos: bool) -> processo
             if i is None:
                 raise CheckpointError(f"{gguf.path}: {key} is set, but tokenizer.ggml.{name}_token_id "
                                       "is missing")
-            single = [tokens[i], *single] if name == "bos" else [*single, tokens[i]]
-            special.add((tokens[i], i))
-    return processors.TemplateProcessing(single=single, special_tokens=list(special)) if special else None
+            # The template names the token: its text could hold the template syntax's ':'.
+            single = [name, *single] if name == "bos" else [*single, name]
+            special.append({"id": name, "ids": [i], "tokens": [tokens[i]]})
+    return processors.TemplateProcessing(single=single, special_tokens=special) if special else None
 
 
 def gguf_token_id(gguf: "GGUFFile", name: str) -> int | None:
@@ -325,7 +329,8 @@ def gguf_token_id(gguf: "GGUFFile", name: str) -> int | None:
     vocabulary; None when the file has none."""
     key = f"tokenizer.ggml.{name}_token_id"
     value = gguf.metadata.get(key)
-    n_tokens = len(gguf.metadata.get("tokenizer.ggml.tokens", ()))
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, list) else 0
     if value is not None and not (type(value) is int and 0 <= value < n_tokens):
         raise CheckpointError(f"{gguf.path}: {key} = {value!r} is not a token id of the "
                               f"{n_tokens}-token vocabulary")
@@ -337,9 +342,9 @@ def gguf_end_of_generation_ids(gguf: "GGUFFile") -> list[int]:
     eot and eom ids, the fill-in-the-middle pad/rep/sep ids, and the control tokens spelled like an end
     of turn (END_OF_TURN_TEXTS). Files name one of several: SmolLM2's says eos = <|im_end|>, and its
     <|endoftext|> ends generation too."""
-    named = (gguf_token_id(gguf, name) for name in ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep"))
     tokens = _strings(gguf, "tokenizer.ggml.tokens")
     types = _token_types(gguf, len(tokens))
+    named = (gguf_token_id(gguf, name) for name in ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep"))
     spelled = {i for i, token in enumerate(tokens) if token in END_OF_TURN_TEXTS and types[i] == CONTROL}
     return sorted({i for i in named if i is not None} | spelled)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 from gguf import GGUFValueType as T
@@ -16,7 +17,7 @@ from test_tokenizer import MIXED_TEXTS, TEXTS
 from tokenizers import Regex, pre_tokenizers
 
 from minqwen.errors import CheckpointError
-from minqwen.gguf import read_gguf
+from minqwen.gguf import GGUFFile, read_gguf
 from minqwen.tokenizer import PRE_TOKENIZERS, Tokenizer, gguf_end_of_generation_ids
 
 DATA = Path(__file__).parent / "data" / "tokenizers"
@@ -221,7 +222,9 @@ def test_added_tokens_bos_and_templates(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"tokenizer.ggml.model": (T.STRING, "llama")}, "model is 'llama'"),
     ({"tokenizer.ggml.pre": (T.STRING, "made-up")}, "'made-up', which minqwen does not know; known: qwen2"),
+    ({"tokenizer.ggml.model": (T.ARRAY, ["gpt2"], T.STRING)}, "model is ['gpt2']"),
     ({"tokenizer.ggml.pre": None}, "pre is missing"),
+    ({"tokenizer.ggml.pre": (T.ARRAY, [1], T.INT32)}, "pre is array([1]"),
     ({"tokenizer.ggml.tokens": None}, "tokens is missing"),
     ({"tokenizer.ggml.tokens": (T.ARRAY, [1, 2], T.INT32)}, "tokens is not an array of strings"),
     ({"tokenizer.ggml.merges": (T.ARRAY, ["ab"], T.STRING)}, "merges[0] = 'ab' is not two tokens"),
@@ -245,3 +248,34 @@ def test_end_ids_from_named_keys(tmp_path):
     path = write_gguf(tmp_path / "small.gguf", small_vocabulary(**changes))
     assert gguf_end_of_generation_ids(read_gguf(path)) == [1, 6, 7]  # <|end|> is spelled as an end too
 
+
+
+@settings(deadline=None, max_examples=500)
+@given(data=st.data())
+def test_any_vocabulary_builds_or_is_refused(data):
+    """Metadata is untrusted too: random vocabularies, merges, types and ids give a working tokenizer or
+    a CheckpointError, never another exception (nor a panic in `tokenizers`)."""
+    tokens = data.draw(st.lists(st.text(max_size=4), min_size=1, max_size=8), label="tokens")
+    pairs = st.tuples(st.sampled_from(tokens), st.sampled_from(tokens)).map(" ".join)
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": data.draw(st.sampled_from(sorted(PRE_TOKENIZERS)), label="pre"),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.array(data.draw(st.lists(st.integers(0, 7), min_size=len(tokens),
+                                                                 max_size=len(tokens))), np.int32),
+        "tokenizer.ggml.merges": data.draw(st.lists(st.one_of(pairs, st.text(max_size=5)), max_size=5)),
+    }
+    for name in ("bos", "eos", "eot", "padding"):
+        if data.draw(st.booleans(), label=name):
+            metadata[f"tokenizer.ggml.{name}_token_id"] = data.draw(st.integers(0, len(tokens)))
+    for flag in ("add_bos_token", "add_eos_token"):
+        if data.draw(st.booleans(), label=flag):
+            metadata[f"tokenizer.ggml.{flag}"] = data.draw(st.booleans())
+    file = GGUFFile(Path("vocabulary.gguf"), 3, 32, metadata, {})
+    try:
+        tokenizer = Tokenizer.from_gguf(file)
+        gguf_end_of_generation_ids(file)
+    except CheckpointError:
+        return
+    ids = tokenizer.encode(data.draw(st.text(max_size=10), label="text"), add_special_tokens=True)
+    tokenizer.decode(ids)
