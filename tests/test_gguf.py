@@ -123,6 +123,12 @@ def test_version_2_reads_as_version_3(tmp_path):
     assert_matches_reference(path)
 
 
+def test_big_endian_file_is_refused(tmp_path):
+    path = write_gguf(tmp_path / "be.gguf", METADATA, varied_tensors(), endianess=gguf.GGUFEndian.BIG)
+    with pytest.raises(CheckpointError, match="a big-endian GGUF file"):
+        read_gguf(path)
+
+
 def test_smollm2_matches_the_reference(smollm2_gguf):
     ours = assert_matches_reference(smollm2_gguf)
     assert ours.metadata["general.architecture"] == "llama" and len(ours.tensors) == 272
@@ -153,12 +159,12 @@ def test_vocabulary_metadata_parses_fast(smollm2_gguf, qwen_tokenizer_ggufs):
 # ---- malformed files: each a CheckpointError that says what is wrong
 
 
-def raw_gguf(*kvs: bytes, tensor_infos: tuple[bytes, ...] = (), version=3) -> bytes:
+def raw_gguf(*kvs: bytes, tensor_infos: tuple[bytes, ...] = ()) -> bytes:
     """A GGUF header written by hand, for what the `gguf` package cannot write."""
-    return MAGIC_AND(version, len(tensor_infos), len(kvs)) + b"".join(kvs) + b"".join(tensor_infos)
+    return header(3, len(tensor_infos), len(kvs)) + b"".join(kvs) + b"".join(tensor_infos)
 
 
-def MAGIC_AND(version, n_tensors, n_kv) -> bytes:
+def header(version, n_tensors, n_kv) -> bytes:
     return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv)
 
 
@@ -195,11 +201,11 @@ F32_4 = tensor_info(b"w", [4], 0, 0)  # 4 float32 at the start of the data secti
     (b"", "too short"),
     (b"GGUF" + bytes(19), "too short"),
     (b"PK\x03\x04" + bytes(40), "not a GGUF file"),
-    (MAGIC_AND(1, 0, 0), "version 1"),
-    (MAGIC_AND(4, 0, 0), "version 4"),
+    (header(1, 0, 0), "version 1"),
+    (header(4, 0, 0), "version 4"),
     (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "big-endian"),
-    (MAGIC_AND(3, 0, 2**64 - 1), "metadata count is 18446744073709551615"),
-    (MAGIC_AND(3, 2**60, 0), "tensor count"),
+    (header(3, 0, 2**64 - 1), "metadata count is 18446744073709551615"),
+    (header(3, 2**60, 0), "tensor count"),
     (raw_gguf(kv(b"", 4, bytes(4))), "empty"),
     (raw_gguf(kv(b"a", 4, bytes(4)), kv(b"a", 4, bytes(4))), "'a' appears twice"),
     (raw_gguf(kv(b"\xff\xfe", 4, bytes(4))), "not valid UTF-8"),
@@ -247,7 +253,7 @@ def test_malformed_file_is_refused(tmp_path, data, message):
 
 def test_lying_counts_cost_neither_memory_nor_time(tmp_path):
     """Counts and lengths are checked against the bytes left before anything is allocated for them."""
-    liars = [MAGIC_AND(3, 0, 2**64 - 1), MAGIC_AND(3, 2**64 - 1, 0),
+    liars = [header(3, 0, 2**64 - 1), header(3, 2**64 - 1, 0),
              raw_gguf(kv(b"a", 8, struct.pack("<Q", 2**64 - 1))),
              raw_gguf(kv(b"a", 9, array(8, 2**63))), raw_gguf(kv(b"a", 9, array(12, 2**61))),
              raw_gguf(kv(b"a", 9, array(9, 2**62))),
@@ -332,7 +338,7 @@ def loads_as_the_reference_reads_it_or_is_refused(path):
         assert_matches_reference(path, ours)
     for t in ours.tensors.values():
         row_bytes = t.shape[-1] // t.type.block_size * t.type.type_size
-        assert t.data.nbytes == row_bytes * int(np.prod(t.shape[:-1])) // t.data.itemsize * t.data.itemsize
+        assert t.data.nbytes == row_bytes * int(np.prod(t.shape[:-1])) and not t.data.flags.writeable
 
 
 def interesting(value: int, width: int, file_size: int):
