@@ -251,6 +251,12 @@ def test_malformed_file_is_refused(tmp_path, data, message):
     assert message in refusal(tmp_path, data)
 
 
+def test_unreadable_paths_are_refused(tmp_path):
+    for path, message in ((tmp_path / "missing.gguf", "No such file"), (tmp_path, "Is a directory")):
+        with pytest.raises(CheckpointError, match=f"{path}: cannot read: {message}"):
+            read_gguf(path)
+
+
 def test_lying_counts_cost_neither_memory_nor_time(tmp_path):
     """Counts and lengths are checked against the bytes left before anything is allocated for them."""
     liars = [header(3, 0, 2**64 - 1), header(3, 2**64 - 1, 0),
