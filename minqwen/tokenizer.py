@@ -1,7 +1,9 @@
 """Text <-> token ids, streaming detokenisation, and chat templates.
 
 Qwen ships a byte-level BPE tokenizer in Hugging Face `tokenizer.json` format; the `tokenizers` library runs
-it (BPE is not ours to re-implement). This file adds what an inference engine needs around it:
+it (BPE is not ours to re-implement). A GGUF file carries the same vocabulary as metadata instead
+(`tokenizer.ggml.*`), from which `Tokenizer.from_gguf` rebuilds it the way llama.cpp tokenizes. This file
+adds what an inference engine needs around it:
 
 - `StreamDecoder`: turns generated ids into text piece by piece, never splitting a UTF-8 character.
 - `apply_chat_template`: renders a conversation with the model's Jinja chat template exactly as
@@ -12,14 +14,20 @@ import json
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import numpy as np
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from .errors import CheckpointError, TemplateError
+
+if TYPE_CHECKING:
+    from .gguf import GGUFFile
 
 # The named special tokens transformers passes to every chat template (`bos_token`, `eos_token`, ...).
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -94,11 +102,32 @@ class Tokenizer:
                 template_vars[name] = str(value)
         return cls(backend, templates, template_vars)
 
+    @classmethod
+    def from_gguf(cls, gguf: "GGUFFile") -> "Tokenizer":
+        """The tokenizer a GGUF file describes in its tokenizer.ggml.* metadata, tokenizing as llama.cpp
+        does (see `gguf_backend`). Chat templates: tokenizer.chat_template, and
+        tokenizer.chat_template.<name> (e.g. tool_use); `bos_token`, `eos_token`, `unk_token` and
+        `pad_token` are the texts of the file's ids, as transformers passes them to the template."""
+        backend = gguf_backend(gguf)
+        templates = {}
+        for key, value in gguf.metadata.items():
+            if key == "tokenizer.chat_template" or key.startswith("tokenizer.chat_template."):
+                if not isinstance(value, str):
+                    raise CheckpointError(f"{gguf.path}: {key} is not a string")
+                templates[key.removeprefix("tokenizer.chat_template").removeprefix(".") or "default"] = value
+        template_vars = {name: backend.id_to_token(i) for name, i in (
+            ("bos_token", gguf_token_id(gguf, "bos")), ("eos_token", gguf_token_id(gguf, "eos")),
+            ("unk_token", gguf_token_id(gguf, "unknown")), ("pad_token", gguf_token_id(gguf, "padding")),
+        ) if i is not None}
+        return cls(backend, templates, template_vars)
+
     # ---- text <-> ids
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`. Qwen adds no BOS; special tokens written in the text become their ids."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; special tokens written in the text become their ids. Qwen adds no BOS;
+        add_special_tokens=True adds what the tokenizer's post-processor does (a GGUF's BOS when its
+        add_bos_token says so), as transformers' `encode` does by default."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -175,6 +204,166 @@ class StreamDecoder:
         text = self.decode(self.ids)[len(self.decode(self.ids[: self.read])) :]
         self.ids, self.read = [], 0
         return text
+
+
+# ---- GGUF vocabularies: llama.cpp's tokenizer (src/llama-vocab.cpp) rebuilt with `tokenizers`
+
+# The regexes llama.cpp cuts text with before BPE (llm_tokenizer_bpe), by tokenizer.ggml.pre.
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# Llama 3, Qwen2 and Qwen3.5: contractions | words | numbers | punctuation | newlines | spaces.
+CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|"
+SPACES = r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = CONTRACTIONS + r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*" + SPACES
+QWEN2_SPLIT = CONTRACTIONS + r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*" + SPACES
+QWEN35_SPLIT = CONTRACTIONS + r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*" + SPACES
+
+
+class PreTokenizer(NamedTuple):
+    """How llama.cpp prepares text for BPE, for one value of tokenizer.ggml.pre."""
+
+    splits: tuple[str, ...]      # regexes applied in turn, each cutting the pieces the one before left
+    ignore_merges: bool = False  # a piece that is itself a token is taken whole, not merged up from bytes
+    add_bos: bool = False        # add_bos_token when the file does not say
+    nfc: bool = False            # normalise to NFC first, as Qwen's own tokenizer.json does; llama.cpp
+                                 # does not, so the two differ on text that is not already NFC
+
+
+LLAMA3 = PreTokenizer((LLAMA3_SPLIT,), ignore_merges=True, add_bos=True)
+PRE_TOKENIZERS = {
+    "qwen2": PreTokenizer((QWEN2_SPLIT,), nfc=True),
+    "qwen35": PreTokenizer((QWEN35_SPLIT,), nfc=True),
+    "deepseek-r1-qwen": PreTokenizer((QWEN2_SPLIT,)),
+    "smollm": PreTokenizer((r"\p{N}", GPT2_SPLIT)),
+    "llama-bpe": LLAMA3, "llama3": LLAMA3, "llama-v3": LLAMA3,
+    # llama.cpp also tidies the spaces around punctuation when decoding these two ("clean_spaces").
+    "gpt-2": PreTokenizer((GPT2_SPLIT,)),
+    "default": PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", "[0-9][0-9][0-9]")),
+}
+
+# tokenizer.ggml.token_type values (llama.cpp's gguf-py TokenType); the others, 5 UNUSED (the converter's
+# "[PAD<id>]" fillers) and 6 BYTE (SentencePiece's "<0xNN>"), are plain vocabulary entries here.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
+
+# Control token texts llama.cpp ends generation at, whatever the file's eos id says (llama-vocab.cpp,
+# special_eog_ids). llama.cpp takes them even when the file types them as ordinary tokens; we do not: in
+# Qwen's vocabulary "</s>" is the ordinary HTML tag, and a model writing HTML must not stop at it.
+END_OF_TURN_TEXTS = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
+))
+
+
+def gguf_backend(gguf: "GGUFFile") -> tokenizers.Tokenizer:
+    """A byte-level BPE tokenizer (tokenizer.ggml.model "gpt2") from a GGUF's metadata:
+
+        tokens       id -> text, in GPT-2's byte alphabet       merges      "left right", by rank
+        token_type   CONTROL / UNKNOWN -> special added tokens, USER_DEFINED -> added tokens (both matched
+                     whole in the text, before pre-tokenization, as llama.cpp does); NORMAL, UNUSED -> BPE
+        pre          the pre-tokenizer, from PRE_TOKENIZERS; an unknown one is refused, not guessed
+        add_bos_token, add_eos_token   what encode(add_special_tokens=True) adds
+    """
+    meta, path = gguf.metadata, gguf.path
+    model = meta.get("tokenizer.ggml.model")
+    if not (isinstance(model, str) and model == "gpt2"):
+        raise CheckpointError(f"{path}: tokenizer.ggml.model is {model!r}; minqwen reads byte-level BPE "
+                              "vocabularies (\"gpt2\") only")
+    pre = meta.get("tokenizer.ggml.pre")
+    if not (isinstance(pre, str) and pre in PRE_TOKENIZERS):
+        said = "is missing (llama.cpp would guess, warning that quality degrades)" if pre is None \
+            else f"is {pre!r}, which minqwen does not know"
+        raise CheckpointError(f"{path}: tokenizer.ggml.pre {said}; known: {', '.join(PRE_TOKENIZERS)}")
+    spec = PRE_TOKENIZERS[pre]
+    tokens = _strings(gguf, "tokenizer.ggml.tokens")
+    merges = _strings(gguf, "tokenizer.ggml.merges")
+    types = _token_types(gguf, len(tokens))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    # `tokenizers` panics (an uncatchable BaseException) at a merge whose result is not a token: check.
+    if not (all(map((2).__eq__, map(len, pairs))) and all(map(vocab.__contains__, map("".join, pairs)))):
+        bad = next(i for i, pair in enumerate(pairs) if len(pair) != 2 or "".join(pair) not in vocab)
+        raise CheckpointError(f"{path}: tokenizer.ggml.merges[{bad}] = {merges[bad][:40]!r} is not two "
+                              "tokens, separated by a space, that join into a third")
+    try:
+        backend = tokenizers.Tokenizer(models.BPE(vocab, pairs, ignore_merges=spec.ignore_merges))
+    except Exception as e:  # the Rust side raises a bare Exception, e.g. for a merge of unknown tokens
+        raise CheckpointError(f"{path}: tokenizer.ggml.merges: {one_line(e)}") from None
+    if spec.nfc:
+        backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in spec.splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    special = (types == CONTROL) | (types == UNKNOWN)
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                for i in np.flatnonzero(special)])
+    backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                        for i in np.flatnonzero((types == USER_DEFINED) & ~special)])
+    backend.post_processor = _bos_and_eos(gguf, tokens, spec.add_bos)
+    return backend
+
+
+def _bos_and_eos(gguf: "GGUFFile", tokens: list[str], add_bos: bool) -> processors.TemplateProcessing | None:
+    """What encode(add_special_tokens=True) puts around the text: BOS and EOS as add_bos_token and
+    add_eos_token say, else as llama.cpp defaults (`add_bos`, no EOS)."""
+    single, special = ["$A"], []
+    for name, default in (("bos", add_bos), ("eos", False)):
+        key = f"tokenizer.ggml.add_{name}_token"
+        add = gguf.metadata.get(key, default)
+        if not isinstance(add, bool):
+            raise CheckpointError(f"{gguf.path}: {key} is {add!r}, not a bool")
+        if add:
+            i = gguf_token_id(gguf, name)
+            if i is None:
+                raise CheckpointError(f"{gguf.path}: {key} is set, but tokenizer.ggml.{name}_token_id "
+                                      "is missing")
+            # The template names the token: its text could hold the template syntax's ':'.
+            single = [name, *single] if name == "bos" else [*single, name]
+            special.append({"id": name, "ids": [i], "tokens": [tokens[i]]})
+    return processors.TemplateProcessing(single=single, special_tokens=special) if special else None
+
+
+def gguf_token_id(gguf: "GGUFFile", name: str) -> int | None:
+    """tokenizer.ggml.<name>_token_id (bos, eos, eot, eom, unknown, padding, ...), checked against the
+    vocabulary; None when the file has none."""
+    key = f"tokenizer.ggml.{name}_token_id"
+    value = gguf.metadata.get(key)
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, list) else 0
+    if value is not None and not (type(value) is int and 0 <= value < n_tokens):
+        raise CheckpointError(f"{gguf.path}: {key} = {value!r} is not a token id of the "
+                              f"{n_tokens}-token vocabulary")
+    return value
+
+
+def gguf_end_of_generation_ids(gguf: "GGUFFile") -> list[int]:
+    """The ids that end generation, chosen as llama.cpp chooses them (special_eog_ids): the file's eos,
+    eot and eom ids, the fill-in-the-middle pad/rep/sep ids, and the control tokens spelled like an end
+    of turn (END_OF_TURN_TEXTS). Files name one of several: SmolLM2's says eos = <|im_end|>, and its
+    <|endoftext|> ends generation too."""
+    tokens = _strings(gguf, "tokenizer.ggml.tokens")
+    types = _token_types(gguf, len(tokens))
+    named = (gguf_token_id(gguf, name) for name in ("eos", "eot", "eom", "fim_pad", "fim_rep", "fim_sep"))
+    spelled = {i for i, token in enumerate(tokens) if token in END_OF_TURN_TEXTS and types[i] == CONTROL}
+    return sorted({i for i in named if i is not None} | spelled)
+
+
+def _token_types(gguf: "GGUFFile", n_tokens: int) -> np.ndarray:
+    """tokenizer.ggml.token_type, one per token; all NORMAL when the file has none."""
+    types = gguf.metadata.get("tokenizer.ggml.token_type", np.full(n_tokens, NORMAL))
+    if not (isinstance(types, np.ndarray) and types.dtype.kind in "iu" and types.shape == (n_tokens,)):
+        raise CheckpointError(f"{gguf.path}: tokenizer.ggml.token_type is not {n_tokens} integers, "
+                              "one per token")
+    return types
+
+
+def _strings(gguf: "GGUFFile", key: str) -> list[str]:
+    value = gguf.metadata.get(key)
+    if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        what = "missing" if value is None else "not an array of strings"
+        raise CheckpointError(f"{gguf.path}: {key} is {what}")
+    return value
 
 
 # ---- chat template rendering, mirroring transformers/utils/chat_template_utils.py
