@@ -4,6 +4,7 @@
     bf16                 matvec             matmul_few           gemm.matmul_bf16 (micro-kernel; avx2 and up)
     bf16 / fp16 / fp32   matvec             matmul_few           matmul (tiles widened for BLAS)
     fp8 (Fp8Matrix)      matvec_fp8         matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
+    GGML (GgmlMatrix)    matvec_ggml        matmul_ggml          matmul_ggml (tiles dequantised for BLAS)
     int8                 matvec_int8        matmul_int8          matmul_int8
     int4                 matvec_int4        matmul_int4          matmul_int4
 
@@ -17,6 +18,7 @@ from numba.extending import overload
 from . import isa
 from .dtypes import BF16
 from .fp8 import Fp8Matrix, fp8_row_dot, matmul_fp8, matvec_fp8
+from .ggml import GgmlMatrix, ggml_row_dot, matmul_ggml, matvec_ggml
 from .matmul import float_row_dot, matmul, matmul_few, matvec
 from .quant import Int4Matrix, Int8Matrix, matmul_int4, matmul_int8, matvec_int4, matvec_int8
 
@@ -29,11 +31,13 @@ FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (benc
 
 
 def linear(out, x, w):
-    # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Int8Matrix or Int4Matrix
+    # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Fp8Matrix, GgmlMatrix, Int8/Int4Matrix
     """out = x @ w.T  (no bias: the caller adds it)"""
     one_token = x.shape[0] == 1
     if isinstance(w, Fp8Matrix):
         matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows) if one_token else matmul_fp8(out, x, w)
+    elif isinstance(w, GgmlMatrix):
+        matvec_ggml(out[0], w.data, w.ggml_type, x[0]) if one_token else matmul_ggml(out, x, w)
     elif isinstance(w, Int8Matrix):
         matvec_int8(out[0], w.q, w.scales, x[0]) if one_token else matmul_int8(out, x, w.q, w.scales)
     elif isinstance(w, Int4Matrix):
@@ -62,4 +66,6 @@ def _row_dot(w, r, x):
         return lambda w, r, x: float_row_dot(w[r], x)
     if isinstance(w, types.BaseNamedTuple) and w.instance_class is Fp8Matrix:
         return lambda w, r, x: fp8_row_dot(w.q[r], w.scales[r // w.block_rows], x)
+    if isinstance(w, types.BaseNamedTuple) and w.instance_class is GgmlMatrix:
+        return lambda w, r, x: ggml_row_dot(w.data[r], w.ggml_type, x)
     return None

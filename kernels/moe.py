@@ -7,7 +7,7 @@
 
 Expert weights stay in their stored format: gate_w, up_w [E][F, D], down_w [E][D, F], either stacked
 3-D arrays or (as the model passes them) numba typed Lists of the checkpoint's memory-mapped
-per-expert matrices (bf16 / fp16 / fp32 arrays, or FP8 blocks: linear.row_dot reads any of them);
+per-expert matrices (bf16 / fp16 / fp32 arrays, FP8 or GGML blocks: linear.row_dot reads any of them);
 the kernels only ever index one expert at a time, w[e].
 Only the k chosen experts are read, so decoding a token moves bytes in proportion to the *active*
 parameters (3 k F D weights), not the total. Two forms of the same sum:

@@ -1,0 +1,390 @@
+"""GGML's quantised block types, as GGUF files store them: the products read the blocks in place.
+
+A row of W [N, K] is K / E blocks of E weights (E = 32, or 256 for the K-quants), each a fixed number
+of bytes (GGML_BLOCKS); all numbers little-endian, d / m / dmin are fp16. Every type decodes a weight as
+
+    w = a * level - f          (level a small integer from the block's bits; a, f per sub-block)
+
+    type  bytes  layout (byte offset field)                     level of weight p         a, f
+    Q8_0   34    0 d, 2 int8 q[32]                              q[p]                      d, 0
+    Q4_0   18    0 d, 2 qs[16]                                  nibble(p)                 d, 8d
+    Q4_1   20    0 d, 2 m, 4 qs[16]                             nibble(p)                 d, -m
+    Q5_0   22    0 d, 2 qh (u32), 6 qs[16]                      nibble(p) + 16 qh bit p   d, 16d
+    Q5_1   24    0 d, 2 m, 4 qh (u32), 8 qs[16]                 nibble(p) + 16 qh bit p   d, -m
+    Q2_K   84    0 sc[16], 16 qs[64], 80 d, 82 dmin             2 bits                    d sc&15, dmin sc>>4
+    Q3_K  110    0 hmask[32], 32 qs[64], 96 sc[12], 108 d       2 bits + 4 hmask bit      d (sc6 - 32), 4a
+    Q4_K  144    0 d, 2 dmin, 4 sc[12], 16 qs[128]              nibble                    d sc6, dmin m6
+    Q5_K  176    0 d, 2 dmin, 4 sc[12], 16 qh[32], 48 qs[128]   nibble + 16 qh bit        d sc6, dmin m6
+    Q6_K  210    0 ql[128], 128 qh[64], 192 int8 sc[16], 208 d  nibble + 16 (2 qh bits)   d sc, 32a
+
+nibble(p) of a 32-weight block: low nibble of qs[p] for p < 16, high nibble of qs[p - 16] otherwise.
+The K-quants have 8 sub-blocks of 32 (Q4_K, Q5_K: 6-bit scale and min packed in 12 bytes) or 16 of 16
+(Q2_K, Q3_K: 6-bit signed scales packed in 12 bytes, Q6_K: int8 scales); exact bit positions in `_level`.
+
+One frame serves every type. A row is walked 128 weights at a time, as four *columns* of 32 weights
+(four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of 16; weight
+32c + 16h + i is `_level(row, t, c, h, i)` scaled by `_scale_offset(row, t, c, h)`. So every type has
+the same inner loop: 16 lanes, four columns, one fused multiply-add for a, f and one for x, and its
+bit extraction shifts all 16 lanes by the same amount. Why this shape (measured, Zen 3):
+- a fixed 16-lane loop with four columns of work is big enough that LLVM vectorises it in place;
+  one column per loop gets fully unrolled and then "vectorised" across blocks with byte gathers (~6x
+  slower), and one horizontal sum per 128 weights instead of one per block;
+- indices are cast to unsigned (`_u`): Numba guards a signed index against negative values with a
+  select per element, which turns contiguous loads into gathers (2-4x slower);
+- the type is a compile-time constant in each per-type row dot (Numba types a constant argument as a
+  literal), so the branches of `_level` and `_scale_offset` fold away.
+A row whose K is not a multiple of 128 ends with a partial step: its missing columns repeat the last
+one (so no read leaves the row) with a = f = 0.
+"""
+from typing import NamedTuple
+
+import numpy as np
+from numba import prange
+
+from .dtypes import to_float32, widen
+from .jit import jit, pjit
+from .matmul import TILE_FLOATS, matmul_tiled
+
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
+GGML_BLOCKS = {  # type id: (weights, bytes) per block
+    Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
+    Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
+}
+
+
+class GgmlMatrix(NamedTuple):
+    """A weight matrix W [N, K] in one GGML block type, as the GGUF reader hands it over."""
+    data: np.ndarray  # [N, K / E * bytes] uint8, a view of the mapped file: row n's blocks are data[n]
+    ggml_type: int  # a key of GGML_BLOCKS
+    cols: int  # K
+
+    @property
+    def shape(self):  # the shape of W
+        return (self.data.shape[0], self.cols)
+
+
+# ------------------------------------------------------------------------------ decoding ----
+
+@jit
+def _u(i):  # an index Numba does not check for negative values (see the module docstring)
+    return np.uint64(i)
+
+
+@jit
+def _byte(row, o):
+    return np.int32(row[_u(o)])
+
+
+@jit
+def _fp16(row, o):  # the fp16 at bytes o, o + 1 -> float32
+    return widen(np.int16(_byte(row, o) | (_byte(row, o + 1) << 8)))
+
+
+@jit
+def _k4_scale_min(row, o, j):  # Q4_K / Q5_K: 6-bit scale and min of sub-block j, 12 bytes at o
+    """j < 4: sc = s[j] & 63, m = s[j+4] & 63;  else sc = s[j+4] & 15 | (s[j-4] >> 6) << 4,
+    m = s[j+4] >> 4 | (s[j] >> 6) << 4"""
+    if j < 4:
+        return _byte(row, o + j) & 63, _byte(row, o + j + 4) & 63
+    return ((_byte(row, o + j + 4) & 15) | ((_byte(row, o + j - 4) >> 6) << 4),
+            (_byte(row, o + j + 4) >> 4) | ((_byte(row, o + j) >> 6) << 4))
+
+
+@jit
+def _q3_scale(row, o, v):  # Q3_K: signed 6-bit scale of sub-block v (0..15), 12 bytes at o
+    """low 4 bits: s[v] & 15 (v < 8) or s[v-8] >> 4;  high 2 bits: s[8 + v%4] >> 2(v//4);  minus 32"""
+    low = _byte(row, o + v) & 15 if v < 8 else _byte(row, o + v - 8) >> 4
+    return (low | ((_byte(row, o + 8 + v % 4) >> (2 * (v // 4))) & 3) << 4) - 32
+
+
+@jit
+def _block_bytes(t):
+    return (18 if t == Q4_0 else 20 if t == Q4_1 else 22 if t == Q5_0 else 24 if t == Q5_1 else
+            34 if t == Q8_0 else 84 if t == Q2_K else 110 if t == Q3_K else 144 if t == Q4_K else
+            176 if t == Q5_K else 210)
+
+
+@jit
+def _block(t, c):  # column c (32 weights) of a row of type t -> (byte offset of its block, slot in it)
+    if t < Q2_K:
+        return c * _block_bytes(t), 0
+    return (c >> 3) * _block_bytes(t), c & 7
+
+
+@jit
+def _level(row, t, c, h, i):  # the integer level of weight 32c + 16h + i of the row
+    o, u = _block(t, c)  # u = 4n + j: quarter j of half n of a K-quant block
+    n, j, p = u >> 2, u & 3, 16 * h + i
+    if t == Q8_0:
+        return np.int32(np.int8(row[_u(o + 2 + p)]))
+    if t == Q4_0 or t == Q4_1 or t == Q5_0 or t == Q5_1:
+        qs = 2 if t == Q4_0 else 4 if t == Q4_1 else 6 if t == Q5_0 else 8
+        level = (_byte(row, o + qs + i) >> (4 * h)) & 15
+        if t == Q5_0 or t == Q5_1:  # bit p of the little-endian u32 qh is the fifth bit
+            b = o + 2 if t == Q5_0 else o + 4
+            qh = _byte(row, b) | _byte(row, b + 1) << 8 | _byte(row, b + 2) << 16 | _byte(row, b + 3) << 24
+            level |= 16 if qh & (1 << p) else 0
+        return np.int32(level)
+    if t == Q2_K:
+        return np.int32((_byte(row, o + 16 + 32 * n + p) >> (2 * j)) & 3)
+    if t == Q3_K:  # the hmask bit set means +4 (f = 4a subtracts it back)
+        high = 4 if _byte(row, o + p) & (1 << u) else 0
+        return np.int32(((_byte(row, o + 32 + 32 * n + p) >> (2 * j)) & 3) | high)
+    if t == Q4_K or t == Q5_K:  # sub-block u: nibble u % 2 of qs[32 (u // 2) + p]
+        level = (_byte(row, o + (16 if t == Q4_K else 48) + 32 * (u >> 1) + p) >> (4 * (u & 1))) & 15
+        if t == Q5_K:
+            level |= 16 if _byte(row, o + 16 + p) & (1 << u) else 0
+        return np.int32(level)
+    # Q6_K: low 4 bits from ql, nibble j // 2 of ql[64n + 32 (j % 2) + p]; high 2 from qh[32n + p] >> 2j
+    low = (_byte(row, o + 64 * n + 32 * (j & 1) + p) >> (4 * (j >> 1))) & 15
+    return np.int32(low | (((_byte(row, o + 128 + 32 * n + p) >> (2 * j)) & 3) << 4))
+
+
+@jit
+def _scale_offset(row, t, c, h):  # (a, f) of the sub-block holding weights 32c + 16h .. +15: w = a level - f
+    o, u = _block(t, c)
+    if t == Q8_0:
+        return _fp16(row, o), np.float32(0.0)
+    if t == Q4_0 or t == Q5_0:  # levels centred on 8 resp. 16
+        d = _fp16(row, o)
+        return d, d * np.float32(8.0 if t == Q4_0 else 16.0)
+    if t == Q4_1 or t == Q5_1:
+        return _fp16(row, o), -_fp16(row, o + 2)
+    if t == Q2_K:  # sub-block of 16: scale byte 2u + h, low nibble scale, high nibble min
+        sc = _byte(row, o + 2 * u + h)
+        return _fp16(row, o + 80) * np.float32(sc & 15), _fp16(row, o + 82) * np.float32(sc >> 4)
+    if t == Q3_K:
+        a = _fp16(row, o + 108) * np.float32(_q3_scale(row, o + 96, 2 * u + h))
+        return a, np.float32(4.0) * a
+    if t == Q4_K or t == Q5_K:
+        sc, m = _k4_scale_min(row, o + 4, u)
+        return _fp16(row, o) * np.float32(sc), _fp16(row, o + 2) * np.float32(m)
+    a = _fp16(row, o + 208) * np.float32(np.int8(row[_u(o + 192 + 2 * u + h)]))  # Q6_K: int8 scales
+    return a, np.float32(32.0) * a
+
+
+@jit
+def _weight(row, t, c, h, i, a_f):  # weight 32c + 16h + i, given its sub-block's (a, f)
+    return a_f[0] * np.float32(_level(row, t, c, h, i)) - a_f[1]
+
+
+@jit
+def _blocks(row, t, x, out):
+    # row: [bytes] uint8 of type t; x: [K] float32 or None; out: [K] float32 or None
+    """x given: returns sum_k w[k] x[k];   out given: out[k] = w[k]"""
+    K = row.shape[0] // _block_bytes(t) * (32 if t < Q2_K else 256)
+    last = K // 32 - 1  # the last column
+    total = np.float32(0.0)
+    for q in range((K + 127) // 128):
+        c0, c1, c2, c3 = 4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3
+        if t < Q2_K:  # (K-quant rows are whole blocks: their columns stay affine, slots known per column)
+            c1, c2, c3 = min(c1, last), min(c2, last), min(c3, last)
+        s00, s01 = _scale_offset(row, t, c0, 0), _scale_offset(row, t, c0, 1)
+        s10, s11 = _scale_offset(row, t, c1, 0), _scale_offset(row, t, c1, 1)
+        s20, s21 = _scale_offset(row, t, c2, 0), _scale_offset(row, t, c2, 1)
+        s30, s31 = _scale_offset(row, t, c3, 0), _scale_offset(row, t, c3, 1)
+        # Numba drops the branch whose argument is None (at compile time: one kernel per use).
+        if x is not None:
+            if t < Q2_K:  # columns past the end repeat the last one: zero weight
+                zero = (np.float32(0.0), np.float32(0.0))
+                s10, s11 = (s10, s11) if c1 == 4 * q + 1 else (zero, zero)
+                s20, s21 = (s20, s21) if c2 == 4 * q + 2 else (zero, zero)
+                s30, s31 = (s30, s31) if c3 == 4 * q + 3 else (zero, zero)
+            # Two sums, so that the vectorised loop has independent chains of FMAs to interleave.
+            acc0 = acc1 = np.float32(0.0)
+            for i in range(16):
+                acc0 += (_weight(row, t, c0, 0, i, s00) * x[_u(32 * c0 + i)]
+                         + _weight(row, t, c0, 1, i, s01) * x[_u(32 * c0 + 16 + i)]
+                         + _weight(row, t, c1, 0, i, s10) * x[_u(32 * c1 + i)]
+                         + _weight(row, t, c1, 1, i, s11) * x[_u(32 * c1 + 16 + i)])
+                acc1 += (_weight(row, t, c2, 0, i, s20) * x[_u(32 * c2 + i)]
+                         + _weight(row, t, c2, 1, i, s21) * x[_u(32 * c2 + 16 + i)]
+                         + _weight(row, t, c3, 0, i, s30) * x[_u(32 * c3 + i)]
+                         + _weight(row, t, c3, 1, i, s31) * x[_u(32 * c3 + 16 + i)])
+            total += acc0 + acc1
+        if out is not None:  # (columns past the end write the last column again)
+            for i in range(16):
+                out[_u(32 * c0 + i)], out[_u(32 * c0 + 16 + i)] = _weight(row, t, c0, 0, i, s00), _weight(
+                    row, t, c0, 1, i, s01)
+                out[_u(32 * c1 + i)], out[_u(32 * c1 + 16 + i)] = _weight(row, t, c1, 0, i, s10), _weight(
+                    row, t, c1, 1, i, s11)
+                out[_u(32 * c2 + i)], out[_u(32 * c2 + 16 + i)] = _weight(row, t, c2, 0, i, s20), _weight(
+                    row, t, c2, 1, i, s21)
+                out[_u(32 * c3 + i)], out[_u(32 * c3 + 16 + i)] = _weight(row, t, c3, 0, i, s30), _weight(
+                    row, t, c3, 1, i, s31)
+    return total
+
+
+@jit
+def ggml_blocks(row, ggml_type, x, out):  # _blocks with the type made a compile-time constant
+    """x given: sum_k w[k] x[k] over one row of blocks of ggml_type;  out given: out[k] = w[k]
+
+    The one switch over the types: each branch compiles _blocks for one type (and is the place where
+    a type gets a kernel of its own, e.g. an integer dot product)."""
+    t = ggml_type
+    if t == Q8_0:
+        return _blocks(row, Q8_0, x, out)
+    if t == Q4_0:
+        return _blocks(row, Q4_0, x, out)
+    if t == Q4_1:
+        return _blocks(row, Q4_1, x, out)
+    if t == Q5_0:
+        return _blocks(row, Q5_0, x, out)
+    if t == Q5_1:
+        return _blocks(row, Q5_1, x, out)
+    if t == Q2_K:
+        return _blocks(row, Q2_K, x, out)
+    if t == Q3_K:
+        return _blocks(row, Q3_K, x, out)
+    if t == Q4_K:
+        return _blocks(row, Q4_K, x, out)
+    if t == Q5_K:
+        return _blocks(row, Q5_K, x, out)
+    return _blocks(row, Q6_K, x, out)
+
+
+@jit
+def ggml_row_dot(row, ggml_type, x):  # row: one row's blocks, uint8; x: [K] float32 -> float32
+    """sum_k W[k] x[k]"""
+    return ggml_blocks(row, ggml_type, x, None)
+
+
+@pjit
+def matvec_ggml(out, data, ggml_type, x):  # out: [N] float32, data: [N, bytes] uint8, x: [K] float32
+    """out[n] = sum_k W[n, k] x[k]"""
+    for n in prange(data.shape[0]):
+        out[n] = ggml_row_dot(data[n], ggml_type, x)
+
+
+@jit
+def dequantize_ggml_rows(tile, rows, ggml_type):  # tile: [R, K] float32 out, rows: [R, bytes] uint8
+    """tile[r, k] = W[r, k]"""
+    # Serial, like matmul.widen_rows: it alternates with BLAS calls, whose threads need the cores.
+    for r in range(rows.shape[0]):
+        ggml_blocks(rows[r], ggml_type, None, tile[r])
+
+
+def matmul_ggml(out, x, w: GgmlMatrix, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32
+    """out[t, n] = sum_k x[t, k] W[n, k]   (out = x @ W.T, for T > 1: tiles dequantised for BLAS)"""
+    matmul_tiled(out, x, w.shape, lambda tile, r0, r1: dequantize_ggml_rows(tile, w.data[r0:r1], w.ggml_type),
+                 tile_floats)
+
+
+def dequantize_ggml(w: GgmlMatrix) -> np.ndarray:  # -> [N, K] float32
+    tile = np.empty(w.shape, np.float32)
+    dequantize_ggml_rows(tile, w.data, w.ggml_type)
+    return tile
+
+
+# ------------------------------------------------------------------- minqwen's quantisers ----
+# --quantize int8 / int4 write Q8_0 / Q4_1, byte for byte what gguf-py's (and llama.cpp's) reference
+# quantisers write for the same float32 weights; NumPy, a chunk of rows at a time (bounded memory).
+
+def _quantize(w, ggml_type, encode) -> GgmlMatrix:  # w: [N, K] float32/float64 or bf16/fp16 bits
+    N, K = w.shape
+    if K % 32:
+        raise ValueError(f"quantised matrices need K % 32 == 0, got K = {K}")
+    data = np.empty((N, K // 32 * GGML_BLOCKS[ggml_type][1]), np.uint8)
+    rows = max(1, (1 << 20) // K)
+    for r0 in range(0, N, rows):
+        blocks = to_float32(w[r0:r0 + rows]).reshape(-1, K // 32, 32)
+        if not np.isfinite(blocks).all():
+            raise ValueError("cannot quantise a matrix with inf or nan weights")
+        with np.errstate(divide="ignore", over="ignore"):
+            parts = encode(blocks)  # fp16 numbers, then quants: [n, K/32, bytes] when joined
+        if not all(np.isfinite(p).all() for p in parts if p.dtype == np.float16):
+            raise ValueError("weights too large for fp16 block scales (|w| > ~65000)")
+        data[r0:r0 + rows] = np.concatenate([p.view(np.uint8) for p in parts], axis=-1).reshape(len(blocks),
+                                                                                                -1)
+    return GgmlMatrix(data, ggml_type, K)
+
+
+def _q8_0_blocks(blocks):  # [n, nb, 32] float32 -> d fp16 [n, nb, 1], q int8 [n, nb, 32]
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    scaled = blocks * np.where(d == 0, np.float32(0), np.float32(1) / d)
+    magnitude = np.abs(scaled)  # roundf: halves away from zero
+    q = np.sign(scaled) * (np.floor(magnitude) + (magnitude - np.floor(magnitude) >= 0.5))
+    return d.astype(np.float16), q.astype(np.int8)
+
+
+def _q4_1_blocks(blocks):  # [n, nb, 32] float32 -> d, m fp16 [n, nb, 1], qs uint8 [n, nb, 16]
+    lo, hi = blocks.min(axis=-1, keepdims=True), blocks.max(axis=-1, keepdims=True)
+    d = (hi - lo) / np.float32(15)
+    q = np.trunc((blocks - lo) * np.where(d == 0, np.float32(0), np.float32(1) / d) + np.float32(0.5))
+    q = np.clip(q, 0, 15).astype(np.uint8)
+    return d.astype(np.float16), lo.astype(np.float16), q[..., :16] | (q[..., 16:] << 4)
+
+
+def quantize_q8_0(w) -> GgmlMatrix:  # w: [N, K] float32/float64 or bf16/fp16 bits, K % 32 == 0
+    """d = max|block| / 127,  q = round(w / d)  (halves away from zero)"""
+    return _quantize(w, Q8_0, _q8_0_blocks)
+
+
+def quantize_q4_1(w) -> GgmlMatrix:  # w: [N, K] float32/float64 or bf16/fp16 bits, K % 32 == 0
+    """m = min(block),  d = (max - m) / 15,  q = trunc((w - m) / d + 1/2) clipped to 0..15"""
+    return _quantize(w, Q4_1, _q4_1_blocks)
+
+
+# ---------------------------------------------------------------------------- references ----
+# float64 NumPy, written from the block layouts (ggml-quants.c's dequantize_row_*), not from the frame.
+
+def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K] float64
+    E, B = GGML_BLOCKS[ggml_type]
+    N, t = data.shape[0], ggml_type
+    raw = np.ascontiguousarray(data).reshape(N, K // E, B)
+    b = raw.astype(np.int64)
+
+    def fp16(o):  # [N, blocks, 1]
+        return raw[..., o:o + 2].copy().view(np.float16).astype(np.float64)
+
+    def per_sub(values, size):  # [N, blocks, E / size] -> [N, blocks, E]
+        return np.repeat(np.asarray(values, np.float64), size, axis=-1)
+
+    if t == Q8_0:
+        w = fp16(0) * raw[..., 2:].view(np.int8)
+    elif t in (Q4_0, Q4_1, Q5_0, Q5_1):
+        qs = b[..., B - 16:]
+        level = np.concatenate([qs & 15, qs >> 4], axis=-1)
+        if t in (Q5_0, Q5_1):
+            o = 2 if t == Q5_0 else 4
+            qh = sum(b[..., o + i:o + i + 1] << (8 * i) for i in range(4))
+            level = level + 16 * ((qh >> np.arange(32)) & 1)
+        w = (fp16(0) * (level - {Q4_0: 8, Q5_0: 16}[t]) if t in (Q4_0, Q5_0) else fp16(0) * level + fp16(2))
+    elif t in (Q2_K, Q3_K):  # 16 sub-blocks of 16; byte l of each 32 of qs holds bits 2j of weight 32j + l
+        qs = b[..., 16:80] if t == Q2_K else b[..., 32:96]
+        shifts = np.arange(0, 8, 2)[:, None]
+        level = np.stack([(qs[..., 32 * n:32 * n + 32, None].swapaxes(-1, -2) >> shifts) & 3
+                          for n in range(2)], axis=-3).reshape(N, -1, 256)
+        if t == Q2_K:
+            sc = b[..., :16]
+            w = fp16(80) * per_sub(sc & 15, 16) * level - fp16(82) * per_sub(sc >> 4, 16)
+        else:
+            hmask = b[..., :32]
+            high = np.stack([(hmask[..., None, :] >> (4 * n + np.arange(4)[:, None])) & 1 for n in range(2)],
+                            axis=-3).reshape(N, -1, 256)
+            s = b[..., 96:108]
+            v = np.arange(16)
+            low = np.where(v < 8, s[..., v % 8] & 15, s[..., v % 8] >> 4)
+            sc = (low | ((s[..., 8 + v % 4] >> (2 * (v // 4))) & 3) << 4) - 32
+            w = fp16(108) * per_sub(sc, 16) * (level - 4 * (1 - high))
+    elif t in (Q4_K, Q5_K):  # 8 sub-blocks of 32: qs[32g + l] low nibble -> 64g + l, high -> 64g + 32 + l
+        s = b[..., 4:16]
+        j = np.arange(8)
+        first, second, third = s[..., j % 4], s[..., 4 + j % 4], s[..., 8 + j % 4]  # the 3 rows of 4 bytes
+        sc = np.where(j < 4, first & 63, (third & 15) | ((first >> 6) << 4))
+        m = np.where(j < 4, second & 63, (third >> 4) | ((second >> 6) << 4))
+        qs = b[..., B - 128:].reshape(N, -1, 4, 1, 32)
+        level = np.concatenate([qs & 15, qs >> 4], axis=-2).reshape(N, -1, 256)
+        if t == Q5_K:
+            level = level + 16 * ((b[..., None, 16:48] >> j[:, None]) & 1).reshape(N, -1, 256)
+        w = fp16(0) * per_sub(sc, 32) * level - fp16(2) * per_sub(m, 32)
+    else:  # Q6_K: for each half n, weight 128n + 32k + l from ql / qh as in dequantize_row_q6_K
+        ql, qh = b[..., :128].reshape(N, -1, 2, 2, 32), b[..., 128:192].reshape(N, -1, 2, 1, 32)
+        low = np.concatenate([ql & 15, ql >> 4], axis=-2)  # k = 0..3: ql[l], ql[l + 32], ql[l] >> 4, ...
+        level = (low | ((qh >> (2 * np.arange(4)[:, None])) & 3) << 4) - 32
+        w = fp16(208) * per_sub(raw[..., 192:208].view(np.int8), 16) * level.reshape(N, -1, 256)
+    return w.reshape(N, K)
+
+
+def matvec_ggml_reference(data, ggml_type, x):  # [N, bytes], [K] -> [N] float64
+    return dequantize_ggml_reference(data, ggml_type, x.shape[0]) @ x.astype(np.float64)
