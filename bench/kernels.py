@@ -1,7 +1,7 @@
 """Kernel bench: how close each weight-streaming kernel gets to this machine's memory bandwidth.
 
     python bench/kernels.py [--gib 1] [--repeats 7] [--quick] [--threads N]
-                            [--kinds fp32,bf16,fp16,fp8,int8,int4]
+                            [--kinds fp32,bf16,fp16,fp8,int8,int4,q8_0,q4_0,q4_1,q5_0,q4_k,q5_k,q6_k]
 
 Decoding one token streams every weight from DRAM once, so the decode kernels (matvec) are judged
 in GB/s of weights read, next to the read bandwidth of the machine measured the same way (a Numba
@@ -16,6 +16,10 @@ fewer bytes per weight stop paying. "waits/ms" counts the times a thread blocked
 kernel time: on a shared machine another process can hold a core, a parallel region then waits
 for it (~0.6 ms here), and the row measures the scheduler more than the kernel; --threads 1
 gives a per-core figure that other processes cannot spoil as easily.
+
+The GGML kinds (q8_0 ... q6_k, GGUF's block types) are random blocks with fp16 scales of the size a
+quantised N(0, 0.02) matrix has (their speed does not depend on the values); the K-quants, whose rows
+are whole blocks of 256, use Qwen3-0.6B's shapes instead of those multiples of 128.
 
 Prefill (matmul, T = 128 / 512) is bound by flops: reported in GFLOP/s. Compile time is excluded
 (one warm-up call each); times are medians. Prints a table, then one JSON object per result, and
@@ -37,6 +41,7 @@ from numba import prange
 from common import cpu_flags, cpu_model
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.fp8 import Fp8Matrix, matmul_fp8, matvec_fp8
+from minqwen.kernels.ggml import GGML_BLOCKS, GgmlMatrix, matmul_ggml, matvec_ggml
 from minqwen.kernels.jit import pjit
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 from minqwen.kernels.quant import (
@@ -51,6 +56,9 @@ from minqwen.kernels.quant import (
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
 FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up, down; a dense gate
 FEW_TOKENS = [2, 4, 8, 16, 24, 32]
+K_QUANT_SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (151936, 1024)]  # Qwen3-0.6B: rows of 256s
+GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q4_k": 12, "q5_k": 13, "q6_k": 14}  # kind: type id
+GGML_FP16_AT = {8: [0], 2: [0], 3: [0, 2], 6: [0], 12: [0, 2], 13: [0, 2], 14: [208]}  # scale offsets
 GIB = 1 << 30
 
 
@@ -79,6 +87,12 @@ def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads,
         return (w.astype(np.float16).view(np.int16),)
     if kind == "int8":
         return quantize_int8(w)
+    if kind in GGML:  # random blocks, every fp16 number ~0.002
+        E, B = GGML_BLOCKS[GGML[kind]]
+        data = rng.integers(0, 256, (N, K // E, B), dtype=np.uint8)
+        for o in GGML_FP16_AT[GGML[kind]]:
+            data[..., o:o + 2] = np.full((N, K // E, 1), 0.002, np.float16).view(np.uint8)
+        return (data.reshape(N, -1),)
     if kind == "fp8":  # e4m3 bytes of a scaled Gaussian (NaN bytes avoided), one float32 scale per 128 x 128
         q = rng.integers(0, 0x7E, (N, K), dtype=np.uint8) | (rng.integers(0, 2, (N, K), dtype=np.uint8) << 7)
         return q, np.full((-(-N // 128), -(-K // 128)), 0.02 / 64, np.float32)
@@ -86,6 +100,8 @@ def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads,
 
 
 def matvec_call(kind):
+    if kind in GGML:
+        return lambda out, arrays, x: matvec_ggml(out, arrays[0], GGML[kind], x)
     if kind in ("fp32", "bf16", "fp16"):
         return lambda out, arrays, x: matvec(out, arrays[0], x)
     if kind == "int8":
@@ -96,6 +112,8 @@ def matvec_call(kind):
 
 
 def matmul_call(kind):
+    if kind in GGML:
+        return lambda out, x, arrays: matmul_ggml(out, x, GgmlMatrix(arrays[0], GGML[kind], x.shape[1]))
     if kind in ("fp32", "bf16", "fp16"):
         return lambda out, x, arrays: matmul(out, x, arrays[0])
     if kind == "int8":
@@ -103,6 +121,10 @@ def matmul_call(kind):
     if kind == "fp8":
         return lambda out, x, arrays: matmul_fp8(out, x, Fp8Matrix(*arrays, 128))
     return lambda out, x, arrays: matmul_int4(out, x, *arrays)
+
+
+def shapes_for(kind):
+    return K_QUANT_SHAPES if kind in GGML and GGML_BLOCKS[GGML[kind]][0] == 256 else SHAPES
 
 
 def bench_matvec(kind, N, K, total_bytes, repeats, bw_array, rng):
@@ -175,7 +197,7 @@ def main(argv=None):
                    help="weights streamed per case, GiB (>= 1 defeats caches)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="skip the lm_head shape in prefill and T = 512")
-    p.add_argument("--kinds", default="fp32,bf16,fp16,fp8,int8,int4")
+    p.add_argument("--kinds", default="fp32,bf16,fp16,fp8,int8,int4," + ",".join(GGML))
     p.add_argument("--threads", type=int, default=None, help="Numba threads (default: all)")
     args = p.parse_args(argv)
     if args.threads:
@@ -219,7 +241,7 @@ def main(argv=None):
     print(f"\n{'matvec (decode)':18s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} {'GB/s':>7s} "
           f"{'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
     for kind in kinds:
-        for N, K in SHAPES:
+        for N, K in shapes_for(kind):
             r = bench_matvec(kind, N, K, total, args.repeats, bw_array, rng)
             results.append(r)
             print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {r['bytes_per_weight']:8.3f} {r['us_per_call']:9.1f} "
@@ -229,7 +251,7 @@ def main(argv=None):
     print(f"\n{'matmul (prefill)':18s} {'shape':>12s} {'T':>4s} {'ms':>9s} {'GFLOP/s':>8s} {'best':>7s}")
     for T in ([128] if args.quick else [128, 512]):
         for kind in kinds:
-            for N, K in (SHAPES[:3] if args.quick else SHAPES):
+            for N, K in (shapes_for(kind)[:3] if args.quick else shapes_for(kind)):
                 r = bench_matmul(kind, N, K, T, max(3, args.repeats // 2), rng)
                 results.append(r)
                 print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['ms']:9.2f} {r['GFLOP_s']:8.1f} "

@@ -21,20 +21,25 @@ nibble(p) of a 32-weight block: low nibble of qs[p] for p < 16, high nibble of q
 The K-quants have 8 sub-blocks of 32 (Q4_K, Q5_K: 6-bit scale and min packed in 12 bytes) or 16 of 16
 (Q2_K, Q3_K: 6-bit signed scales packed in 12 bytes, Q6_K: int8 scales); exact bit positions in `_level`.
 
-One frame serves every type. A row is walked 128 weights at a time, as four *columns* of 32 weights
-(four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of 16; weight
-32c + 16h + i is `_level(row, t, c, h, i)` scaled by `_scale_offset(row, t, c, h)`. So every type has
-the same inner loop: 16 lanes, four columns, one fused multiply-add for a, f and one for x, and its
-bit extraction shifts all 16 lanes by the same amount. Why this shape (measured, Zen 3):
-- a fixed 16-lane loop with four columns of work is big enough that LLVM vectorises it in place;
-  one column per loop gets fully unrolled and then "vectorised" across blocks with byte gathers (~6x
-  slower), and one horizontal sum per 128 weights instead of one per block;
+One frame serves every type (`_blocks`): a row is walked 128 weights at a time, as four *columns* of
+32 weights (four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of
+16; weight 32c + 16h + i is `_level(row, t, c, h, i)` scaled by `_scale_offset(row, t, c, h)`. The
+same loop computes a row's dot product with x (decode, MoE experts) or writes its weights (prefill
+tiles for BLAS), and `ggml_blocks` is the switch over the types. Why this shape (measured, Zen 3):
+- a fixed 16-lane loop over four columns is big enough that LLVM vectorises it in place (vector loads
+  of 8-16 bytes, one conversion and two FMAs per 8 weights); one block per loop gets fully unrolled
+  and then "vectorised" across blocks with byte gathers (~6x slower);
 - indices are cast to unsigned (`_u`): Numba guards a signed index against negative values with a
-  select per element, which turns contiguous loads into gathers (2-4x slower);
-- the type is a compile-time constant in each per-type row dot (Numba types a constant argument as a
-  literal), so the branches of `_level` and `_scale_offset` fold away.
-A row whose K is not a multiple of 128 ends with a partial step: its missing columns repeat the last
-one (so no read leaves the row) with a = f = 0.
+  select per element, which also turns contiguous loads into gathers (2-4x slower);
+- the type is a compile-time constant of `_blocks` (Numba types a constant argument as a literal and
+  compiles a version for it), so the branches of `_level` and `_scale_offset` fold away, and a
+  column's bit positions are constants (a K-quant row is whole blocks, so its columns are too).
+A row of 32-weight blocks whose K is not a multiple of 128 ends with a partial step: its missing
+columns repeat the last one (no read leaves the row), with weight 0 in the dot product.
+
+Speed: float math costs ~6 vector operations per 8 weights (extract, widen, convert, two FMAs), so
+these kernels are compute-bound, well below the read bandwidth (bench/kernels.py); integer dot products
+per type (GGML's own approach) are the next step, one branch of `ggml_blocks` at a time.
 """
 from typing import NamedTuple
 
@@ -46,10 +51,9 @@ from .jit import jit, pjit
 from .matmul import TILE_FLOATS, matmul_tiled
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
-GGML_BLOCKS = {  # type id: (weights, bytes) per block
-    Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
-    Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
-}
+BLOCK_BYTES = (0, 0, 18, 20, 0, 0, 22, 24, 34, 0, 84, 110, 144, 176, 210)  # per block, by type id (0: none)
+# type id: (weights, bytes) per block
+GGML_BLOCKS = {t: (32 if t < Q2_K else 256, size) for t, size in enumerate(BLOCK_BYTES) if size}
 
 
 class GgmlMatrix(NamedTuple):
@@ -98,17 +102,10 @@ def _q3_scale(row, o, v):  # Q3_K: signed 6-bit scale of sub-block v (0..15), 12
 
 
 @jit
-def _block_bytes(t):
-    return (18 if t == Q4_0 else 20 if t == Q4_1 else 22 if t == Q5_0 else 24 if t == Q5_1 else
-            34 if t == Q8_0 else 84 if t == Q2_K else 110 if t == Q3_K else 144 if t == Q4_K else
-            176 if t == Q5_K else 210)
-
-
-@jit
 def _block(t, c):  # column c (32 weights) of a row of type t -> (byte offset of its block, slot in it)
     if t < Q2_K:
-        return c * _block_bytes(t), 0
-    return (c >> 3) * _block_bytes(t), c & 7
+        return c * BLOCK_BYTES[t], 0
+    return (c >> 3) * BLOCK_BYTES[t], c & 7
 
 
 @jit
@@ -164,54 +161,56 @@ def _scale_offset(row, t, c, h):  # (a, f) of the sub-block holding weights 32c 
 
 
 @jit
-def _weight(row, t, c, h, i, a_f):  # weight 32c + 16h + i, given its sub-block's (a, f)
-    return a_f[0] * np.float32(_level(row, t, c, h, i)) - a_f[1]
+def _column_scales(row, t, c):  # (a, f) of each half of column c
+    return _scale_offset(row, t, c, 0), _scale_offset(row, t, c, 1)
+
+
+@jit
+def _column_weights(row, t, c, i, s):  # weights 32c + i and 32c + 16 + i, s = _column_scales(row, t, c)
+    return (s[0][0] * np.float32(_level(row, t, c, 0, i)) - s[0][1],
+            s[1][0] * np.float32(_level(row, t, c, 1, i)) - s[1][1])
+
+
+@jit
+def _column_dot(row, t, c, i, s, x):  # the two weights above times x
+    w0, w1 = _column_weights(row, t, c, i, s)
+    return w0 * x[_u(32 * c + i)] + w1 * x[_u(32 * c + 16 + i)]
 
 
 @jit
 def _blocks(row, t, x, out):
     # row: [bytes] uint8 of type t; x: [K] float32 or None; out: [K] float32 or None
     """x given: returns sum_k w[k] x[k];   out given: out[k] = w[k]"""
-    K = row.shape[0] // _block_bytes(t) * (32 if t < Q2_K else 256)
+    K = row.shape[0] // BLOCK_BYTES[t] * (32 if t < Q2_K else 256)
     last = K // 32 - 1  # the last column
+    zero = ((np.float32(0.0), np.float32(0.0)), (np.float32(0.0), np.float32(0.0)))
     total = np.float32(0.0)
     for q in range((K + 127) // 128):
         c0, c1, c2, c3 = 4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3
         if t < Q2_K:  # (K-quant rows are whole blocks: their columns stay affine, slots known per column)
             c1, c2, c3 = min(c1, last), min(c2, last), min(c3, last)
-        s00, s01 = _scale_offset(row, t, c0, 0), _scale_offset(row, t, c0, 1)
-        s10, s11 = _scale_offset(row, t, c1, 0), _scale_offset(row, t, c1, 1)
-        s20, s21 = _scale_offset(row, t, c2, 0), _scale_offset(row, t, c2, 1)
-        s30, s31 = _scale_offset(row, t, c3, 0), _scale_offset(row, t, c3, 1)
+        s0, s1 = _column_scales(row, t, c0), _column_scales(row, t, c1)
+        s2, s3 = _column_scales(row, t, c2), _column_scales(row, t, c3)
         # Numba drops the branch whose argument is None (at compile time: one kernel per use).
         if x is not None:
             if t < Q2_K:  # columns past the end repeat the last one: zero weight
-                zero = (np.float32(0.0), np.float32(0.0))
-                s10, s11 = (s10, s11) if c1 == 4 * q + 1 else (zero, zero)
-                s20, s21 = (s20, s21) if c2 == 4 * q + 2 else (zero, zero)
-                s30, s31 = (s30, s31) if c3 == 4 * q + 3 else (zero, zero)
-            # Two sums, so that the vectorised loop has independent chains of FMAs to interleave.
-            acc0 = acc1 = np.float32(0.0)
+                s1 = s1 if c1 == 4 * q + 1 else zero
+                s2 = s2 if c2 == 4 * q + 2 else zero
+                s3 = s3 if c3 == 4 * q + 3 else zero
+            # One sum per column: independent chains of FMAs for the CPU to overlap.
+            acc0 = acc1 = acc2 = acc3 = np.float32(0.0)
             for i in range(16):
-                acc0 += (_weight(row, t, c0, 0, i, s00) * x[_u(32 * c0 + i)]
-                         + _weight(row, t, c0, 1, i, s01) * x[_u(32 * c0 + 16 + i)]
-                         + _weight(row, t, c1, 0, i, s10) * x[_u(32 * c1 + i)]
-                         + _weight(row, t, c1, 1, i, s11) * x[_u(32 * c1 + 16 + i)])
-                acc1 += (_weight(row, t, c2, 0, i, s20) * x[_u(32 * c2 + i)]
-                         + _weight(row, t, c2, 1, i, s21) * x[_u(32 * c2 + 16 + i)]
-                         + _weight(row, t, c3, 0, i, s30) * x[_u(32 * c3 + i)]
-                         + _weight(row, t, c3, 1, i, s31) * x[_u(32 * c3 + 16 + i)])
-            total += acc0 + acc1
+                acc0 += _column_dot(row, t, c0, i, s0, x)
+                acc1 += _column_dot(row, t, c1, i, s1, x)
+                acc2 += _column_dot(row, t, c2, i, s2, x)
+                acc3 += _column_dot(row, t, c3, i, s3, x)
+            total += (acc0 + acc1) + (acc2 + acc3)
         if out is not None:  # (columns past the end write the last column again)
             for i in range(16):
-                out[_u(32 * c0 + i)], out[_u(32 * c0 + 16 + i)] = _weight(row, t, c0, 0, i, s00), _weight(
-                    row, t, c0, 1, i, s01)
-                out[_u(32 * c1 + i)], out[_u(32 * c1 + 16 + i)] = _weight(row, t, c1, 0, i, s10), _weight(
-                    row, t, c1, 1, i, s11)
-                out[_u(32 * c2 + i)], out[_u(32 * c2 + 16 + i)] = _weight(row, t, c2, 0, i, s20), _weight(
-                    row, t, c2, 1, i, s21)
-                out[_u(32 * c3 + i)], out[_u(32 * c3 + 16 + i)] = _weight(row, t, c3, 0, i, s30), _weight(
-                    row, t, c3, 1, i, s31)
+                out[_u(32 * c0 + i)], out[_u(32 * c0 + 16 + i)] = _column_weights(row, t, c0, i, s0)
+                out[_u(32 * c1 + i)], out[_u(32 * c1 + 16 + i)] = _column_weights(row, t, c1, i, s1)
+                out[_u(32 * c2 + i)], out[_u(32 * c2 + 16 + i)] = _column_weights(row, t, c2, i, s2)
+                out[_u(32 * c3 + i)], out[_u(32 * c3 + 16 + i)] = _column_weights(row, t, c3, i, s3)
     return total
 
 
@@ -240,7 +239,9 @@ def ggml_blocks(row, ggml_type, x, out):  # _blocks with the type made a compile
         return _blocks(row, Q4_K, x, out)
     if t == Q5_K:
         return _blocks(row, Q5_K, x, out)
-    return _blocks(row, Q6_K, x, out)
+    if t == Q6_K:
+        return _blocks(row, Q6_K, x, out)
+    raise ValueError("not a GGML block type")
 
 
 @jit
