@@ -137,17 +137,18 @@ def test_moe_with_ggml_experts(seed, t, k, T):
 
 # ---- minqwen's quantisers: GGML's bytes ----
 
-def weights(rng, N, K, kind):  # float32 [N, K] test matrices, incl. the awkward ones
-    w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
-    if kind == "zero_blocks":  # whole blocks of zeros (scale 0) and a constant block (Q4_1: d = 0)
-        w.reshape(N, K // 32, 32)[rng.random((N, K // 32)) < 0.4] = 0.0
-        w[0, :32] = 0.25
-    elif kind == "outliers":  # a few weights 100x the rest, as in real LLM matrices
-        w.reshape(-1)[rng.integers(0, N * K, size=max(1, N * K // 50))] *= 100.0
+def weights(rng, N, K, kind):  # float32 [N, K]: N(0, 0.05), or with one of the cases quantisers trip on
+    w = rng.normal(0.0, 0.05, (N, K)).astype(np.float32)
+    blocks = w.reshape(N, K // 32, 32)
+    if kind == "zero_blocks":  # all-zero blocks (d = 0) and a constant one (Q4_1: max = min)
+        blocks[rng.random(blocks.shape[:2]) < 0.4] = 0.0
+        blocks[0, 0] = 0.25
+    elif kind == "outliers":  # one weight in 50 a hundred times the rest, as in trained matrices
+        w.flat[rng.integers(0, N * K, N * K // 50 + 1)] *= 100.0
     elif kind == "tiny":  # block scales in fp16's subnormal range
         w *= 1e-4
     elif kind == "halves":  # w / d lands on .5 exactly: roundf's ties (away from zero) decide
-        w = (rng.integers(-254, 255, (N, K)) / 2).astype(np.float32)
+        w[:] = rng.integers(-254, 255, (N, K)) / 2
         w[:, ::32] = 127.0
     return w
 
