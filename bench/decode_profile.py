@@ -24,17 +24,14 @@ import minqwen.model as model_module  # noqa: E402
 from checkpoints import SHAPES, bench_checkpoint  # noqa: E402
 from common import Bandwidth, context_switches, report, warn_if_contended  # noqa: E402
 from minqwen import load  # noqa: E402
-from minqwen.kernels.quant import Int4Matrix, Int8Matrix  # noqa: E402
 
 KERNELS = ["embed", "rmsnorm", "linear", "apply_rope", "attention_decode", "swiglu", "moe_one_token", "route",
            "causal_conv1d", "l2norm", "delta_rule_gates", "gated_delta_rule_recurrent", "gated_rmsnorm",
            "sigmoid_gate"]
 
 
-def weight_bytes(w) -> int:
-    if isinstance(w, (Int8Matrix, Int4Matrix)):
-        return sum(a.nbytes for a in w)
-    return w.nbytes
+def weight_bytes(w) -> int:  # an array, or a quantised matrix: a NamedTuple of arrays (and sizes)
+    return sum(a.nbytes for a in w if isinstance(a, np.ndarray)) if isinstance(w, tuple) else w.nbytes
 
 
 class Clocks:

@@ -32,8 +32,7 @@ import numpy as np
 from .config import load_config, read_json
 from .errors import CheckpointError, ConfigError
 from .kernels.dtypes import BF16, FP16, FP32
-from .kernels.quant import BLOCK
-from .quantize import quantizable, quantize_matrix
+from .quantize import BLOCK, bits_for, quantizable, quantize_matrix
 from .weights import language_model_prefix
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (MAX_HEADER_SIZE, 100 MB)
@@ -345,6 +344,10 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]):
 def write_quantized_checkpoint(folder: Path, out: Path, bits: int):
     """Read a checkpoint, write its quantised copy (config, tokenizer and generation files copied)."""
     folder, out = Path(folder), Path(out)
+    if folder.is_file():
+        raise ConfigError(f"{folder} is a GGUF file, quantised already; `quantize` reads checkpoint "
+                          "folders. Run the file as it is, or re-quantise it as it loads: "
+                          "--quantize int8|int4")
     config = load_config(folder)
     tensors = read_tensors(folder)
     raw_config = read_json(folder / "config.json")
@@ -360,12 +363,7 @@ def write_quantized_checkpoint(folder: Path, out: Path, bits: int):
     written = {}
     for name, w in tensors.items():
         if name.endswith(".weight") and quantizable(name, w):
-            stem = name[:-len(".weight")]
-            parts = quantize_matrix(w, bits)
-            written[stem + ".qweight"] = parts.q
-            written[stem + ".scales"] = parts.scales
-            if bits == 4:
-                written[stem + ".mins"] = parts.mins
+            written[name[:-len(".weight")] + ".qweight"] = quantize_matrix(w, bits_for(name, bits)).data
         else:
             written[name] = w
     write_safetensors(out / "model.safetensors", written)

@@ -16,9 +16,9 @@ from numba.typed import List
 from .config import Config
 from .errors import ConfigError
 from .kernels.dtypes import BF16, FP16, FP32, to_float32
-from .kernels.fp8 import BLOCK_COLS, Fp8Matrix, dequantize_fp8
-from .kernels.quant import BLOCK, Int4Matrix, Int8Matrix
-from .quantize import quantizable, quantize_matrix
+from .kernels.fp8 import BLOCK_COLS, Fp8Matrix
+from .kernels.ggml import GGML_BLOCKS, Q4_1, Q8_0, GgmlMatrix
+from .quantize import BLOCK, bits_for, quantizable, quantize_matrix
 
 MATRIX_DTYPES = (BF16, FP16, FP32)
 
@@ -107,9 +107,9 @@ class Weights:
 class TensorSource:
     """Takes tensors out of the checkpoint by name, checking each one's shape and dtype, and remembers
     which it took (so `info` can say what no rule read). Matrices come out in the format the kernels
-    read: as stored (bf16 / fp16 / fp32), as FP8 blocks (`X.weight` e4m3 + `X.weight_scale_inv`), as
-    minqwen's int8 / int4 (`X.qweight`, ...), or, with `quantize_bits`, quantised as they load when
-    quantize.quantizable says so."""
+    read: as stored (bf16 / fp16 / fp32 arrays, GGML blocks from a GGUF file), as FP8 blocks (`X.weight`
+    e4m3 + `X.weight_scale_inv`), as minqwen's int8 / int4 (`X.qweight`), or, with `quantize_bits`,
+    quantised as they load when quantize.quantizable says so."""
 
     def __init__(self, tensors: dict[str, np.ndarray], quantize_bits: int | None = None,
                  fp8_block_rows: int = 0):
@@ -127,10 +127,10 @@ class TensorSource:
         w = self.get(name, shape)
         if stem and self.has(stem + ".weight_scale_inv"):
             w = self._fp8(stem, w)
-        elif w.dtype not in MATRIX_DTYPES:
+        elif not isinstance(w, GgmlMatrix) and w.dtype not in MATRIX_DTYPES:
             raise ConfigError(f"tensor {name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
         if self.quantize_bits and quantizable(name, w):
-            return quantize_matrix(dequantize_fp8(w) if isinstance(w, Fp8Matrix) else w, self.quantize_bits)
+            return quantize_matrix(w, bits_for(name, self.quantize_bits))
         return w
 
     def vector(self, name: str, size: int) -> np.ndarray:
@@ -163,15 +163,21 @@ class TensorSource:
                               "expected f32, bf16 or f16")
         return Fp8Matrix(q, np.ascontiguousarray(to_float32(scales)), rows)
 
-    def _minqwen_quantized(self, stem: str, shape: tuple[int, int]):
-        """A matrix written by `minqwen quantize`: int8 q [N, K] or int4 q [N, K/2] (uint8), fp16 scales
-        (and int4 mins) [N, K/32]."""
+    def _minqwen_quantized(self, stem: str, shape: tuple[int, int]) -> GgmlMatrix:
+        """A matrix written by `minqwen quantize`: Q8_0 or Q4_1 blocks, uint8 [N, K / 32 * bytes]; the
+        row length says which."""
         n, k = shape
-        blocks = (n, k // BLOCK)
-        if self.tensors[stem + ".qweight"].dtype == np.int8:
-            return Int8Matrix(self.get(stem + ".qweight", (n, k)), self.get(stem + ".scales", blocks))
-        return Int4Matrix(self.get(stem + ".qweight", (n, k // 2)), self.get(stem + ".scales", blocks),
-                          self.get(stem + ".mins", blocks))
+        if self.has(stem + ".scales"):
+            raise ConfigError(f"tensor {stem}.qweight is in the int8 / int4 format of an earlier minqwen; "
+                              "quantise the original checkpoint again")
+        q = self.tensors[stem + ".qweight"]
+        for ggml_type in (Q8_0, Q4_1):
+            row_bytes = k // BLOCK * GGML_BLOCKS[ggml_type][1]
+            if q.dtype == np.uint8 and k % BLOCK == 0 and q.shape == (n, row_bytes):
+                self.read.add(stem + ".qweight")
+                return GgmlMatrix(q, ggml_type, k)
+        raise ConfigError(f"tensor {stem}.qweight has shape {q.shape} and dtype {q.dtype}; the config "
+                          f"implies Q8_0 or Q4_1 blocks of a ({n}, {k}) matrix")
 
 
 def load_weights(config: Config, src: TensorSource) -> Weights:
@@ -181,7 +187,8 @@ def load_weights(config: Config, src: TensorSource) -> Weights:
     layers = [_layer(config, src, f"{lm}layers.{i}.", i) for i in range(config.num_hidden_layers)]
     if config.tie_word_embeddings:  # the head is the embedding table itself, or its quantised copy
         bits = src.quantize_bits
-        lm_head = quantize_matrix(embed, bits) if bits and quantizable("lm_head.weight", embed) else embed
+        head_quantized = bits and quantizable("lm_head.weight", embed)
+        lm_head = quantize_matrix(embed, bits_for("lm_head.weight", bits)) if head_quantized else embed
     else:
         lm_head = src.matrix("lm_head.weight", (v, d))
     return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, lm + "norm.weight", d),
@@ -310,7 +317,7 @@ def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
         experts = {name: [src.matrix(f"{p}experts.{e}.{name}.weight", shape) for e in range(n)]
                    for name, shape in shapes.items()}
     for name, matrices in experts.items():  # a typed List holds one type: one format, one dtype
-        if len({(type(m), m.q.dtype if isinstance(m, Fp8Matrix) else m.dtype) for m in matrices}) > 1:
+        if len({_stored_format(m) for m in matrices}) > 1:
             raise ConfigError(f"{p}experts.*.{name} mix dtypes")
     shared = config.shared_expert_intermediate_size > 0
     return MoEWeights(gate=src.matrix(p + "gate.weight", (n, d)),
@@ -328,3 +335,11 @@ def _stacked(src: TensorSource, name: str, shape: tuple[int, int, int]) -> np.nd
     if w.dtype not in MATRIX_DTYPES or src.has(name + "_scale_inv"):
         raise ConfigError(f"tensor {name} has dtype {w.dtype}; fused experts must be bf16, fp16 or fp32")
     return w
+
+
+def _stored_format(w):  # what a typed List of expert matrices must share
+    if isinstance(w, Fp8Matrix):
+        return Fp8Matrix, w.q.dtype
+    if isinstance(w, GgmlMatrix):
+        return GgmlMatrix, w.ggml_type
+    return np.ndarray, w.dtype

@@ -31,7 +31,7 @@ from minqwen.checkpoint import write_quantized_checkpoint
 from minqwen.config import Config
 from minqwen.errors import ConfigError, UnsupportedModelError
 from minqwen.kernels.fp8 import Fp8Matrix
-from minqwen.kernels.quant import Int8Matrix
+from minqwen.kernels.ggml import Q8_0, GgmlMatrix
 
 RESAVED = DATA / "configs" / "transformers-5.23"  # the published configs as transformers >= 5.8 writes them
 
@@ -227,7 +227,8 @@ def test_fp8_requantized_to_int8(fp8_case):
     name, root = fp8_case
     from_fp8, from_dequantized = (minqwen.load(root / folder, quantize="int8")
                                   for folder in ("fp8", "dequantized"))
-    assert isinstance(from_fp8.weights.layers[0].self_attn.q_proj, Int8Matrix)
+    q_proj = from_fp8.weights.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, GgmlMatrix) and q_proj.ggml_type == Q8_0
     prompt = list(range(1, 21))
     assert relative_error(from_fp8.logits(prompt), from_dequantized.logits(prompt)) <= 1e-5
     with pytest.raises(ConfigError, match="already quantised.*--quantize int8"):  # not as a second file

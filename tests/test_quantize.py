@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4: quality against the unquantised model, and quantised checkpoints on disk."""
+"""Weight-only int8 / int4 (GGML's Q8_0 / Q4_1): quality against the unquantised model, and quantised
+checkpoints on disk."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 import minqwen
 from checkpoints import build_checkpoint, published_config
 from minqwen.errors import ConfigError, UnsupportedModelError
-from minqwen.kernels.quant import Int4Matrix, Int8Matrix
+from minqwen.kernels.ggml import Q4_1, Q8_0, GgmlMatrix
 
 # Every matrix's input size a multiple of 32, as in every real Qwen model.
 CASES = {
@@ -25,6 +26,7 @@ CASES = {
 # format, over a 96-token stream. Measured here: int8 0.93-0.96 and 2e-4, int4 0.50-0.55 and 4e-2
 # (random weights give flat, near-tied logits, so top-1 flips easily; KL is the sharper measure).
 BOUNDS = {"int8": (0.85, 1e-3), "int4": (0.40, 0.1)}
+FORMATS = {"int8": Q8_0, "int4": Q4_1}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -48,17 +50,25 @@ def test_quantised_logits_stay_close(checkpoint, scheme):
     stream = np.random.default_rng(7).integers(0, 512, size=96).tolist()
     reference = minqwen.load(folder).logits(stream)
     model = minqwen.load(folder, quantize=scheme)
-    assert isinstance(model.weights.layers[0].mlp.down_proj, Int8Matrix if scheme == "int8" else Int4Matrix)
+    down = model.weights.layers[0].mlp.down_proj
+    assert isinstance(down, GgmlMatrix) and down.ggml_type == FORMATS[scheme]
+    head = model.weights.lm_head  # at least 8 bits (quantize.HEAD_BITS)
+    assert isinstance(head, GgmlMatrix) and head.ggml_type == Q8_0
     quantised = model.logits(stream)
     agreement = float((reference.argmax(-1) == quantised.argmax(-1)).mean())
     kl = float(kl_divergence(reference, quantised).mean())
     print(f"QUANT {name} {scheme}: top-1 agreement {agreement:.3f}, mean KL {kl:.2e}")
     min_agreement, max_kl = BOUNDS[scheme]
     assert agreement >= min_agreement and kl <= max_kl
-    # decode (matvec kernels) and prefill (matmul kernels) agree on the quantised weights too
-    greedy = model.generate(stream[:8], max_new_tokens=8)
-    steps = model.logits(stream[:8] + greedy[:-1])[7:].argmax(-1).tolist()
-    assert greedy == steps
+    # decode (integer matvec kernels, x rounded to int8 per block) and prefill (dequantised tiles, x
+    # exact) read the same quantised weights: their logits differ by x's rounding only. Measured: mean
+    # KL 1.7e-4 (int8; as much again as int8's weights cost) and 1e-3 (int4, 3% of its weights' 3.5e-2)
+    sequence = model.sequence()
+    sequence.reset_to(stream[:8])
+    decoded = np.array([sequence.extend([token]).copy() for token in stream[8:24]])
+    prefilled = quantised[8:24]
+    assert np.abs(decoded - prefilled).max() <= 0.1 * np.abs(prefilled).max()
+    assert float(kl_divergence(prefilled, decoded).mean()) <= 2e-3
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -72,7 +82,7 @@ def test_quantize_command_writes_a_checkpoint_that_loads_the_same(checkpoint, tm
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == bits
     stream = list(range(1, 40))
     on_disk = minqwen.load(out)
-    assert isinstance(on_disk.weights.lm_head, Int8Matrix if bits == 8 else Int4Matrix)
+    assert on_disk.weights.layers[0].mlp.down_proj.ggml_type == FORMATS[f"int{bits}"]
     np.testing.assert_array_equal(on_disk.logits(stream),
                                   minqwen.load(folder, quantize=f"int{bits}").logits(stream))
     assert (out / "model.safetensors").stat().st_size < (folder / "model.safetensors").stat().st_size
