@@ -39,25 +39,59 @@ import numpy as np
 from numba import prange
 
 from common import cpu_flags, cpu_model
+from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.fp8 import Fp8Matrix, matmul_fp8, matvec_fp8
-from minqwen.kernels.ggml import GGML_BLOCKS, GgmlMatrix, matmul_ggml, matvec_ggml
-from minqwen.kernels.jit import pjit
-from minqwen.kernels.matmul import matmul, matmul_few, matvec
-from minqwen.kernels.quant import (
-    matmul_int4,
-    matmul_int8,
-    matvec_int4,
-    matvec_int8,
-    quantize_int4,
-    quantize_int8,
+from minqwen.kernels.ggml import (
+    GGML_BLOCKS,
+    GgmlMatrix,
+    matmul_ggml,
+    matvec_ggml,
+    quantize_q4_1,
+    quantize_q8_0,
 )
+from minqwen.kernels.jit import pjit
+from minqwen.kernels.linear import INTEGER_TYPES
+from minqwen.kernels.matmul import matmul, matmul_few, matvec
+
+if isa.ISA != "generic":
+    from minqwen.kernels.gemm import matmul_bf16
+    from minqwen.kernels.intdot import matvec_integer
+    from minqwen.kernels.simd import fma, fzeros, hsum, splat
+
+    @pjit
+    def fma_peak(out, steps):  # out: [threads] float32; 12 independent chains of 8-lane FMAs per thread
+        for t in prange(out.shape[0]):
+            a, b = splat(1.0 + t * 1e-9, 8), splat(0.9999999, 8)
+            c0, c1, c2, c3, c4, c5 = fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8)
+            c6, c7, c8, c9, c10, c11 = fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8)
+            for _ in range(steps):
+                c0, c1, c2, c3, c4, c5 = fma(a, b, c0), fma(a, b, c1), fma(a, b, c2), fma(a, b, c3), \
+                    fma(a, b, c4), fma(a, b, c5)
+                c6, c7, c8, c9, c10, c11 = fma(a, b, c6), fma(a, b, c7), fma(a, b, c8), fma(a, b, c9), \
+                    fma(a, b, c10), fma(a, b, c11)
+            out[t] = hsum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11)
+
+
+def peak_gflops(repeats):  # the float32 FMA peak of all threads (8-lane vectors), GFLOP/s
+    if isa.ISA == "generic":
+        return None
+    out, steps = np.empty(numba.get_num_threads(), np.float32), 1 << 22
+    fma_peak(out, 1)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fma_peak(out, steps)
+        best = max(best, out.shape[0] * steps * 12 * 8 * 2 / (time.perf_counter() - t) / 1e9)
+    return best
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
 FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up, down; a dense gate
 FEW_TOKENS = [2, 4, 8, 16, 24, 32]
 K_QUANT_SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (151936, 1024)]  # Qwen3-0.6B: rows of 256s
 GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q4_k": 12, "q5_k": 13, "q6_k": 14}  # kind: type id
+# --quantize int8 / int4: GGML's Q8_0 / Q4_1, written by minqwen's quantisers
+MINQWEN_FORMATS = {"int8": 8, "int4": 3}
 GGML_FP16_AT = {8: [0], 2: [0], 3: [0, 2], 6: [0], 12: [0, 2], 13: [0, 2], 14: [208]}  # scale offsets
 GIB = 1 << 30
 
@@ -85,8 +119,8 @@ def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads,
         return (bf16_bits(w),)
     if kind == "fp16":
         return (w.astype(np.float16).view(np.int16),)
-    if kind == "int8":
-        return quantize_int8(w)
+    if kind in MINQWEN_FORMATS:
+        return ((quantize_q8_0 if kind == "int8" else quantize_q4_1)(w).data,)
     if kind in GGML:  # random blocks, every fp16 number ~0.002
         E, B = GGML_BLOCKS[GGML[kind]]
         data = rng.integers(0, 256, (N, K // E, B), dtype=np.uint8)
@@ -96,39 +130,43 @@ def stored_weights(kind, N, K, rng):  # -> tuple of the arrays the kernel reads,
     if kind == "fp8":  # e4m3 bytes of a scaled Gaussian (NaN bytes avoided), one float32 scale per 128 x 128
         q = rng.integers(0, 0x7E, (N, K), dtype=np.uint8) | (rng.integers(0, 2, (N, K), dtype=np.uint8) << 7)
         return q, np.full((-(-N // 128), -(-K // 128)), 0.02 / 64, np.float32)
-    return quantize_int4(w)
+    raise ValueError(f"unknown kind {kind!r}")
 
 
-def matvec_call(kind):
-    if kind in GGML:
-        return lambda out, arrays, x: matvec_ggml(out, arrays[0], GGML[kind], x)
-    if kind in ("fp32", "bf16", "fp16"):
-        return lambda out, arrays, x: matvec(out, arrays[0], x)
-    if kind == "int8":
-        return lambda out, arrays, x: matvec_int8(out, *arrays, x)
+def ggml_type(kind):
+    return GGML.get(kind) or MINQWEN_FORMATS.get(kind)
+
+
+def matvec_calls(kind) -> dict:
+    """{path: call(out, arrays, x)}: the generic kernel, and the instruction layer's where it has one."""
+    if ggml_type(kind):
+        t = ggml_type(kind)
+        calls = {"generic": lambda out, arrays, x: matvec_ggml(out, arrays[0], t, x)}
+        if t in INTEGER_TYPES:
+            calls[isa.ISA] = lambda out, arrays, x: matvec_integer(out, arrays[0], t, x)
+        return calls
     if kind == "fp8":
-        return lambda out, arrays, x: matvec_fp8(out, *arrays, x, 128)
-    return lambda out, arrays, x: matvec_int4(out, *arrays, x)
+        return {"generic": lambda out, arrays, x: matvec_fp8(out, *arrays, x, 128)}
+    return {"generic": lambda out, arrays, x: matvec(out, arrays[0], x)}
 
 
-def matmul_call(kind):
-    if kind in GGML:
-        return lambda out, x, arrays: matmul_ggml(out, x, GgmlMatrix(arrays[0], GGML[kind], x.shape[1]))
-    if kind in ("fp32", "bf16", "fp16"):
-        return lambda out, x, arrays: matmul(out, x, arrays[0])
-    if kind == "int8":
-        return lambda out, x, arrays: matmul_int8(out, x, *arrays)
+def matmul_calls(kind) -> dict:
+    if ggml_type(kind):
+        t = ggml_type(kind)
+        return {"generic": lambda out, x, arrays: matmul_ggml(out, x, GgmlMatrix(arrays[0], t, x.shape[1]))}
     if kind == "fp8":
-        return lambda out, x, arrays: matmul_fp8(out, x, Fp8Matrix(*arrays, 128))
-    return lambda out, x, arrays: matmul_int4(out, x, *arrays)
+        return {"generic": lambda out, x, arrays: matmul_fp8(out, x, Fp8Matrix(*arrays, 128))}
+    calls = {"generic": lambda out, x, arrays: matmul(out, x, arrays[0])}
+    if kind == "bf16" and isa.ISA != "generic":
+        calls[isa.ISA] = lambda out, x, arrays: matmul_bf16(out, x, arrays[0])
+    return calls
 
 
 def shapes_for(kind):
     return K_QUANT_SHAPES if kind in GGML and GGML_BLOCKS[GGML[kind]][0] == 256 else SHAPES
 
 
-def bench_matvec(kind, N, K, total_bytes, repeats, bw_array, rng):
-    call = matvec_call(kind)
+def bench_matvec(kind, path, call, N, K, total_bytes, repeats, bw_array, rng):
     one = stored_weights(kind, N, K, rng)
     nbytes = sum(a.nbytes for a in one)
     copies = [one] + [tuple(a.copy() for a in one) for _ in range(max(2, -(-total_bytes // nbytes)) - 1)]
@@ -148,15 +186,14 @@ def bench_matvec(kind, N, K, total_bytes, repeats, bw_array, rng):
     dt = float(np.median(sweeps)) / len(copies)
     gbs, best = nbytes / dt / 1e9, nbytes * len(copies) / min(sweeps) / 1e9
     bw, bw_best = float(np.median(bws)), float(max(bws))
-    return {"kernel": f"matvec_{kind}", "shape": [N, K], "bytes_per_weight": nbytes / (N * K),
+    return {"kernel": f"matvec_{kind}", "path": path, "shape": [N, K], "bytes_per_weight": nbytes / (N * K),
             "us_per_call": dt * 1e6, "GB_s": gbs, "bandwidth_GB_s": bw, "ratio": gbs / bw,
             "GB_s_best": best, "bandwidth_GB_s_best": bw_best, "ratio_best": best / bw_best,
             "G_weights_s": N * K / dt / 1e9, "copies": len(copies),
             "waits_per_ms": waits / (sum(sweeps) * 1e3)}
 
 
-def bench_matmul(kind, N, K, T, repeats, rng):
-    call = matmul_call(kind)
+def bench_matmul(kind, path, call, N, K, T, repeats, rng):
     arrays = stored_weights(kind, N, K, rng)
     x = rng.standard_normal((T, K)).astype(np.float32)
     out = np.empty((T, N), np.float32)
@@ -167,7 +204,7 @@ def bench_matmul(kind, N, K, T, repeats, rng):
         call(out, x, arrays)
         ts.append(time.perf_counter() - t)
     dt = float(np.median(ts))
-    return {"kernel": f"matmul_{kind}", "shape": [N, K], "T": T, "ms": dt * 1e3,
+    return {"kernel": f"matmul_{kind}", "path": path, "shape": [N, K], "T": T, "ms": dt * 1e3,
             "GFLOP_s": 2 * T * N * K / dt / 1e9, "GFLOP_s_best": 2 * T * N * K / min(ts) / 1e9}
 
 
@@ -213,7 +250,7 @@ def main(argv=None):
         "numba": numba.__version__, "numpy": np.__version__, "python": platform.python_version(),
         "NUMBA_CPU_FEATURES": os.environ.get("NUMBA_CPU_FEATURES"),
         "avx512": "avx512f" in cpu_flags(), "avx2": "avx2" in cpu_flags(),
-        "llvm_cpu": llvmlite.binding.get_host_cpu_name(),
+        "llvm_cpu": llvmlite.binding.get_host_cpu_name(), "isa_path": isa.ISA,
     }
     print(f"CPU {machine['cpu']}, {machine['threads']} Numba threads, "
           f"threading layer {machine['threading_layer']}")
@@ -224,7 +261,8 @@ def main(argv=None):
               + "!" * 78)
     print(f"LLVM target {machine['llvm_cpu']}: AVX-512 {'yes' if machine['avx512'] else 'no'}, "
           f"AVX2 {'yes' if machine['avx2'] else 'no'} (Zen 4/5 get 512-bit code by default; some Intel "
-          "targets only with NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit)")
+          "targets only with NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit); instruction path "
+          f"{isa.ISA} (MINQWEN_ISA; every kernel also runs on the generic path below)")
 
     bws = [read_bandwidth(bw_array) for _ in range(args.repeats)]
     numba.set_num_threads(1)
@@ -237,25 +275,34 @@ def main(argv=None):
           f"{bandwidth['read_GB_s']:.1f} GB/s with {machine['threads']} thread(s) "
           f"(best {bandwidth['read_GB_s_best']:.1f}), {bandwidth['read_GB_s_1_thread']:.1f} GB/s with 1")
 
+    peak = peak_gflops(args.repeats)
+    bandwidth["fp32_peak_GFLOP_s"] = peak
+    if peak:
+        print(f"float32 FMA peak ({machine['threads']} threads, 8 lanes, 12 chains): {peak:.0f} GFLOP/s "
+              "(prefill's ceiling on this path; the GFLOP/s column below is against it)")
     results = []
-    print(f"\n{'matvec (decode)':18s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} {'GB/s':>7s} "
-          f"{'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
+    print(f"\n{'matvec (decode)':16s} {'path':>8s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} "
+          f"{'GB/s':>7s} {'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
     for kind in kinds:
-        for N, K in shapes_for(kind):
-            r = bench_matvec(kind, N, K, total, args.repeats, bw_array, rng)
-            results.append(r)
-            print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {r['bytes_per_weight']:8.3f} {r['us_per_call']:9.1f} "
-                  f"{r['GB_s']:7.1f} {r['bandwidth_GB_s']:8.1f} {r['ratio']:6.2f} {r['ratio_best']:6.2f} "
-                  f"{r['G_weights_s']:6.1f} {r['waits_per_ms']:8.3f}", flush=True)
+        for path, call in matvec_calls(kind).items():
+            for N, K in shapes_for(kind):
+                r = bench_matvec(kind, path, call, N, K, total, args.repeats, bw_array, rng)
+                results.append(r)
+                print(f"{r['kernel']:16s} {path:>8s} {N:>6d}x{K:<5d} {r['bytes_per_weight']:8.3f} "
+                      f"{r['us_per_call']:9.1f} {r['GB_s']:7.1f} {r['bandwidth_GB_s']:8.1f} "
+                      f"{r['ratio']:6.2f} {r['ratio_best']:6.2f} {r['G_weights_s']:6.1f} "
+                      f"{r['waits_per_ms']:8.3f}", flush=True)
 
-    print(f"\n{'matmul (prefill)':18s} {'shape':>12s} {'T':>4s} {'ms':>9s} {'GFLOP/s':>8s} {'best':>7s}")
+    print(f"\n{'matmul (prefill)':16s} {'path':>8s} {'shape':>12s} {'T':>4s} {'ms':>9s} {'GFLOP/s':>8s} "
+          f"{'best':>7s}")
     for T in ([128] if args.quick else [128, 512]):
         for kind in kinds:
-            for N, K in (shapes_for(kind)[:3] if args.quick else shapes_for(kind)):
-                r = bench_matmul(kind, N, K, T, max(3, args.repeats // 2), rng)
-                results.append(r)
-                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['ms']:9.2f} {r['GFLOP_s']:8.1f} "
-                      f"{r['GFLOP_s_best']:7.1f}", flush=True)
+            for path, call in matmul_calls(kind).items():
+                for N, K in (shapes_for(kind)[:3] if args.quick else shapes_for(kind)):
+                    r = bench_matmul(kind, path, call, N, K, T, max(3, args.repeats // 2), rng)
+                    results.append(r)
+                    print(f"{r['kernel']:16s} {path:>8s} {N:>6d}x{K:<5d} {T:4d} {r['ms']:9.2f} "
+                          f"{r['GFLOP_s']:8.1f} {r['GFLOP_s_best']:7.1f}", flush=True)
 
     if "bf16" in kinds:
         print(f"\n{'few tokens, bf16':18s} {'shape':>12s} {'T':>4s} {'matmul_few us':>14s} "

@@ -1,213 +1,227 @@
-"""Decode products of GGML-quantised weights with int8 activations, on the CPU's integer dot products.
+"""Decode products of GGML-quantised weights on the CPU's integer dot products.
 
-The block formats store a row of W as small integers q with a float scale per block (GGML's layouts, see
-kernels/ggml.py). Rounding x to int8 per block of 32 too (llama.cpp's Q8 activations),
+The block formats store a row of W as small integers q with float scales per block (GGML's layouts, see
+kernels/ggml.py). Rounding x to int16 per block of 32 too,
 
-    xq = round(x / xd),  xd = max|x in block| / 127        (x moves by at most xd / 2)
+    xq = round(x / xd),  xd = max|x in block| / 32767          (x moves by at most xd / 2)
 
 makes each block's product an integer dot product times two scales: for Q8_0 (w = d q)
 
     sum_i w_i x_i  ~=  d xd sum_i q_i xq_i
 
-and sum q xq is 32 int8 products summed in int32 (simd.dot_s8: vpmaddubsw + vpmaddwd, or vpdpbusd):
-~5 instructions per 32 weights where float math needs ~12. The other formats differ only in how q is
-unpacked and in a constant term, summed once per row from per-block sums of x and xq:
+and sum q xq is 32 products of 16-bit integers summed in int32 (simd.dot_s16: vpmaddwd, or vpdpwssd
+with VNNI): ~4 instructions per 16 weights where float math needs ~6, and no conversion per weight.
+The formats differ in how q is unpacked (`_levels`: centred on 0 where the format subtracts a constant)
+and in a minimum term from per-block sums of x:
 
-    Q4_0   w = d (q - 8)                 q 4-bit          term  -8 d xd sum(xq)
-    Q4_1   w = d q + m                   q 4-bit          term  m sum(x)
-    Q4_K   w = d sc_j q - dmin m_j       q 4-bit          term  -dmin m_j sum(x)
-                                         8 sub-blocks of 32 with 6-bit sc_j, m_j
-    Q6_K   w = d sc_j (q - 32)           q 6-bit          term  -32 d sc_j xd sum(xq)
-                                         16 sub-blocks of 16 with int8 sc_j
+    Q8_0   w = d q                    q int8
+    Q4_0   w = d (q - 8)              q 4-bit
+    Q5_0   w = d (q - 16)             q 4-bit + a fifth bit from 32 bits per block
+    Q4_1   w = d q + m                q 4-bit                          term  m sum(x)
+    Q5_1   w = d q + m                q 5-bit as Q5_0
+    Q4_K   w = d sc_j q - dmin m_j    q 4-bit, 8 sub-blocks of 32       term  -dmin m_j sum(x)
+    Q5_K   w = d sc_j q - dmin m_j    q 5-bit, the fifth bits in 32 bytes per super-block
+    Q6_K   w = d sc_g (q - 32)        q 6-bit, 16 sub-blocks of 16
 
-The rounding of x costs ~5e-3 of each product's size (tests/test_kernels_intdot.py measures it; the
-float kernels of kernels/ggml.py keep x exact). Per row, the block scales are multiplied by xd and
-widened to float32 first, into a small buffer: a fp16 conversion inside the loop would tie each block to
-the accumulator through a false dependency (vpinsrw), measured 1.35-1.6x slower. Four accumulators and a
-software prefetch 2 KB ahead (the hardware prefetcher alone left ~25% of the bandwidth unused on one
-core) make the rest. The kernels use 32-byte vectors: AVX2, and with AVX512-VNNI / AVX-VNNI the same code
-compiles dot_s8 / dot_u8s8 to vpdpbusd.
+Why int16 activations, not llama.cpp's int8 (Q8): rounding x to int8 moves each product by up to
+1/254 of its terms, and on the one trained model the tests run (SmolLM2-135M) that was enough to swap
+the two best first tokens of an answer (logits 25.33 and 25.24) and so greedy decoding's text; int16's
+1/65534 leaves the logits within 1e-4 of exact x. It costs one widening per 16 weights.
+
+Everything stays in vector registers: a block's fp16 scale is broadcast and converted in one step
+(simd.fp16_splat; a scalar conversion writes part of a register and tied each block to the accumulator,
+1.35-1.6x slower), a K-quant super-block's eight 6-bit scales are unpacked with 32-bit word masks and
+converted as one vector, and the minimum terms are accumulated in their own vector. Two accumulators and
+a software prefetch 2 KB ahead (the hardware prefetcher alone left ~25% of one core's bandwidth unused)
+make the rest. The kernels use 32-byte vectors: AVX2, and with AVX512-VNNI / AVX-VNNI the same code
+compiles dot_s16 to vpdpwssd. Q2_K and Q3_K have no kernel here (kernels/ggml.py's float one serves).
 """
 import numpy as np
 from numba import prange
 
-from .dtypes import widen
+from .ggml import BLOCK_BYTES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .jit import jit, pjit
 from .simd import (
-    dot_s8,
-    dot_u8s8,
+    bit_bytes,
+    bytes_of,
+    bytes_to_float,
+    dot_s16,
     field,
     fma,
+    fp16_splat,
     fzeros,
+    halves16,
     hsum,
     izeros,
     join,
+    lane,
     load,
-    nibbles,
-    pair_splat,
     prefetch,
     splat,
+    splat_at,
     to_float,
+    u32_at,
+    widen16,
 )
 
+INTEGER_TYPES = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)  # the types with a kernel here
 # measured on Zen 3, one core: 1-4 KB ahead brings 0.85-0.98 of the bandwidth, 256 B nothing
 PREFETCH_BYTES = 2048
-Q8_0_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q6_K_BYTES = 34, 18, 20, 144, 210  # bytes per block
+INT16_MAX = np.float32(32767.0)
+EIGHTH = np.float32(0.125)  # a scalar term added to all 8 lanes of an accumulator, 1/8 in each
+# Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
+# j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
+LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
 
 
 @jit
-def fp16_at(row, off):  # the little-endian fp16 at row[off:off+2] -> float32
-    return widen(np.int16(np.uint16(row[off]) | (np.uint16(row[off + 1]) << np.uint16(8))))
-
-
-@jit
-def quantize_activations(xq, xd, xsum, xq16, x):
-    # xq: [K] int8, xd, xsum: [K/32] float32, xq16: [K/16] int32 (outputs), x: [K] float32
-    """xd[b] = max|x in block b| / 127,  xq = round(x / xd),  xsum[b] = sum of block b of x,
-    xq16[g] = sum of xq over group g of 16"""
+def quantize_activations(xq, xd, xsum, x):
+    # xq: [K] int16, xd, xsum: [K/32] float32 (outputs), x: [K] float32
+    """xd[b] = max|x in block b| / 32767,  xq = round(x / xd),  xsum[b] = sum of block b of x"""
     for b in range(x.shape[0] // 32):
         m = np.float32(0.0)
         total = np.float32(0.0)
         for i in range(32 * b, 32 * b + 32):
             m = max(m, abs(x[i]))
             total += x[i]
-        d = m / np.float32(127.0)
+        d = m / INT16_MAX
         inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        for g in range(2 * b, 2 * b + 2):
-            s = 0
-            for i in range(16 * g, 16 * g + 16):
-                q = np.int8(round(x[i] * inverse))
-                xq[i] = q
-                s += q
-            xq16[g] = s
+        for i in range(32 * b, 32 * b + 32):
+            xq[i] = np.int16(round(x[i] * inverse))
         xd[b], xsum[b] = d, total
 
 
 @jit
-def _q8_0_block(acc, row, block, xq):  # acc + (32 products of block `block`) in 8 lanes, unscaled
-    return dot_s8(acc, load(row, Q8_0_BYTES * block + 2, 32), load(xq, 32 * block, 32))
-
-
-@pjit
-def matvec_q8_0(out, data, xq, xd):  # out: [N] float32, data: [N, K/32 * 34] uint8 Q8_0 blocks
-    """out[n] = sum_b d[n, b] xd[b] sum_{i<32} q[n, 32b+i] xq[32b+i]"""
-    nb = xd.shape[0]
-    for n in prange(data.shape[0]):
-        row = data[n]
-        ds = np.empty(nb, np.float32)
-        for b in range(nb):
-            ds[b] = fp16_at(row, Q8_0_BYTES * b) * xd[b]
-        a0, a1, a2, a3 = fzeros(8), fzeros(8), fzeros(8), fzeros(8)
-        b = 0
-        while b + 4 <= nb:
-            prefetch(row, Q8_0_BYTES * b + PREFETCH_BYTES)
-            prefetch(row, Q8_0_BYTES * b + PREFETCH_BYTES + 64)
-            a0 = fma(to_float(_q8_0_block(izeros(8), row, b, xq)), splat(ds[b], 8), a0)
-            a1 = fma(to_float(_q8_0_block(izeros(8), row, b + 1, xq)), splat(ds[b + 1], 8), a1)
-            a2 = fma(to_float(_q8_0_block(izeros(8), row, b + 2, xq)), splat(ds[b + 2], 8), a2)
-            a3 = fma(to_float(_q8_0_block(izeros(8), row, b + 3, xq)), splat(ds[b + 3], 8), a3)
-            b += 4
-        for c in range(b, nb):
-            a0 = fma(to_float(_q8_0_block(izeros(8), row, c, xq)), splat(ds[c], 8), a0)
-        out[n] = hsum((a0 + a1) + (a2 + a3))
+def _dot(low, high, xq, e):  # 32 levels as two int16 vectors, times xq[e:e+32]: 8 int32 lanes
+    return dot_s16(dot_s16(izeros(8), low, load(xq, e, 16)), high, load(xq, e + 16, 16))
 
 
 @jit
-def _q4_block(acc, row, block, block_bytes, xq):  # acc + nibbles (at byte block_bytes - 16) . xq, unscaled
-    return dot_u8s8(acc, nibbles(row, block_bytes * block + block_bytes - 16, 32), load(xq, 32 * block, 32))
+def _levels(row, o, t):  # the 32 levels of the block at row[o:] (a 32-weight type) as two int16 vectors
+    if t == Q8_0:  # d, qs[32]
+        return widen16(row, o + 2, True), widen16(row, o + 18, True)
+    packed = widen16(row, o + BLOCK_BYTES[t] - 16, False)  # qs[16]: weights 0-15 low nibbles, 16-31 high
+    low, high = field(packed, 0, 15), field(packed, 4, 15)
+    if t == Q4_0:  # d, qs[16]
+        return low - 8, high - 8
+    if t == Q4_1:  # d, m, qs[16]
+        return low, high
+    fifth_low, fifth_high = halves16(bit_bytes(row, o + (2 if t == Q5_0 else 4), 16), False)  # qh[4]
+    if t == Q5_0:  # d, qh[4], qs[16]
+        return (low + fifth_low) - 16, (high + fifth_high) - 16
+    return low + fifth_low, high + fifth_high  # Q5_1: d, m, qh[4], qs[16]
+
+
+@jit
+def _block(acc, mins, row, t, b, xq, xd, xsum):  # (acc, mins) + block b's product (lane-spread)
+    o = BLOCK_BYTES[t] * b
+    scale = fp16_splat(row, o, 8) * splat_at(xd, b, 8)  # d xd
+    low, high = _levels(row, o, t)
+    acc = fma(to_float(_dot(low, high, xq, 32 * b)), scale, acc)
+    if t == Q4_1 or t == Q5_1:
+        mins = fma(fp16_splat(row, o + 2, 8), splat(xsum[b] * EIGHTH, 8), mins)
+    return acc, mins
 
 
 @pjit
-def matvec_q4(out, data, xq, xd, xsum, xq16, with_min):  # data: [N, K/32 * (18 or 20)] Q4_0 / Q4_1 blocks
-    """Q4_0 (with_min False): out[n] = sum_b d xd (sum_i q xq - 8 sum_i xq)
-    Q4_1 (with_min True):  out[n] = sum_b d xd sum_i q xq + m sum_i x"""
+def _matvec_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type
+    """out[n] = sum_b d_b xd_b (q_b . xq_b)  [+ m_b xsum_b]     (b over blocks of 32)"""
     nb = xd.shape[0]
-    block_bytes = Q4_1_BYTES if with_min else Q4_0_BYTES
     for n in prange(data.shape[0]):
         row = data[n]
-        ds = np.empty(nb, np.float32)
-        constant = np.float32(0.0)
-        for b in range(nb):
-            ds[b] = fp16_at(row, block_bytes * b) * xd[b]
-            if with_min:
-                constant += fp16_at(row, block_bytes * b + 2) * xsum[b]
-            else:
-                constant -= np.float32(8.0) * ds[b] * np.float32(xq16[2 * b] + xq16[2 * b + 1])
-        a0, a1 = fzeros(8), fzeros(8)
+        a0, a1, m0, m1 = fzeros(8), fzeros(8), fzeros(8), fzeros(8)
         b = 0
         while b + 2 <= nb:
-            prefetch(row, block_bytes * b + PREFETCH_BYTES)
-            a0 = fma(to_float(_q4_block(izeros(8), row, b, block_bytes, xq)), splat(ds[b], 8), a0)
-            a1 = fma(to_float(_q4_block(izeros(8), row, b + 1, block_bytes, xq)), splat(ds[b + 1], 8), a1)
+            prefetch(row, BLOCK_BYTES[t] * b + PREFETCH_BYTES)
+            a0, m0 = _block(a0, m0, row, t, b, xq, xd, xsum)
+            a1, m1 = _block(a1, m1, row, t, b + 1, xq, xd, xsum)
             b += 2
         if b < nb:
-            a0 = fma(to_float(_q4_block(izeros(8), row, b, block_bytes, xq)), splat(ds[b], 8), a0)
-        out[n] = hsum(a0 + a1) + constant
+            a0, m0 = _block(a0, m0, row, t, b, xq, xd, xsum)
+        out[n] = hsum((a0 + a1) + (m0 + m1))
+
+
+@pjit
+def _matvec_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]) or Q5_K (.. qh[32], qs[128])
+    """out[n] = sum_j d sc_j xd_j (q_j . xq_j) - dmin m_j xsum_j      (j over sub-blocks of 32)"""
+    size = BLOCK_BYTES[t]
+    qs = 48 if t == Q5_K else 16
+    for n in prange(data.shape[0]):
+        row = data[n]
+        a0, a1, mins = fzeros(8), fzeros(8), fzeros(8)
+        for s in range(xd.shape[0] // 8):
+            o = size * s
+            prefetch(row, o + PREFETCH_BYTES)
+            w0, w1, w2 = u32_at(row, o + 4), u32_at(row, o + 8), u32_at(row, o + 12)
+            scales = bytes_to_float(bytes_of(w0 & LOW6, (w2 & LOW4) | ((w0 >> 2) & TOP2)), False)
+            ms = bytes_to_float(bytes_of(w1 & LOW6, ((w2 >> 4) & LOW4) | ((w1 >> 2) & TOP2)), False)
+            ds = fp16_splat(row, o, 8) * scales * load(xd, 8 * s, 8)  # d sc_j xd_j, j = 8s .. 8s + 7
+            mins = fma(fp16_splat(row, o + 2, 8) * ms, load(xsum, 8 * s, 8), mins)
+            for c in range(4):  # 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1
+                at = o + qs + 32 * c
+                first, second = widen16(row, at, False), widen16(row, at + 16, False)
+                low0, low1 = field(first, 0, 15), field(second, 0, 15)
+                high0, high1 = field(first, 4, 15), field(second, 4, 15)
+                if t == Q5_K:  # fifth bits: bit 2c (low) and 2c + 1 (high) of the 32 bytes at 16
+                    fifth0, fifth1 = widen16(row, o + 16, False), widen16(row, o + 32, False)
+                    low0 = join(low0, field(fifth0, 2 * c, 1), 4)
+                    low1 = join(low1, field(fifth1, 2 * c, 1), 4)
+                    high0 = join(high0, field(fifth0, 2 * c + 1, 1), 4)
+                    high1 = join(high1, field(fifth1, 2 * c + 1, 1), 4)
+                e = 256 * s + 64 * c
+                a0 = fma(to_float(_dot(low0, low1, xq, e)), lane(ds, 2 * c), a0)
+                a1 = fma(to_float(_dot(high0, high1, xq, e + 32)), lane(ds, 2 * c + 1), a1)
+        out[n] = hsum(a0 + a1) - hsum(mins)
+
+
+@pjit
+def _matvec_q6_k(out, data, xq, xd16):  # Q6_K: ql[128] (low 4 bits), qh[64] (high 2), int8 scales[16], d
+    """out[n] = sum_g d sc_g xd_g (q_g - 32) . xq_g      (g over sub-blocks of 16)"""
+    for n in prange(data.shape[0]):
+        row = data[n]
+        a0, a1 = fzeros(8), fzeros(8)
+        for s in range(xd16.shape[0] // 16):
+            o = BLOCK_BYTES[Q6_K] * s
+            prefetch(row, o + PREFETCH_BYTES)
+            d = fp16_splat(row, o + 208, 8)
+            for half in range(2):  # 128 weights from ql[64 half:], qh[32 half:], sub-blocks 8 half ..
+                scales = bytes_to_float(load(row, o + 192 + 8 * half, 8), True)
+                ds = d * scales * load(xd16, 16 * s + 8 * half, 8)  # d sc_g xd_g
+                low0, low1 = load(row, o + 64 * half, 32), load(row, o + 64 * half + 32, 32)
+                high = load(row, o + 128 + 32 * half, 32)
+                e = 256 * s + 128 * half  # the first weight
+                for k in range(4):  # weights e + 32k ..: low bits from low0 / low1, high bits from high >> 2k
+                    low = field(low0 if k % 2 == 0 else low1, 4 * (k // 2), 15)
+                    first, second = halves16(join(low, field(high, 2 * k, 3), 4) - 32, True)  # 2 sub-blocks
+                    p0 = dot_s16(izeros(8), first, load(xq, e + 32 * k, 16))
+                    p1 = dot_s16(izeros(8), second, load(xq, e + 32 * k + 16, 16))
+                    a0 = fma(to_float(p0), lane(ds, 2 * k), a0)
+                    a1 = fma(to_float(p1), lane(ds, 2 * k + 1), a1)
+        out[n] = hsum(a0 + a1)
 
 
 @jit
-def k_scale_min(scales, j):  # Q4_K / Q5_K: the 6-bit scale and min of sub-block j from 12 packed bytes
-    if j < 4:
-        return scales[j] & 63, scales[j + 4] & 63
-    return (scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)
-
-
-@pjit
-def matvec_q4_k(out, data, xq, xd, xsum):  # data: [N, K/256 * 144] Q4_K blocks
-    """out[n] = sum_j d sc_j xd_j sum_{i<32} q xq - dmin m_j sum_i x     (j over sub-blocks of 32)"""
-    nb = xd.shape[0]
-    for n in prange(data.shape[0]):
-        row = data[n]
-        ds = np.empty(nb, np.float32)
-        constant = np.float32(0.0)
-        for s in range(nb // 8):  # super-blocks of 256: d, dmin, 12 bytes of scales, 128 bytes of nibbles
-            o = Q4_K_BYTES * s
-            d, dmin = fp16_at(row, o), fp16_at(row, o + 2)
-            for j in range(8):
-                sc, m = k_scale_min(row[o + 4:o + 16], j)
-                ds[8 * s + j] = d * np.float32(sc) * xd[8 * s + j]
-                constant -= dmin * np.float32(m) * xsum[8 * s + j]
-        a0, a1 = fzeros(8), fzeros(8)
-        for s in range(nb // 8):
-            prefetch(row, Q4_K_BYTES * s + PREFETCH_BYTES)
-            for c in range(4):  # 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1
-                packed = load(row, Q4_K_BYTES * s + 16 + 32 * c, 32)
-                j = 8 * s + 2 * c
-                a0 = fma(to_float(dot_u8s8(izeros(8), field(packed, 0, 15), load(xq, 32 * j, 32))),
-                         splat(ds[j], 8), a0)
-                a1 = fma(to_float(dot_u8s8(izeros(8), field(packed, 4, 15), load(xq, 32 * j + 32, 32))),
-                         splat(ds[j + 1], 8), a1)
-        out[n] = hsum(a0 + a1) + constant
-
-
-@pjit
-def matvec_q6_k(out, data, xq, xd, xq16):  # data: [N, K/256 * 210] Q6_K blocks
-    """out[n] = sum_g d sc_g xd_g (sum_{i<16} q xq - 32 sum_i xq)     (g over sub-blocks of 16)"""
-    nb = xd.shape[0]
-    for n in prange(data.shape[0]):
-        row = data[n]
-        ds = np.empty(2 * nb, np.float32)  # per sub-block of 16
-        constant = np.float32(0.0)
-        for s in range(nb // 8):  # super-blocks: ql[128] (low 4 bits), qh[64] (high 2), int8 scales[16], d
-            o = Q6_K_BYTES * s
-            d = fp16_at(row, o + 208)
-            for g in range(16):
-                ds[16 * s + g] = d * np.float32(np.int8(row[o + 192 + g])) * xd[(16 * s + g) // 2]
-                constant -= np.float32(32.0) * ds[16 * s + g] * np.float32(xq16[16 * s + g])
-        a0, a1 = fzeros(8), fzeros(8)
-        for s in range(nb // 8):
-            prefetch(row, Q6_K_BYTES * s + PREFETCH_BYTES)
-            for half in range(2):  # 128 weights from ql[64 half:], qh[32 half:]
-                o = Q6_K_BYTES * s + 64 * half
-                low0, low1 = load(row, o, 32), load(row, o + 32, 32)
-                high = load(row, Q6_K_BYTES * s + 128 + 32 * half, 32)
-                e = 256 * s + 128 * half  # first weight; its sub-block of 16 is e // 16
-                for k in range(4):  # weights e + 32k ..: low bits from low0/low1, high bits from high >> 2k
-                    low = field(low0 if k % 2 == 0 else low1, 4 * (k // 2), 15)
-                    q = join(low, field(high, 2 * k, 3), 4)
-                    p = to_float(dot_u8s8(izeros(8), q, load(xq, e + 32 * k, 32)))
-                    if k % 2 == 0:  # lanes 0-3 are one sub-block of 16, lanes 4-7 the next
-                        a0 = fma(p, pair_splat(ds, (e + 32 * k) // 16, 8), a0)
-                    else:
-                        a1 = fma(p, pair_splat(ds, (e + 32 * k) // 16, 8), a1)
-        out[n] = hsum(a0 + a1) + constant
+def matvec_integer(out, data, ggml_type, x):
+    # out: [N] float32, data: [N, bytes] uint8 blocks of ggml_type (one of INTEGER_TYPES), x: [K] float32
+    """out[n] = sum_k w[n, k] x[k] on integer dot products, x rounded to int16 per block of 32.
+    The one switch over the types: each branch compiles a kernel for one type."""
+    K = x.shape[0]
+    xq, xd, xsum = np.empty(K, np.int16), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
+    quantize_activations(xq, xd, xsum, x)
+    t = ggml_type
+    if t == Q8_0:
+        _matvec_blocks(out, data, Q8_0, xq, xd, xsum)
+    elif t == Q4_0:
+        _matvec_blocks(out, data, Q4_0, xq, xd, xsum)
+    elif t == Q4_1:
+        _matvec_blocks(out, data, Q4_1, xq, xd, xsum)
+    elif t == Q5_0:
+        _matvec_blocks(out, data, Q5_0, xq, xd, xsum)
+    elif t == Q5_1:
+        _matvec_blocks(out, data, Q5_1, xq, xd, xsum)
+    elif t == Q4_K:
+        _matvec_k(out, data, Q4_K, xq, xd, xsum)
+    elif t == Q5_K:
+        _matvec_k(out, data, Q5_K, xq, xd, xsum)
+    else:
+        _matvec_q6_k(out, data, xq, np.repeat(xd, 2))  # xd of each 16 weights (Q6_K's sub-blocks)

@@ -1,9 +1,9 @@
 """Which instructions the kernels use: the best path the compile target has, or the one MINQWEN_ISA names.
 
     generic     plain Numba loops only (Numba still vectorises them for the CPU it compiles for)
-    avx2        + kernels/intdot.py: quantised weights times int8 activations on integer dot products
-                  (vpmaddubsw + vpmaddwd), 32-byte vectors
-    avx512      the same kernels with AVX512-VNNI: each dot product is one vpdpbusd
+    avx2        + kernels/intdot.py: GGML blocks times int16 activations on integer dot products
+                  (vpmaddwd), and kernels/gemm.py: the bf16 prefill micro-kernel; 32-byte vectors
+    avx512      the same kernels with AVX512-VNNI: each pair of dot products is one vpdpwssd
     avx512bf16  avx512 + AVX512-BF16 (the prefill GEMM does not use vdpbf16ps yet: see the README)
 
 The choice is made once, at import, from the features Numba compiles for (the host's, unless

@@ -6,7 +6,7 @@ across loop iterations -- and pass it to functions that each become one or a few
 
     acc = fzeros(8)                                       # 8 float32 lanes
     for b in range(blocks):
-        p = dot_s8(izeros(8), load(w, 32 * b, 32), load(xq, 32 * b, 32))   # 32 int8 x int8 -> 8 int32
+        p = dot_s16(izeros(8), load(w, 16 * b, 16), load(xq, 16 * b, 16))   # 16 int16 x int16 -> 8 int32
         acc = fma(to_float(p), splat(scale[b], 8), acc)
     total = hsum(acc)
 
@@ -19,17 +19,23 @@ and how (`lanes` = elements of the result):
     splat(x, n), fzeros(n), izeros(n), splat_at(arr, off, n) (= splat(arr[off], n), as one vbroadcastss)
     bf16_pair(arr, off)      8 uint32 words, each holding two bf16, as two float32 vectors: the low halves
                              (word << 16) and the high halves (word & 0xffff0000): no shuffle
+    fp16_splat(arr, off, n)  the fp16 at bytes arr[off : off + 2] as n float32 lanes (vpbroadcastw +
+                             vcvtph2ps: no partial register write to tie it to earlier work)
+    u32_at(arr, off)         the little-endian uint32 at bytes arr[off : off + 4] (a scalar)
+    bytes_of(w0, w1)         the 8 bytes of two 32-bit words as a vector (w0's low byte first)
+    bytes_to_float(v, signed)  byte lanes -> float32 lanes (vpmovzxbd / vpmovsxbd + vcvtdq2ps)
+    lane(v, j)               v[j] in every lane (vpermps)
     nibbles(arr, off, n)     n 4-bit values from n/2 bytes: low nibbles, then high nibbles (GGML order)
-    field(v, shift, mask)    (v >> shift) & mask, bytewise: nibbles and 2-bit fields of packed bytes
-    join(low, high, shift)   low | high << shift, bytewise
-    pair_splat(arr, off, n)  lane i = arr[off + i // (n/2)]: two scales, each over half of the lanes
-    fp16s(arr, off, stride)  8 fp16 numbers at bytes off, off + stride, ... as float32
-                             (8 loads, one vcvtph2ps)
-    dot_u8s8(acc, u, s)      acc[i] + sum_{j<4} u[4i+j] s[4i+j], u unsigned, s signed bytes:
-                             vpmaddubsw + vpmaddwd(ones) + vpaddd;  vpdpbusd with AVX512-VNNI
-    dot_s8(acc, a, b)        the same for two signed operands: |a| and b * sign(a) first (llama.cpp's
-                             trick: vpmaddubsw takes one unsigned operand); a, b in [-127, 127]
-    to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b, a * b lanewise
+    bit_bytes(arr, off, value)  the 32 bits of the uint32 at bytes arr[off : off + 4] as 32 byte lanes:
+                             `value` where the bit is set, 0 elsewhere (bit i -> lane i)
+    field(v, shift, mask)    (v >> shift) & mask, per byte or 16-bit lane: nibbles and 2-bit fields
+    widen16(arr, off, signed)  the 16 bytes at arr[off] as 16-bit lanes (one vpmovzxbw / vpmovsxbw)
+    join(low, high, shift)   low | high << shift, per byte or 16-bit lane
+    dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
+                             vpmaddwd + vpaddd;  vpdpwssd with AVX512-VNNI / AVX-VNNI
+    halves16(v, signed)      a 32-byte vector's two halves widened to 16-bit lanes (vpmovzxbw / vpmovsxbw)
+    to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes,
+                             a * b multiplies float lanes, v - c subtracts a constant from integer lanes
     prefetch(arr, off)       prefetcht0 of arr[off]'s cache line (never faults)
 
 A kernel whose instructions the compile target lacks does not raise: LLVM aborts the process ("Do not know
@@ -107,6 +113,14 @@ def _vector_for(width_bits: int, kind: str, lanes: int) -> Vector:
     return Vector(kind, lanes)
 
 
+def _broadcast(builder, scalar, vector_type):
+    """scalar in every lane of vector_type (insert + all-zero shuffle: one vpbroadcast)"""
+    undefined = ir.Constant(vector_type, ir.Undefined)
+    one = builder.insert_element(undefined, scalar, ir.Constant(ir.IntType(32), 0))
+    all_first = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), None)
+    return builder.shuffle_vector(one, undefined, all_first)
+
+
 @intrinsic
 def load(typingctx, arr, off, n):
     kind = {1: "i8", 2: "i16",
@@ -137,11 +151,71 @@ def splat_at(typingctx, arr, off, n):
 
     def codegen(context, builder, sig, args):
         address = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.FloatType())
-        one = builder.load(address, align=4)
-        first = builder.insert_element(ir.Constant(v.llvm, ir.Undefined), one, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(first, ir.Constant(v.llvm, ir.Undefined),
-                                      ir.Constant(ir.VectorType(ir.IntType(32), v.lanes), None))
+        return _broadcast(builder, builder.load(address, align=4), v.llvm)
     return v(arr, off, n), codegen
+
+
+@intrinsic
+def fp16_splat(typingctx, arr, off, n):
+    v = _vector_for(32 * _lanes(n), "f32", _lanes(n))
+    require("f16c")
+
+    def codegen(context, builder, sig, args):
+        bits = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
+                                     ir.IntType(16)), align=1)
+        halves = builder.bitcast(_broadcast(builder, bits, ir.VectorType(ir.IntType(16), v.lanes)),
+                                 ir.VectorType(ir.HalfType(), v.lanes))
+        return builder.fpext(halves, v.llvm)
+    return v(arr, off, n), codegen
+
+
+@intrinsic
+def u32_at(typingctx, arr, off):
+    def codegen(context, builder, sig, args):
+        return builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
+                                     ir.IntType(32)), align=1)
+    return types.uint32(arr, off), codegen
+
+
+@intrinsic
+def bytes_of(typingctx, w0, w1):
+    if not (isinstance(w0, types.Integer) and isinstance(w1, types.Integer)):
+        return None
+    v = _vector_for(64, "i8", 8)
+
+    def codegen(context, builder, sig, args):
+        words = ir.Constant(ir.VectorType(ir.IntType(32), 2), ir.Undefined)
+        for i, (word, word_type) in enumerate(zip(args, sig.args)):
+            word = context.cast(builder, word, word_type, types.uint32)
+            words = builder.insert_element(words, word, ir.Constant(ir.IntType(32), i))
+        return builder.bitcast(words, v.llvm)
+    return v(w0, w1), codegen
+
+
+@intrinsic
+def bytes_to_float(typingctx, v, signed):
+    if not (isinstance(v, Vector) and v.kind == "i8" and isinstance(signed, types.BooleanLiteral)):
+        return None
+    f = _vector_for(32 * v.lanes, "f32", v.lanes)
+
+    def codegen(context, builder, sig, args):
+        extend = builder.sext if signed.literal_value else builder.zext
+        return builder.sitofp(extend(args[0], ir.VectorType(ir.IntType(32), v.lanes)), f.llvm)
+    return f(v, signed), codegen
+
+
+@intrinsic
+def lane(typingctx, v, j):
+    if not (isinstance(v, Vector) and v.kind == "f32" and v.lanes in (8, 16)
+            and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        index = context.cast(builder, args[1], sig.args[1], types.int32)
+        indices = _broadcast(builder, index, ir.VectorType(ir.IntType(32), v.lanes))
+        name = "llvm.x86.avx2.permps" if v.lanes == 8 else "llvm.x86.avx512.permvar.sf.512"
+        return _call(builder, name, v.llvm, [args[0], indices])
+    return v(v, j), codegen
 
 
 @intrinsic
@@ -164,11 +238,7 @@ def splat(typingctx, x, n):
     v = _vector_for(32 * _lanes(n), "f32", _lanes(n))
 
     def codegen(context, builder, sig, args):
-        scalar = context.cast(builder, args[0], sig.args[0], types.float32)
-        one = builder.insert_element(ir.Constant(v.llvm, ir.Undefined), scalar,
-                                     ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(v.llvm, ir.Undefined), ir.Constant(
-            ir.VectorType(ir.IntType(32), v.lanes), None))
+        return _broadcast(builder, context.cast(builder, args[0], sig.args[0], types.float32), v.llvm)
     return v(x, n), codegen
 
 
@@ -200,23 +270,36 @@ def nibbles(typingctx, arr, off, n):
 
 
 @intrinsic
+def bit_bytes(typingctx, arr, off, value):
+    if not isinstance(value, types.IntegerLiteral):
+        return None
+    v = _vector_for(256, "i8", 32)
+
+    def codegen(context, builder, sig, args):
+        word = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
+                                     ir.VectorType(ir.IntType(8), 4)), align=1)
+        spread = builder.shuffle_vector(word, word, ir.Constant(ir.VectorType(ir.IntType(32), 32),
+                                                                [i // 8 for i in range(32)]))
+        bit = ir.Constant(v.llvm, [ir.Constant(ir.IntType(8), 1 << (i % 8)) for i in range(32)])
+        is_set = builder.icmp_unsigned("!=", builder.and_(spread, bit), ir.Constant(v.llvm, None))
+        return builder.select(is_set, _constant(v.llvm, value.literal_value), ir.Constant(v.llvm, None))
+    return v(arr, off, value), codegen
+
+
+@intrinsic
 def field(typingctx, v, shift, mask):
-    if not (isinstance(v, Vector) and v.kind == "i8"):
+    if not (isinstance(v, Vector) and v.kind in ("i8", "i16")):
         return None
 
     def codegen(context, builder, sig, args):
-        shift_, mask_ = (builder.trunc(a, ir.IntType(8)) for a in args[1:])
-        undefined = ir.Constant(v.llvm, ir.Undefined)
-        splats = [builder.shuffle_vector(builder.insert_element(undefined, a, ir.Constant(ir.IntType(32), 0)),
-                                         undefined, ir.Constant(ir.VectorType(ir.IntType(32), v.lanes), None))
-                  for a in (shift_, mask_)]
-        return builder.and_(builder.lshr(args[0], splats[0]), splats[1])
+        shift_, mask_ = (_broadcast(builder, builder.trunc(a, v.llvm.element), v.llvm) for a in args[1:])
+        return builder.and_(builder.lshr(args[0], shift_), mask_)
     return v(v, shift, mask), codegen
 
 
 @intrinsic
 def join(typingctx, low, high, shift):
-    if not (isinstance(low, Vector) and low.kind == "i8" and low == high
+    if not (isinstance(low, Vector) and low.kind in ("i8", "i16") and low == high
             and isinstance(shift, types.IntegerLiteral)):
         return None
 
@@ -226,74 +309,52 @@ def join(typingctx, low, high, shift):
 
 
 @intrinsic
-def pair_splat(typingctx, arr, off, n):
-    v = _vector_for(32 * _lanes(n), "f32", _lanes(n))
-
-    def codegen(context, builder, sig, args):
-        two = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
-                                    ir.VectorType(ir.FloatType(), 2)), align=4)
-        half = v.lanes // 2
-        return builder.shuffle_vector(two, two, ir.Constant(ir.VectorType(ir.IntType(32), v.lanes),
-                                                            [0] * half + [1] * half))
-    return v(arr, off, n), codegen
-
-
-@intrinsic
-def fp16s(typingctx, arr, off, stride):
-    v = _vector_for(256, "f32", 8)
-
-    def codegen(context, builder, sig, args):
-        halves = ir.Constant(ir.VectorType(ir.IntType(16), 8), ir.Undefined)
-        for i in range(8):
-            at = builder.add(args[1], builder.mul(args[2], context.get_constant(sig.args[2], i)))
-            half = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], at,
-                                         ir.IntType(16)), align=1)
-            halves = builder.insert_element(halves, half, ir.Constant(ir.IntType(32), i))
-        return builder.fpext(builder.bitcast(halves, ir.VectorType(ir.HalfType(), 8)), v.llvm)
-    return v(arr, off, stride), codegen
-
-
-def _pairs_of_pairs(builder, u, s, acc):
-    """acc + sum of 4 consecutive u8 * s8 products per int32 lane (pmaddubsw, pmaddwd with ones)"""
-    wide = u.type.count == 64
-    i16, i32 = ir.VectorType(ir.IntType(16), u.type.count // 2), acc.type
-    pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512" if wide else "llvm.x86.avx2.pmadd.ub.sw", i16,
-                  [u, s])
-    quads = _call(builder, "llvm.x86.avx512.pmaddw.d.512" if wide else "llvm.x86.avx2.pmadd.wd", i32,
-                  [pairs, _constant(i16, 1)])
-    return builder.add(acc, quads)
-
-
-def _dot_u8s8_ir(context, builder, acc, u, s):
-    features = target_features()
-    if u.type.count == 64 and "avx512vnni" in features:  # one instruction: vpdpbusd
-        return _call(builder, "llvm.x86.avx512.vpdpbusd.512", acc.type, [acc, u, s])
-    if u.type.count == 32 and ({"avx512vnni", "avx512vl"} <= features or "avxvnni" in features):
-        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, [acc, u, s])
-    return _pairs_of_pairs(builder, u, s, acc)
-
-
-@intrinsic
-def dot_u8s8(typingctx, acc, u, s):
-    if not (isinstance(acc, Vector) and acc.kind == "i32" and u == s and u.kind == "i8"
-            and u.lanes == 4 * acc.lanes):
-        return None
-    return acc(acc, u, s), lambda context, builder, sig, args: _dot_u8s8_ir(context, builder, *args)
-
-
-@intrinsic
-def dot_s8(typingctx, acc, a, b):
-    if not (isinstance(acc, Vector) and acc.kind == "i32" and a == b and a.kind == "i8"
-            and a.lanes == 4 * acc.lanes):
+def dot_s16(typingctx, acc, a, b):
+    if not (isinstance(acc, Vector) and acc.kind == "i32" and a == b and a.kind == "i16"
+            and a.lanes == 2 * acc.lanes):
         return None
 
     def codegen(context, builder, sig, args):
-        acc_, a_, b_ = args
-        negative = builder.icmp_signed("<", a_, _constant(a_.type, 0))
-        magnitude = builder.select(negative, builder.neg(a_), a_)  # |a| as unsigned (a != -128)
-        signed_b = builder.select(negative, builder.neg(b_), b_)  # b * sign(a)
-        return _dot_u8s8_ir(context, builder, acc_, magnitude, signed_b)
+        features = target_features()
+        if a.lanes == 32 and "avx512vnni" in features:  # one instruction: vpdpwssd
+            return _call(builder, "llvm.x86.avx512.vpdpwssd.512", acc.llvm, list(args))
+        if a.lanes == 16 and ({"avx512vnni", "avx512vl"} <= features or "avxvnni" in features):
+            return _call(builder, "llvm.x86.avx512.vpdpwssd.256", acc.llvm, list(args))
+        pairs = _call(builder, "llvm.x86.avx512.pmaddw.d.512" if a.lanes == 32 else "llvm.x86.avx2.pmadd.wd",
+                      acc.llvm, list(args[1:]))
+        return builder.add(args[0], pairs)
     return acc(acc, a, b), codegen
+
+
+@intrinsic
+def widen16(typingctx, arr, off, signed):
+    if not isinstance(signed, types.BooleanLiteral):
+        return None
+    v = _vector_for(256, "i16", 16)
+
+    def codegen(context, builder, sig, args):
+        packed = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
+                                       ir.VectorType(ir.IntType(8), 16)), align=1)
+        return (builder.sext if signed.literal_value else builder.zext)(packed, v.llvm)
+    return v(arr, off, signed), codegen
+
+
+@intrinsic
+def halves16(typingctx, v, signed):
+    """the two halves of a 32-lane byte vector as 16-bit lanes: zero- or sign-extended (vpmovzxbw / sxbw)"""
+    if not (isinstance(v, Vector) and v.kind == "i8" and isinstance(signed, types.BooleanLiteral)):
+        return None
+    half = Vector("i16", v.lanes // 2)
+    pair = types.UniTuple(half, 2)
+
+    def codegen(context, builder, sig, args):
+        extend = builder.sext if signed.literal_value else builder.zext
+        n = v.lanes // 2
+        picks = [ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(start, start + n)))
+                 for start in (0, n)]
+        parts = [extend(builder.shuffle_vector(args[0], args[0], pick), half.llvm) for pick in picks]
+        return context.make_tuple(builder, pair, parts)
+    return pair(v, signed), codegen
 
 
 @intrinsic
@@ -319,13 +380,6 @@ def _add(typingctx, a, b):
     return a(a, b), codegen
 
 
-@intrinsic
-def _multiply(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return (builder.fmul if a.kind == "f32" else builder.mul)(*args)
-    return a(a, b), codegen
-
-
 @overload(operator.add)
 def _vector_add(a, b):
     if isinstance(a, Vector) and a == b:
@@ -333,10 +387,31 @@ def _vector_add(a, b):
     return None
 
 
+@intrinsic
+def _mul(typingctx, a, b):
+    return a(a, b), lambda context, builder, sig, args: builder.fmul(*args)
+
+
 @overload(operator.mul)
-def _vector_multiply(a, b):
-    if isinstance(a, Vector) and a == b:
-        return lambda a, b: _multiply(a, b)
+def _vector_mul(a, b):
+    if isinstance(a, Vector) and a == b and a.kind == "f32":
+        return lambda a, b: _mul(a, b)
+    return None
+
+
+@intrinsic
+def _sub_constant(typingctx, v, c):
+    if not isinstance(c, types.IntegerLiteral):
+        return None
+    def codegen(context, builder, sig, args):
+        return builder.sub(args[0], _constant(v.llvm, c.literal_value))
+    return v(v, c), codegen
+
+
+@overload(operator.sub, prefer_literal=True)
+def _vector_sub(v, c):
+    if isinstance(v, Vector) and v.kind in ("i8", "i16") and isinstance(c, types.IntegerLiteral):
+        return lambda v, c: _sub_constant(v, c)
     return None
 
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from numba.typed import List
 
 from minqwen.kernels.dtypes import BF16, FP16, FP32, bf16_bits, from_float32, to_float32
+from minqwen.kernels.embedding import embed
 from minqwen.kernels.ggml import (
     GGML_BLOCKS,
     Q4_1,
@@ -20,7 +21,7 @@ from minqwen.kernels.ggml import (
     quantize_q4_1,
     quantize_q8_0,
 )
-from minqwen.kernels.linear import linear
+from minqwen.kernels.linear import INTEGER_TYPES, linear
 from minqwen.kernels.moe import moe_by_expert, moe_one_token, moe_one_token_reference
 
 TOL = 1e-5  # fp32 sums against float64, relative to the size of the terms summed (max_n sum_k |w x|)
@@ -107,7 +108,12 @@ def test_matmul_ggml_and_linear(seed, shape, T, tile_floats):
     for rows in (slice(0, 1), slice(0, T)):
         wide[:] = np.nan
         linear(wide[rows, 2:N + 2], x[rows], w)
-        assert_close(wide[rows, 2:N + 2], ref[rows], terms.max(), f"linear type {t}")
+        if rows.stop == 1 and t in INTEGER_TYPES:  # x rounded to int16 per block of 32 (kernels/intdot.py)
+            step = np.repeat(np.abs(x[0].astype(np.float64)).reshape(-1, 32).max(1) / 32767, 32)
+            bound = np.abs(dense) @ (step / 2) + 1e-5 * terms.max()
+            assert np.all(np.abs(wide[0, 2:N + 2] - ref[0]) <= bound), f"linear type {t}, integer path"
+        else:
+            assert_close(wide[rows, 2:N + 2], ref[rows], terms.max(), f"linear type {t}")
 
 
 @settings(deadline=None, max_examples=15)
@@ -132,6 +138,8 @@ def test_moe_with_ggml_experts(seed, t, k, T):
     scale = np.abs(ref).max()  # (measured <= 5e-7 of it)
     assert_close(got, ref, scale, f"moe_one_token, type {t} experts")
     moe_by_expert(got, x, gate, up, down, experts, weights)
+    if t in INTEGER_TYPES:  # an expert chosen by one token decodes it: x rounded to int16 (intdot.py)
+        scale = scale * 3e-2 / TOL  # measured up to 1.1e-2 of the output's range on these random blocks
     assert_close(got, ref, scale, f"moe_by_expert, type {t} experts")
 
 
@@ -188,3 +196,15 @@ def test_quantize_rejects_bad_input(quantize):
                 quantize(stored)
     with pytest.raises(ValueError, match="fp16"):
         quantize(np.full((2, 64), 1e9, np.float32))
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=seeds, t=types)
+def test_embedding_rows_of_blocks(seed, t):
+    """GGUF files quantise their embedding tables too (SmolLM2's is Q8_0): a token's row, dequantised."""
+    rng = np.random.default_rng(seed)
+    table = random_blocks(rng, 50, 256, t)
+    ids = rng.integers(0, 50, 7)
+    out = np.full((7, 256), np.nan, np.float32)
+    embed(out, table, ids)
+    np.testing.assert_array_equal(out, dequantize_ggml_reference(table.data, t, 256)[ids].astype(np.float32))

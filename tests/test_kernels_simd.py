@@ -18,22 +18,40 @@ from hypothesis import strategies as st
 from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits, to_float32
 from minqwen.kernels.jit import jit
-from minqwen.kernels.simd import dot_s8, dot_u8s8, field, fp16s, hsum, izeros, join, load, nibbles, to_float
+from minqwen.kernels.simd import (
+    bit_bytes,
+    bytes_of,
+    bytes_to_float,
+    dot_s16,
+    field,
+    fp16_splat,
+    halves16,
+    hsum,
+    izeros,
+    join,
+    lane,
+    load,
+    nibbles,
+    store,
+    to_float,
+    u32_at,
+)
 
 pytestmark = pytest.mark.skipif(isa.ISA == "generic",
                                 reason="the CPU has no AVX2: these kernels are never used")
 if isa.ISA != "generic":  # imported only where the CPU has the instructions, as the engine does
     from minqwen.kernels.gemm import matmul_bf16
-    from minqwen.kernels.intdot import matvec_q4, matvec_q4_k, matvec_q6_k, matvec_q8_0, quantize_activations
+    from minqwen.kernels.intdot import INTEGER_TYPES, matvec_integer, quantize_activations
 
 seeds = st.integers(0, 2**32 - 1)
-BYTES = {GGML.Q8_0: 34, GGML.Q4_0: 18, GGML.Q4_1: 20, GGML.Q4_K: 144, GGML.Q6_K: 210}
-SCALE_AT = {GGML.Q4_K: (0, 2), GGML.Q6_K: (208,)}  # byte offsets of the fp16 scales in a K-quant block
+BYTES = {GGML.Q8_0: 34, GGML.Q4_0: 18, GGML.Q4_1: 20, GGML.Q5_0: 22, GGML.Q5_1: 24, GGML.Q4_K: 144,
+         GGML.Q5_K: 176, GGML.Q6_K: 210}
+SCALE_AT = {GGML.Q4_K: (0, 2), GGML.Q5_K: (0, 2), GGML.Q6_K: (208,)}  # fp16 scales in a K-quant block
 
 
 def random_blocks(rng, N, K, kind):
-    """Q8_0 / Q4_0 / Q4_1 as gguf quantises Gaussian weights; K-quants as random bytes with valid fp16
-    super-block scales (every bit pattern of the rest is a valid block)."""
+    """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 as gguf quantises Gaussian weights; K-quants as random bytes
+    with valid fp16 super-block scales (every bit pattern of the rest is a valid block)."""
     if kind in SCALE_AT:
         data = rng.integers(0, 256, (N, K // 256 * BYTES[kind]), dtype=np.uint8)
         blocks = data.reshape(N, K // 256, BYTES[kind])
@@ -46,29 +64,21 @@ def random_blocks(rng, N, K, kind):
 
 def run(kind, data, x):
     K = x.shape[0]
-    xq, xd, xsum = np.empty(K, np.int8), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
-    xq16 = np.empty(K // 16, np.int32)
-    quantize_activations(xq, xd, xsum, xq16, x)
+    xq, xd, xsum = np.empty(K, np.int16), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
+    quantize_activations(xq, xd, xsum, x)
     out = np.full(data.shape[0], np.nan, np.float32)
-    if kind == GGML.Q8_0:
-        matvec_q8_0(out, data, xq, xd)
-    elif kind in (GGML.Q4_0, GGML.Q4_1):
-        matvec_q4(out, data, xq, xd, xsum, xq16, kind == GGML.Q4_1)
-    elif kind == GGML.Q4_K:
-        matvec_q4_k(out, data, xq, xd, xsum)
-    else:
-        matvec_q6_k(out, data, xq, xd, xq16)
+    matvec_integer(out, data, int(kind), x)
     step = np.repeat(xd.astype(np.float64), 32)  # xd of each element's block
     return out, xq.astype(np.float64) * step, step
 
 
 def minimum_term(kind, data, K):
-    """The part of each weight that does not scale with q (Q4_1's m, Q4_K's -dmin m_j), per weight:
-    the weights of the same blocks with every q set to zero."""
+    """The part of each weight that does not scale with q (Q4_1 / Q5_1's m, Q4_K / Q5_K's -dmin m_j),
+    per weight: the weights of the same blocks with every q set to zero."""
     zero = data.copy().reshape(data.shape[0], -1, BYTES[kind])
-    if kind == GGML.Q4_1:
+    if kind in (GGML.Q4_1, GGML.Q5_1):
         zero[:, :, 4:] = 0
-    elif kind == GGML.Q4_K:
+    elif kind in (GGML.Q4_K, GGML.Q5_K):
         zero[:, :, 16:] = 0
     else:
         return np.zeros((data.shape[0], K))
@@ -77,9 +87,9 @@ def minimum_term(kind, data, K):
 
 @settings(deadline=None, max_examples=30)
 @given(seed=seeds, N=st.sampled_from([1, 3, 17, 64]), blocks=st.sampled_from([1, 2, 3, 5, 7]),
-       kind=st.sampled_from(sorted(BYTES)))
-def test_integer_matvec_is_the_product_with_int8_activations(seed, N, blocks, kind):
-    """Exact to float rounding against the product with the same int8-rounded x (the minimum terms use
+       kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]))
+def test_integer_matvec_is_the_product_with_int16_activations(seed, N, blocks, kind):
+    """Exact to float rounding against the product with the same int16-rounded x (the minimum terms use
     exact block sums of x, as the kernels do), and within the rounding of x of the exact product."""
     rng = np.random.default_rng(seed)
     K = blocks * (256 if kind in SCALE_AT else 32)
@@ -93,55 +103,81 @@ def test_integer_matvec_is_the_product_with_int8_activations(seed, N, blocks, ki
     diff = np.abs(out - same_x)
     assert diff.max() <= 1e-5 * terms.max(), (f"{kind.name}: max|diff| {diff.max():.3g}, "
                                               f"mean {diff.mean():.3g}")
-    # x rounded to int8 per block (steps of xd) moves each product by at most sum |w - floor| xd / 2
+    # x rounded to int16 per block (steps of xd) moves each product by at most sum |w - floor| xd / 2
     bound = np.abs(w - floor) @ (x_step / 2)
     assert np.all(np.abs(out - w @ x.astype(np.float64)) <= bound + 1e-5 * terms.max())
 
 
 @jit
-def lane_ops(a, b, packed, halves):  # every vector intrinsic once, reduced to scalars
-    s8 = hsum(to_float(dot_s8(izeros(8), load(a, 0, 32), load(b, 0, 32))))
-    u8 = hsum(to_float(dot_u8s8(izeros(8), nibbles(packed, 0, 32), load(b, 0, 32))))
-    six_bit = join(field(load(packed, 0, 32), 4, 15), field(load(packed, 0, 32), 0, 3), 4)
-    six = hsum(to_float(dot_u8s8(izeros(8), six_bit, load(b, 0, 32))))
-    return s8, u8, six, hsum(fp16s(halves, 0, 4))
+def lane_ops(a, b, packed):  # every vector intrinsic once, reduced to scalars
+    low, high = halves16(load(a, 0, 32), True)
+    signed = hsum(to_float(dot_s16(dot_s16(izeros(8), low, load(b, 0, 16)), high, load(b, 16, 16))))
+    low, high = halves16(nibbles(packed, 0, 32), False)
+    four_bit = hsum(to_float(dot_s16(dot_s16(izeros(8), low, load(b, 0, 16)), high, load(b, 16, 16))))
+    low, high = halves16(join(field(load(packed, 0, 32), 4, 15), field(load(packed, 0, 32), 0, 3), 4), False)
+    six_bit = hsum(to_float(dot_s16(dot_s16(izeros(8), low, load(b, 0, 16)), high, load(b, 16, 16))))
+    return signed, four_bit, six_bit
 
 
 def test_vector_intrinsics():
     rng = np.random.default_rng(0)
-    a, b = (rng.integers(-127, 128, 32).astype(np.int8) for _ in range(2))
+    a = rng.integers(-128, 128, 32).astype(np.int8)
+    b = rng.integers(-32767, 32768, 32).astype(np.int16)  # the widest int16 activations
     packed = rng.integers(0, 256, 32, dtype=np.uint8)
-    halves = rng.standard_normal(16).astype(np.float16)
-    s8, u8, six, fp = lane_ops(a, b, packed, halves.view(np.uint8))
+    signed, four_bit, six_bit = lane_ops(a, b, packed)
     wide = b.astype(np.int64)
-    assert s8 == a.astype(np.int64) @ wide
-    assert u8 == np.concatenate([packed[:16] & 15, packed[:16] >> 4]).astype(np.int64) @ wide
-    assert six == ((packed >> 4) | ((packed & 3) << 4)).astype(np.int64) @ wide
-    assert fp == pytest.approx(float(halves[::2].astype(np.float64).sum()), rel=1e-6)
+    assert signed == a.astype(np.int64) @ wide
+    assert four_bit == np.concatenate([packed[:16] & 15, packed[:16] >> 4]).astype(np.int64) @ wide
+    assert six_bit == ((packed >> 4) | ((packed & 3) << 4)).astype(np.int64) @ wide
+
+
+@jit
+def byte_ops(packed, floats, signed_bytes, j):  # the unpacking intrinsics, stored for the test to read
+    unsigned = bytes_to_float(bytes_of(u32_at(packed, 0), u32_at(packed, 4)), False)
+    store(floats, 0, unsigned)
+    store(floats, 8, bytes_to_float(load(packed, 0, 8), True) * fp16_splat(packed, 3, 8))
+    store(floats, 16, lane(unsigned, j))
+    store(signed_bytes, 0, nibbles(packed, 0, 32) - 8)
+    store(signed_bytes, 32, bit_bytes(packed, 5, 16))
+    return u32_at(packed, 5)
+
+
+@given(seed=seeds, j=st.integers(0, 7))
+def test_unpacking_intrinsics(seed, j):
+    packed = np.random.default_rng(seed).integers(0, 256, 32, dtype=np.uint8)
+    packed[3:5] = np.array([0.75], np.float16).view(np.uint8)  # a finite fp16 for fp16_splat
+    floats, signed_bytes = np.full(24, np.nan, np.float32), np.zeros(64, np.int8)
+    word = byte_ops(packed, floats, signed_bytes, j)
+    assert word == packed[5:9].view(np.uint32)[0]
+    assert np.array_equal(floats[:8], packed[:8])
+    assert np.array_equal(floats[8:16], packed[:8].view(np.int8) * np.float32(0.75))
+    assert np.all(floats[16:24] == packed[j])
+    assert np.array_equal(signed_bytes[:32], np.concatenate([packed[:16] & 15, packed[:16] >> 4]) - 8.0)
+    bits = np.unpackbits(packed[5:9], bitorder="little")  # bit i of the little-endian word
+    assert np.array_equal(signed_bytes[32:], 16 * bits)
 
 
 AVX512_PROBE = """
 import numpy as np
-from minqwen.kernels.intdot import matvec_q4_k, matvec_q8_0
+from minqwen.kernels.intdot import matvec_integer
 from numba import njit
-from minqwen.kernels.simd import dot_s8, dot_u8s8, izeros, load, to_float, hsum
+from minqwen.kernels.simd import dot_s16, izeros, load, to_float, hsum
 
 @njit  # not kernels.jit's: a function defined in -c code cannot be cached
 def probe(a, b):
-    return hsum(to_float(dot_u8s8(dot_s8(izeros(8), load(a, 0, 32), load(b, 0, 32)), load(a, 32, 32),
-                                  load(b, 0, 32))))
+    return hsum(to_float(dot_s16(dot_s16(izeros(8), load(a, 0, 16), load(b, 0, 16)), load(a, 16, 16),
+                                 load(b, 16, 16))))
 
-q, xq = np.zeros((2, 34 * 8), np.uint8), np.zeros(256, np.int8)
-xd, out = np.ones(8, np.float32), np.empty(2, np.float32)
-for kernel, args in ((probe, (q[0], xq)), (matvec_q8_0, (out, q, xq, xd)),
-                     (matvec_q4_k, (out, np.zeros((2, 144), np.uint8), xq, xd, xd))):
-    kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+a, b = np.zeros(32, np.int16), np.zeros(32, np.int16)
+matvec_args = (np.empty(2, np.float32), np.zeros((2, 34 * 8), np.uint8), 8, np.zeros(256, np.float32))
+for kernel, args in ((probe, (a, b)), (matvec_integer, matvec_args)):  # compiled, never run
+    kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))
 print("".join(probe.inspect_asm().values()))
 """
 
 
 def test_avx512_path_compiles_to_vnni(tmp_path):
-    """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpbusd."""
+    """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd."""
     features = ("+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,"
                 "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni")
     env = {"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(tmp_path),
@@ -150,7 +186,7 @@ def test_avx512_path_compiles_to_vnni(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     native = result.stdout.split(".Lfunc_end0")[0]  # the probe itself (Numba's Python wrapper follows)
-    assert native.count("vpdpbusd") == 2 and "vpmaddubsw" not in native
+    assert native.count("vpdpwssd") == 2 and "vpmaddwd" not in native
     assert "call" not in native  # a misspelt intrinsic would be a call to nowhere
 
 
