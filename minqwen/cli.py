@@ -10,14 +10,15 @@ from dataclasses import fields
 
 import numpy as np
 
-from .checkpoint import STORED_NAMES, read_tensors, write_quantized_checkpoint
-from .config import load_config
+from .checkpoint import STORED_NAMES, write_quantized_checkpoint
 from .errors import CheckpointError, ConfigError, MinqwenError, TemplateError
 from .generate import GenerationOptions, Stats, options_with_defaults, stream_tokens
+from .gguf import GGML_TYPES
 from .hub import resolve
 from .kernels import isa
+from .kernels.ggml import GgmlMatrix
 from .kernels.simd import target_features
-from .loader import load
+from .loader import load, open_checkpoint
 from .weights import IGNORED, TensorSource, load_weights, unread_tensors
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -200,18 +201,21 @@ def _quantize(args) -> int:
 def _info(args) -> int:
     if isa.PROBLEM:
         raise ConfigError(isa.PROBLEM)
-    folder = resolve(args.model)
-    config = load_config(folder)
-    src = TensorSource(read_tensors(folder), fp8_block_rows=config.fp8_block_rows)
+    checkpoint = open_checkpoint(args.model)
+    config = checkpoint.config
+    src = TensorSource(checkpoint.tensors, fp8_block_rows=config.fp8_block_rows)
     load_weights(config, src)  # checks every tensor the model reads (maps them; reads no weights)
-    loaded = [src.tensors[name] for name in src.read]
-    kinds = sorted({"f8_e4m3" if config.fp8_block_rows and t.dtype == np.uint8
-                    else STORED_NAMES[t.dtype].lower() for t in loaded})
+    by_kind: dict[str, list] = {}
+    for name in src.read:
+        by_kind.setdefault(_stored_kind(src.tensors[name], config), []).append(src.tensors[name])
+    kinds = ", ".join(f"{kind} {len(ts)} ({sum(_nbytes(t) for t in ts) / 2**30:.2f} GiB)"
+                      for kind, ts in sorted(by_kind.items()))
+    loaded = [t for ts in by_kind.values() for t in ts]
     context = args.context or config.context_window
     kv_bytes = 2 if args.kv_cache == "fp16" else 4
     kv_per_token = 2 * len(config.attention_layers) * config.num_key_value_heads * config.head_dim * kv_bytes
     lines = [
-        ("folder", str(folder)),
+        ("checkpoint", f"{checkpoint.path} ({checkpoint.file_format})"),
         ("architecture", config.model_type + (" (image-text checkpoint read as a text model)"
                                               if config.has_vision_tower else "")),
         ("layers", f"{config.num_hidden_layers} "
@@ -222,9 +226,10 @@ def _info(args) -> int:
         ("vocabulary", str(config.vocab_size)),
         ("context", f"{config.context_window} "
                     f"(RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),
-        ("parameters", f"{sum(t.size for t in loaded) / 1e6:.1f} M stored ({', '.join(kinds)})"
+        ("parameters", f"{sum(int(np.prod(t.shape)) for t in loaded) / 1e6:.1f} M"
                        + (f"; FP8 blocks of {config.fp8_block_rows} x 128" if config.fp8_block_rows else "")),
-        ("RAM for weights", f"{sum(t.nbytes for t in loaded) / 2**30:.2f} GiB, memory-mapped"),
+        ("tensors by type", kinds),
+        ("RAM for weights", f"{sum(_nbytes(t) for t in loaded) / 2**30:.2f} GiB, memory-mapped"),
         ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; "
                      f"{kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
         ("kernels", f"{isa.ISA} path "
@@ -244,6 +249,16 @@ def _info(args) -> int:
     for key, value in lines:
         print(f"{key:>22}: {value}")
     return 0
+
+
+def _stored_kind(t, config) -> str:
+    if isinstance(t, GgmlMatrix):
+        return GGML_TYPES[t.ggml_type].name.lower()
+    return "f8_e4m3" if config.fp8_block_rows and t.dtype == np.uint8 else STORED_NAMES[t.dtype].lower()
+
+
+def _nbytes(t) -> int:
+    return t.data.nbytes if isinstance(t, GgmlMatrix) else t.nbytes
 
 
 def _counts(items):

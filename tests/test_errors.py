@@ -66,10 +66,10 @@ def test_missing_config(broken):
 
 
 def test_unsupported_model_type(broken):
-    (broken / "config.json").write_text(json.dumps(dict(CONFIG, model_type="llama")))
-    with pytest.raises(UnsupportedModelError, match="llama"):
+    (broken / "config.json").write_text(json.dumps(dict(CONFIG, model_type="mistral")))
+    with pytest.raises(UnsupportedModelError, match="mistral"):
         minqwen.load(broken)
-    assert_one_line_error(run_cli("info", "--model", str(broken)), "unsupported model_type 'llama'")
+    assert_one_line_error(run_cli("info", "--model", str(broken)), "unsupported model_type 'mistral'")
 
 
 def test_config_disagrees_with_tensors(broken):

@@ -54,6 +54,8 @@ CASES = {
                               "original_max_position_embeddings": 40}), "fp32", None),
     "qwen3-layer-types-sliding": (dict(QWEN3, use_sliding_window=True, sliding_window=4,
                                        layer_types=["sliding_attention", "full_attention"]), "fp32", None),
+    "llama-qwen2s-parent": (dict({k: v for k, v in QWEN2.items() if k != "architectures"}, model_type="llama",
+                                 architectures=["LlamaForCausalLM"], num_key_value_heads=1), "fp32", None),
     "published-qwen2.5-0.5b": (published("qwen2.5-0.5b-instruct", **TINY), "bf16", None),
     "published-qwen2.5-7b": (published("qwen2.5-7b-instruct", **dict(TINY, num_key_value_heads=1)),
                              "fp32", None),

@@ -1,0 +1,222 @@
+"""A GGUF file as a checkpoint: the config.json and the Hugging Face tensor names it stands for.
+
+llama.cpp's converter (convert_hf_to_gguf.py) renames every tensor, moves the config into typed
+metadata and transforms a few tensors. Here that is undone, in one place, so that the same loader
+(weights.py) and network read a GGUF file as they read a safetensors folder -- the network never knows:
+
+    metadata  <arch>.embedding_length, block_count, attention.head_count, ...  ->  config.json's fields
+    names     token_embd, blk.N.attn_q, blk.N.ffn_gate_exps, output_norm, ... ->  model.embed_tokens,
+              model.layers.N.self_attn.q_proj, model.layers.N.mlp.experts.E.gate_proj, model.norm, ...
+    values    llama:      Q and K rows permuted for llama.cpp's RoPE, which pairs adjacent dims: put
+                          back in the halves order of rotate_half (whole rows: quantised blocks move intact)
+              qwen3next:  RMSNorm weights stored as 1 + w: w again; A_log stored as -exp(A_log): log(-a);
+                          ssm_ba's rows, per key head [b (G), a (G)]: split into in_proj_b and in_proj_a
+    experts   stacked 3-D (E, F, D): per-expert 2-D views, read only when routed
+
+Tensors stay views of the mapped file in their stored type (F32 / F16 / BF16 arrays, quantised blocks
+as kernels/ggml.GgmlMatrix); only the permuted / split rows above are copies. A missing `output.weight`
+means the embedding is tied. Routing follows llama.cpp: top-k weights renormalised for qwen3moe and
+qwen3next, not for qwen2moe. Qwen3.5 / Qwen3.6 files (qwen35, qwen35moe) are not read: their converter
+reorders the linear-attention value heads (grouped -> tiled) in eight tensors, out_proj's columns
+among them, which cannot be undone on quantised blocks by moving rows (see the README).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CheckpointError, UnsupportedModelError
+from .gguf import GGML_TYPES, GGUFFile
+from .kernels.ggml import GGML_BLOCKS, GgmlMatrix
+from .tokenizer import gguf_end_of_generation_ids
+
+# general.architecture -> model_type, and whether top-k routing weights are renormalised (llama.cpp's rule)
+ARCHITECTURES = {"llama": ("llama", False), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+                 "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
+                 "qwen3next": ("qwen3_next", True)}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+LAYER_NAMES = {  # blk.N.<gguf> -> model.layers.N.<hf>
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
+    "ssm_conv1d": "linear_attn.conv1d",
+    "ssm_dt": "linear_attn.dt_bias", "ssm_norm": "linear_attn.norm", "ssm_out": "linear_attn.out_proj",
+}
+EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+
+
+def gguf_config(gguf: GGUFFile) -> dict:
+    """config.json of the model a GGUF file holds, in transformers' spelling."""
+    arch = gguf.metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"{gguf.path}: GGUF architecture {arch!r} is not supported "
+                                    f"(minqwen reads {', '.join(ARCHITECTURES)})")
+    model_type, renormalise = ARCHITECTURES[arch]
+    meta = _Metadata(gguf, arch)
+    embed = gguf.tensors.get("token_embd.weight")
+    if embed is None:
+        raise CheckpointError(f"{gguf.path}: no token_embd.weight tensor")
+    layers = meta.integer("block_count") - meta.integer("nextn_predict_layers", 0)
+    heads = meta.integer("attention.head_count")
+    config = {
+        "model_type": model_type, "vocab_size": embed.shape[0],
+        "hidden_size": meta.integer("embedding_length"),
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": meta.integer("attention.head_count_kv", heads),
+        "intermediate_size": meta.integer("feed_forward_length", 0),
+        "max_position_embeddings": meta.integer("context_length"),
+        "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": meta.number("rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in gguf.tensors,
+        "eos_token_id": gguf_end_of_generation_ids(gguf),
+        # llama files carry no biases; Qwen2's q/k/v biases are in the file when the model has them
+        "qkv_bias": "blk.0.attn_q.bias" in gguf.tensors,
+        "attention_bias": "blk.0.attn_output.bias" in gguf.tensors,
+    }
+    head_dim = meta.integer("attention.key_length", 0)
+    if head_dim:
+        config["head_dim"] = head_dim
+    rotated = meta.integer("rope.dimension_count", 0)
+    if rotated:
+        config["partial_rotary_factor"] = rotated / (head_dim or config["hidden_size"] // heads)
+    scaling = meta.text("rope.scaling.type", "none")
+    if scaling in ("linear", "yarn"):
+        original = meta.integer("rope.scaling.original_context_length", config["max_position_embeddings"])
+        config["rope_scaling"] = {"rope_type": scaling, "factor": meta.number("rope.scaling.factor"),
+                                  "original_max_position_embeddings": original}
+    elif scaling != "none":
+        raise UnsupportedModelError(f"{gguf.path}: RoPE scaling {scaling!r}")
+    if meta.integer("expert_count", 0):
+        config.update(num_experts=meta.integer("expert_count"),
+                      num_experts_per_tok=meta.integer("expert_used_count"),
+                      moe_intermediate_size=meta.integer("expert_feed_forward_length"),
+                      shared_expert_intermediate_size=meta.integer("expert_shared_feed_forward_length", 0),
+                      norm_topk_prob=renormalise)
+    if arch == "qwen3next":
+        recurrent = list(meta.value("attention.recurrent_layers"))[:layers]
+        value_heads = meta.integer("ssm.time_step_rank")
+        config.update(linear_conv_kernel_dim=meta.integer("ssm.conv_kernel"),
+                      linear_key_head_dim=meta.integer("ssm.state_size"),
+                      linear_num_key_heads=meta.integer("ssm.group_count"),
+                      linear_num_value_heads=value_heads,
+                      linear_value_head_dim=meta.integer("ssm.inner_size") // value_heads,
+                      layer_types=["linear_attention" if r else "full_attention" for r in recurrent])
+    return config
+
+
+def _matrix(tensor, data):  # float tensors as arrays; block-quantised ones as GgmlMatrix (cols known)
+    return data if tensor.type.block_size == 1 else GgmlMatrix(data, tensor.type.id, tensor.shape[-1])
+
+
+def _check_type(gguf: GGUFFile, name: str, tensor):
+    if tensor.type.block_size > 1 and tensor.type.id not in GGML_BLOCKS:
+        readable = ", ".join(GGML_TYPES[t].name for t in sorted(GGML_BLOCKS))
+        raise UnsupportedModelError(f"{gguf.path}: tensor {name} is {tensor.type.name}, a type minqwen does "
+                                    f"not read (it reads F32, F16, BF16, {readable})")
+
+
+def gguf_tensors(gguf: GGUFFile, config) -> dict[str, np.ndarray]:
+    """The file's tensors under their Hugging Face names, as weights.py reads a safetensors folder."""
+    arch = gguf.metadata["general.architecture"]
+    layers = config.num_hidden_layers
+    tensors = {}
+    for name, tensor in gguf.tensors.items():
+        _check_type(gguf, name, tensor)
+        value = _matrix(tensor, tensor.data)
+        parts = name.split(".")
+        if parts[0] in GLOBAL_NAMES:
+            tensors[".".join([GLOBAL_NAMES[parts[0]], *parts[1:]])] = value
+            continue
+        if parts[0] != "blk" or len(parts) < 3 or not parts[1].isdigit():
+            tensors[name] = value  # nothing a rule reads: info lists it
+            continue
+        layer, kind, suffix = int(parts[1]), parts[2], parts[3:]
+        # layers past num_hidden_layers are multi-token prediction's: named mtp.*, never read
+        prefix = f"model.layers.{layer}." if layer < layers else f"mtp.layers.{layer - layers}."
+        if kind in EXPERT_STACKS:  # (E, rows, cols): one 2-D view per expert
+            for e in range(tensor.shape[0]):
+                expert = f"{prefix}mlp.experts.{e}.{EXPERT_STACKS[kind]}.{'.'.join(suffix)}"
+                tensors[expert] = _matrix(tensor, tensor.data[e])
+        elif kind == "ssm_a":  # -exp(A_log), no .weight suffix
+            tensors[prefix + "linear_attn.A_log"] = np.log(-tensor.data.astype(np.float32))
+        elif kind == "ssm_dt":  # blk.N.ssm_dt.bias is linear_attn.dt_bias, no suffix
+            tensors[prefix + "linear_attn.dt_bias"] = value
+        elif kind == "ssm_conv1d":  # (channels, kernel): transformers' (channels, 1, kernel), squeezed
+            tensors[prefix + "linear_attn.conv1d.weight"] = value.reshape(value.shape[0], 1, value.shape[1])
+        elif kind == "ssm_ba":
+            tensors.update(_split_ba(prefix, value, config))
+        else:
+            hf = LAYER_NAMES.get(kind, kind)
+            tensors[".".join([prefix + hf, *suffix])] = value
+    if arch == "llama":
+        _undo_llama_permutation(tensors, config)
+    if config.family.zero_centred_norms:  # stored as 1 + w
+        for name in [n for n in tensors if n.endswith("norm.weight") and "linear_attn.norm" not in n]:
+            tensors[name] = tensors[name] - np.float32(1)
+    return tensors
+
+
+def _split_ba(prefix: str, ba, config) -> dict:
+    """ssm_ba (2 Hv, D), rows per key head [b (G), a (G)] -> in_proj_b (Hv, D), in_proj_a (Hv, D) (copies)."""
+    hk, group = config.linear_num_key_heads, config.linear_num_value_heads // config.linear_num_key_heads
+    start = np.arange(hk)[:, None] * 2 * group
+    b_rows, a_rows = (start + np.arange(group)).ravel(), (start + group + np.arange(group)).ravel()
+    return {prefix + "linear_attn.in_proj_b.weight": _rows(ba, b_rows),
+            prefix + "linear_attn.in_proj_a.weight": _rows(ba, a_rows)}
+
+
+def _undo_llama_permutation(tensors: dict, config):
+    """llama.cpp stores each Q / K head's rows as interleaved pairs [x0, y0, x1, y1, ...] for a RoPE that
+    rotates adjacent dims; rotate_half pairs dim i with i + d/2: rows [x0, x1, ... | y0, y1, ...]."""
+    d = config.head_dim
+    for layer in range(config.num_hidden_layers):
+        for proj, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads)):
+            order = np.arange(heads * d).reshape(heads, d // 2, 2).swapaxes(1, 2).ravel()
+            for suffix in ("weight", "bias"):
+                name = f"model.layers.{layer}.self_attn.{proj}.{suffix}"
+                if name in tensors:
+                    tensors[name] = _rows(tensors[name], order)
+
+
+def _rows(w, order):  # rows of a matrix in any stored form, copied in `order`
+    return GgmlMatrix(np.ascontiguousarray(w.data[order]), w.ggml_type, w.cols) if isinstance(w, GgmlMatrix) \
+        else np.ascontiguousarray(w[order])
+
+
+class _Metadata:
+    """Typed access to <arch>.* keys: a missing or mistyped key is a CheckpointError naming it."""
+
+    def __init__(self, gguf: GGUFFile, arch: str):
+        self.gguf, self.arch = gguf, arch
+
+    def value(self, key: str, default=KeyError):
+        full = f"{self.arch}.{key}"
+        if full in self.gguf.metadata:
+            return self.gguf.metadata[full]
+        if default is KeyError:
+            raise CheckpointError(f"{self.gguf.path}: GGUF metadata lacks {full}")
+        return default
+
+    def integer(self, key: str, default=KeyError) -> int:
+        value = self.value(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise CheckpointError(f"{self.gguf.path}: GGUF {self.arch}.{key} is {value!r}, not a count")
+        return int(value)
+
+    def number(self, key: str, default=KeyError) -> float:
+        value = self.value(key, default)
+        numeric = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        if not numeric or not np.isfinite(value):
+            raise CheckpointError(f"{self.gguf.path}: GGUF {self.arch}.{key} is {value!r}, not a number")
+        return float(value)
+
+    def text(self, key: str, default=KeyError) -> str:
+        value = self.value(key, default)
+        if not isinstance(value, str):
+            raise CheckpointError(f"{self.gguf.path}: GGUF {self.arch}.{key} is {value!r}, not a string")
+        return value
