@@ -1,5 +1,5 @@
-"""Prefill and decode speed of minqwen (bf16, int8, int4) against transformers and llama.cpp, in one run,
-on the same checkpoints, prompts and thread count.
+"""Prefill and decode speed of minqwen (bf16, int8, int4, and llama.cpp's own GGUF files) against
+transformers and llama.cpp, in one run, on the same checkpoints, prompts and thread count.
 
     python bench/generate.py [--shapes qwen2.5-0.5b,qwen3-0.6b] [--prompts 128,512] [--new 64]
                              [--threads 2] [--repeats 3] [--rounds 1]
@@ -17,13 +17,15 @@ thread pool, memory or crash can touch another's. What is timed, the same way fo
   greedy (argmax) token: `new` generated tokens in all, end-of-sequence ignored.
 One warm-up is not timed (the longest prompt plus 8 steps: JIT compiles, page faults, buffers; for
 transformers, which compiles nothing, 32 tokens); the figures are medians over --repeats x --rounds.
-- minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step.
+- minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step; minqwen-q8_0,
+  -q4_0, -q4_k_m and -q6_k load the very GGUF files llama.cpp runs (the "same file" ratio column).
 - transformers (bf16, torch CPU): `model.generate(do_sample=False, min_new_tokens=max_new_tokens=new)`,
   timed by a logits processor that stamps the clock as each token's logits arrive: prefill = the first
   stamp (a forward over the prompt, logits of its last position only), decode = first to last stamp.
-- llama.cpp (llama-cpp-python; GGUF bf16, Q8_0, Q4_0 converted by llama.cpp's own convert_hf_to_gguf.py
-  and llama_model_quantize, cached under --work): `llm.eval(prompt)`, then `llm.eval([token])` per step
-  with the argmax of the last logits; n_batch = n_ubatch = 512, n_threads = n_threads_batch = --threads.
+- llama.cpp (llama-cpp-python; GGUF bf16, Q8_0, Q4_0, Q4_K_M, Q6_K converted by llama.cpp's own
+  convert_hf_to_gguf.py and llama_model_quantize, cached under --work): `llm.eval(prompt)`, then
+  `llm.eval([token])` per step with the argmax of the last logits; n_batch = n_ubatch = 512,
+  n_threads = n_threads_batch = --threads.
 
 The decode limit of a row is the read bandwidth (a Numba prange sum over 1 GiB, sampled before, between
 and after the engines; the median sample) divided by the bytes of weights one decode step must read,
@@ -57,10 +59,13 @@ import minqwen
 from checkpoints import SHAPES, bench_checkpoint
 from common import Bandwidth, machine, warn_if_slow_blas, warn_if_workqueue
 
-ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "transformers-bf16",
-           "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0")
-BASELINES = ("transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0")  # the table's ratio columns
-GGUF_FTYPES = {"q8_0": 7, "q4_0": 2}  # llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
+ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "minqwen-q8_0", "minqwen-q4_0", "minqwen-q4_k_m",
+           "minqwen-q6_k", "transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0",
+           "llama.cpp-q4_k_m", "llama.cpp-q6_k")
+SAME_FILE = "llama.cpp, same file"  # minqwen on a GGUF file against llama.cpp on that file
+BASELINES = ("transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0", SAME_FILE)  # the ratio columns
+# llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_K_M, _Q6_K
+GGUF_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18}
 WARMUP_STEPS = 8
 WARMUP_PROMPT = 32  # tokens of transformers' warm-up prompt (see time_transformers)
 PROMPT_VOCAB = 151643  # random prompts use ordinary tokens only (the special tokens start here)
@@ -221,10 +226,11 @@ def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threa
 
         import numba
 
-        if kind != "bf16" and "quantize" not in inspect.signature(minqwen.load).parameters:
+        if kind in ("int8", "int4") and "quantize" not in inspect.signature(minqwen.load).parameters:
             raise Skip("this minqwen.load has no quantize= argument")
         numba.set_num_threads(threads)
-        runner = MinqwenRunner(folder, None if kind == "bf16" else kind)
+        runner = (MinqwenRunner(gguf, None) if kind in GGUF_FTYPES
+                  else MinqwenRunner(folder, None if kind == "bf16" else kind))
         times = time_steps(runner, prompts, new, repeats)
         return {"decode_bytes": minqwen_decode_bytes(runner.model), "times": times,
                 "info": {"numba_threading_layer": numba.threading_layer()}}
@@ -291,8 +297,10 @@ def llama_cpp_source(work: Path, version: str, given: Path | None) -> Path:
         return source
     print(f"llama.cpp: fetching the llama-cpp-python {version} sdist for its GGUF converter (pip download)")
     sdists = work / "sdist"
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
-                           "-d", str(sdists), f"llama-cpp-python=={version}"], capture_output=True, text=True)
+    # --no-binary for this package only: ":all:" would also build its build dependencies (cmake) from source
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python",
+                           "--no-deps", "-q", "-d", str(sdists), f"llama-cpp-python=={version}"],
+                          capture_output=True, text=True)
     archive = next(sdists.glob(f"llama_cpp_python-{version}.tar.gz"), None)
     if done.returncode != 0 or archive is None:
         raise Skip(f"could not fetch its sdist: {(done.stderr.strip().splitlines() or ['?'])[-1]}; "
@@ -388,19 +396,21 @@ def run(args) -> dict:
     for shape in args.shapes.split(","):
         folder = bench_checkpoint(args.work, shape)
         ggufs, source = {}, None
-        if any(e.startswith("llama.cpp") for e in engines):
+        if any(map(needs_gguf, engines)):
             try:
+                if llama_version is None:
+                    raise Skip("llama-cpp-python (its converter and quantiser) is not installed")
                 source = llama_cpp_source(args.work, llama_version, args.llama_cpp_src)
                 ggufs = gguf_checkpoints(folder, source, llama_version)
             except Skip as why:
-                for engine in [e for e in engines if e.startswith("llama.cpp")]:
+                for engine in [e for e in engines if needs_gguf(e)]:
                     skip(engine, shape, str(why))
         # Rounds: every engine in turn, then again. A shared VM's speed drifts over minutes (its
         # neighbours come and go), so interleaving puts the same drift into every engine's median.
         collected, failed = {}, set()
         for round_ in range(args.rounds):
             for engine in engines:
-                if (engine.startswith("llama.cpp") and not ggufs) or engine in failed:
+                if (needs_gguf(engine) and not ggufs) or engine in failed:
                     continue
                 print(f"{engine} on {shape}, round {round_ + 1} of {args.rounds} ...", flush=True)
                 start = time.perf_counter()
@@ -442,14 +452,22 @@ def run(args) -> dict:
             "skipped": skipped, "rows": rows}
 
 
+def needs_gguf(engine: str) -> bool:
+    return engine.startswith("llama.cpp") or engine.split("-")[1] in GGUF_FTYPES
+
+
 def add_ratios(rows: list[dict]):
     """row["vs"][baseline] = (prefill ratio, decode ratio) against the baseline's row of the same shape
-    and prompt (> 1: faster than the baseline)."""
+    and prompt (> 1: faster than the baseline); SAME_FILE: a minqwen GGUF row against llama.cpp's."""
     by_key = {(r["engine"], r["shape"], r["prompt"]): r for r in rows}
     for r in rows:
         r["vs"] = {}
+        family, kind = r["engine"].split("-")
         for baseline in BASELINES:
-            b = by_key.get((baseline, r["shape"], r["prompt"]))
+            against = baseline
+            if baseline == SAME_FILE:
+                against = f"llama.cpp-{kind}" if family == "minqwen" and kind in GGUF_FTYPES else None
+            b = by_key.get((against, r["shape"], r["prompt"]))
             if b is not None:
                 r["vs"][baseline] = (r["prefill_tok_s"] / b["prefill_tok_s"],
                                      r["decode_tok_s"] / b["decode_tok_s"])
@@ -462,11 +480,11 @@ def print_table(results: dict):
           f"best {results['read_bandwidth_best_GBps']:.1f}) / MB of weights per token; ratios are "
           "prefill / decode against the baseline (> 1: faster)")
     header = (f"{'engine':18} {'shape':13} {'prompt':>6} {'prefill':>8} {'decode':>7} {'MB/tok':>7} "
-              f"{'limit':>6} {'of lim':>6}" + "".join(f"  {'vs ' + b:>19}" for b in BASELINES))
+              f"{'limit':>6} {'of lim':>6}" + "".join(f"  {'vs ' + b:>23}" for b in BASELINES))
     print(header)
     print("-" * len(header))
     for r in results["rows"]:
-        ratios = "".join(f"  {'%.2f / %.2f' % r['vs'][b] if b in r['vs'] else '-':>19}" for b in BASELINES)
+        ratios = "".join(f"  {'%.2f / %.2f' % r['vs'][b] if b in r['vs'] else '-':>23}" for b in BASELINES)
         print(f"{r['engine']:18} {r['shape']:13} {r['prompt']:6d} {r['prefill_tok_s']:8.1f} "
               f"{r['decode_tok_s']:7.2f} {r['decode_bytes_per_token'] / 1e6:7.0f} "
               f"{r['decode_limit_tok_s']:6.1f} {r['of_limit']:6.0%}{ratios}")
