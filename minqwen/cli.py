@@ -13,7 +13,7 @@ import numpy as np
 from .checkpoint import STORED_NAMES, read_tensors, write_quantized_checkpoint
 from .config import load_config
 from .errors import CheckpointError, ConfigError, MinqwenError, TemplateError
-from .generate import GenerationOptions, Stats, options_with_defaults, stream_tokens
+from .generate import GenerationOptions, Stats, StopStrings, options_with_defaults, stream_tokens
 from .hub import resolve
 from .kernels import isa
 from .kernels.simd import target_features
@@ -93,10 +93,15 @@ def _sampling_options(p):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divides the logits of tokens in the prompt or the output (transformers' rule)")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="subtracted per time a token was generated (OpenAI's rule; not the prompt)")
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="subtracted once from every token generated so far (OpenAI's rule)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string (repeatable); the text ends before it")
 
 
 def _load(args):
@@ -135,25 +140,29 @@ def _generate(args) -> int:
 
 
 def _stream_to_stdout(model, sequence, prompt, args, stats) -> str:
-    """Generate, printing text as it comes (thinking dimmed); returns the decoded reply."""
+    """Generate, printing text as it comes (thinking dimmed); returns the decoded reply, which ends before
+    a stop string (as the OpenAI API's text does)."""
     # By default until the end of turn or of the context window (a prompt that fills the window is
     # refused by the sequence: it leaves no room for the one token asked for).
     max_new = (args.max_new_tokens if args.max_new_tokens is not None
                else max(1, model.context_length - len(prompt)))
-    tokens = stream_tokens(sequence, prompt, max_new, _options(args, model), model.eos_token_ids,
-                           model.tokenizer, stats)
-    decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
+    options = _options(args, model)
+    tokens = stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, model.tokenizer, stats)
+    text = StopStrings(options.stop, model.tokenizer.stream_decoder(skip_special_tokens=True))
     reply = []
     for token in tokens:
-        piece = decoder.push(token)
-        reply.append(piece)
-        sys.stdout.write(piece.replace("<think>", DIM + "<think>").replace("</think>", "</think>" + RESET)
-                         if sys.stdout.isatty() else piece)
-        sys.stdout.flush()
-    tail = decoder.flush()
-    reply.append(tail)
-    print(tail)
+        reply.append(text.push(token))
+        _show(reply[-1])
+    reply.append(text.flush())
+    _show(reply[-1])
+    print()
     return "".join(reply)
+
+
+def _show(piece: str):
+    sys.stdout.write(piece.replace("<think>", DIM + "<think>").replace("</think>", "</think>" + RESET)
+                     if sys.stdout.isatty() else piece)
+    sys.stdout.flush()
 
 
 def _chat(args) -> int:
