@@ -1,10 +1,11 @@
-"""python -m minqwen {generate, chat, info, quantize}: the command line.
+"""python -m minqwen {generate, chat, serve, info, quantize}: the command line.
 
 Every MinqwenError becomes one line on stderr and exit status 2 (no traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minqwen", description="Run Qwen checkpoints on the CPU.")
-    commands = parser.add_subparsers(required=True, metavar="{generate,chat,info,quantize}")
+    commands = parser.add_subparsers(required=True, metavar="{generate,chat,serve,info,quantize}")
 
     gen = commands.add_parser("generate", help="stream a completion of one prompt")
     _model_options(gen)
@@ -55,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     _chat_options(chat)
     _sampling_options(chat)
     chat.set_defaults(run=_chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--parallel", type=int, default=4,
+                       help="requests generated at once, each with its own cache of the whole context")
+    serve.add_argument("--queue", type=int, default=32, help="requests that may wait for a slot; then 503")
+    serve.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` (default: $MINQWEN_API_KEY, if set)")
+    serve.add_argument("--model-name", default=None, help="the model id clients see (default: folder name)")
+    serve.set_defaults(run=_serve)
 
     quantize = commands.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint")
     quantize.add_argument("--model", required=True, help="checkpoint folder or hub id")
@@ -192,6 +205,15 @@ def _chat(args) -> int:
         reply = _stream_to_stdout(model, sequence, prompt, args, stats)
         messages.append({"role": "assistant", "content": reply.strip()})
         print(stats.line(), file=sys.stderr)
+
+
+def _serve(args) -> int:
+    from .server import serve  # the HTTP server loads only for this command
+
+    model = _load(args)
+    serve(model, args.host, args.port, args.parallel, args.queue,
+          args.api_key or os.environ.get("MINQWEN_API_KEY"), args.model_name)
+    return 0
 
 
 def _require_tokenizer(model):

@@ -30,10 +30,13 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import ConfigError
 from .generate import Sampler
 from .model import Model, Sequence, extend_together
 from .reply import Delta, Reply
 
+MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
+# FEW_TOKENS); past it the products go through BLAS, for prefill-sized batches
 PREFILL_PER_STEP = 256  # prompt tokens a step takes while other slots generate: ~0.5-1 s of prefill on
 # the 0.5B shape, the longest a running stream then waits for a token
 
@@ -47,7 +50,7 @@ class Token:
 
 @dataclass
 class End:
-    finish_reason: str | None  # "stop", "length", "cancelled"; None after an error
+    finish_reason: str | None  # "stop", "length", "cancelled", "shutdown"; None after an error
     delta: Delta | None = None  # the reply's held-back text, an unclosed tool call
     error: str | None = None
 
@@ -63,7 +66,7 @@ class Job:
     snapshot_at: int | None = None  # a hybrid model snapshots its state after this many prompt tokens
     client_gone: Callable[[], bool] = lambda: False  # polled every step by the engine thread
     events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: bool = False  # set by the client's thread
+    cancelled: bool = False  # set by Engine.cancel, from the client's thread
     cached_tokens: int = 0  # prompt tokens found in the slot's cache
 
 
@@ -93,10 +96,11 @@ class Engine:
 
     def __init__(self, model: Model, parallel: int = 4, queue_size: int = 32,
                  prefill_per_step: int = PREFILL_PER_STEP):
-        rows = model.decoder.ws.rows
-        if not 1 <= parallel <= rows // 2:
-            raise ValueError(f"parallel must be in [1, {rows // 2}], got {parallel}")
-        self.model, self.rows = model, rows
+        if not 1 <= parallel <= MAX_PARALLEL:
+            raise ConfigError(f"parallel must be in [1, {MAX_PARALLEL}], got {parallel}")
+        if queue_size < 0:
+            raise ConfigError(f"the queue size must be >= 0, got {queue_size}")
+        self.model, self.rows = model, model.decoder.ws.rows
         self.slots = [Slot(model.sequence()) for _ in range(parallel)]
         self.queue_size, self.prefill_per_step = queue_size, prefill_per_step
         self.waiting: deque[Job] = deque()
@@ -114,23 +118,37 @@ class Engine:
             self.waiting.append(job)
             self.lock.notify()
 
+    def cancel(self, job: Job):
+        """From the client's thread: a waiting job leaves the queue now; a running one frees its slot at
+        the next step."""
+        with self.lock:
+            job.cancelled = True
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self._end(job, End("cancelled"))
+
     def start(self):
         self.running = True
         self.thread = threading.Thread(target=self._run, name="minqwen-engine", daemon=True)
         self.thread.start()
 
     def stop(self):
-        """Finish the step under way, then end every job with an error."""
+        """Finish the step under way, then end every job ("shutdown")."""
         with self.lock:
             self.running = False
             self.lock.notify()
         if self.thread is not None:
             self.thread.join()
         for job in [*self.waiting, *(slot.job for slot in self.slots if slot.job is not None)]:
-            job.events.put(End(None, error="the server is shutting down"))
+            job.events.put(End("shutdown"))
         self.waiting.clear()
         for slot in self.slots:
             slot.job = None
+
+    def check(self, prompt: list[int], room: int):
+        """Sequence.check, the one validation point: ids inside the vocabulary, and the prompt plus
+        `room` new tokens inside one slot's context window."""
+        self.slots[0].sequence.check(prompt, 0, room)
 
     def busy(self) -> int:
         """Jobs in slots."""
