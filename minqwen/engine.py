@@ -112,8 +112,7 @@ class Engine:
 
     def submit(self, job: Job):
         with self.lock:
-            taken = len(self.waiting) + sum(slot.job is not None for slot in self.slots)
-            if not self.running or taken >= len(self.slots) + self.queue_size:
+            if not self.running or len(self.waiting) + self.busy() >= len(self.slots) + self.queue_size:
                 raise Busy()
             self.waiting.append(job)
             self.lock.notify()

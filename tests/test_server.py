@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -162,6 +163,18 @@ def test_seeded_sampling_and_every_v1_path_without_v1(qwen25):
             assert raw(server, "GET", path)[0] == 200, path
         assert raw(server, "GET", "/v1/models/other")[0] == 404
         assert client(server).models.list().data[0].id == "tiny"
+
+
+def test_tokenize_and_detokenize(qwen25):
+    tok = qwen25.tokenizer
+    with running(qwen25) as server:
+        status, _, body = raw(server, "POST", "/tokenize", {"prompt": "Hello world"})
+        assert status == 200 and body["tokens"] == tok.encode("Hello world") and body["count"] == 2
+        status, _, body = raw(server, "POST", "/v1/tokenize", {"messages": USER})
+        assert body["tokens"] == tok.apply_chat_template(USER) and body["max_model_len"] == 512
+        status, _, body = raw(server, "POST", "/detokenize", {"tokens": tok.encode("Hello world")})
+        assert status == 200 and body["prompt"] == "Hello world"
+        assert raw(server, "POST", "/detokenize", {"tokens": [-1]})[0] == 400
 
 
 def test_completions_from_text_and_from_token_ids(qwen25):
@@ -476,15 +489,20 @@ def test_stopping_ends_the_requests_in_flight(qwen25):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_command_shuts_down_cleanly(qwen25, sig):
+    """The command, with its API key from the environment: serves, then exits 0 on either signal."""
     command = ["serve", "--model", str(qwen25.path), "--port", "0", "--parallel", "2"]
-    process = subprocess.Popen([sys.executable, "-m", "minqwen", *command], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "minqwen", *command], stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, MINQWEN_API_KEY="from-env"))
     try:
         line = process.stderr.readline()
-        assert line.startswith("serving "), line
+        assert line.startswith("serving ") and "API key required" in line, line
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
-        connection.request("GET", "/health")
-        assert connection.getresponse().status == 200
+        for path, key, status in (("/health", "", 200), ("/v1/models", "", 401),
+                                  ("/v1/models", "from-env", 200)):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+            connection.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+            assert connection.getresponse().status == status, path
+            connection.close()
         process.send_signal(sig)
         assert process.wait(timeout=WAIT) == 0
         assert "shutting down" in process.stderr.read()
