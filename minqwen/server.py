@@ -36,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
 
 from .engine import Busy, End, Engine, Job, Token
-from .errors import CheckpointError, ContextLengthError, MinqwenError
+from .errors import CheckpointError, ContextLengthError, MinqwenError, SamplingError
 from .generate import GenerationOptions, Sampler, options_with_defaults
 from .model import Model
 from .reply import Reply
@@ -287,7 +287,11 @@ def generation_request(body: dict, model: Model, engine: Engine, param: str,
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise invalid("stream_options must be an object", "stream_options")
-    return Request(options=sampling_options(body, model.generation_config), max_tokens=max_tokens,
+    try:
+        options = sampling_options(body, model.generation_config)
+    except SamplingError as e:  # what the API's ranges let through and minqwen does not take
+        raise invalid(str(e)) from None
+    return Request(options=options, max_tokens=max_tokens,
                    ignore_eos=flag(body, "ignore_eos"), stream=flag(body, "stream"),
                    include_usage=flag(stream_options, "include_usage"), **fields)
 
