@@ -209,6 +209,8 @@ class Engine:
     def _next_token(self, slot: Slot, logits: np.ndarray):
         job = slot.job
         log_p = log_softmax(logits) if job.top_logprobs is not None else None  # before the penalties
+        if job.reply is not None:
+            job.sampler.forced += job.reply.forced()
         token = job.sampler.next(logits)
         delta = job.reply.push(token) if job.reply is not None else None
         if job.reply is not None and job.reply.stopped:

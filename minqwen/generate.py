@@ -112,16 +112,20 @@ class Sampler:
         self.seen[np.asarray(prompt, dtype=np.int64)] = True
         self.seen_ids = np.flatnonzero(self.seen)
         self.generated = 0
+        self.forced: list[int] = []  # tokens to take next instead of sampling (a required tool call)
         self.finish_reason: str | None = None
 
     def next(self, logits: np.ndarray) -> int:
         """The next token after `logits` (vocab,) float32, which the penalties change in place."""
         o = self.options
-        if self.penalize:
-            apply_penalties(logits, self.seen_ids, self.counts, o.repetition_penalty or 1.0,
-                            o.frequency_penalty or 0.0, o.presence_penalty or 0.0)
-        token = int(sample(self.probs, self.order, logits, o.temperature, o.top_k or 0,
-                           1.0 if o.top_p is None else o.top_p, o.min_p or 0.0, self.rng.random()))
+        if self.forced:
+            token = self.forced.pop(0)
+        else:
+            if self.penalize:
+                apply_penalties(logits, self.seen_ids, self.counts, o.repetition_penalty or 1.0,
+                                o.frequency_penalty or 0.0, o.presence_penalty or 0.0)
+            token = int(sample(self.probs, self.order, logits, o.temperature, o.top_k or 0,
+                               1.0 if o.top_p is None else o.top_p, o.min_p or 0.0, self.rng.random()))
         self.generated += 1
         self.counts[token] += 1
         if not self.seen[token]:

@@ -15,7 +15,10 @@ exact, and text that merely spells "<think>" (in code, say) stays text:
                                    typed by the tool's JSON schema (a number, a list, ...)
 
 A <tool_call> inside reasoning ends the reasoning (Qwen3.5 sometimes calls before closing </think>). A
-call that does not parse is returned as content, tags and all, rather than lost. Newlines next to a
+call that does not parse is returned as content, tags and all, rather than lost. A call can be required
+(the API's tool_choice "required", or a named function) without constraining every token: since
+<tool_call> is one token, the reply asks for it (and for the call's opening text naming the function)
+to be forced where the answer begins — `forced()`, which the engine hands to the Sampler. Newlines next to a
 marker are layout (the templates strip them when they render a reply back into a prompt): dropped.
 Stop strings apply to all the text (StopStrings); no stop string spans a marker.
 """
@@ -65,7 +68,8 @@ class Reply:
     returns all the text as content, markers and newlines included."""
 
     def __init__(self, tokenizer, prompt: list[int], stop: list[str], tools: list[dict] | None = None,
-                 chat: bool = True):
+                 chat: bool = True, require_call: str | None = None):
+        self.tokenizer = tokenizer
         self.text = StopStrings(stop, tokenizer.stream_decoder(skip_special_tokens=True))
         self.markers = Markers.of(tokenizer) if chat else Markers()
         self.chat, self.tools = chat, tools  # tools: the request's; None: <tool_call> is only text
@@ -77,6 +81,23 @@ class Reply:
         self.call: list[str] = []  # text of the open tool call
         self.reasoning_tokens = 0  # generated inside <think> ... </think>, the closing tag included
         self.tool_calls: list[dict] = []
+        # "" (any function) or a function's name: the answer must open with a call; None: it may
+        self.require_call = require_call if tools and self.markers.tool_call is not None else None
+
+    def forced(self) -> list[int]:
+        """Tokens that must come next, once: where a required call's answer begins (the first token, or
+        after </think>), "<tool_call>" and, for a named function, the call's text up to its arguments,
+        in the form the chat template teaches (Qwen3.5's XML, else hermes JSON)."""
+        if self.require_call is None or self.state != CONTENT:
+            return []
+        name, self.require_call = self.require_call, None
+        opening = ""
+        if name and "<function=" in (self.tokenizer.chat_template or ""):
+            opening = f"<function={name}>\n"
+        elif name:
+            opening = f'{{"name": {json.dumps(name)}, "arguments": '
+        after_think = self.tokenizer.encode("\n\n") if self.reasoning_tokens else []
+        return after_think + [self.markers.tool_call] + self.tokenizer.encode("\n" + opening)
 
     @property
     def stopped(self) -> bool:
@@ -94,6 +115,7 @@ class Reply:
             pass  # a stray repeat of the marker of the state we are in
         elif token == m.tool_call and state != CALL and self.tools:
             self._end_segment(delta, CALL)
+            self.require_call = None  # the model called of its own accord
         elif token == m.end_tool_call and state == CALL:
             self._end_segment(delta, CONTENT)
             self._close_call(delta, "</tool_call>")

@@ -184,8 +184,9 @@ def chat_messages(messages) -> list[dict]:
     return rendered
 
 
-def chat_tools(body: dict) -> list[dict] | None:
-    """The tools to offer the model: none with tool_choice "none" (then it cannot call any)."""
+def chat_tools(body: dict) -> tuple[list[dict] | None, str | None]:
+    """The tools to offer the model (none with tool_choice "none": then it cannot call any), and the call
+    it must make: "" for "required", a function's name for a named choice, None for "auto" (Reply)."""
     tools = body.get("tools")
     if tools is not None and (not isinstance(tools, list) or not tools or not all(
             isinstance(t, dict) and isinstance(t.get("function"), dict)
@@ -193,10 +194,16 @@ def chat_tools(body: dict) -> list[dict] | None:
         raise invalid("tools must be a non-empty list of {type: function, function: {name, parameters}}",
                       "tools")
     choice = body.get("tool_choice", "auto")
-    if choice not in ("auto", "none"):
-        raise invalid('tool_choice must be "auto" or "none": minqwen does not force calls (no constrained '
-                      "decoding)", "tool_choice")
-    return tools if choice == "auto" else None
+    if choice in ("auto", "none"):
+        return (tools if choice == "auto" else None), None
+    names = [t["function"]["name"] for t in tools or []]
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if choice == "required" and names:
+        return tools, ""
+    if name in names and choice.get("type") == "function":
+        return tools, name
+    raise invalid('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                  '{"name": ...}} naming one of the tools', "tool_choice")
 
 
 def template_kwargs(body: dict) -> dict:
@@ -227,6 +234,7 @@ class Request:
     include_usage: bool = False
     top_logprobs: int | None = None  # None: no logprobs
     tools: list[dict] | None = None
+    require_call: str | None = None  # tool_choice "required" (""), or the function named
     snapshot_at: int | None = None
 
 
@@ -235,7 +243,7 @@ def chat_request(body: dict, model: Model, engine: Engine) -> Request:
     tok = model.tokenizer
     if not tok.has_chat_template:
         raise invalid("this model has no chat template: use /v1/completions", "messages")
-    messages, tools = chat_messages(body.get("messages")), chat_tools(body)
+    messages, (tools, require_call) = chat_messages(body.get("messages")), chat_tools(body)
     try:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools,
                                          **template_kwargs(body))
@@ -250,7 +258,7 @@ def chat_request(body: dict, model: Model, engine: Engine) -> Request:
     snapshot_at = max((i for i, t in enumerate(prompt) if t == header), default=0) or None
     return generation_request(body, model, engine, chat=True, prompt=prompt, param="messages",
                               top_logprobs=(top or 0) if logprobs else None, tools=tools,
-                              snapshot_at=snapshot_at)
+                              require_call=require_call, snapshot_at=snapshot_at)
 
 
 def completion_request(body: dict, model: Model, engine: Engine) -> Request:
@@ -554,7 +562,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 ids = tok.apply_chat_template(chat_messages(body["messages"]),
                                               add_generation_prompt=body.get("add_generation_prompt", True),
-                                              tools=chat_tools(body), **template_kwargs(body))
+                                              tools=chat_tools(body)[0], **template_kwargs(body))
             except MinqwenError as e:
                 raise invalid(str(e), "messages") from None
         else:
@@ -585,7 +593,8 @@ class Handler(BaseHTTPRequestHandler):
         model = self.server.model
         eos = [] if request.ignore_eos else model.eos_token_ids
         sampler = Sampler(request.options, request.prompt, model.config.vocab_size, request.max_tokens, eos)
-        reply = Reply(model.tokenizer, request.prompt, request.options.stop, request.tools, request.chat)
+        reply = Reply(model.tokenizer, request.prompt, request.options.stop, request.tools, request.chat,
+                      request.require_call)
         job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, self.client_gone)
         try:
             self.server.engine.submit(job)

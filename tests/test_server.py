@@ -253,7 +253,9 @@ BAD = [  # (body, status, param, code): every one gets OpenAI's envelope
     ({"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", None),
     ({"messages": USER, "stop": ["ok", ""]}, 400, "stop", None),
     ({"messages": USER, "tools": []}, 400, "tools", None),
-    ({"messages": USER, "tools": [WEATHER], "tool_choice": "required"}, 400, "tool_choice", None),
+    ({"messages": USER, "tool_choice": "required"}, 400, "tool_choice", None),
+    ({"messages": USER, "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     400, "tool_choice", None),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages[0].content", None),
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages", "context_length_exceeded"),
@@ -390,8 +392,10 @@ class Scripted:
         return getattr(self.decoder, name)
 
 
-def scripted(model, prompt, text):
-    return decoder_replaced(model, lambda real: Scripted(real, len(prompt), model.tokenizer.encode(text)))
+def scripted(model, prompt, script):
+    """The model writes `script` (text, or token ids) after `prompt`."""
+    ids = model.tokenizer.encode(script) if isinstance(script, str) else script
+    return decoder_replaced(model, lambda real: Scripted(real, len(prompt), ids))
 
 
 def test_reasoning_and_hermes_tool_calls_through_the_server(qwen3):
@@ -424,6 +428,25 @@ def test_reasoning_and_hermes_tool_calls_through_the_server(qwen3):
         status, _, body = raw(server, "POST", "/v1/chat/completions",
                               {"messages": follow_up, "tools": [WEATHER], "max_tokens": 2})
         assert status == 200, body
+
+
+def test_a_named_tool_choice_forces_the_call(qwen3):
+    """The script writes nonsense where the call must open: only forcing "<tool_call>" and the function's
+    opening there makes its continuation (the arguments) a call."""
+    tok = qwen3.tokenizer
+    prompt = tok.apply_chat_template(USER, tools=[WEATHER], enable_thinking=False)
+    opening = tok.encode('<tool_call>\n{"name": "get_weather", "arguments": ')
+    nonsense = tok.encode(" zebra")[:1] * len(opening)
+    script = nonsense + tok.encode('{"city": "Oslo"}}\n</tool_call><|im_end|>')
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
+    with scripted(qwen3, prompt, script), running(qwen3) as server:
+        api = client(server)
+        reply = chat(api, USER, tools=[WEATHER], tool_choice=choice, extra_body=no_thinking)
+        call = reply.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+        free = chat(api, USER, tools=[WEATHER], extra_body=no_thinking)
+        assert free.choices[0].message.tool_calls is None  # "auto": the nonsense stays text
 
 
 @pytest.fixture(scope="module")
