@@ -123,9 +123,34 @@ def one_round(url: str, streams: int, prompt: int, new: int, seed: int) -> dict:
             "tokens": [r["tokens"] for r in results]}
 
 
+def measure(name: str, url: str, counts: list[int], args, bandwidth: Bandwidth) -> list[dict]:
+    """One engine's rows: after a warm-up, rounds of every K in turn (the VM's speed drifts over minutes,
+    and interleaving puts the same drift into every K's median: the ratios between them are the point)."""
+    print(f"{name}: warm-up ({max(counts)} streams)", flush=True)
+    one_round(url, max(counts), args.prompt, 8, seed=99)
+    runs = {k: [] for k in counts}
+    for r in range(args.rounds):
+        for k in counts:
+            got = one_round(url, k, args.prompt, args.new, seed=r)
+            runs[k].append(got)
+            print(f"  round {r + 1}, {k} streams: {got['aggregate_tok_s']:.1f} tok/s aggregate, "
+                  f"{got['decode_tok_s']:.1f} decoding, TTFT {got['ttft_s']:.2f} s, "
+                  f"probe {got['probe_ttft_s']:.2f} s", flush=True)
+        bandwidth.sample()
+    rows = []
+    for k, rounds in runs.items():
+        medians = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "tokens"}
+        rows.append({"engine": name, "streams": k, **medians, "tokens_per_stream": rounds[0]["tokens"][0],
+                     "rounds": rounds})
+    for row in rows:
+        row["vs_one_stream"] = row["aggregate_tok_s"] / rows[0]["aggregate_tok_s"]
+        row["decode_vs_one_stream"] = row["decode_tok_s"] / rows[0]["decode_tok_s"]
+    return rows
+
+
 def run(args) -> dict:
     folder = bench_checkpoint(args.work, args.shape)
-    counts = [int(k) for k in args.streams.split(",")]
+    counts = sorted(int(k) for k in args.streams.split(","))
     bandwidth = Bandwidth(1.0)
     bandwidth.sample()
     rows, skipped = [], []
@@ -137,30 +162,14 @@ def run(args) -> dict:
     for name, what in engines:
         server = (None if name == "peer"
                   else Server(folder, what, max(counts) + 1, args.threads, args.prompt + args.new + 64))
-        url = what if name == "peer" else server.url
         try:
-            print(f"{name}: warm-up ({max(counts)} streams)", flush=True)
-            one_round(url, max(counts), args.prompt, 8, seed=99)
-            for k in counts:
-                rounds = [one_round(url, k, args.prompt, args.new, seed=r) for r in range(args.rounds)]
-                row = {"engine": name, "streams": k, **{key: statistics.median(r[key] for r in rounds)
-                                                        for key in rounds[0] if key != "tokens"},
-                       "tokens_per_stream": rounds[0]["tokens"][0], "rounds": rounds}
-                rows.append(row)
-                print(f"  {k} streams: {row['aggregate_tok_s']:.1f} tok/s aggregate, "
-                      f"{row['decode_tok_s']:.1f} decoding, TTFT {row['ttft_s']:.2f} s, "
-                      f"probe {row['probe_ttft_s']:.2f} s", flush=True)
-                bandwidth.sample()
+            rows += measure(name, what if server is None else server.url, counts, args, bandwidth)
         except Exception as e:  # a failing engine is reported, never the end of the bench
             skipped.append({"engine": name, "reason": f"{type(e).__name__}: {e}"[:300]})
             print(f"{name}: failed: {skipped[-1]['reason']}", flush=True)
         finally:
             if server is not None:
                 server.close()
-    for row in rows:
-        one = next(r for r in rows if r["engine"] == row["engine"] and r["streams"] == min(counts))
-        row["vs_one_stream"] = row["aggregate_tok_s"] / one["aggregate_tok_s"]
-        row["decode_vs_one_stream"] = row["decode_tok_s"] / one["decode_tok_s"]
     return {"shape": args.shape, "prompt": args.prompt, "new_tokens": args.new, "threads": args.threads,
             "rounds": args.rounds, "read_bandwidth_GBps": bandwidth.median, "skipped": skipped, "rows": rows}
 
