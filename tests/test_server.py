@@ -215,6 +215,11 @@ def test_logprobs(qwen25):
             assert entry.logprob == top[0]  # greedy: the chosen token is the most likely
             assert entry.token == bytes(entry.bytes).decode("utf-8", errors="replace")
         assert "".join(e.token for e in entries) == reply.choices[0].message.content
+        chunks = chat(client(server), messages, max_tokens=4, logprobs=True, top_logprobs=3, stream=True)
+        streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        assert [e.token for e in streamed] == [e.token for e in entries]
+        # to rounding: the second time the prompt comes from the cache, and only its last token is run
+        assert np.allclose([e.logprob for e in streamed], [e.logprob for e in entries], atol=1e-4)
         # log p of the raw logits: they sum to 1 over the vocabulary
         prompt = qwen25.tokenizer.apply_chat_template(messages)
         logits = qwen25.logits(prompt)[-1].astype(np.float64)
