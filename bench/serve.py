@@ -131,7 +131,7 @@ def measure(name: str, url: str, counts: list[int], args, bandwidth: Bandwidth) 
     runs = {k: [] for k in counts}
     for r in range(args.rounds):
         for k in counts:
-            got = one_round(url, k, args.prompt, args.new, seed=r)
+            got = one_round(url, k, args.prompt, args.new, seed=1000 * r + k)  # prompts nobody sent before
             runs[k].append(got)
             print(f"  round {r + 1}, {k} streams: {got['aggregate_tok_s']:.1f} tok/s aggregate, "
                   f"{got['decode_tok_s']:.1f} decoding, TTFT {got['ttft_s']:.2f} s, "
