@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .generate import Sampler
-from .model import Model, Sequence, extend_together
+from .model import Model, Sequence
 from .reply import Delta, Reply
 
 MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
@@ -81,6 +81,10 @@ class Slot:
         self.pending: list[int] = []  # tokens to run next: the rest of the prompt, or the last new token
         self.prefilling = False
         self.used = 0  # the step it was last released at (least recently used slots are taken first)
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading prompt tokens the slot's cache would keep (Cache.kept)."""
+        return self.sequence.cache.kept(self.sequence.common_prefix(prompt))
 
     def chunk_limit(self) -> int:
         """Tokens the next prefill chunk may take: up to the snapshot point, for a hybrid model."""
@@ -175,7 +179,7 @@ class Engine:
                 self._end(job, End("cancelled"))
                 continue
             free = [slot for slot in self.slots if slot.job is None]
-            slot = max(free, key=lambda s: (s.sequence.reusable(job.prompt), -s.used))
+            slot = max(free, key=lambda s: (s.reusable(job.prompt), -s.used))
             job.cached_tokens = slot.sequence.keep_prefix(job.prompt)
             slot.job, slot.pending, slot.prefilling = job, job.prompt[job.cached_tokens:], True
             if job.snapshot_at == job.cached_tokens:
@@ -197,7 +201,10 @@ class Engine:
                 budget -= n
         if not batch:
             return
-        logits = extend_together([(slot.sequence, tokens) for slot, tokens in batch])
+        # One pass for all (each weight read once); each sequence then holds its new tokens.
+        logits = self.model.decoder.forward([(s.sequence.cache, np.asarray(t, np.int64)) for s, t in batch])
+        for slot, tokens in batch:
+            slot.sequence.tokens += tokens
         self.steps += 1
         for (slot, tokens), row in zip(batch, logits):
             slot.pending = slot.pending[len(tokens):]
@@ -214,7 +221,7 @@ class Engine:
         token = job.sampler.next(logits)
         delta = job.reply.push(token) if job.reply is not None else None
         if job.reply is not None and job.reply.stopped:
-            job.sampler.stop()
+            job.sampler.finish_reason = "stop"
         logprobs = None
         if log_p is not None:
             k = job.top_logprobs

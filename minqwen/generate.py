@@ -5,12 +5,10 @@
                                                   # presence (OpenAI; output only)
     next   = sample(logits / T, top-k, top-p, min-p, coin)   # coin ~ U[0,1) from the seeded generator
 
-`Sampler` is one sequence's side of that loop, a step at a time (`stream_tokens` drives one sequence
-with it; the server's engine drives many, each with its own): its options, its own generator, the
-counts its penalties need, and when it ends — after an end-of-turn token (returned, as transformers
-does), or after max_new_tokens. Stop strings are text: `StopStrings` decodes the tokens, holds back
-what could still become a stop string, and cuts the text before one (the token completing it is the
-last one returned).
+`Sampler` is one sequence's side of that loop, a step at a time (stream_tokens drives one; the server's
+engine many): its own generator, penalty counts, and its end — an end-of-turn token (returned, as
+transformers does) or max_new_tokens. Stop strings are text: `StopStrings` holds back what could still
+become one and cuts the text before it (the token completing it is the last returned).
 """
 from __future__ import annotations
 
@@ -97,8 +95,8 @@ class Stats:
 
 class Sampler:
     """One sequence's choice of tokens, one step at a time: `next(logits)` penalises, samples and counts;
-    `finish_reason` becomes "stop" (an end-of-turn token, or `stop()` for a stop string found by the
-    caller) or "length" (max_new_tokens)."""
+    `finish_reason` becomes "stop" (an end-of-turn token; the caller sets it for a stop string) or
+    "length" (max_new_tokens)."""
 
     def __init__(self, options: GenerationOptions, prompt, vocab_size: int, max_new_tokens: int,
                  eos_ids):
@@ -137,17 +135,11 @@ class Sampler:
             self.finish_reason = "length"
         return token
 
-    def stop(self):
-        """End here: the caller found a stop string in the text."""
-        self.finish_reason = "stop"
-
 
 class StopStrings:
-    """Generated tokens -> the text to show, with stop strings cut out: `push(token)` returns the new
-    text that can no longer be part of a stop string (a tail that could still grow into one is held
-    back); once a stop string appears, `found` is set and only the text before it is ever returned.
-    Stop strings are matched across token boundaries. With no stop strings it is a plain streaming
-    decoder."""
+    """Generated tokens -> the text to show: `push(token)` returns the new text that can no longer be part
+    of a stop string (a tail that could still grow into one is held back); once one appears, `found` is
+    set and only the text before it is returned. With no stop strings, a plain streaming decoder."""
 
     def __init__(self, strings: list[str], decoder):
         self.strings, self.decoder = strings, decoder
@@ -206,7 +198,7 @@ def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_
         if stop is not None:
             stop.push(token)
             if stop.found is not None:
-                sampler.stop()
+                sampler.finish_reason = "stop"
         if sampler.finish_reason is not None:
             return
         logits = sequence.extend([token])

@@ -397,10 +397,6 @@ class Sequence:
         self.tokens, self.reused = self.tokens[:kept], kept
         return kept
 
-    def reusable(self, tokens) -> int:
-        """How many leading `tokens` keep_prefix would keep, without rewinding anything."""
-        return self.cache.kept(self.common_prefix(tokens))
-
     def _run(self, tokens, every_token: bool) -> np.ndarray:
         logits = self.decoder(self.cache, np.asarray(tokens, dtype=np.int64), every_token)
         self.tokens.extend(int(t) for t in tokens)
@@ -414,17 +410,6 @@ class Sequence:
                 break
             n += 1
         return min(n, len(tokens) - 1)
-
-
-def extend_together(batch: list[tuple[Sequence, list[int]]]) -> np.ndarray:
-    """Extend several sequences of one decoder, each by its own tokens, in one forward pass (each weight
-    read once for all: the server's continuous batching); returns the logits after each one's last token
-    (len(batch), vocab), a view valid until the decoder's next pass. The caller has checked the tokens
-    and keeps the batch within the workspace (Decoder.forward)."""
-    logits = batch[0][0].decoder.forward([(s.cache, np.asarray(t, dtype=np.int64)) for s, t in batch])
-    for sequence, tokens in batch:
-        sequence.tokens.extend(int(t) for t in tokens)
-    return logits
 
 
 class Model:
