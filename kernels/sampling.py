@@ -4,7 +4,8 @@ transformers applies, in this order (generation/utils.py, logits_process.py):
 
     repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> multinomial draw
 
-`apply_penalties` is the first step (plus an OpenAI-style presence penalty), `sample` the rest.
+`apply_penalties` is the first step (plus the OpenAI API's frequency and presence penalties), `sample`
+the rest.
 The random draw is a number `coin` in [0, 1) made by the caller's seeded NumPy generator (as in
 llama2.c): Numba has its own generator that Python-side seeding does not reach, and a coin makes
 the kernel a pure function, so the same seed gives the same tokens.
@@ -22,12 +23,17 @@ from .jit import jit
 
 
 @jit
-def apply_penalties(logits, seen_ids, repetition_penalty, presence_penalty):
-    # logits: [V] float32, in place; seen_ids: [S] int64, each seen token id once
-    """For every seen token i (repetition as in CTRL / transformers, presence as in OpenAI / vLLM):
+def apply_penalties(logits, seen_ids, counts, repetition_penalty, frequency_penalty, presence_penalty):
+    # logits: [V] float32, in place; seen_ids: [S] int64, each id of the prompt or the output once;
+    # counts: [V] int32, how many times each id was generated (0 for prompt-only ids)
+    """For every seen token i, with c_i its count among the *generated* tokens:
 
         z_i = z_i / repetition_penalty   if z_i > 0   else   z_i * repetition_penalty
-        z_i = z_i - presence_penalty
+        z_i = z_i - frequency_penalty * c_i - presence_penalty * (c_i > 0)
+
+    Repetition is CTRL's / transformers' (over prompt and output); frequency and presence are the
+    OpenAI API's (over the output only, as vLLM applies them), so a token the prompt holds but the
+    model has not written is not pushed down by them.
     """
     V = logits.shape[0]
     for s in range(seen_ids.shape[0]):
@@ -37,7 +43,10 @@ def apply_penalties(logits, seen_ids, repetition_penalty, presence_penalty):
         z = logits[i]
         # Dividing a negative logit would make the token *more* likely: multiply it instead.
         z = z / repetition_penalty if z > 0 else z * repetition_penalty
-        logits[i] = z - presence_penalty
+        c = counts[i]
+        if c > 0:
+            z -= frequency_penalty * c + presence_penalty
+        logits[i] = z
 
 
 @jit
@@ -214,10 +223,12 @@ def _sift_down_rank(order, root, n, key):
 
 # ---- float64 references, straight from the transformers warpers ----
 
-def apply_penalties_reference(logits, seen_ids, repetition_penalty, presence_penalty):  # -> [V] f64
+def apply_penalties_reference(logits, seen_ids, counts, repetition_penalty, frequency_penalty,
+                              presence_penalty):  # -> [V] f64
     z = logits.astype(np.float64)
-    s = z[seen_ids]
-    z[seen_ids] = np.where(s < 0, s * repetition_penalty, s / repetition_penalty) - presence_penalty
+    s, c = z[seen_ids], counts[seen_ids].astype(np.float64)
+    z[seen_ids] = (np.where(s < 0, s * repetition_penalty, s / repetition_penalty)
+                   - frequency_penalty * c - presence_penalty * (c > 0))
     return z
 
 

@@ -1,10 +1,11 @@
-"""python -m minqwen {generate, chat, info, quantize}: the command line.
+"""python -m minqwen {generate, chat, serve, info, quantize}: the command line.
 
 Every MinqwenError becomes one line on stderr and exit status 2 (no traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from .checkpoint import STORED_NAMES, write_quantized_checkpoint
 from .errors import CheckpointError, ConfigError, MinqwenError, TemplateError
-from .generate import GenerationOptions, Stats, options_with_defaults, stream_tokens
+from .generate import GenerationOptions, Stats, StopStrings, options_with_defaults, stream_tokens
 from .gguf import GGML_TYPES
 from .hub import resolve
 from .kernels import isa
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minqwen", description="Run Qwen checkpoints on the CPU.")
-    commands = parser.add_subparsers(required=True, metavar="{generate,chat,info,quantize}")
+    commands = parser.add_subparsers(required=True, metavar="{generate,chat,serve,info,quantize}")
 
     gen = commands.add_parser("generate", help="stream a completion of one prompt")
     _model_options(gen)
@@ -56,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     _chat_options(chat)
     _sampling_options(chat)
     chat.set_defaults(run=_chat)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    _model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--parallel", type=int, default=4,
+                       help="requests generated at once, each with its own cache of the whole context")
+    serve.add_argument("--queue", type=int, default=32, help="requests that may wait for a slot; then 503")
+    serve.add_argument("--api-key", default=None,
+                       help="require `Authorization: Bearer KEY` (default: $MINQWEN_API_KEY, if set)")
+    serve.add_argument("--model-name", default=None, help="the model id clients see (default: folder name)")
+    serve.set_defaults(run=_serve)
 
     quantize = commands.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint")
     quantize.add_argument("--model", required=True, help="checkpoint folder or hub id")
@@ -94,10 +107,15 @@ def _sampling_options(p):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divides the logits of tokens in the prompt or the output (transformers' rule)")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="subtracted per time a token was generated (OpenAI's rule; not the prompt)")
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="subtracted once from every token generated so far (OpenAI's rule)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string (repeatable); the text ends before it")
 
 
 def _load(args):
@@ -136,25 +154,29 @@ def _generate(args) -> int:
 
 
 def _stream_to_stdout(model, sequence, prompt, args, stats) -> str:
-    """Generate, printing text as it comes (thinking dimmed); returns the decoded reply."""
+    """Generate, printing text as it comes (thinking dimmed); returns the decoded reply, which ends before
+    a stop string (as the OpenAI API's text does)."""
     # By default until the end of turn or of the context window (a prompt that fills the window is
     # refused by the sequence: it leaves no room for the one token asked for).
     max_new = (args.max_new_tokens if args.max_new_tokens is not None
                else max(1, model.context_length - len(prompt)))
-    tokens = stream_tokens(sequence, prompt, max_new, _options(args, model), model.eos_token_ids,
-                           model.tokenizer, stats)
-    decoder = model.tokenizer.stream_decoder(skip_special_tokens=True)
+    options = _options(args, model)
+    tokens = stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, model.tokenizer, stats)
+    text = StopStrings(options.stop, model.tokenizer.stream_decoder(skip_special_tokens=True))
     reply = []
     for token in tokens:
-        piece = decoder.push(token)
-        reply.append(piece)
-        sys.stdout.write(piece.replace("<think>", DIM + "<think>").replace("</think>", "</think>" + RESET)
-                         if sys.stdout.isatty() else piece)
-        sys.stdout.flush()
-    tail = decoder.flush()
-    reply.append(tail)
-    print(tail)
+        reply.append(text.push(token))
+        _show(reply[-1])
+    reply.append(text.flush())
+    _show(reply[-1])
+    print()
     return "".join(reply)
+
+
+def _show(piece: str):
+    sys.stdout.write(piece.replace("<think>", DIM + "<think>").replace("</think>", "</think>" + RESET)
+                     if sys.stdout.isatty() else piece)
+    sys.stdout.flush()
 
 
 def _chat(args) -> int:
@@ -184,6 +206,15 @@ def _chat(args) -> int:
         reply = _stream_to_stdout(model, sequence, prompt, args, stats)
         messages.append({"role": "assistant", "content": reply.strip()})
         print(stats.line(), file=sys.stderr)
+
+
+def _serve(args) -> int:
+    from .server import serve  # the HTTP server loads only for this command
+
+    model = _load(args)
+    serve(model, args.host, args.port, args.parallel, args.queue,
+          args.api_key or os.environ.get("MINQWEN_API_KEY"), args.model_name)
+    return 0
 
 
 def _require_tokenizer(model):

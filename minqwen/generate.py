@@ -1,17 +1,20 @@
 """Autoregressive generation: penalties, sampling, stop conditions, timing.
 
     logits = model(tokens)                        # prefill the prompt, then one token at a time
-    logits = penalties(logits, tokens seen)      # repetition (CTRL), presence (OpenAI)
+    logits = penalties(logits, tokens so far)     # repetition (CTRL; prompt + output), frequency and
+                                                  # presence (OpenAI; output only)
     next   = sample(logits / T, top-k, top-p, min-p, coin)   # coin ~ U[0,1) from the seeded generator
 
-Generation stops after an end-of-turn token (returned, as transformers does), after a stop string
-appears in the decoded text (the token completing it is returned), or after max_new_tokens.
+`Sampler` is one sequence's side of that loop, a step at a time (stream_tokens drives one; the server's
+engine many): its own generator, penalty counts, and its end — an end-of-turn token (returned, as
+transformers does) or max_new_tokens. Stop strings are text: `StopStrings` holds back what could still
+become one and cuts the text before it (the token completing it is the last returned).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,6 +31,7 @@ class GenerationOptions:
     top_p: float | None = None  # None or 1 = off
     min_p: float | None = None  # None or 0 = off
     repetition_penalty: float | None = None  # None or 1 = off
+    frequency_penalty: float | None = None  # None or 0 = off
     presence_penalty: float | None = None  # None or 0 = off
     seed: int | None = None
     stop: list[str] | str | None = None  # stop strings, matched on the decoded text
@@ -45,6 +49,7 @@ class GenerationOptions:
         number("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
         number("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]")
         number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "a number > 0")
+        number("frequency_penalty", self.frequency_penalty, lambda v: True, "a finite number")
         number("presence_penalty", self.presence_penalty, lambda v: True, "a finite number")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or self.seed < 0):
@@ -88,22 +93,78 @@ class Stats:
                 f"generated: {self.generated_tokens} tokens, decode {decode:.1f} tok/s")
 
 
-@dataclass
+class Sampler:
+    """One sequence's choice of tokens, one step at a time: `next(logits)` penalises, samples and counts;
+    `finish_reason` becomes "stop" (an end-of-turn token; the caller sets it for a stop string) or
+    "length" (max_new_tokens)."""
+
+    def __init__(self, options: GenerationOptions, prompt, vocab_size: int, max_new_tokens: int,
+                 eos_ids):
+        self.options, self.max_new_tokens, self.eos = options, max_new_tokens, set(eos_ids)
+        self.rng = np.random.default_rng(options.seed)
+        self.probs, self.order = np.empty(vocab_size, np.float32), np.empty(vocab_size, np.int64)
+        self.penalize = (options.repetition_penalty not in (None, 1.0) or bool(options.frequency_penalty)
+                         or bool(options.presence_penalty))
+        self.counts = np.zeros(vocab_size, np.int32)  # generated tokens, per id (frequency, presence)
+        self.seen = np.zeros(vocab_size, dtype=bool)  # prompt and generated ids (repetition)
+        self.seen[np.asarray(prompt, dtype=np.int64)] = True
+        self.seen_ids = np.flatnonzero(self.seen)
+        self.generated = 0
+        self.forced: list[int] = []  # tokens to take next instead of sampling (a required tool call)
+        self.finish_reason: str | None = None
+
+    def next(self, logits: np.ndarray) -> int:
+        """The next token after `logits` (vocab,) float32, which the penalties change in place."""
+        o = self.options
+        if self.forced:
+            token = self.forced.pop(0)
+        else:
+            if self.penalize:
+                apply_penalties(logits, self.seen_ids, self.counts, o.repetition_penalty or 1.0,
+                                o.frequency_penalty or 0.0, o.presence_penalty or 0.0)
+            token = int(sample(self.probs, self.order, logits, o.temperature, o.top_k or 0,
+                               1.0 if o.top_p is None else o.top_p, o.min_p or 0.0, self.rng.random()))
+        self.generated += 1
+        self.counts[token] += 1
+        if not self.seen[token]:
+            self.seen[token] = True
+            self.seen_ids = np.append(self.seen_ids, token)
+        if token in self.eos:
+            self.finish_reason = "stop"
+        elif self.generated >= self.max_new_tokens:
+            self.finish_reason = "length"
+        return token
+
+
 class StopStrings:
-    """Finds stop strings in the decoded text, across token boundaries."""
+    """Generated tokens -> the text to show: `push(token)` returns the new text that can no longer be part
+    of a stop string (a tail that could still grow into one is held back); once one appears, `found` is
+    set and only the text before it is returned. With no stop strings, a plain streaming decoder."""
 
-    strings: list[str]
-    decoder: object
-    text: str = field(default="")
+    def __init__(self, strings: list[str], decoder):
+        self.strings, self.decoder = strings, decoder
+        self.held = ""  # the end of the text, shown once it cannot begin a stop string
+        self.found: str | None = None
 
-    def hit(self, token: int) -> bool:
-        piece = self.decoder.push(token)
-        if not piece:
-            return False
-        longest = max(len(s) for s in self.strings)
-        window = self.text[-(longest - 1):] + piece if longest > 1 else piece
-        self.text = (self.text + piece)[-longest:]
-        return any(s in window for s in self.strings)
+    def push(self, token: int) -> str:
+        return self._release(self.decoder.push(token), final=False)
+
+    def flush(self) -> str:
+        """Everything held back (at the end of the text, or at a boundary no stop string may cross)."""
+        return self._release(self.decoder.flush(), final=True)
+
+    def _release(self, piece: str, final: bool) -> str:
+        if self.found is not None:
+            return ""
+        text, self.held = self.held + piece, ""
+        hits = [(text.find(s), s) for s in self.strings if s in text]
+        if hits:
+            start, self.found = min(hits)
+            return text[:start]
+        if not final:
+            keep = max((n for s in self.strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            text, self.held = text[:len(text) - keep], text[len(text) - keep:]
+        return text
 
 
 def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: GenerationOptions,
@@ -114,41 +175,30 @@ def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: Gen
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if options.stop and tokenizer is None:
         raise SamplingError("stop strings need the checkpoint's tokenizer")
-    stop = (StopStrings(options.stop, tokenizer.stream_decoder(skip_special_tokens=False))
-            if options.stop else None)
-    return _generate(sequence, prompt, max_new_tokens, options, set(eos_ids), stop, stats or Stats())
+    stop = StopStrings(options.stop, tokenizer.stream_decoder()) if options.stop else None
+    return _generate(sequence, prompt, max_new_tokens, options, eos_ids, stop, stats or Stats())
 
 
-def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos: set[int], stop,
+def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_ids, stop: StopStrings | None,
               stats: Stats):
     if max_new_tokens == 0:
         return
-    vocab = sequence.decoder.config.vocab_size
-    rng = np.random.default_rng(options.seed)
-    probs, order = np.empty(vocab, np.float32), np.empty(vocab, np.int64)
-    penalize = (options.repetition_penalty not in (None, 1.0)) or bool(options.presence_penalty)
     stats.prompt_tokens = len(prompt)
     started = time.perf_counter()
     logits = sequence.reset_to(prompt, room=max_new_tokens)
     stats.cached_tokens = sequence.reused
     stats.prefill_seconds = time.perf_counter() - started
-    seen = np.zeros(vocab, dtype=bool)
-    seen[np.asarray(prompt)] = True
-    seen_ids = np.flatnonzero(seen)
+    sampler = Sampler(options, prompt, sequence.decoder.config.vocab_size, max_new_tokens, eos_ids)
     started = time.perf_counter()
-    for n in range(max_new_tokens):
-        if penalize:
-            apply_penalties(logits, seen_ids, options.repetition_penalty or 1.0,
-                            options.presence_penalty or 0.0)
-        token = int(sample(probs, order, logits, options.temperature, options.top_k or 0,
-                           1.0 if options.top_p is None else options.top_p, options.min_p or 0.0,
-                           rng.random()))
-        stats.generated_tokens = n + 1
+    while True:
+        token = sampler.next(logits)
+        stats.generated_tokens = sampler.generated
         stats.decode_seconds = time.perf_counter() - started
         yield token
-        if token in eos or (stop and stop.hit(token)) or n + 1 == max_new_tokens:
+        if stop is not None:
+            stop.push(token)
+            if stop.found is not None:
+                sampler.finish_reason = "stop"
+        if sampler.finish_reason is not None:
             return
-        if not seen[token]:
-            seen[token] = True
-            seen_ids = np.append(seen_ids, token)
         logits = sequence.extend([token])

@@ -72,7 +72,8 @@ class Cache:
     token), up to the context length, so a short chat does not reserve memory for 32k positions.
     Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
     causal convolution and one (key_dim, value_dim) matrix per value head. That state cannot be
-    rewound, so a hybrid model's sequence can only be extended, or restarted."""
+    rewound: a hybrid model's sequence can only be extended, restarted, or brought back to the one
+    length where `snapshot()` copied it (the keys and values before that length stay in place)."""
 
     def __init__(self, config: Config, context_length: int, capacity: int = 256, dtype=FP32):
         self.n_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
@@ -86,6 +87,7 @@ class Cache:
         self._allocate(min(capacity, context_length), dtype)
         self.conv = {i: np.zeros(conv_shape, np.float32) for i in self.deltanet_layers}
         self.recurrent = {i: np.zeros(state_shape, np.float32) for i in self.deltanet_layers}
+        self.saved: tuple[int, dict, dict] | None = None  # (length, conv, recurrent) from snapshot()
 
     def _allocate(self, capacity: int, dtype):
         shape = (self.n_kv_heads, capacity, self.head_dim)
@@ -101,16 +103,35 @@ class Cache:
         if length > self.capacity:
             self._allocate(min(self.context_length, max(length, 2 * self.capacity)), self.dtype)
 
+    def kept(self, length: int) -> int:
+        """The length rewind(length) keeps: `length` itself (at most the cached length), except for a
+        hybrid model asked to go back, which can only return to its snapshot, if it is not past
+        `length`, or to 0."""
+        if length >= self.length or not self.deltanet_layers:
+            return min(length, self.length)
+        return self.saved[0] if self.saved is not None and self.saved[0] <= length else 0
+
     def rewind(self, length: int) -> int:
-        """Forget positions from `length` on; returns the length actually kept (0 for a hybrid model
-        asked to go back: its linear-attention state holds no history to rewind to)."""
+        """Forget positions from `length` on (see kept); returns the length kept."""
+        length = self.kept(length)
         if length < self.length and self.deltanet_layers:
-            length = 0
-            for i in self.deltanet_layers:
-                self.conv[i][:] = 0
-                self.recurrent[i][:] = 0
-        self.length = min(length, self.length)
-        return self.length
+            snapshot = self.saved if self.saved is not None and self.saved[0] == length else None
+            for i in self.deltanet_layers:  # copied, not swapped: the snapshot can be restored again
+                self.conv[i][:] = snapshot[1][i] if snapshot else 0
+                self.recurrent[i][:] = snapshot[2][i] if snapshot else 0
+        if self.saved is not None and length < self.saved[0]:
+            self.saved = None  # its keys and values before self.saved[0] will be overwritten
+        self.length = length
+        return length
+
+    def snapshot(self):
+        """Remember the linear-attention state at the current length, so that a later sequence sharing
+        only this prefix (the next turn of a chat whose template re-renders the last reply) can
+        rewind here instead of prefilling from 0. One snapshot; a new one replaces it. Attention-only
+        models need none: their keys and values rewind to any length."""
+        if self.deltanet_layers:
+            self.saved = (self.length, {i: c.copy() for i, c in self.conv.items()},
+                          {i: r.copy() for i, r in self.recurrent.items()})
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
         """k, v: (T, n_kv_heads, head_dim) float32 of positions start..start+T-1."""
@@ -367,9 +388,14 @@ class Sequence:
         """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping the longest
         cached common prefix; returns the logits after the last token."""
         self.check(tokens, start=0, room=room)
-        common = self.cache.rewind(self.common_prefix(tokens))
-        self.tokens, self.reused = self.tokens[:common], common
-        return self._run(tokens[common:], every_token=False)
+        return self._run(tokens[self.keep_prefix(tokens):], every_token=False)
+
+    def keep_prefix(self, tokens) -> int:
+        """Rewind to the longest prefix of `tokens` the cache can keep (Cache.kept); returns its length,
+        also kept in `reused`."""
+        kept = self.cache.rewind(self.common_prefix(tokens))
+        self.tokens, self.reused = self.tokens[:kept], kept
+        return kept
 
     def _run(self, tokens, every_token: bool) -> np.ndarray:
         logits = self.decoder(self.cache, np.asarray(tokens, dtype=np.int64), every_token)

@@ -163,3 +163,17 @@ def assert_batch_matches_alone(model, sizes=(3, 11, 7)):
     for i, logits in enumerate(alone + [alone[0]]):
         error = np.abs(together[i] - logits).max() / scale
         assert error <= TOLERANCE["fp32"], f"sequence {i} of the batch: relative logit error {error:.2e}"
+
+
+CHAT_SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=512)
+CHAT_MODELS = {"qwen2.5": ("qwen2.5-0.5b-instruct", {}), "qwen3": ("qwen3-0.6b", {"head_dim": 16})}
+
+
+def chat_checkpoint(folder: Path, tokenizer: str) -> Path:
+    """A tiny bf16 checkpoint of a published instruct config (its generation_config.json too), with the
+    real tokenizer and chat template of `tokenizer` ("qwen2.5" or "qwen3")."""
+    name, extra = CHAT_MODELS[tokenizer]
+    config = shrink(json.loads((DATA / "configs" / f"{name}.config.json").read_text()), **CHAT_SIZES, **extra)
+    generation = json.loads((DATA / "configs" / f"{name}.generation_config.json").read_text())
+    return build_checkpoint(folder, config, "bf16", tokenizer=tokenizer, generation_config=generation)

@@ -154,3 +154,17 @@ def test_sequence_reuses_its_prefix(qwen25):
     last = sequence.reset_to([1, 2, 3, 4, 5, 6])  # keeps 1, 2, 3, recomputes from 4
     assert sequence.cache.length == 6
     np.testing.assert_allclose(last, fresh[-1], rtol=1e-4, atol=1e-4 * np.abs(fresh).max())
+
+
+def test_cli_text_ends_before_the_stop_string(qwen25):
+    """The printed reply stops where the stop string begins (the OpenAI API's rule); --frequency-penalty
+    is accepted with the other sampling options."""
+    model = minqwen.load(qwen25)
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}])
+    text = model.tokenizer.decode(model.generate(prompt, max_new_tokens=12), skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    result = run_cli("generate", "--model", str(qwen25), "--prompt", "Hello there", "--temperature", "0",
+                     "--repetition-penalty", "1", "--frequency-penalty", "0", "--max-new-tokens", "12",
+                     "--stop", stop)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == text[:text.index(stop)]

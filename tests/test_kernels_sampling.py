@@ -208,27 +208,42 @@ def test_top_k_one_is_greedy_for_any_coin():
 
 # ---- penalties ----
 
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None, max_examples=60)
 @given(seed=seeds, V=st.sampled_from([1, 7, 1000]), repetition=st.sampled_from([1.0, 1.1, 1.5, 0.8]),
-       presence=st.sampled_from([0.0, 0.5, -1.0]), data=st.data())
-def test_apply_penalties(seed, V, repetition, presence, data):
+       frequency=st.sampled_from([0.0, 0.3, -0.7, 2.0]), presence=st.sampled_from([0.0, 0.5, -1.0]),
+       data=st.data())
+def test_apply_penalties(seed, V, repetition, frequency, presence, data):
     rng = np.random.default_rng(seed)
     logits = (rng.standard_normal(V) * 3).astype(np.float32)
     logits[rng.integers(0, V, 3)] = 0.0
     n_seen = data.draw(st.integers(0, V), label="n_seen")
     seen = np.sort(rng.choice(V, n_seen, replace=False)).astype(np.int64)
-    ref = apply_penalties_reference(logits, seen, repetition, presence)
+    counts = np.zeros(V, np.int32)  # some seen ids were generated (1-5 times), the others are prompt-only
+    generated = seen[rng.random(n_seen) < 0.5]
+    counts[generated] = rng.integers(1, 6, generated.size)
+    ref = apply_penalties_reference(logits, seen, counts, repetition, frequency, presence)
     got = logits.copy()
-    apply_penalties(got, seen, repetition, presence)
+    apply_penalties(got, seen, counts, repetition, frequency, presence)
     diff = np.abs(got - ref)
     assert diff.max(initial=0) <= 1e-6 * np.abs(ref).max(), f"max|diff| {diff.max():.3g}"
-    if presence == 0.0 and n_seen > 0:  # repetition alone is transformers' RepetitionPenaltyLogitsProcessor
-        expected = RepetitionPenaltyLogitsProcessor(repetition)(
-            torch.from_numpy(seen)[None], torch.from_numpy(logits.copy())[None])[0].numpy()
+    prompt_only = np.setdiff1d(seen, generated)  # frequency and presence never touch them
+    expected = RepetitionPenaltyLogitsProcessor(repetition)(
+        torch.from_numpy(seen)[None], torch.from_numpy(logits.copy())[None])[0].numpy()
+    assert np.abs(got[prompt_only] - expected[prompt_only]).max(initial=0) <= 1e-6 * np.abs(expected).max()
+    if frequency == presence == 0.0:  # repetition alone is transformers' RepetitionPenaltyLogitsProcessor
         assert np.abs(got - expected).max(initial=0) <= 1e-6 * np.abs(expected).max()
+
+
+def test_frequency_and_presence_follow_the_openai_formula():
+    # z -= frequency * count + presence * (count > 0), on generated counts only
+    logits = np.array([1.0, 1.0, 1.0, 1.0], np.float32)
+    counts = np.array([0, 1, 3, 0], np.int32)  # id 0 and 3: in the prompt only / never seen
+    apply_penalties(logits, np.array([0, 1, 2], np.int64), counts, 1.0, 0.5, 0.25)
+    assert np.array_equal(logits, np.array([1.0, 0.25, -0.75, 1.0], np.float32))
 
 
 def test_apply_penalties_ignores_ids_outside_the_vocabulary():
     logits = np.array([1.0, -1.0, 2.0], np.float32)
-    apply_penalties(logits, np.array([-1, 1, 3, 100], np.int64), 2.0, 0.5)
+    counts = np.array([0, 1, 0], np.int32)
+    apply_penalties(logits, np.array([-1, 1, 3, 100], np.int64), counts, 2.0, 0.0, 0.5)
     assert np.array_equal(logits, np.array([1.0, -2.5, 2.0], np.float32))

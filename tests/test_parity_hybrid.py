@@ -102,3 +102,24 @@ def test_prefill_then_decode_equals_decode_from_the_start(case):
 def test_a_batch_decodes_as_its_sequences_do(case):
     """Batched forward passes keep each sequence's DeltaNet state, conv window and KV cache apart."""
     assert_batch_matches_alone(minqwen.load(case[1]))
+
+
+def test_a_snapshot_brings_a_hybrid_sequence_back(tmp_path_factory):
+    """A hybrid cannot rewind, except to its snapshot: a second prompt sharing only the first's prefix
+    up to the snapshot reuses it and gets the logits of a fresh sequence; a shorter common prefix starts
+    from 0, and the snapshot can be restored more than once."""
+    model = minqwen.load(build_case(CASES, "qwen3_5-fp32", tmp_path_factory)[1])
+    rng = np.random.default_rng(6)
+    history, first, second = (rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (12, 7, 9))
+    sequence = model.sequence()
+    sequence.extend(history)
+    sequence.cache.snapshot()
+    sequence.extend(first)
+    for prompt, kept in ((history + second, len(history)), (history + first[:3], len(history)),
+                         (history[:5] + second, 0)):
+        assert sequence.cache.kept(sequence.common_prefix(prompt)) == kept
+        last = sequence.reset_to(prompt).copy()
+        assert sequence.reused == kept and sequence.cache.length == len(prompt)
+        fresh = model.logits(prompt)[-1]
+        assert np.abs(last - fresh).max() <= 1e-4 * np.abs(fresh).max()
+    assert sequence.cache.saved is None  # rewound below it: its keys and values were overwritten

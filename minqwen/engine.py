@@ -1,0 +1,260 @@
+"""Continuous batching: one thread owns the model and runs every request's sequence, together.
+
+    each step:
+        admit waiting jobs to free slots     the slot whose cache shares the longest prefix with the
+                                             prompt (the prompt cache), else the least recently used
+        drop jobs whose client has gone      (cancellation takes effect within one step)
+        one Decoder.forward over             every generating slot's last token (a decode step each)
+                                             + chunks of prompts being prefilled, at most
+                                               PREFILL_PER_STEP tokens while others generate, so
+                                               their streams keep flowing (all 512 rows when none do)
+        for each slot whose prompt is in     its own Sampler picks the next token (own generator,
+                                             penalties, limits); its Reply turns it into text
+
+A decode step is bound by reading the weights, and one forward pass reads them once for the whole
+batch: N streams cost little more than one (bench/serve.py). Each slot has its own Cache, which may
+grow to the whole context window: slots never divide the window between them. A hybrid model's slot
+takes a snapshot of its DeltaNet state where the job says (the end of the prompt's last message), the
+one point a chat's next turn is sure to share (Cache.snapshot).
+
+The engine knows nothing of HTTP: a Job carries its prompt, Sampler, Reply, a `client_gone` check and
+a queue, into which the engine puts a Token event per generated token and one End event.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConfigError
+from .generate import Sampler
+from .model import Model, Sequence
+from .reply import Delta, Reply
+
+MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
+# FEW_TOKENS); past it the products go through BLAS, for prefill-sized batches
+PREFILL_PER_STEP = 256  # prompt tokens a step takes while other slots generate: ~0.5-1 s of prefill on
+# the 0.5B shape, the longest a running stream then waits for a token
+
+
+@dataclass
+class Token:
+    token: int
+    delta: Delta | None  # what the token added to the reply (None without a Reply)
+    logprobs: tuple[float, list[tuple[int, float]]] | None  # log p(token), the top (id, log p)
+
+
+@dataclass
+class End:
+    finish_reason: str | None  # "stop", "length", "cancelled", "shutdown"; None after an error
+    delta: Delta | None = None  # the reply's held-back text, an unclosed tool call
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One request as the engine sees it."""
+
+    prompt: list[int]
+    sampler: Sampler
+    reply: Reply | None = None
+    top_logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the top k
+    snapshot_at: int | None = None  # a hybrid model snapshots its state after this many prompt tokens
+    client_gone: Callable[[], bool] = lambda: False  # polled every step by the engine thread
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: bool = False  # set by Engine.cancel, from the client's thread
+    cached_tokens: int = 0  # prompt tokens found in the slot's cache
+
+
+class Busy(Exception):
+    """Every slot is taken and the queue is full (or the engine is stopping)."""
+
+
+class Slot:
+    def __init__(self, sequence: Sequence):
+        self.sequence = sequence
+        self.job: Job | None = None
+        self.pending: list[int] = []  # tokens to run next: the rest of the prompt, or the last new token
+        self.prefilling = False
+        self.used = 0  # the step it was last released at (least recently used slots are taken first)
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading prompt tokens the slot's cache would keep (Cache.kept)."""
+        return self.sequence.cache.kept(self.sequence.common_prefix(prompt))
+
+    def chunk_limit(self) -> int:
+        """Tokens the next prefill chunk may take: up to the snapshot point, for a hybrid model."""
+        cache, at = self.sequence.cache, self.job.snapshot_at
+        if cache.deltanet_layers and at is not None and at > cache.length:
+            return at - cache.length
+        return len(self.pending)
+
+
+class Engine:
+    """`submit(job)` from any thread; `start()`, `stop()`. Runs jobs in `parallel` slots, keeps up to
+    `queue_size` more waiting, and refuses the rest (Busy)."""
+
+    def __init__(self, model: Model, parallel: int = 4, queue_size: int = 32,
+                 prefill_per_step: int = PREFILL_PER_STEP):
+        if not 1 <= parallel <= MAX_PARALLEL:
+            raise ConfigError(f"parallel must be in [1, {MAX_PARALLEL}], got {parallel}")
+        if queue_size < 0:
+            raise ConfigError(f"the queue size must be >= 0, got {queue_size}")
+        self.model, self.rows = model, model.decoder.ws.rows
+        self.slots = [Slot(model.sequence()) for _ in range(parallel)]
+        self.queue_size, self.prefill_per_step = queue_size, prefill_per_step
+        self.waiting: deque[Job] = deque()
+        self.lock = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        self.steps = 0
+        self.cancelled = 0  # jobs ended because their client went away
+
+    def submit(self, job: Job):
+        with self.lock:
+            if not self.running or len(self.waiting) + self.busy() >= len(self.slots) + self.queue_size:
+                raise Busy()
+            self.waiting.append(job)
+            self.lock.notify()
+
+    def cancel(self, job: Job):
+        """From the client's thread: a waiting job leaves the queue now; a running one frees its slot at
+        the next step."""
+        with self.lock:
+            job.cancelled = True
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self._end(job, End("cancelled"))
+
+    def start(self):
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="minqwen-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """Finish the step under way, then end every job ("shutdown")."""
+        with self.lock:
+            self.running = False
+            self.lock.notify()
+        if self.thread is not None:
+            self.thread.join()
+        for job in [*self.waiting, *(slot.job for slot in self.slots if slot.job is not None)]:
+            job.events.put(End("shutdown"))
+        self.waiting.clear()
+        for slot in self.slots:
+            slot.job = None
+
+    def check(self, prompt: list[int], room: int):
+        """Sequence.check, the one validation point: ids inside the vocabulary, and the prompt plus
+        `room` new tokens inside one slot's context window."""
+        self.slots[0].sequence.check(prompt, 0, room)
+
+    def busy(self) -> int:
+        """Jobs in slots."""
+        return sum(slot.job is not None for slot in self.slots)
+
+    def _run(self):
+        while True:
+            with self.lock:
+                while self.running and not self.waiting and not self.busy():
+                    self.lock.wait()
+                if not self.running:
+                    return
+                self._admit()
+            try:
+                self.step()
+            except Exception as e:  # a bug or out of memory: fail the jobs in flight, keep serving
+                self._fail(f"{type(e).__name__}: {e}")
+
+    def _admit(self):
+        """Waiting jobs to free slots: the one with the longest reusable prefix, else the least recently
+        used (its cache is the least likely to be wanted again)."""
+        while self.waiting and not all(slot.job for slot in self.slots):
+            job = self.waiting.popleft()
+            if job.cancelled:
+                self._end(job, End("cancelled"))
+                continue
+            free = [slot for slot in self.slots if slot.job is None]
+            slot = max(free, key=lambda s: (s.reusable(job.prompt), -s.used))
+            job.cached_tokens = slot.sequence.keep_prefix(job.prompt)
+            slot.job, slot.pending, slot.prefilling = job, job.prompt[job.cached_tokens:], True
+            if job.snapshot_at == job.cached_tokens:
+                slot.sequence.cache.snapshot()
+
+    def step(self):
+        """One forward pass over every slot that has tokens to run (see the module docstring)."""
+        for slot in self.slots:
+            if slot.job is not None and (slot.job.cancelled or slot.job.client_gone()):
+                self._release(slot, End("cancelled"))
+        active = [slot for slot in self.slots if slot.job is not None]
+        decoding = [slot for slot in active if not slot.prefilling]
+        budget = min(self.prefill_per_step if decoding else self.rows, self.rows - len(decoding))
+        batch = [(slot, slot.pending) for slot in decoding]
+        for slot in (s for s in active if s.prefilling):
+            n = min(budget, slot.chunk_limit())
+            if n > 0:
+                batch.append((slot, slot.pending[:n]))
+                budget -= n
+        if not batch:
+            return
+        # One pass for all (each weight read once); each sequence then holds its new tokens.
+        logits = self.model.decoder.forward([(s.sequence.cache, np.asarray(t, np.int64)) for s, t in batch])
+        for slot, tokens in batch:
+            slot.sequence.tokens += tokens
+        self.steps += 1
+        for (slot, tokens), row in zip(batch, logits):
+            slot.pending = slot.pending[len(tokens):]
+            if slot.job.snapshot_at == slot.sequence.cache.length and slot.sequence.cache.deltanet_layers:
+                slot.sequence.cache.snapshot()
+            if not slot.pending:
+                self._next_token(slot, row)
+
+    def _next_token(self, slot: Slot, logits: np.ndarray):
+        job = slot.job
+        log_p = log_softmax(logits) if job.top_logprobs is not None else None  # before the penalties
+        if job.reply is not None:
+            job.sampler.forced += job.reply.forced()
+        token = job.sampler.next(logits)
+        delta = job.reply.push(token) if job.reply is not None else None
+        if job.reply is not None and job.reply.stopped:
+            job.sampler.finish_reason = "stop"
+        logprobs = None
+        if log_p is not None:
+            k = job.top_logprobs
+            top = np.argpartition(-log_p, k)[:k] if k else np.zeros(0, np.int64)
+            top = top[np.argsort(-log_p[top], kind="stable")]
+            logprobs = (float(log_p[token]), [(int(i), float(log_p[i])) for i in top])
+        job.events.put(Token(token, delta, logprobs))
+        if job.sampler.finish_reason is not None:
+            self._release(slot, End(job.sampler.finish_reason,
+                                    job.reply.finish() if job.reply is not None else None))
+        else:
+            slot.pending, slot.prefilling = [token], False
+
+    def _release(self, slot: Slot, end: End):
+        job, slot.job, slot.pending, slot.used = slot.job, None, [], self.steps
+        self._end(job, end)
+
+    def _end(self, job: Job, end: End):
+        if end.finish_reason == "cancelled":
+            self.cancelled += 1
+        job.events.put(end)
+
+    def _fail(self, error: str):
+        for slot in self.slots:
+            if slot.job is not None:
+                self._release(slot, End(None, error=error))
+            slot.sequence = self.model.sequence()  # a pass cut short may have left a state half-updated
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p of the model's own distribution: softmax of the raw logits, before penalties and temperature
+    (what vLLM reports by default), in float64."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    z -= np.log(np.exp(z).sum())
+    return z

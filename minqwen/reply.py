@@ -1,0 +1,250 @@
+"""What a Qwen chat model writes, as the OpenAI API returns it: `reasoning_content`, `content` and
+`tool_calls`, split while the tokens arrive.
+
+The markers are single tokens in every Qwen vocabulary (ids differ between vocabularies, so they are
+looked up by name) and are not "special", so decoding keeps them as text. Splitting on their ids is
+exact, and text that merely spells "<think>" (in code, say) stays text:
+
+    <think> ... </think>           reasoning. Qwen3 writes <think> itself; the Qwen3.5/3.6 templates
+                                   open it in the prompt, so the model only writes </think>: whether a
+                                   reply starts in reasoning is read from the prompt's last marker.
+    <tool_call> ... </tool_call>   one call, in one of two forms:
+        {"name": NAME, "arguments": {...}}                       Qwen2.5, Qwen3 (vLLM's "hermes")
+        <function=NAME>\n<parameter=P>\nvalue\n</parameter>...</function>
+                                   Qwen3.5/3.6, Qwen3-Coder (vLLM's "qwen3_coder"): values are text,
+                                   typed by the tool's JSON schema (a number, a list, ...)
+
+A <tool_call> inside reasoning ends the reasoning (Qwen3.5 sometimes calls before closing </think>). A
+call that does not parse is returned as content, tags and all, rather than lost. A call can be required
+(the API's tool_choice "required", or a named function) without constraining every token: since
+<tool_call> is one token, the reply asks for it (and for the call's opening text naming the function)
+to be forced where the answer begins — `forced()`, which the engine hands to the Sampler. Newlines next to a
+marker are layout (the templates strip them when they render a reply back into a prompt): dropped.
+Stop strings apply to all the text (StopStrings); no stop string spans a marker.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from .generate import StopStrings
+
+REASONING, CONTENT, CALL = "reasoning", "content", "call"
+STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")
+
+
+@dataclass
+class Delta:
+    """What one token (or the end) added to the reply."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[dict] = field(default_factory=list)  # {"id", "type": "function", "function": {...}}
+
+    def __bool__(self):
+        return bool(self.reasoning or self.content or self.tool_calls)
+
+
+@dataclass
+class Markers:
+    think: int | None = None
+    end_think: int | None = None
+    tool_call: int | None = None
+    end_tool_call: int | None = None
+
+    @classmethod
+    def of(cls, tokenizer) -> Markers:
+        names = ("<think>", "</think>", "<tool_call>", "</tool_call>")
+        return cls(*(tokenizer.token_to_id(name) for name in names))
+
+
+class Reply:
+    """Generated token ids -> Deltas. `push(token)` for each token, `finish()` once at the end; `stopped`
+    says a stop string was found (the generation must end). `chat=False` (the completions endpoint)
+    returns all the text as content, markers and newlines included."""
+
+    def __init__(self, tokenizer, prompt: list[int], stop: list[str], tools: list[dict] | None = None,
+                 chat: bool = True, require_call: str | None = None):
+        self.tokenizer = tokenizer
+        self.text = StopStrings(stop, tokenizer.stream_decoder(skip_special_tokens=True))
+        self.markers = Markers.of(tokenizer) if chat else Markers()
+        self.chat, self.tools = chat, tools  # tools: the request's; None: <tool_call> is only text
+        m = self.markers
+        opened = _last_index(prompt, m.think) > _last_index(prompt, m.end_think) and m.end_think is not None
+        self.state = REASONING if opened else CONTENT
+        self.lead = opened  # at the start of a segment: its leading newlines are layout
+        self.trail = ""  # newlines at the end of the segment so far: layout if a marker follows
+        self.call: list[str] = []  # text of the open tool call
+        self.reasoning_tokens = 0  # generated inside <think> ... </think>, the closing tag included
+        self.tool_calls: list[dict] = []
+        # "" (any function) or a function's name: the answer must open with a call; None: it may
+        self.require_call = require_call if tools and self.markers.tool_call is not None else None
+
+    def forced(self) -> list[int]:
+        """Tokens that must come next, once: where a required call's answer begins (the first token, or
+        after </think>), "<tool_call>" and, for a named function, the call's text up to its arguments,
+        in the form the chat template teaches (Qwen3.5's XML, else hermes JSON)."""
+        if self.require_call is None or self.state != CONTENT:
+            return []
+        name, self.require_call = self.require_call, None
+        opening = ""
+        if name and "<function=" in (self.tokenizer.chat_template or ""):
+            opening = f"<function={name}>\n"
+        elif name:
+            opening = f'{{"name": {json.dumps(name)}, "arguments": '
+        after_think = self.tokenizer.encode("\n\n") if self.reasoning_tokens else []
+        return after_think + [self.markers.tool_call] + self.tokenizer.encode("\n" + opening)
+
+    @property
+    def stopped(self) -> bool:
+        return self.text.found is not None
+
+    def push(self, token: int) -> Delta:
+        delta, m, state = Delta(), self.markers, self.state
+        if state == REASONING:
+            self.reasoning_tokens += 1
+        if token == m.end_think and state == REASONING:
+            self._end_segment(delta, CONTENT)
+        elif token == m.think and state == CONTENT:
+            self._end_segment(delta, REASONING)
+        elif token in (m.think, m.end_think) and state != CALL:
+            pass  # a stray repeat of the marker of the state we are in
+        elif token == m.tool_call and state != CALL and self.tools:
+            self._end_segment(delta, CALL)
+            self.require_call = None  # the model called of its own accord
+        elif token == m.end_tool_call and state == CALL:
+            self._end_segment(delta, CONTENT)
+            self._close_call(delta, "</tool_call>")
+        else:
+            self._add(self.text.push(token), delta)
+        return delta
+
+    def finish(self) -> Delta:
+        """The held-back text, and a call left open (cut by max_tokens or a stop string)."""
+        delta = Delta()
+        self._add(self.text.flush(), delta)
+        if self.state == CALL:
+            self._close_call(delta, "")
+        else:
+            self._put(self.trail, delta)
+        self.trail = ""
+        return delta
+
+    def _end_segment(self, delta: Delta, state: str):
+        self._add(self.text.flush(), delta)
+        self.state, self.lead, self.trail = state, True, ""
+
+    def _add(self, piece: str, delta: Delta):
+        if self.state == CALL:
+            self.call.append(piece)
+            return
+        if not self.chat:
+            self._put(piece, delta)
+            return
+        if self.lead:
+            piece = piece.lstrip("\n")
+            self.lead = not piece
+        text = self.trail + piece
+        body = text.rstrip("\n")
+        self.trail = text[len(body):]
+        self._put(body, delta)
+
+    def _put(self, text: str, delta: Delta):
+        if self.state == REASONING:
+            delta.reasoning += text
+        else:
+            delta.content += text
+
+    def _close_call(self, delta: Delta, closing_tag: str):
+        body, self.call, self.state = "".join(self.call), [], CONTENT
+        call = parse_tool_call(body, self.tools or [])
+        if call is None:
+            delta.content += f"<tool_call>{body}{closing_tag}"
+            return
+        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
+        self.tool_calls.append(call)
+        delta.tool_calls.append(call)
+
+
+def _last_index(ids: list[int], token: int | None) -> int:
+    if token is None:
+        return -1
+    return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] == token), -1)
+
+
+# ---- one call's text -> {"name": ..., "arguments": JSON text}
+
+FUNCTION = re.compile(r"<function=([^>\n]*)>")
+# A parameter ends at a </parameter> followed by another parameter, </function> or the end, so a value
+# (code, say) may itself contain "</parameter>"; vLLM's qwen3_coder parser has the same rule.
+PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>\s*(?=<parameter=|</function>|$)", re.S)
+BAD_NAME = re.compile(r"[\s{}<>\"']")
+
+
+def parse_tool_call(body: str, tools: list[dict]) -> dict | None:
+    """{"name", "arguments"} of one call's text (either form), or None if it does not parse."""
+    body = body.strip()
+    if body.startswith("<function="):
+        return _xml_call(body, tools)
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or BAD_NAME.search(call["name"]):
+        return None
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if isinstance(arguments, str):  # already JSON text: keep it if it is JSON
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    return {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+
+
+def _xml_call(body: str, tools: list[dict]) -> dict | None:
+    name = FUNCTION.match(body)
+    if name is None or not name.group(1) or BAD_NAME.search(name.group(1)):
+        return None
+    schema = next((t["function"].get("parameters") or {} for t in tools
+                   if isinstance(t.get("function"), dict) and t["function"].get("name") == name.group(1)), {})
+    properties = schema.get("properties") or {}
+    arguments = {p: typed(value, properties.get(p)) for p, value in PARAMETER.findall(body, name.end())}
+    return {"name": name.group(1), "arguments": json.dumps(arguments, ensure_ascii=False, default=str)}
+
+
+def typed(value: str, schema: dict | None):
+    """A parameter's text as the JSON type of its schema (vLLM's qwen3_coder rules): a string for a
+    parameter the schema does not list, or a string type; null, integer, number, boolean as they say;
+    objects, arrays and anything else as JSON, else a Python literal, else the text itself."""
+    if not isinstance(schema, dict):
+        return value
+    types = schema.get("type") or [option.get("type") for option in schema.get("anyOf", [])
+                                   if isinstance(option, dict)]
+    types = [str(t).lower() for t in ([types] if isinstance(types, str) else types) if t]
+    kind = next((t for t in types if t != "null"), "string")
+    if value.strip().lower() in ("null", "none") and ("null" in types or kind not in STRING_TYPES):
+        return None
+    if kind in STRING_TYPES:
+        return value
+    try:
+        if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+            return int(value)
+        if kind.startswith(("num", "float")):
+            number = float(value)
+            return value if not math.isfinite(number) else int(number) if number.is_integer() else number
+    except ValueError:
+        return value
+    if kind in ("boolean", "bool", "binary"):
+        return value.strip().lower() == "true"
+    try:
+        return json.loads(value)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(value)
+    except Exception:  # literal_eval raises several kinds (and RecursionError on deep nesting)
+        return value
