@@ -198,11 +198,12 @@ class Decoder:
 
     def __call__(self, cache: Cache, tokens: np.ndarray, every_token: bool = False) -> np.ndarray:
         """Run one sequence's tokens (int64) at positions cache.length.., in chunks of at most
-        prefill_chunk; returns the logits after the last token (vocab,), or after every one (T, vocab)."""
+        prefill_chunk; returns the logits after the last token (vocab,), or after every one (T, vocab), in
+        an array of the caller's own (forward's are reused by the next call)."""
         chunk = self.ws.rows
         logits = [self.forward([(cache, tokens[s:s + chunk])], every_token)
                   for s in range(0, len(tokens), chunk)]
-        return np.concatenate(logits) if every_token else logits[-1][0]
+        return np.concatenate(logits) if every_token else logits[-1][0].copy()
 
     def forward(self, batch: list[tuple[Cache, np.ndarray]], every_token: bool = False) -> np.ndarray:
         """One pass of the network over several sequences' new tokens at once, each at its own positions:

@@ -156,6 +156,16 @@ def test_sequence_reuses_its_prefix(qwen25):
     np.testing.assert_allclose(last, fresh[-1], rtol=1e-4, atol=1e-4 * np.abs(fresh).max())
 
 
+def test_logits_a_sequence_returned_stay_as_they_were(qwen25):
+    """Each step's logits are the caller's to keep: the next step must not write over them."""
+    model = minqwen.load(qwen25)
+    fresh = model.logits([1, 2, 3, 4])
+    sequence = model.sequence()
+    sequence.extend([1, 2])
+    kept = [sequence.extend([3]), sequence.extend([4])]
+    np.testing.assert_allclose(np.stack(kept), fresh[2:], rtol=1e-4, atol=1e-4 * np.abs(fresh).max())
+
+
 def test_cli_text_ends_before_the_stop_string(qwen25):
     """The printed reply stops where the stop string begins (the OpenAI API's rule); --frequency-penalty
     is accepted with the other sampling options."""
