@@ -124,90 +124,97 @@ def _block(acc, mins, row, t, b, xq, xd, xsum):  # (acc, mins) + block b's produ
 
 
 @pjit
-def _matvec_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type
-    """out[n] = sum_b d_b xd_b (q_b . xq_b)  [+ m_b xsum_b]     (b over blocks of 32)"""
-    nb = xd.shape[0]
+def _matvec_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type; one row of xq.. per token
+    """out[i, n] = sum_b d_b xd_ib (q_b . xq_ib)  [+ m_b xsum_ib]     (b over blocks of 32)"""
+    nb = xd.shape[1]
     for n in prange(data.shape[0]):
         row = data[n]
-        a0, a1, m0, m1 = fzeros(8), fzeros(8), fzeros(8), fzeros(8)
-        b = 0
-        while b + 2 <= nb:
-            prefetch(row, BLOCK_BYTES[t] * b + PREFETCH_BYTES)
-            a0, m0 = _block(a0, m0, row, t, b, xq, xd, xsum)
-            a1, m1 = _block(a1, m1, row, t, b + 1, xq, xd, xsum)
-            b += 2
-        if b < nb:
-            a0, m0 = _block(a0, m0, row, t, b, xq, xd, xsum)
-        out[n] = hsum((a0 + a1) + (m0 + m1))
+        for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
+            a0, a1, m0, m1 = fzeros(8), fzeros(8), fzeros(8), fzeros(8)
+            b = 0
+            while b + 2 <= nb:
+                prefetch(row, BLOCK_BYTES[t] * b + PREFETCH_BYTES)
+                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i])
+                a1, m1 = _block(a1, m1, row, t, b + 1, xq[i], xd[i], xsum[i])
+                b += 2
+            if b < nb:
+                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i])
+            out[i, n] = hsum((a0 + a1) + (m0 + m1))
 
 
 @pjit
 def _matvec_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]) or Q5_K (.. qh[32], qs[128])
-    """out[n] = sum_j d sc_j xd_j (q_j . xq_j) - dmin m_j xsum_j      (j over sub-blocks of 32)"""
+    """out[i, n] = sum_j d sc_j xd_ij (q_j . xq_ij) - dmin m_j xsum_ij      (j over sub-blocks of 32)"""
     size = BLOCK_BYTES[t]
     qs = 48 if t == Q5_K else 16
     for n in prange(data.shape[0]):
         row = data[n]
-        a0, a1, mins = fzeros(8), fzeros(8), fzeros(8)
-        for s in range(xd.shape[0] // 8):
-            o = size * s
-            prefetch(row, o + PREFETCH_BYTES)
-            w0, w1, w2 = u32_at(row, o + 4), u32_at(row, o + 8), u32_at(row, o + 12)
-            scales = bytes_to_float(bytes_of(w0 & LOW6, (w2 & LOW4) | ((w0 >> 2) & TOP2)), False)
-            ms = bytes_to_float(bytes_of(w1 & LOW6, ((w2 >> 4) & LOW4) | ((w1 >> 2) & TOP2)), False)
-            ds = fp16_splat(row, o, 8) * scales * load(xd, 8 * s, 8)  # d sc_j xd_j, j = 8s .. 8s + 7
-            mins = fma(fp16_splat(row, o + 2, 8) * ms, load(xsum, 8 * s, 8), mins)
-            for c in range(4):  # 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1
-                at = o + qs + 32 * c
-                first, second = widen16(row, at, False), widen16(row, at + 16, False)
-                low0, low1 = field(first, 0, 15), field(second, 0, 15)
-                high0, high1 = field(first, 4, 15), field(second, 4, 15)
-                if t == Q5_K:  # fifth bits: bit 2c (low) and 2c + 1 (high) of the 32 bytes at 16
-                    fifth0, fifth1 = widen16(row, o + 16, False), widen16(row, o + 32, False)
-                    low0 = join(low0, field(fifth0, 2 * c, 1), 4)
-                    low1 = join(low1, field(fifth1, 2 * c, 1), 4)
-                    high0 = join(high0, field(fifth0, 2 * c + 1, 1), 4)
-                    high1 = join(high1, field(fifth1, 2 * c + 1, 1), 4)
-                e = 256 * s + 64 * c
-                a0 = fma(to_float(_dot(low0, low1, xq, e)), lane(ds, 2 * c), a0)
-                a1 = fma(to_float(_dot(high0, high1, xq, e + 32)), lane(ds, 2 * c + 1), a1)
-        out[n] = hsum(a0 + a1) - hsum(mins)
+        for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
+            a0, a1, mins = fzeros(8), fzeros(8), fzeros(8)
+            for s in range(xd.shape[1] // 8):
+                o = size * s
+                prefetch(row, o + PREFETCH_BYTES)
+                w0, w1, w2 = u32_at(row, o + 4), u32_at(row, o + 8), u32_at(row, o + 12)
+                scales = bytes_to_float(bytes_of(w0 & LOW6, (w2 & LOW4) | ((w0 >> 2) & TOP2)), False)
+                ms = bytes_to_float(bytes_of(w1 & LOW6, ((w2 >> 4) & LOW4) | ((w1 >> 2) & TOP2)), False)
+                ds = fp16_splat(row, o, 8) * scales * load(xd[i], 8 * s, 8)  # d sc_j xd_j, j = 8s .. 8s + 7
+                mins = fma(fp16_splat(row, o + 2, 8) * ms, load(xsum[i], 8 * s, 8), mins)
+                for c in range(4):  # 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1
+                    at = o + qs + 32 * c
+                    first, second = widen16(row, at, False), widen16(row, at + 16, False)
+                    low0, low1 = field(first, 0, 15), field(second, 0, 15)
+                    high0, high1 = field(first, 4, 15), field(second, 4, 15)
+                    if t == Q5_K:  # fifth bits: bit 2c (low) and 2c + 1 (high) of the 32 bytes at 16
+                        fifth0, fifth1 = widen16(row, o + 16, False), widen16(row, o + 32, False)
+                        low0 = join(low0, field(fifth0, 2 * c, 1), 4)
+                        low1 = join(low1, field(fifth1, 2 * c, 1), 4)
+                        high0 = join(high0, field(fifth0, 2 * c + 1, 1), 4)
+                        high1 = join(high1, field(fifth1, 2 * c + 1, 1), 4)
+                    e = 256 * s + 64 * c
+                    a0 = fma(to_float(_dot(low0, low1, xq[i], e)), lane(ds, 2 * c), a0)
+                    a1 = fma(to_float(_dot(high0, high1, xq[i], e + 32)), lane(ds, 2 * c + 1), a1)
+            out[i, n] = hsum(a0 + a1) - hsum(mins)
 
 
 @pjit
 def _matvec_q6_k(out, data, xq, xd16):  # Q6_K: ql[128] (low 4 bits), qh[64] (high 2), int8 scales[16], d
-    """out[n] = sum_g d sc_g xd_g (q_g - 32) . xq_g      (g over sub-blocks of 16)"""
+    """out[i, n] = sum_g d sc_g xd_ig (q_g - 32) . xq_ig      (g over sub-blocks of 16)"""
     for n in prange(data.shape[0]):
         row = data[n]
-        a0, a1 = fzeros(8), fzeros(8)
-        for s in range(xd16.shape[0] // 16):
-            o = BLOCK_BYTES[Q6_K] * s
-            prefetch(row, o + PREFETCH_BYTES)
-            d = fp16_splat(row, o + 208, 8)
-            for half in range(2):  # 128 weights from ql[64 half:], qh[32 half:], sub-blocks 8 half ..
-                scales = bytes_to_float(load(row, o + 192 + 8 * half, 8), True)
-                ds = d * scales * load(xd16, 16 * s + 8 * half, 8)  # d sc_g xd_g
-                low0, low1 = load(row, o + 64 * half, 32), load(row, o + 64 * half + 32, 32)
-                high = load(row, o + 128 + 32 * half, 32)
-                e = 256 * s + 128 * half  # the first weight
-                for k in range(4):  # weights e + 32k ..: low bits from low0 / low1, high bits from high >> 2k
-                    low = field(low0 if k % 2 == 0 else low1, 4 * (k // 2), 15)
-                    first, second = halves16(join(low, field(high, 2 * k, 3), 4) - 32, True)  # 2 sub-blocks
-                    p0 = dot_s16(izeros(8), first, load(xq, e + 32 * k, 16))
-                    p1 = dot_s16(izeros(8), second, load(xq, e + 32 * k + 16, 16))
-                    a0 = fma(to_float(p0), lane(ds, 2 * k), a0)
-                    a1 = fma(to_float(p1), lane(ds, 2 * k + 1), a1)
-        out[n] = hsum(a0 + a1)
+        for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
+            a0, a1 = fzeros(8), fzeros(8)
+            for s in range(xd16.shape[1] // 16):
+                o = BLOCK_BYTES[Q6_K] * s
+                prefetch(row, o + PREFETCH_BYTES)
+                d = fp16_splat(row, o + 208, 8)
+                for half in range(2):  # 128 weights from ql[64 half:], qh[32 half:], sub-blocks 8 half ..
+                    scales = bytes_to_float(load(row, o + 192 + 8 * half, 8), True)
+                    ds = d * scales * load(xd16[i], 16 * s + 8 * half, 8)  # d sc_g xd_g
+                    low0, low1 = load(row, o + 64 * half, 32), load(row, o + 64 * half + 32, 32)
+                    high = load(row, o + 128 + 32 * half, 32)
+                    e = 256 * s + 128 * half  # the first weight
+                    for k in range(4):  # weights e + 32k ..: low bits from low0 / low1, high from high >> 2k
+                        low = field(low0 if k % 2 == 0 else low1, 4 * (k // 2), 15)
+                        # two sub-blocks of 16
+                        first, second = halves16(join(low, field(high, 2 * k, 3), 4) - 32, True)
+                        p0 = dot_s16(izeros(8), first, load(xq[i], e + 32 * k, 16))
+                        p1 = dot_s16(izeros(8), second, load(xq[i], e + 32 * k + 16, 16))
+                        a0 = fma(to_float(p0), lane(ds, 2 * k), a0)
+                        a1 = fma(to_float(p1), lane(ds, 2 * k + 1), a1)
+            out[i, n] = hsum(a0 + a1)
 
 
 @jit
-def matvec_integer(out, data, ggml_type, x):
-    # out: [N] float32, data: [N, bytes] uint8 blocks of ggml_type (one of INTEGER_TYPES), x: [K] float32
-    """out[n] = sum_k w[n, k] x[k] on integer dot products, x rounded to int16 per block of 32.
-    The one switch over the types: each branch compiles a kernel for one type."""
-    K = x.shape[0]
-    xq, xd, xsum = np.empty(K, np.int16), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
-    quantize_activations(xq, xd, xsum, x)
+def matmul_integer(out, data, ggml_type, x):
+    # out: [T, N] float32, data: [N, bytes] uint8 blocks of ggml_type (in INTEGER_TYPES), x: [T, K] float32
+    """out[i, n] = sum_k w[n, k] x[i, k] on integer dot products, x rounded to int16 per block of 32: one
+    token (decode) or a few (a batch of sequences decoding together), each row of W read from memory once
+    for all of them. The one switch over the types: each branch compiles one type's kernel."""
+    T, K = x.shape
+    xq = np.empty((T, K), np.int16)
+    xd, xsum = np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32)
+    for i in range(T):
+        quantize_activations(xq[i], xd[i], xsum[i], x[i])
     t = ggml_type
     if t == Q8_0:
         _matvec_blocks(out, data, Q8_0, xq, xd, xsum)
@@ -224,4 +231,10 @@ def matvec_integer(out, data, ggml_type, x):
     elif t == Q5_K:
         _matvec_k(out, data, Q5_K, xq, xd, xsum)
     else:
-        _matvec_q6_k(out, data, xq, np.repeat(xd, 2))  # xd of each 16 weights (Q6_K's sub-blocks)
+        _matvec_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16))  # xd of each 16 weights
+
+
+@jit
+def matvec_integer(out, data, ggml_type, x):  # out: [N] float32, x: [K] float32
+    """out[n] = sum_k w[n, k] x[k]: matmul_integer for one token"""
+    matmul_integer(out.reshape(1, out.shape[0]), data, ggml_type, x.reshape(1, x.shape[0]))

@@ -4,7 +4,7 @@
     bf16                 matvec                 matmul_few           gemm.matmul_bf16 (avx2 and up)
     bf16 / fp16 / fp32   matvec                 matmul_few           matmul (tiles widened for BLAS)
     fp8 (Fp8Matrix)      matvec_fp8             matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
-    GGML (GgmlMatrix)    matvec_integer         matmul_ggml          matmul_ggml (tiles dequantised for BLAS)
+    GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_ggml (tiles dequantised for BLAS)
                          (intdot.py, avx2 and up, all types but Q2_K / Q3_K; else matvec_ggml, float math)
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
@@ -26,11 +26,15 @@ from .matmul import float_row_dot, matmul, matmul_few, matvec
 INTEGER_TYPES = ()  # the GGML types with an integer dot-product decode kernel, where the CPU has them
 if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
     from .gemm import matmul_bf16
-    from .intdot import INTEGER_TYPES, matvec_integer
+    from .intdot import INTEGER_TYPES, matmul_integer
 
 FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py "few tokens"):
 # 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2 sgemm; an
 # AVX-512 sgemm (twice as fast) lowers the crossover.
+# up to this many tokens (a batch of sequences decoding together) matmul_integer beats dequantising tiles
+# for BLAS: on Zen 3, 2 threads, a 4864 x 896 matrix, Q8_0 / Q4_1: 2 tokens 1.2 / 1.4 ms against 5.4 / 6.2,
+# 16 tokens 2.5 / 4.1 ms against 9.3 / 11.2; at 32 tokens Q4_1 is even
+INTEGER_TOKENS = 16
 
 
 def linear(out, x, w):
@@ -40,12 +44,12 @@ def linear(out, x, w):
     if isinstance(w, Fp8Matrix):
         matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows) if one_token else matmul_fp8(out, x, w)
     elif isinstance(w, GgmlMatrix):
-        if not one_token:
-            matmul_ggml(out, x, w)
-        elif w.ggml_type in INTEGER_TYPES:
-            matvec_integer(out[0], w.data, w.ggml_type, x[0])
-        else:
+        if w.ggml_type in INTEGER_TYPES and x.shape[0] <= INTEGER_TOKENS:
+            matmul_integer(out, w.data, w.ggml_type, x)
+        elif one_token:
             matvec_ggml(out[0], w.data, w.ggml_type, x[0])
+        else:
+            matmul_ggml(out, x, w)
     elif one_token:
         matvec(out[0], w, x[0])
     elif x.shape[0] <= FEW_TOKENS:

@@ -21,7 +21,7 @@ from minqwen.kernels.ggml import (
     quantize_q4_1,
     quantize_q8_0,
 )
-from minqwen.kernels.linear import INTEGER_TYPES, linear
+from minqwen.kernels.linear import INTEGER_TOKENS, INTEGER_TYPES, linear
 from minqwen.kernels.moe import moe_by_expert, moe_one_token, moe_one_token_reference
 
 TOL = 1e-5  # fp32 sums against float64, relative to the size of the terms summed (max_n sum_k |w x|)
@@ -108,10 +108,11 @@ def test_matmul_ggml_and_linear(seed, shape, T, tile_floats):
     for rows in (slice(0, 1), slice(0, T)):
         wide[:] = np.nan
         linear(wide[rows, 2:N + 2], x[rows], w)
-        if rows.stop == 1 and t in INTEGER_TYPES:  # x rounded to int16 per block of 32 (kernels/intdot.py)
-            step = np.repeat(np.abs(x[0].astype(np.float64)).reshape(-1, 32).max(1) / 32767, 32)
-            bound = np.abs(dense) @ (step / 2) + 1e-5 * terms.max()
-            assert np.all(np.abs(wide[0, 2:N + 2] - ref[0]) <= bound), f"linear type {t}, integer path"
+        if rows.stop <= INTEGER_TOKENS and t in INTEGER_TYPES:  # x rounded to int16 per block of 32 (intdot)
+            for i in range(rows.stop):
+                step = np.repeat(np.abs(x[i].astype(np.float64)).reshape(-1, 32).max(1) / 32767, 32)
+                bound = np.abs(dense) @ (step / 2) + 1e-5 * terms.max()
+                assert np.all(np.abs(wide[i, 2:N + 2] - ref[i]) <= bound), f"linear type {t}, integer path"
         else:
             assert_close(wide[rows, 2:N + 2], ref[rows], terms.max(), f"linear type {t}")
 

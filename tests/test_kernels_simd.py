@@ -41,7 +41,7 @@ pytestmark = pytest.mark.skipif(isa.ISA == "generic",
                                 reason="the CPU has no AVX2: these kernels are never used")
 if isa.ISA != "generic":  # imported only where the CPU has the instructions, as the engine does
     from minqwen.kernels.gemm import matmul_bf16
-    from minqwen.kernels.intdot import INTEGER_TYPES, matvec_integer, quantize_activations
+    from minqwen.kernels.intdot import INTEGER_TYPES, matmul_integer, matvec_integer, quantize_activations
 
 seeds = st.integers(0, 2**32 - 1)
 BYTES = {GGML.Q8_0: 34, GGML.Q4_0: 18, GGML.Q4_1: 20, GGML.Q5_0: 22, GGML.Q5_1: 24, GGML.Q4_K: 144,
@@ -83,6 +83,25 @@ def minimum_term(kind, data, K):
     else:
         return np.zeros((data.shape[0], K))
     return dequantize(zero.reshape(data.shape[0], -1), kind).reshape(data.shape[0], K).astype(np.float64)
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=seeds, N=st.sampled_from([1, 5, 33]), blocks=st.sampled_from([1, 3]), T=st.integers(2, 6),
+       kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]))
+def test_a_few_tokens_at_once_are_each_token_alone(seed, N, blocks, T, kind):
+    """matmul_integer (a batch decoding together) gives each token what matvec_integer gives it alone, to
+    float rounding (the same operations; each compiled variant may fuse a multiply-add differently)."""
+    rng = np.random.default_rng(seed)
+    K = blocks * (256 if kind in SCALE_AT else 32)
+    data = random_blocks(rng, N, K, kind)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    together = np.full((T, N + 3), np.nan, np.float32)
+    matmul_integer(together[:, 1:N + 1], data, int(kind), x)
+    alone = np.empty(N, np.float32)
+    for i in range(T):
+        matvec_integer(alone, data, int(kind), x[i])
+        np.testing.assert_allclose(together[i, 1:N + 1], alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
+    assert np.isnan(together[:, 0]).all() and np.isnan(together[:, N + 1:]).all()
 
 
 @settings(deadline=None, max_examples=30)
