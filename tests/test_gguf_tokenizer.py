@@ -169,8 +169,16 @@ def llama_cpp_pieces(text: str, regexes: list[str]) -> list[str]:
     return pieces
 
 
+def known_characters(text: str) -> str:
+    """text with the code points Python's Unicode tables (14.0) leave unassigned replaced by '?': the
+    `regex` module (Unicode 17) calls some of them letters (U+323B0, CJK Extension J) where the `tokenizers`
+    library's regex engine does not, and the test compares cuts, not Unicode versions."""
+    return "".join(c if unicodedata.category(c) not in ("Cn", "Cs") else "?" for c in text)
+
+
 @settings(deadline=None, max_examples=300)
-@given(text=st.one_of(st.text(st.characters(exclude_categories=["Cn", "Cs"]), max_size=60), TEXTS))
+@given(text=st.one_of(st.text(st.characters(exclude_categories=["Cn", "Cs"]), max_size=60),
+                      TEXTS).map(known_characters))
 def test_pre_tokenizers_cut_as_llama_cpp(text):
     assert set(PRE_TOKENIZERS) == set(LLAMA_CPP_REGEXES)
     for name, spec in PRE_TOKENIZERS.items():
