@@ -69,6 +69,10 @@ class GgmlMatrix(NamedTuple):
     def shape(self):  # the shape of W
         return (self.data.shape[0], self.cols)
 
+    @property
+    def nbytes(self):  # the bytes it takes, as an array's nbytes
+        return self.data.nbytes
+
 
 # ------------------------------------------------------------------------------ decoding ----
 

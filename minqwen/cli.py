@@ -12,7 +12,7 @@ from dataclasses import fields
 import numpy as np
 
 from .checkpoint import STORED_NAMES, write_quantized_checkpoint
-from .errors import CheckpointError, ConfigError, MinqwenError, TemplateError
+from .errors import CheckpointError, MinqwenError, TemplateError
 from .generate import GenerationOptions, Stats, StopStrings, options_with_defaults, stream_tokens
 from .gguf import GGML_TYPES
 from .hub import resolve
@@ -230,8 +230,6 @@ def _quantize(args) -> int:
 
 
 def _info(args) -> int:
-    if isa.PROBLEM:
-        raise ConfigError(isa.PROBLEM)
     checkpoint = open_checkpoint(args.model)
     config = checkpoint.config
     src = TensorSource(checkpoint.tensors, fp8_block_rows=config.fp8_block_rows)
@@ -239,7 +237,7 @@ def _info(args) -> int:
     by_kind: dict[str, list] = {}
     for name in src.read:
         by_kind.setdefault(_stored_kind(src.tensors[name], config), []).append(src.tensors[name])
-    kinds = ", ".join(f"{kind} {len(ts)} ({sum(_nbytes(t) for t in ts) / 2**30:.2f} GiB)"
+    kinds = ", ".join(f"{kind} {len(ts)} ({sum(t.nbytes for t in ts) / 2**30:.2f} GiB)"
                       for kind, ts in sorted(by_kind.items()))
     loaded = [t for ts in by_kind.values() for t in ts]
     context = args.context or config.context_window
@@ -260,7 +258,7 @@ def _info(args) -> int:
         ("parameters", f"{sum(int(np.prod(t.shape)) for t in loaded) / 1e6:.1f} M"
                        + (f"; FP8 blocks of {config.fp8_block_rows} x 128" if config.fp8_block_rows else "")),
         ("tensors by type", kinds),
-        ("RAM for weights", f"{sum(_nbytes(t) for t in loaded) / 2**30:.2f} GiB, memory-mapped"),
+        ("RAM for weights", f"{sum(t.nbytes for t in loaded) / 2**30:.2f} GiB, memory-mapped"),
         ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; "
                      f"{kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
         ("kernels", f"{isa.ISA} path "
@@ -286,10 +284,6 @@ def _stored_kind(t, config) -> str:
     if isinstance(t, GgmlMatrix):
         return GGML_TYPES[t.ggml_type].name.lower()
     return "f8_e4m3" if config.fp8_block_rows and t.dtype == np.uint8 else STORED_NAMES[t.dtype].lower()
-
-
-def _nbytes(t) -> int:
-    return t.data.nbytes if isinstance(t, GgmlMatrix) else t.nbytes
 
 
 def _counts(items):

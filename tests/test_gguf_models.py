@@ -203,6 +203,23 @@ def test_quantised_gguf_matches_transformers(name, quantization, tmp_path):
     assert ours_greedy == theirs_greedy
 
 
+def test_info_sizes_the_blocks_it_does_not_load(tmp_path):
+    """Layers past block_count are multi-token prediction's, never loaded: info reports them with their
+    size, GGML blocks as well as arrays (here the last layer of a Q8_0 file, block_count lowered by one)."""
+    folder = build_checkpoint(tmp_path / "hf", ARCHITECTURES["qwen2"], "fp32", tokenizer="qwen2.5")
+    path = model_gguf(folder, tmp_path / "qwen2.gguf", GGML.Q8_0)
+    data = bytearray(path.read_bytes())
+    key = b"qwen2.block_count"
+    at = data.index(U64.pack(len(key)) + key) + 8 + len(key) + 4  # then the value's type, then the value
+    U32.pack_into(data, at, U32.unpack_from(data, at)[0] - 1)
+    path.write_bytes(data)
+    result = subprocess.run([sys.executable, "-m", "minqwen", "info", "--model", str(path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "not loaded: multi-token prediction head: " in result.stdout
+    assert "unexpected" not in result.stdout
+
+
 def test_a_type_minqwen_does_not_read_is_refused(tmp_path):
     """IQ4_NL has Q4_0's block size and bytes: the same file with one tensor's type id changed is a valid
     GGUF that minqwen must refuse by name, not read as Q4_0."""
