@@ -33,6 +33,8 @@ class Checkpoint(NamedTuple):
 
 def open_checkpoint(path_or_hub_id) -> Checkpoint:
     """The config, tensors and tokenizer of a checkpoint, whatever its format (nothing read but headers)."""
+    if isa.PROBLEM:  # MINQWEN_ISA names a path this CPU lacks: refused before any kernel could run
+        raise ConfigError(isa.PROBLEM)
     path = resolve(path_or_hub_id)
     if path.is_file():
         gguf = read_gguf(path)
@@ -49,8 +51,6 @@ def load(path_or_hub_id, context_length: int | None = None, quantize: str | None
          kv_cache: str = "fp32") -> Model:
     """Load a checkpoint (see the module docstring); `quantize="int8"` or `"int4"` quantises the weights as
     they load (see quantize.py); `kv_cache="fp16"` halves the KV cache (see model.Cache)."""
-    if isa.PROBLEM:
-        raise ConfigError(isa.PROBLEM)
     if kv_cache not in KV_CACHE_DTYPES:
         raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}")
     if quantize is not None and quantize not in BITS:

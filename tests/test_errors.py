@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -144,3 +145,19 @@ def test_negative_max_new_tokens(good):
     with pytest.raises(SamplingError):
         minqwen.load(good).generate([1], max_new_tokens=-1)
 
+
+
+def test_an_instruction_path_the_cpu_lacks_is_refused(good):
+    """MINQWEN_ISA naming no path, or one this CPU lacks, is one line from `info` and `generate` alike,
+    before any kernel could run an instruction the CPU does not have."""
+    from minqwen.kernels.isa import PATHS, usable_paths
+    from minqwen.kernels.simd import target_features
+
+    lacking = [path for path in PATHS if path not in usable_paths(target_features())]
+    cases = [("sse9", "is not a path")] + [(path, "which this CPU") for path in lacking[:1]]
+    for requested, fragment in cases:
+        for command in (["info"], ["generate", "--prompt", "Hi", "--max-new-tokens", "2"]):
+            result = subprocess.run([sys.executable, "-m", "minqwen", *command, "--model", str(good)],
+                                    capture_output=True, text=True, timeout=300,
+                                    env={**os.environ, "MINQWEN_ISA": requested})
+            assert_one_line_error(result, fragment)
