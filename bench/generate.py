@@ -176,7 +176,7 @@ def time_transformers(model, prompts: list[list[int]], new: int, repeats: int) -
 
 def minqwen_decode_bytes(model) -> int:
     """Bytes of every array reachable from the layers, the final norm and lm_head, each counted once
-    (an int8/int4 matrix is a tuple of arrays: values, scales, mins)."""
+    (a quantised matrix is a NamedTuple holding its arrays: GGML blocks, or FP8 values and scales)."""
     seen: dict[int, int] = {}
 
     def visit(x):

@@ -8,10 +8,8 @@
                          (intdot.py, avx2 and up, all types but Q2_K / Q3_K; else matvec_ggml, float math)
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
-GGUF files.
-
-and `row_dot`, its counterpart inside compiled kernels: one row of W times x, for the formats MoE
-experts come in (the MoE kernel streams the rows of the experts a token chose).
+GGUF files. `row_dot` is linear's counterpart inside compiled kernels: one row of W times x, for the
+formats MoE experts come in (the MoE kernel streams the rows of the experts a token chose).
 """
 import numpy as np
 from numba import types
@@ -31,7 +29,8 @@ if isa.ISA != "generic":  # kernels on the instruction layer: imported only wher
 FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py "few tokens"):
 # 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2 sgemm; an
 # AVX-512 sgemm (twice as fast) lowers the crossover.
-# up to this many tokens (a batch of sequences decoding together) matmul_integer beats dequantising tiles
+
+# Up to this many tokens (a batch of sequences decoding together) matmul_integer beats dequantising tiles
 # for BLAS: on Zen 3, 2 threads, a 4864 x 896 matrix, Q8_0 / Q4_1: 2 tokens 1.2 / 1.4 ms against 5.4 / 6.2,
 # 16 tokens 2.5 / 4.1 ms against 9.3 / 11.2; at 32 tokens Q4_1 is even
 INTEGER_TOKENS = 16
