@@ -1,4 +1,4 @@
-"""Decode products of GGML-quantised weights on the CPU's integer dot products.
+"""Decode products of GGML-quantised weights on the CPU's integer dot products (one token, or a few).
 
 The block formats store a row of W as small integers q with float scales per block (GGML's layouts, see
 kernels/ggml.py). Rounding x to int16 per block of 32 too,
@@ -124,7 +124,7 @@ def _block(acc, mins, row, t, b, xq, xd, xsum):  # (acc, mins) + block b's produ
 
 
 @pjit
-def _matvec_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type; one row of xq.. per token
+def _matmul_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type; one row of xq.. per token
     """out[i, n] = sum_b d_b xd_ib (q_b . xq_ib)  [+ m_b xsum_ib]     (b over blocks of 32)"""
     nb = xd.shape[1]
     for n in prange(data.shape[0]):
@@ -143,7 +143,7 @@ def _matvec_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type; on
 
 
 @pjit
-def _matvec_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]) or Q5_K (.. qh[32], qs[128])
+def _matmul_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]) or Q5_K (.. qh[32], qs[128])
     """out[i, n] = sum_j d sc_j xd_ij (q_j . xq_ij) - dmin m_j xsum_ij      (j over sub-blocks of 32)"""
     size = BLOCK_BYTES[t]
     qs = 48 if t == Q5_K else 16
@@ -177,7 +177,7 @@ def _matvec_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]
 
 
 @pjit
-def _matvec_q6_k(out, data, xq, xd16):  # Q6_K: ql[128] (low 4 bits), qh[64] (high 2), int8 scales[16], d
+def _matmul_q6_k(out, data, xq, xd16):  # Q6_K: ql[128] (low 4 bits), qh[64] (high 2), int8 scales[16], d
     """out[i, n] = sum_g d sc_g xd_ig (q_g - 32) . xq_ig      (g over sub-blocks of 16)"""
     for n in prange(data.shape[0]):
         row = data[n]
@@ -217,21 +217,21 @@ def matmul_integer(out, data, ggml_type, x):
         quantize_activations(xq[i], xd[i], xsum[i], x[i])
     t = ggml_type
     if t == Q8_0:
-        _matvec_blocks(out, data, Q8_0, xq, xd, xsum)
+        _matmul_blocks(out, data, Q8_0, xq, xd, xsum)
     elif t == Q4_0:
-        _matvec_blocks(out, data, Q4_0, xq, xd, xsum)
+        _matmul_blocks(out, data, Q4_0, xq, xd, xsum)
     elif t == Q4_1:
-        _matvec_blocks(out, data, Q4_1, xq, xd, xsum)
+        _matmul_blocks(out, data, Q4_1, xq, xd, xsum)
     elif t == Q5_0:
-        _matvec_blocks(out, data, Q5_0, xq, xd, xsum)
+        _matmul_blocks(out, data, Q5_0, xq, xd, xsum)
     elif t == Q5_1:
-        _matvec_blocks(out, data, Q5_1, xq, xd, xsum)
+        _matmul_blocks(out, data, Q5_1, xq, xd, xsum)
     elif t == Q4_K:
-        _matvec_k(out, data, Q4_K, xq, xd, xsum)
+        _matmul_k(out, data, Q4_K, xq, xd, xsum)
     elif t == Q5_K:
-        _matvec_k(out, data, Q5_K, xq, xd, xsum)
+        _matmul_k(out, data, Q5_K, xq, xd, xsum)
     else:
-        _matvec_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16))  # xd of each 16 weights
+        _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16))  # xd of each 16 weights
 
 
 @jit

@@ -36,7 +36,8 @@ from .model import Model, Sequence
 from .reply import Delta, Reply
 
 MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
-# FEW_TOKENS); past it the products go through BLAS, for prefill-sized batches
+# FEW_TOKENS; GGML blocks, int8 / int4 included, up to INTEGER_TOKENS = 16); past it the products go
+# through BLAS, for prefill-sized batches
 PREFILL_PER_STEP = 256  # prompt tokens a step takes while other slots generate: ~0.5-1 s of prefill on
 # the 0.5B shape, the longest a running stream then waits for a token
 
