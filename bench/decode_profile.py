@@ -2,9 +2,9 @@
 
     python bench/decode_profile.py [--shape qwen2.5-0.5b] [--quantize int8|int4] [--context 128] [--steps 64]
 
-Every kernel name the forward pass looks up in minqwen.model (linear, rmsnorm, apply_rope, attention_decode,
-swiglu, ...) is wrapped with a clock for the run; matrix products are told apart by their weight's
-shape. "outside kernels" is the step's wall time minus the time inside them: the Python of the
+Every kernel name the forward pass looks up in minqwen.network.decoder (linear, rmsnorm, apply_rope,
+attention_decode, swiglu, ...) is wrapped with a clock for the run; matrix products are told apart by
+their weight's shape. "outside kernels" is the step's wall time minus the time inside them: the Python of the
 forward pass, NumPy one-liners (residual adds, the KV-cache store) and the calls themselves. The
 step is the bench's `sequence.extend([token])`, lm_head and argmax included. Each kernel's GB/s is
 the bytes of weights it read (matrix products only) over its time, next to the machine's read
@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import minqwen.model as model_module  # noqa: E402
+import minqwen.network.decoder as model_module  # noqa: E402
 from checkpoints import SHAPES, bench_checkpoint  # noqa: E402
 from common import Bandwidth, context_switches, report, warn_if_contended  # noqa: E402
 from minqwen import load  # noqa: E402
@@ -35,7 +35,7 @@ def weight_bytes(w) -> int:  # an array, or a quantised matrix: a NamedTuple of 
 
 
 class Clocks:
-    """Wraps the kernels in minqwen.model's namespace; seconds, calls and bytes per label."""
+    """Wraps the kernels in minqwen.network.decoder's namespace; seconds, calls and bytes per label."""
 
     def __init__(self):
         self.seconds, self.calls, self.bytes = defaultdict(float), defaultdict(int), defaultdict(int)

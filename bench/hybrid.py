@@ -37,10 +37,10 @@ from common import (
     warn_if_contended,
     warn_if_workqueue,
 )
-from minqwen.config import Config
 from minqwen.kernels.attention import attention_decode
-from minqwen.model import Cache, Decoder, Segment
-from minqwen.weights import AttentionWeights, DeltaNetWeights, LayerWeights, MLPWeights, Weights
+from minqwen.network.config import Config
+from minqwen.network.decoder import Cache, Decoder, Segment
+from minqwen.network.weights import AttentionWeights, DeltaNetWeights, LayerWeights, MLPWeights, Weights
 
 CONFIG = Path(__file__).parent.parent / "tests" / "data" / "configs" / "qwen3.5-27b.config.json"
 LAYERS = 4  # the published model's first four: linear, linear, linear, full

@@ -41,10 +41,10 @@ from common import (
     warn_if_contended,
     warn_if_workqueue,
 )
-from minqwen.config import Config
 from minqwen.kernels.linear import linear
-from minqwen.model import Cache, Decoder, Segment
-from minqwen.weights import AttentionWeights, LayerWeights, MoEWeights, Weights
+from minqwen.network.config import Config
+from minqwen.network.decoder import Cache, Decoder, Segment
+from minqwen.network.weights import AttentionWeights, LayerWeights, MoEWeights, Weights
 
 CONFIG = Path(__file__).parent.parent / "tests" / "data" / "configs" / "qwen3-30b-a3b.config.json"
 MODEL_LAYERS = 48  # Qwen3-30B-A3B

@@ -11,16 +11,16 @@ from dataclasses import fields
 
 import numpy as np
 
-from .checkpoint import STORED_NAMES, write_quantized_checkpoint
 from .errors import CheckpointError, MinqwenError, TemplateError
-from .generate import GenerationOptions, Stats, StopStrings, options_with_defaults, stream_tokens
-from .gguf import GGML_TYPES
-from .hub import resolve
+from .formats.gguf import GGML_TYPES
+from .formats.hub import resolve
+from .formats.safetensors import STORED_NAMES, write_quantized_checkpoint
 from .kernels import isa
 from .kernels.ggml import GgmlMatrix
 from .kernels.simd import target_features
 from .loader import load, open_checkpoint
-from .weights import IGNORED, TensorSource, load_weights, unread_tensors
+from .network.weights import IGNORED, TensorSource, load_weights, unread_tensors
+from .text.generation import GenerationOptions, Stats, StopStrings, options_with_defaults, stream_tokens
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DIM, RESET = "\033[2m", "\033[0m"
@@ -209,7 +209,7 @@ def _chat(args) -> int:
 
 
 def _serve(args) -> int:
-    from .server import serve  # the HTTP server loads only for this command
+    from .serve.server import serve  # the HTTP server loads only for this command
 
     model = _load(args)
     serve(model, args.host, args.port, args.parallel, args.queue,

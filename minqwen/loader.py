@@ -9,17 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from .checkpoint import read_tensors
-from .config import Config, load_config, read_json
 from .errors import ConfigError, ContextLengthError
-from .gguf import read_gguf
-from .gguf_checkpoint import gguf_config, gguf_tensors
-from .hub import resolve
+from .formats.gguf import read_gguf
+from .formats.gguf_names import gguf_config, gguf_tensors
+from .formats.hub import resolve
+from .formats.safetensors import read_tensors
 from .kernels import isa
-from .model import KV_CACHE_DTYPES, Model
-from .quantize import BITS
-from .tokenizer import Tokenizer
-from .weights import TensorSource, load_weights
+from .model import Model
+from .network.config import Config, load_config, read_json
+from .network.decoder import KV_CACHE_DTYPES
+from .network.quantize import BITS
+from .network.weights import TensorSource, load_weights
+from .text.tokenizer import Tokenizer
 
 
 class Checkpoint(NamedTuple):

@@ -144,7 +144,7 @@ def assert_batch_matches_alone(model, sizes=(3, 11, 7)):
     gets alone, whatever their lengths: a decode step each, and a fresh sequence's prefill beside them.
     To float rounding only: in a batch, a sparse layer may take the by-expert path where a sequence alone
     streams its experts one token at a time (measured: 3e-5 apart)."""
-    from minqwen.model import Cache
+    from minqwen.network.decoder import Cache
 
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in sizes]

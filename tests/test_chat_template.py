@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 
 from minqwen.errors import CheckpointError, TemplateError
-from minqwen.tokenizer import Tokenizer
+from minqwen.text.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data"
 

@@ -20,8 +20,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from minqwen.checkpoint import read_safetensors_header, read_tensors
 from minqwen.errors import CheckpointError
+from minqwen.formats.safetensors import read_safetensors_header, read_tensors
 
 # What each stored dtype must come back as (written out here, not imported, so the test is an
 # independent statement of the contract).

@@ -9,8 +9,8 @@ from test_parity_hybrid import QWEN3_5
 
 import minqwen
 from checkpoints import build_checkpoint, chat_checkpoint
-from minqwen.engine import Busy, End, Engine, Job, Token
-from minqwen.generate import GenerationOptions, Sampler
+from minqwen.serve.engine import Busy, End, Engine, Job, Token
+from minqwen.text.generation import GenerationOptions, Sampler
 
 WAIT = 300  # seconds before a test fails instead of hanging: a bound, not a measurement
 

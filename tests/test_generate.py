@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minqwen.generate import GenerationOptions, Sampler, StopStrings
+from minqwen.text.generation import GenerationOptions, Sampler, StopStrings
 
 
 class Pieces:

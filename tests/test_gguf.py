@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minqwen.errors import CheckpointError
-from minqwen.gguf import GGML_TYPES, read_gguf
+from minqwen.formats.gguf import GGML_TYPES, read_gguf
 
 # One value of every metadata type, arrays of each element type, and an array of arrays.
 METADATA = {

@@ -14,9 +14,9 @@ from gguf_files import model_gguf
 
 import minqwen
 from checkpoints import build_checkpoint, relative_error
-from minqwen.gguf import U32, U64
+from minqwen.formats.gguf import U32, U64
 from minqwen.kernels.ggml import Q8_0, GgmlMatrix
-from minqwen.quantize import quantize_matrix
+from minqwen.network.quantize import quantize_matrix
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 REAL_TEXT = (

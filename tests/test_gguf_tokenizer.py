@@ -17,8 +17,8 @@ from test_tokenizer import MIXED_TEXTS, TEXTS
 from tokenizers import Regex, pre_tokenizers
 
 from minqwen.errors import CheckpointError
-from minqwen.gguf import GGUFFile, read_gguf
-from minqwen.tokenizer import PRE_TOKENIZERS, Tokenizer, gguf_end_of_generation_ids
+from minqwen.formats.gguf import GGUFFile, read_gguf
+from minqwen.text.tokenizer import PRE_TOKENIZERS, Tokenizer, gguf_end_of_generation_ids
 
 DATA = Path(__file__).parent / "data" / "tokenizers"
 QWEN = ("qwen2.5", "qwen3", "qwen3.5")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from minqwen.errors import CheckpointError
-from minqwen.hub import resolve
+from minqwen.formats.hub import resolve
 
 
 def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from checkpoints import (
 )
 from checkpoints import published_config as published
 from minqwen.kernels.dtypes import FP16, FP32, to_float32
-from minqwen.model import Cache, Decoder
+from minqwen.network.decoder import Cache, Decoder
 
 QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=320, hidden_size=64,
              intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

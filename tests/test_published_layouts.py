@@ -27,11 +27,11 @@ from checkpoints import (
     relative_error,
     shrink,
 )
-from minqwen.checkpoint import write_quantized_checkpoint
-from minqwen.config import Config
 from minqwen.errors import ConfigError, UnsupportedModelError
+from minqwen.formats.safetensors import write_quantized_checkpoint
 from minqwen.kernels.fp8 import Fp8Matrix
 from minqwen.kernels.ggml import Q8_0, GgmlMatrix
+from minqwen.network.config import Config
 
 RESAVED = DATA / "configs" / "transformers-5.23"  # the published configs as transformers >= 5.8 writes them
 

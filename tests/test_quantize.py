@@ -89,7 +89,7 @@ def test_quantize_command_writes_a_checkpoint_that_loads_the_same(checkpoint, tm
 
 
 def test_quantising_twice_or_foreign_quantisation_is_refused(checkpoint, tmp_path):
-    from minqwen.checkpoint import write_quantized_checkpoint
+    from minqwen.formats.safetensors import write_quantized_checkpoint
 
     _, folder = checkpoint
     write_quantized_checkpoint(folder, tmp_path / "q", 8)

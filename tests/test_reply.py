@@ -7,8 +7,8 @@ import json
 import pytest
 
 from checkpoints import DATA
-from minqwen.reply import Delta, Reply, parse_tool_call, typed
-from minqwen.tokenizer import Tokenizer
+from minqwen.text.reply import Delta, Reply, parse_tool_call, typed
+from minqwen.text.tokenizer import Tokenizer
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast",

@@ -27,9 +27,9 @@ from test_reply import USER, WEATHER
 
 import minqwen
 from checkpoints import build_checkpoint, chat_checkpoint
-from minqwen.engine import Engine
-from minqwen.generate import options_with_defaults
-from minqwen.server import MAX_BODY, ApiServer
+from minqwen.serve.engine import Engine
+from minqwen.serve.server import MAX_BODY, ApiServer
+from minqwen.text.generation import options_with_defaults
 
 WAIT = 300  # seconds before a waiting test fails instead of hanging: a bound, never a measurement
 
@@ -358,7 +358,7 @@ def test_a_client_that_leaves_frees_its_slot(qwen25, stream):
 def test_a_queued_stream_gets_keepalives_and_is_dropped_when_its_client_leaves(qwen25, monkeypatch):
     """While a stream waits (for a slot here, as during a long prefill), SSE comments keep it alive; if
     its client leaves meanwhile, the job never takes a slot."""
-    monkeypatch.setattr("minqwen.server.KEEPALIVE_SECONDS", 0)
+    monkeypatch.setattr("minqwen.serve.server.KEEPALIVE_SECONDS", 0)
     with decoder_replaced(qwen25, Gated) as decoder, running(qwen25, parallel=1) as server:
         busy = send_by_hand(server, {"messages": ask("Go on."), "max_tokens": 400, "stream": True})
         assert busy.recv(4096).startswith(b"HTTP/1.1 200")

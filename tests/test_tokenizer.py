@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minqwen.errors import CheckpointError
-from minqwen.tokenizer import Tokenizer
+from minqwen.text.tokenizer import Tokenizer
 
 DATA = Path(__file__).parent / "data" / "tokenizers"
 NAMES = ("qwen2.5", "qwen3", "qwen3.5")

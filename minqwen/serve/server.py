@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
 
+from ..errors import CheckpointError, ContextLengthError, MinqwenError, SamplingError
+from ..model import Model
+from ..text.generation import GenerationOptions, Sampler, options_with_defaults
+from ..text.reply import Reply
 from .engine import Busy, End, Engine, Job, Token
-from .errors import CheckpointError, ContextLengthError, MinqwenError, SamplingError
-from .generate import GenerationOptions, Sampler, options_with_defaults
-from .model import Model
-from .reply import Reply
 
 MAX_BODY = 16 << 20  # bytes of a request body
 KEEPALIVE_SECONDS = 10  # an SSE comment after this long without an event (a long prefill), so proxies

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import load_config, read_json
-from .errors import CheckpointError, ConfigError
-from .kernels.dtypes import BF16, FP16, FP32
-from .quantize import BLOCK, bits_for, quantizable, quantize_matrix
-from .weights import language_model_prefix
+from ..errors import CheckpointError, ConfigError
+from ..kernels.dtypes import BF16, FP16, FP32
+from ..network.config import load_config, read_json
+from ..network.quantize import BLOCK, bits_for, quantizable, quantize_matrix
+from ..network.weights import language_model_prefix
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (MAX_HEADER_SIZE, 100 MB)
 # Parsed, a tensor's header entry takes ~1 KB of Python objects: a header may not list more tensors than

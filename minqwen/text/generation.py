@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import SamplingError
-from .kernels.sampling import apply_penalties, sample
+from ..errors import SamplingError
+from ..kernels.sampling import apply_penalties, sample
 
 
 @dataclass

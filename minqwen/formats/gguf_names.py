@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
+from ..kernels.ggml import GGML_BLOCKS, GgmlMatrix
+from ..text.tokenizer import gguf_end_of_generation_ids
 from .gguf import GGML_TYPES, GGUFFile
-from .kernels.ggml import GGML_BLOCKS, GgmlMatrix
-from .tokenizer import gguf_end_of_generation_ids
 
 # general.architecture -> model_type, and whether top-k routing weights are renormalised (llama.cpp's rule)
 ARCHITECTURES = {"llama": ("llama", False), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),

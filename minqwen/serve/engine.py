@@ -30,10 +30,11 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError
-from .generate import Sampler
-from .model import Model, Sequence
-from .reply import Delta, Reply
+from ..errors import ConfigError
+from ..model import Model
+from ..network.decoder import Sequence
+from ..text.generation import Sampler
+from ..text.reply import Delta, Reply
 
 MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
 # FEW_TOKENS; GGML blocks, int8 / int4 included, up to INTEGER_TOKENS = 16); past it the products go

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .gguf import MAGIC
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -45,8 +45,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import CheckpointError
-from .kernels.dtypes import BF16, FP16, FP32
+from ..errors import CheckpointError
+from ..kernels.dtypes import BF16, FP16, FP32
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from numba.typed import List
 
+from ..errors import ConfigError
+from ..kernels.dtypes import BF16, FP16, FP32, to_float32
+from ..kernels.fp8 import BLOCK_COLS, Fp8Matrix
+from ..kernels.ggml import GGML_BLOCKS, Q4_1, Q8_0, GgmlMatrix
 from .config import Config
-from .errors import ConfigError
-from .kernels.dtypes import BF16, FP16, FP32, to_float32
-from .kernels.fp8 import BLOCK_COLS, Fp8Matrix
-from .kernels.ggml import GGML_BLOCKS, Q4_1, Q8_0, GgmlMatrix
 from .quantize import BLOCK, bits_for, quantizable, quantize_matrix
 
 MATRIX_DTYPES = (BF16, FP16, FP32)

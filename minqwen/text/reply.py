@@ -31,7 +31,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from .generate import StopStrings
+from .generation import StopStrings
 
 REASONING, CONTENT, CALL = "reasoning", "content", "call"
 STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")

@@ -24,10 +24,10 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from .errors import CheckpointError, TemplateError
+from ..errors import CheckpointError, TemplateError
 
 if TYPE_CHECKING:
-    from .gguf import GGUFFile
+    from ..formats.gguf import GGUFFile
 
 # The named special tokens transformers passes to every chat template (`bos_token`, `eos_token`, ...).
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",

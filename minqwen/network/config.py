@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ Weights already quantised are re-quantised from their dequantised values (FP8 bl
 """
 from __future__ import annotations
 
-from .kernels.fp8 import Fp8Matrix, dequantize_fp8
-from .kernels.ggml import GgmlMatrix, dequantize_ggml, quantize_q4_1, quantize_q8_0
+from ..kernels.fp8 import Fp8Matrix, dequantize_fp8
+from ..kernels.ggml import GgmlMatrix, dequantize_ggml, quantize_q4_1, quantize_q8_0
 
 BITS = {"int8": 8, "int4": 4}
 BLOCK = 32  # weights per block of both formats

@@ -1,0 +1,410 @@
+"""The Qwen network: token ids -> logits. Every family, layer by layer (config.FAMILIES says who switches):
+
+    x = embed(tokens)
+    for each layer:
+        h = RMSNorm(x)                  zero_centred_norms: the weight is applied as (1 + w)
+        x = x + SelfAttention(h)        full_attention / sliding_attention layers: softmax over the KV cache,
+                                        grouped-query, RoPE on q and k (on a fraction of each head's dims with
+                                        partial rotary); qk_norm: RMSNorm of each q and k head before RoPE;
+                                        sliding layers see the last `sliding_window` positions;
+                                        output_gate: out * sigmoid(gate), q_proj yields [q_h, gate_h] per head
+              or GatedDeltaNet(h)       linear_attention layers (hybrids): a fixed-size state per head,
+                                        moved towards v along k at every token (kernels/deltanet.py)
+        h = RMSNorm(x)
+        x = x + MLP(h)                  dense layers: SwiGLU, down(silu(gate h) * up h)
+              or SparseMoE(h)           sparse layers: sum of the top-k routed experts' SwiGLUs,
+                                        + sigmoid(shared_expert_gate . h) * a shared SwiGLU
+                                        if the config has one
+    logits = lm_head(RMSNorm(x))        lm_head is embed_tokens itself when tied
+
+One token's path through the code: Sequence.extend -> Decoder.forward -> embed, then per layer rmsnorm,
+self_attention (or gated_deltanet), rmsnorm, mlp (or sparse_moe), then rmsnorm and linear(lm_head).
+Prefill and decode run the same code: each sequence in a batch brings T new tokens at its own positions
+(T = 1 when decoding). Activation buffers are allocated once (Workspace) for the largest batch and
+sliced, so decoding allocates nothing large per token.
+
+bench/decode_profile.py times the kernels by swapping the names imported below for clocked wrappers, so
+the forward pass calls kernels by these module-level names only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ContextLengthError, TokenError
+from ..kernels.activations import sigmoid_gate, swiglu
+from ..kernels.attention import attention_decode, attention_prefill
+from ..kernels.deltanet import (
+    causal_conv1d,
+    delta_rule_gates,
+    gated_delta_rule_recurrent,
+    gated_rmsnorm,
+    l2norm,
+)
+from ..kernels.dtypes import FP16, FP32, from_float32, to_float32
+from ..kernels.embedding import embed
+from ..kernels.linear import linear
+from ..kernels.moe import moe_by_expert, moe_one_token, route
+from ..kernels.norm import rmsnorm
+from ..kernels.rope import apply_rope
+from .config import Config
+from .rope_frequencies import RotaryTables
+from .weights import AttentionWeights, DeltaNetWeights, MLPWeights, MoEWeights, Weights
+
+PREFILL_CHUNK = 512  # tokens a forward pass takes at most: bounds activation memory; bigger chunks widen bf16
+# weights for BLAS fewer times
+KV_CACHE_DTYPES = {"fp32": FP32, "fp16": FP16}
+FP16_MAX = 65504.0  # the largest finite fp16
+L2NORM_EPS = 1e-6  # Gated DeltaNet's q/k normalisation, as transformers' l2norm
+
+
+class Cache:
+    """Everything a sequence remembers between forward passes.
+
+    Attention layers: keys and values, (n_kv_heads, capacity, head_dim) each, float32 by default, or
+    fp16 when asked (load(kv_cache="fp16")): half the memory, and half the bytes each decode step reads
+    per context token (Qwen3-0.6B at 2048 tokens: 17 -> 21 tok/s), at a price in exactness: logits
+    move by ~5e-4 of their range (fp32 keys and values match transformers' fp32 to ~1e-6), enough to
+    flip an MoE router's choice now and then. A value beyond fp16's range (65504) turns the cache to
+    float32 rather than to inf. Capacity doubles when a sequence outgrows it (amortised O(1) per
+    token), up to the context length, so a short chat does not reserve memory for 32k positions.
+    Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
+    causal convolution and one (key_dim, value_dim) matrix per value head. That state cannot be
+    rewound: a hybrid model's sequence can only be extended, restarted, or brought back to the one
+    length where `snapshot()` copied it (the keys and values before that length stay in place)."""
+
+    def __init__(self, config: Config, context_length: int, capacity: int = 256, dtype=FP32):
+        self.n_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
+        self.context_length = context_length
+        self.attention_layers, self.deltanet_layers = config.attention_layers, config.deltanet_layers
+        conv_shape = (config.linear_conv_kernel_dim - 1, config.deltanet_conv_channels)
+        state_shape = (config.linear_num_value_heads, config.linear_key_head_dim,
+                       config.linear_value_head_dim)
+        self.length = 0  # positions 0..length-1 are cached
+        self.capacity = 0
+        self._allocate(min(capacity, context_length), dtype)
+        self.conv = {i: np.zeros(conv_shape, np.float32) for i in self.deltanet_layers}
+        self.recurrent = {i: np.zeros(state_shape, np.float32) for i in self.deltanet_layers}
+        self.saved: tuple[int, dict, dict] | None = None  # (length, conv, recurrent) from snapshot()
+
+    def _allocate(self, capacity: int, dtype):
+        shape = (self.n_kv_heads, capacity, self.head_dim)
+        k = {i: np.zeros(shape, dtype) for i in self.attention_layers}
+        v = {i: np.zeros(shape, dtype) for i in self.attention_layers}
+        kept = min(self.capacity, capacity)  # every stored position, a chunk still being stored included
+        for i in self.attention_layers if self.capacity else ():
+            k[i][:, :kept] = from_float32(to_float32(self.k[i][:, :kept]), dtype)
+            v[i][:, :kept] = from_float32(to_float32(self.v[i][:, :kept]), dtype)
+        self.k, self.v, self.capacity, self.dtype = k, v, capacity, dtype
+
+    def reserve(self, length: int):
+        if length > self.capacity:
+            self._allocate(min(self.context_length, max(length, 2 * self.capacity)), self.dtype)
+
+    def kept(self, length: int) -> int:
+        """The length rewind(length) keeps: `length` itself (at most the cached length), except for a
+        hybrid model asked to go back, which can only return to its snapshot, if it is not past
+        `length`, or to 0."""
+        if length >= self.length or not self.deltanet_layers:
+            return min(length, self.length)
+        return self.saved[0] if self.saved is not None and self.saved[0] <= length else 0
+
+    def rewind(self, length: int) -> int:
+        """Forget positions from `length` on (see kept); returns the length kept."""
+        length = self.kept(length)
+        if length < self.length and self.deltanet_layers:
+            snapshot = self.saved if self.saved is not None and self.saved[0] == length else None
+            for i in self.deltanet_layers:  # copied, not swapped: the snapshot can be restored again
+                self.conv[i][:] = snapshot[1][i] if snapshot else 0
+                self.recurrent[i][:] = snapshot[2][i] if snapshot else 0
+        if self.saved is not None and length < self.saved[0]:
+            self.saved = None  # its keys and values before self.saved[0] will be overwritten
+        self.length = length
+        return length
+
+    def snapshot(self):
+        """Remember the linear-attention state at the current length, so that a later sequence sharing
+        only this prefix (the next turn of a chat whose template re-renders the last reply) can
+        rewind here instead of prefilling from 0. One snapshot; a new one replaces it. Attention-only
+        models need none: their keys and values rewind to any length."""
+        if self.deltanet_layers:
+            self.saved = (self.length, {i: c.copy() for i, c in self.conv.items()},
+                          {i: r.copy() for i, r in self.recurrent.items()})
+
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
+        """k, v: (T, n_kv_heads, head_dim) float32 of positions start..start+T-1."""
+        if self.dtype == FP16 and max(np.abs(k).max(), np.abs(v).max()) > FP16_MAX:
+            self._allocate(self.capacity, FP32)
+        t = k.shape[0]
+        self.k[layer][:, start:start + t] = from_float32(k, self.dtype).transpose(1, 0, 2)
+        self.v[layer][:, start:start + t] = from_float32(v, self.dtype).transpose(1, 0, 2)
+
+
+class Workspace:
+    """Every activation buffer of a forward pass, allocated once for `rows` tokens."""
+
+    def __init__(self, config: Config, rows: int):
+        d, hd = config.hidden_size, config.head_dim
+        q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
+
+        def new(*shape):
+            return np.zeros(shape, np.float32)
+
+        self.rows = rows
+        self.x, self.h, self.out = new(rows, d), new(rows, d), new(rows, d)
+        self.q, self.k, self.v, self.attn = (new(rows, q_dim), new(rows, kv_dim), new(rows, kv_dim),
+                                             new(rows, q_dim))
+        # Flat, viewed as (T, F) by each SwiGLU MLP: dense, shared-expert and MoE widths differ.
+        f = max(config.intermediate_size, config.shared_expert_intermediate_size)
+        self.gate, self.up = new(rows * f), new(rows * f)
+        if config.num_experts:
+            k = config.num_experts_per_tok
+            self.router_logits = new(rows, config.num_experts)
+            self.route_weights, self.route_experts = new(rows, k), np.zeros((rows, k), np.int64)
+            self.expert_hidden = new(k, config.moe_intermediate_size)
+            self.shared, self.shared_gate = new(rows, d), new(rows, 1)
+        if config.family.output_gate:
+            self.q_and_gate = new(rows, 2 * q_dim)
+        if config.deltanet_layers:
+            hv, dv = config.linear_num_value_heads, config.linear_value_head_dim
+            channels, value_dim = config.deltanet_conv_channels, config.deltanet_value_dim
+            self.qkv, self.conv_out, self.z = new(rows, channels), new(rows, channels), new(rows, value_dim)
+            self.b, self.a, self.g, self.beta = new(rows, hv), new(rows, hv), new(rows, hv), new(rows, hv)
+            self.core = new(rows, hv, dv)
+            # Qwen3-Next's fused layout
+            self.qkvz, self.ba = new(rows, channels + value_dim), new(rows, 2 * hv)
+
+
+class Segment:
+    """One sequence's share of a forward pass: its cache, and the rows of the workspace that hold its
+    n new tokens, at positions start, start + 1, ..., start + n - 1."""
+
+    def __init__(self, cache: Cache, first_row: int, n: int, start: int):
+        self.cache, self.rows, self.n, self.start = cache, slice(first_row, first_row + n), n, start
+
+
+class Decoder:
+    """The network over its weights (see the module docstring); knows nothing of tokenizers or sampling."""
+
+    def __init__(self, config: Config, weights: Weights, prefill_chunk: int = PREFILL_CHUNK):
+        self.config, self.weights = config, weights
+        self.rope = RotaryTables(config)
+        self.scale = np.float32(config.head_dim ** -0.5)
+        self.windows = config.windows
+        self.ws = Workspace(config, prefill_chunk)
+        self.last_logits = np.zeros((0, config.vocab_size), np.float32)  # reused: grown to the largest batch
+
+    def __call__(self, cache: Cache, tokens: np.ndarray, every_token: bool = False) -> np.ndarray:
+        """Run one sequence's tokens (int64) at positions cache.length.., in chunks of at most
+        prefill_chunk; returns the logits after the last token (vocab,), or after every one (T, vocab), in
+        an array of the caller's own (forward's are reused by the next call)."""
+        chunk = self.ws.rows
+        logits = [self.forward([(cache, tokens[s:s + chunk])], every_token)
+                  for s in range(0, len(tokens), chunk)]
+        return np.concatenate(logits) if every_token else logits[-1][0].copy()
+
+    def forward(self, batch: list[tuple[Cache, np.ndarray]], every_token: bool = False) -> np.ndarray:
+        """One pass of the network over several sequences' new tokens at once, each at its own positions:
+        a prefill chunk, or one token each when decoding a batch (each weight is then read once for all).
+        Returns the logits after each sequence's last token (len(batch), vocab) — a view, valid until the
+        next call — or after every token (total tokens, vocab) with every_token."""
+        segments, row = [], 0
+        for cache, tokens in batch:
+            cache.reserve(cache.length + len(tokens))
+            segments.append(Segment(cache, row, len(tokens), cache.length))
+            row += len(tokens)
+        assert 0 < row <= self.ws.rows, "the caller splits batches into workspace-sized chunks"
+        ws, cfg, T = self.ws, self.config, row
+        x, h, out = ws.x[:T], ws.h[:T], ws.out[:T]
+        embed(x, self.weights.embed_tokens, np.concatenate([tokens for _, tokens in batch]))
+        rotation = [self.rope.cos_sin(s.start, s.n) for s in segments]
+        cos, sin = (np.concatenate(tables) for tables in zip(*rotation))
+        for i, layer in enumerate(self.weights.layers):
+            rmsnorm(h, x, layer.input_layernorm, cfg.rms_norm_eps)
+            if layer.linear_attn is not None:
+                self.gated_deltanet(out, h, layer.linear_attn, segments, i)
+            else:
+                self.self_attention(out, h, layer.self_attn, segments, i, cos, sin)
+            x += out
+            rmsnorm(h, x, layer.post_attention_layernorm, cfg.rms_norm_eps)
+            if isinstance(layer.mlp, MoEWeights):
+                self.sparse_moe(out, h, layer.mlp)
+            else:
+                self.mlp(out, h, layer.mlp)
+            x += out
+        for s in segments:
+            s.cache.length = s.start + s.n
+        if every_token:
+            rows, logits = x, np.empty((T, cfg.vocab_size), np.float32)
+        else:  # only each sequence's last token needs the final norm and the head
+            rows = x[[s.rows.stop - 1 for s in segments]]
+            if len(self.last_logits) < len(segments):
+                self.last_logits = np.zeros((len(segments), cfg.vocab_size), np.float32)
+            logits = self.last_logits[:len(segments)]
+        rmsnorm(rows, rows, self.weights.norm, cfg.rms_norm_eps)
+        linear(logits, rows, self.weights.lm_head)
+        return logits
+
+    def self_attention(self, out, h, w: AttentionWeights, segments: list[Segment], i: int, cos, sin):
+        cfg, T = self.config, h.shape[0]
+        hd, n_q, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        q, k, v, attn = self.ws.q[:T], self.ws.k[:T], self.ws.v[:T], self.ws.attn[:T]
+        if cfg.family.output_gate:  # q_proj yields [q_h, gate_h] per head; the gate scales the output later
+            q_and_gate = self.ws.q_and_gate[:T]
+            project(q_and_gate, h, w.q_proj, w.q_bias)
+            q.reshape(T, n_q, hd)[:] = q_and_gate.reshape(T, n_q, 2 * hd)[:, :, :hd]
+        else:
+            project(q, h, w.q_proj, w.q_bias)
+        project(k, h, w.k_proj, w.k_bias)
+        project(v, h, w.v_proj, w.v_bias)
+        q3, k3, v3, attn3 = (q.reshape(T, n_q, hd), k.reshape(T, n_kv, hd), v.reshape(T, n_kv, hd),
+                             attn.reshape(T, n_q, hd))
+        if w.q_norm is not None:  # qk_norm: RMSNorm of each head before rotating it
+            rmsnorm(q.reshape(T * n_q, hd), q.reshape(T * n_q, hd), w.q_norm, cfg.rms_norm_eps)
+            rmsnorm(k.reshape(T * n_kv, hd), k.reshape(T * n_kv, hd), w.k_norm, cfg.rms_norm_eps)
+        apply_rope(q3, cos, sin)
+        apply_rope(k3, cos, sin)
+        for s in segments:
+            s.cache.store(i, s.start, k3[s.rows], v3[s.rows])
+            # One query streams its keys and values; a block of queries goes through BLAS.
+            kernel = attention_decode if s.n == 1 else attention_prefill
+            kernel(attn3[s.rows], q3[s.rows], s.cache.k[i], s.cache.v[i], s.start, self.windows[i],
+                   self.scale)
+        if cfg.family.output_gate:  # attn * sigmoid(gate)
+            sigmoid_gate(attn3, attn3, q_and_gate.reshape(T, n_q, 2 * hd)[:, :, hd:])
+        project(out, attn, w.o_proj, w.o_bias)
+
+    def gated_deltanet(self, out, h, w: DeltaNetWeights, segments: list[Segment], i: int):
+        """Gated DeltaNet (Yang et al. 2024), per value head with state S (Dk x Dv):
+            q, k, v = silu(causal_conv(W_qkv h));  q, k = q / |q|, k / |k|
+            g = -exp(A_log) softplus(W_a h + dt_bias);  beta = sigmoid(W_b h)
+            S <- exp(g) S;  S <- S + beta k (v - S^T k)^T;  o = S^T q / sqrt(Dk)
+            out = W_out (RMSNorm(o) * w * silu(W_z h))"""
+        cfg, ws, T = self.config, self.ws, h.shape[0]
+        hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        dk, dv, key_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.deltanet_key_dim
+        qkv, z, b, a = ws.qkv[:T], ws.z[:T], ws.b[:T], ws.a[:T]
+        if w.in_proj_qkvz is not None:  # Qwen3-Next: one fused product, then reorder its outputs
+            qkvz, ba = ws.qkvz[:T], ws.ba[:T]
+            linear(qkvz, h, w.in_proj_qkvz)
+            linear(ba, h, w.in_proj_ba)
+            channels = qkv.shape[1]
+            qkv[:] = qkvz[:, w.qkvz_order[:channels]]
+            z[:] = qkvz[:, w.qkvz_order[channels:]]
+            b[:], a[:] = ba[:, w.ba_order[:hv]], ba[:, w.ba_order[hv:]]
+        else:
+            linear(qkv, h, w.in_proj_qkv)
+            linear(z, h, w.in_proj_z)
+            linear(b, h, w.in_proj_b)
+            linear(a, h, w.in_proj_a)
+        conv = ws.conv_out[:T]
+        for s in segments:  # each sequence's convolution continues from its own last inputs
+            causal_conv1d(conv[s.rows], s.cache.conv[i], qkv[s.rows], w.conv1d)
+        q = conv[:, :key_dim].reshape(T, hk, dk)
+        k = conv[:, key_dim:2 * key_dim].reshape(T, hk, dk)
+        v = conv[:, 2 * key_dim:].reshape(T, hv, dv)
+        l2norm(q, q, L2NORM_EPS)
+        l2norm(k, k, L2NORM_EPS)
+        g, beta, core = ws.g[:T], ws.beta[:T], ws.core[:T]
+        delta_rule_gates(g, beta, a, b, w.A_log, w.dt_bias)
+        for s in segments:  # token by token, also in prefill: see kernels/deltanet.py
+            r = s.rows
+            gated_delta_rule_recurrent(core[r], s.cache.recurrent[i], q[r], k[r], v[r], g[r], beta[r])
+        gated_rmsnorm(core, core, w.norm, z.reshape(T, hv, dv), cfg.rms_norm_eps)
+        linear(out, core.reshape(T, hv * dv), w.out_proj)
+
+    def mlp(self, out, h, w: MLPWeights):
+        T, f = h.shape[0], w.gate_proj.shape[0]
+        gate, up = self.ws.gate[:T * f].reshape(T, f), self.ws.up[:T * f].reshape(T, f)
+        linear(gate, h, w.gate_proj)
+        linear(up, h, w.up_proj)
+        swiglu(gate, gate, up)
+        linear(out, gate, w.down_proj)
+
+    def sparse_moe(self, out, h, w: MoEWeights):
+        """out = sum over the token's top-k experts of weight_e * MLP_e(h)
+        (+ sigmoid(g . h) * shared MLP(h))."""
+        cfg, ws, T = self.config, self.ws, h.shape[0]
+        logits, weights, experts = ws.router_logits[:T], ws.route_weights[:T], ws.route_experts[:T]
+        linear(logits, h, w.gate)
+        route(weights, experts, logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        if T * cfg.num_experts_per_tok <= cfg.num_experts:
+            # Decode, or so few tokens that an expert rarely serves two: stream only the chosen
+            # experts' weights, token by token, in one pass each.
+            for t in range(T):
+                moe_one_token(out[t], ws.expert_hidden, h[t], w.gate_projs, w.up_projs, w.down_projs,
+                              experts[t], weights[t])
+        else:  # prefill: each chosen expert runs once, on all of its tokens, as matrix products
+            moe_by_expert(out, h, w.gate_projs, w.up_projs, w.down_projs, experts, weights)
+        if w.shared_expert is not None:
+            shared, gate = ws.shared[:T], ws.shared_gate[:T]
+            self.mlp(shared, h, w.shared_expert)
+            linear(gate, h, w.shared_expert_gate)
+            sigmoid_gate(shared.reshape(T, 1, -1), shared.reshape(T, 1, -1), gate.reshape(T, 1, 1))
+            out += shared
+
+
+def project(out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):
+    """out = x W^T (+ b)."""
+    linear(out, x, weight)
+    if bias is not None:
+        out += bias
+
+
+class Sequence:
+    """One token sequence being extended: the decoder that runs it, its cache, and its tokens. Reuses the
+    cached prefix it shares with a new prompt, so a chat's history is not prefilled again."""
+
+    def __init__(self, decoder: Decoder, cache: Cache):
+        self.decoder, self.cache = decoder, cache
+        self.tokens: list[int] = []
+        self.reused = 0  # tokens the last reset_to found already cached
+
+    def check(self, tokens, start: int, room: int = 0):
+        """The one validation point: `tokens` are ids inside the vocabulary, and placed at positions
+        start.. they leave `room` more positions in the context window. Raises TokenError or
+        ContextLengthError."""
+        if len(tokens) == 0:
+            raise TokenError("no tokens given: a sequence needs at least one token")
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TokenError("token ids must be a flat sequence of integers")
+        vocab = self.decoder.config.vocab_size
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise TokenError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab})")
+        if start + len(tokens) + room > self.cache.context_length:
+            more = f" + {room} new tokens" if room else ""
+            raise ContextLengthError(f"{start + len(tokens)} tokens{more} do not fit the context window of "
+                                     f"{self.cache.context_length}")
+
+    def extend(self, tokens, every_token: bool = False) -> np.ndarray:
+        """Append tokens; returns the logits after the last one (vocab,), or after each (T, vocab)."""
+        self.check(tokens, start=len(self.tokens))
+        return self._run(tokens, every_token)
+
+    def reset_to(self, tokens, room: int = 0) -> np.ndarray:
+        """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping the longest
+        cached common prefix; returns the logits after the last token."""
+        self.check(tokens, start=0, room=room)
+        return self._run(tokens[self.keep_prefix(tokens):], every_token=False)
+
+    def keep_prefix(self, tokens) -> int:
+        """Rewind to the longest prefix of `tokens` the cache can keep (Cache.kept); returns its length,
+        also kept in `reused`."""
+        kept = self.cache.rewind(self.common_prefix(tokens))
+        self.tokens, self.reused = self.tokens[:kept], kept
+        return kept
+
+    def _run(self, tokens, every_token: bool) -> np.ndarray:
+        logits = self.decoder(self.cache, np.asarray(tokens, dtype=np.int64), every_token)
+        self.tokens.extend(int(t) for t in tokens)
+        return logits
+
+    def common_prefix(self, tokens) -> int:
+        """How many leading tokens are already cached (at most len(tokens) - 1: one must run for logits)."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(tokens) - 1)
