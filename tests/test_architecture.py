@@ -58,3 +58,16 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
     bad = tmp_path / "decoder.py"
     bad.write_text("from ..text.generation import Sampler\nfrom .config import Config\n")
     assert minqwen_imports(bad, "minqwen.network") == ["text.generation", "network.config"]
+
+
+def test_no_folder_of_the_repo_stands_in_for_the_kernels_package():
+    """transformers imports the Hugging Face `kernels` package whenever a module of that name can be
+    found: neither the tests' import path (conftest keeps the repo root off it) nor a bench script's
+    (its own folder) may offer the repo's kernels/ folder or a bench/kernels.py under that name."""
+    import importlib.util
+
+    found = importlib.util.find_spec("kernels")
+    assert found is None or ROOT not in Path(found.origin or "").resolve().parents, found
+    from importlib.machinery import PathFinder
+    for folder in (ROOT / "bench", ROOT / "tests"):
+        assert PathFinder.find_spec("kernels", [str(folder)]) is None, folder

@@ -1,6 +1,6 @@
 """Kernel bench: how close each weight-streaming kernel gets to this machine's memory bandwidth.
 
-    python bench/kernels.py [--gib 1] [--repeats 7] [--quick] [--threads N]
+    python bench/kernel_speed.py [--gib 1] [--repeats 7] [--quick] [--threads N]
                             [--kinds fp32,bf16,fp16,fp8,int8,int4,q8_0,q4_0,q4_1,q5_0,q4_k,q5_k,q6_k]
 
 Decoding one token streams every weight from DRAM once, so the decode kernels (matvec) are judged
