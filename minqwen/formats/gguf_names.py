@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import CheckpointError, UnsupportedModelError
 from ..kernels.ggml import GGML_BLOCKS, GgmlMatrix
+from ..network.weights import qwen3_next_rows
 from ..text.tokenizer import gguf_end_of_generation_ids
 from .gguf import GGML_TYPES, GGUFFile
 
@@ -164,8 +165,7 @@ def gguf_tensors(gguf: GGUFFile, config) -> dict[str, np.ndarray]:
 def _split_ba(prefix: str, ba, config) -> dict:
     """ssm_ba (2 Hv, D), rows per key head [b (G), a (G)] -> in_proj_b (Hv, D), in_proj_a (Hv, D) (copies)."""
     hk, group = config.linear_num_key_heads, config.linear_num_value_heads // config.linear_num_key_heads
-    start = np.arange(hk)[:, None] * 2 * group
-    b_rows, a_rows = (start + np.arange(group)).ravel(), (start + group + np.arange(group)).ravel()
+    b_rows, a_rows = qwen3_next_rows(hk, (group, group))
     return {prefix + "linear_attn.in_proj_b.weight": _rows(ba, b_rows),
             prefix + "linear_attn.in_proj_a.weight": _rows(ba, a_rows)}
 

@@ -258,7 +258,7 @@ def _deltanet(config: Config, src: TensorSource, p: str) -> DeltaNetWeights:
     if not (hk and hv and dk and dv) or hv % hk:
         raise ConfigError("linear attention needs linear_num_{key,value}_heads (value a multiple of key) "
                           "and linear_{key,value}_head_dim")
-    channels, value_dim = config.deltanet_conv_channels, config.deltanet_value_dim
+    channels, value_dim, group = config.deltanet_conv_channels, config.deltanet_value_dim, hv // hk
     fused = src.has(p + "in_proj_qkvz.weight")
 
     def separate(name, rows):
@@ -270,29 +270,21 @@ def _deltanet(config: Config, src: TensorSource, p: str) -> DeltaNetWeights:
         in_proj_b=separate("in_proj_b", hv), in_proj_a=separate("in_proj_a", hv),
         in_proj_qkvz=src.matrix(p + "in_proj_qkvz.weight", (channels + value_dim, d)) if fused else None,
         in_proj_ba=src.matrix(p + "in_proj_ba.weight", (2 * hv, d)) if fused else None,
-        qkvz_order=_qwen3_next_qkvz_order(hk, hv // hk, dk, dv) if fused else None,
-        ba_order=_qwen3_next_ba_order(hk, hv // hk) if fused else None,
+        qkvz_order=np.concatenate(qwen3_next_rows(hk, (dk, dk, group * dv, group * dv))) if fused else None,
+        ba_order=np.concatenate(qwen3_next_rows(hk, (group, group))) if fused else None,
         conv1d=conv.reshape(channels, config.linear_conv_kernel_dim),
         A_log=src.vector(p + "A_log", hv), dt_bias=src.vector(p + "dt_bias", hv),
         norm=src.vector(p + "norm.weight", dv), out_proj=src.matrix(p + "out_proj.weight", (d, value_dim)))
 
 
-def _qwen3_next_qkvz_order(hk: int, group: int, dk: int, dv: int) -> np.ndarray:
-    """in_proj_qkvz rows come per key head j as [q_j (Dk), k_j (Dk), v (G Dv), z (G Dv)]; the order
-    that lists them as [all q | all k | all v | all z]."""
-    start = np.arange(hk)[:, None] * (2 * dk + 2 * group * dv)
-
-    def block(offset, size):
-        return (start + offset + np.arange(size)).ravel()
-
-    return np.concatenate([block(0, dk), block(dk, dk), block(2 * dk, group * dv),
-                           block(2 * dk + group * dv, group * dv)])
-
-
-def _qwen3_next_ba_order(hk: int, group: int) -> np.ndarray:
-    """in_proj_ba rows come per key head as [b (G), a (G)]; the order listing all b, then all a."""
-    start = np.arange(hk)[:, None] * 2 * group
-    return np.concatenate([(start + np.arange(group)).ravel(), (start + group + np.arange(group)).ravel()])
+def qwen3_next_rows(heads: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """Qwen3-Next fuses projections per key head: its rows are [block 0 (sizes[0] rows) | block 1 | ...] for
+    head 0, then the same for head 1, ...; returns, block by block, that block's rows of every head in head
+    order -- the rows of Qwen3.5's separate matrices. in_proj_qkvz: blocks q (Dk), k (Dk), v (G Dv), z (G Dv);
+    in_proj_ba (and GGUF's ssm_ba): b (G), a (G)."""
+    starts = np.arange(heads)[:, None] * sum(sizes)
+    offsets = np.cumsum((0, *sizes[:-1]))
+    return [(starts + offset + np.arange(size)).ravel() for offset, size in zip(offsets, sizes)]
 
 
 def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLPWeights:
