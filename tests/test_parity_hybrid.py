@@ -117,7 +117,7 @@ def test_a_snapshot_brings_a_hybrid_sequence_back(tmp_path_factory):
     sequence.extend(first)
     for prompt, kept in ((history + second, len(history)), (history + first[:3], len(history)),
                          (history[:5] + second, 0)):
-        assert sequence.cache.kept(sequence.common_prefix(prompt)) == kept
+        assert sequence.reusable_prefix(prompt) == kept
         last = sequence.reset_to(prompt).copy()
         assert sequence.reused == kept and sequence.cache.length == len(prompt)
         fresh = model.logits(prompt)[-1]

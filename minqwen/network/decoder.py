@@ -100,17 +100,18 @@ class Cache:
         if length > self.capacity:
             self._allocate(min(self.context_length, max(length, 2 * self.capacity)), self.dtype)
 
-    def kept(self, length: int) -> int:
-        """The length rewind(length) keeps: `length` itself (at most the cached length), except for a
-        hybrid model asked to go back, which can only return to its snapshot, if it is not past
-        `length`, or to 0."""
+    def reusable(self, length: int) -> int:
+        """How many of the first `length` positions rewind(length) keeps (the reusable prefix): `length`
+        itself (at most the cached length), except for a hybrid model asked to go back, which can only
+        return to its snapshot, if it is not past `length`, or to 0."""
         if length >= self.length or not self.deltanet_layers:
             return min(length, self.length)
         return self.saved[0] if self.saved is not None and self.saved[0] <= length else 0
 
     def rewind(self, length: int) -> int:
-        """Forget positions from `length` on (see kept); returns the length kept."""
-        length = self.kept(length)
+        """Forget positions from `length` on, as far as the cache can (see reusable); returns the length
+        kept."""
+        length = self.reusable(length)
         if length < self.length and self.deltanet_layers:
             snapshot = self.saved if self.saved is not None and self.saved[0] == length else None
             for i in self.deltanet_layers:  # copied, not swapped: the snapshot can be restored again
@@ -352,12 +353,13 @@ def project(out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray
 
 class Sequence:
     """One token sequence being extended: the decoder that runs it, its cache, and its tokens. Reuses the
-    cached prefix it shares with a new prompt, so a chat's history is not prefilled again."""
+    cached prefix it shares with a new prompt (its reusable prefix), so a chat's history is not prefilled
+    again."""
 
     def __init__(self, decoder: Decoder, cache: Cache):
         self.decoder, self.cache = decoder, cache
         self.tokens: list[int] = []
-        self.reused = 0  # tokens the last reset_to found already cached
+        self.reused = 0  # tokens the last reset_to found already cached (its reusable prefix)
 
     def check(self, tokens, start: int, room: int = 0):
         """The one validation point: `tokens` are ids inside the vocabulary, and placed at positions
@@ -383,17 +385,31 @@ class Sequence:
         return self._run(tokens, every_token)
 
     def reset_to(self, tokens, room: int = 0) -> np.ndarray:
-        """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping the longest
-        cached common prefix; returns the logits after the last token."""
+        """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping its
+        reusable prefix; returns the logits after the last token."""
         self.check(tokens, start=0, room=room)
-        return self._run(tokens[self.keep_prefix(tokens):], every_token=False)
+        return self._run(tokens[self.rewind_to_reusable_prefix(tokens):], every_token=False)
 
-    def keep_prefix(self, tokens) -> int:
-        """Rewind to the longest prefix of `tokens` the cache can keep (Cache.kept); returns its length,
-        also kept in `reused`."""
-        kept = self.cache.rewind(self.common_prefix(tokens))
-        self.tokens, self.reused = self.tokens[:kept], kept
-        return kept
+    def reusable_prefix(self, tokens) -> int:
+        """How many leading `tokens` the cache could keep: the prefix they share with the sequence, as far
+        back as the cache can rewind (Cache.reusable)."""
+        return self.cache.reusable(self.common_prefix(tokens))
+
+    def rewind_to_reusable_prefix(self, tokens) -> int:
+        """Forget what follows the reusable prefix of `tokens`; returns its length, also kept in `reused`."""
+        reused = self.cache.rewind(self.common_prefix(tokens))
+        self.tokens, self.reused = self.tokens[:reused], reused
+        return reused
+
+    @staticmethod
+    def extend_together(batch: list[tuple[Sequence, list[int]]]) -> np.ndarray:
+        """Several sequences' new tokens (checked, and within the workspace's rows together) in one
+        Decoder.forward, each weight read once for all; returns the logits after each one's last token
+        (len(batch), vocab), a view valid until the decoder's next pass."""
+        logits = batch[0][0].decoder.forward([(s.cache, np.asarray(t, np.int64)) for s, t in batch])
+        for sequence, tokens in batch:
+            sequence.tokens.extend(int(t) for t in tokens)
+        return logits
 
     def _run(self, tokens, every_token: bool) -> np.ndarray:
         logits = self.decoder(self.cache, np.asarray(tokens, dtype=np.int64), every_token)

@@ -84,10 +84,6 @@ class Slot:
         self.prefilling = False
         self.used = 0  # the step it was last released at (least recently used slots are taken first)
 
-    def reusable(self, prompt: list[int]) -> int:
-        """How many leading prompt tokens the slot's cache would keep (Cache.kept)."""
-        return self.sequence.cache.kept(self.sequence.common_prefix(prompt))
-
     def chunk_limit(self) -> int:
         """Tokens the next prefill chunk may take: up to the snapshot point, for a hybrid model."""
         cache, at = self.sequence.cache, self.job.snapshot_at
@@ -181,8 +177,8 @@ class Engine:
                 self._end(job, End("cancelled"))
                 continue
             free = [slot for slot in self.slots if slot.job is None]
-            slot = max(free, key=lambda s: (s.reusable(job.prompt), -s.used))
-            job.cached_tokens = slot.sequence.keep_prefix(job.prompt)
+            slot = max(free, key=lambda s: (s.sequence.reusable_prefix(job.prompt), -s.used))
+            job.cached_tokens = slot.sequence.rewind_to_reusable_prefix(job.prompt)
             slot.job, slot.pending, slot.prefilling = job, job.prompt[job.cached_tokens:], True
             if job.snapshot_at == job.cached_tokens:
                 slot.sequence.cache.snapshot()
@@ -203,10 +199,7 @@ class Engine:
                 budget -= n
         if not batch:
             return
-        # One pass for all (each weight read once); each sequence then holds its new tokens.
-        logits = self.model.decoder.forward([(s.sequence.cache, np.asarray(t, np.int64)) for s, t in batch])
-        for slot, tokens in batch:
-            slot.sequence.tokens += tokens
+        logits = Sequence.extend_together([(slot.sequence, tokens) for slot, tokens in batch])
         self.steps += 1
         for (slot, tokens), row in zip(batch, logits):
             slot.pending = slot.pending[len(tokens):]
