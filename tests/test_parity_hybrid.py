@@ -81,6 +81,8 @@ def test_logits_and_greedy_match_transformers(case):
     model = assert_matches_transformers(*case, prompt_length=70, reference_dtype="float64")
     if "image-text" in case[0]:
         assert model.config.has_vision_tower
+    # Only Qwen3-Next's checkpoints store in_proj_qkvz / in_proj_ba fused: only they need the buffers.
+    assert hasattr(model.decoder.ws, "qkvz") == (model.config.model_type == "qwen3_next")
 
 
 def test_prefill_then_decode_equals_decode_from_the_start(case):

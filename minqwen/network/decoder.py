@@ -141,9 +141,10 @@ class Cache:
 
 
 class Workspace:
-    """Every activation buffer of a forward pass, allocated once for `rows` tokens."""
+    """Every activation buffer of a forward pass, allocated once for `rows` tokens: those the config's
+    switches use, and Qwen3-Next's fused projection outputs when the weights are stored fused."""
 
-    def __init__(self, config: Config, rows: int):
+    def __init__(self, config: Config, rows: int, fused_deltanet: bool = False):
         d, hd = config.hidden_size, config.head_dim
         q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
 
@@ -162,6 +163,7 @@ class Workspace:
             self.router_logits = new(rows, config.num_experts)
             self.route_weights, self.route_experts = new(rows, k), np.zeros((rows, k), np.int64)
             self.expert_hidden = new(k, config.moe_intermediate_size)
+        if config.num_experts and config.shared_expert_intermediate_size:
             self.shared, self.shared_gate = new(rows, d), new(rows, 1)
         if config.family.output_gate:
             self.q_and_gate = new(rows, 2 * q_dim)
@@ -171,8 +173,8 @@ class Workspace:
             self.qkv, self.conv_out, self.z = new(rows, channels), new(rows, channels), new(rows, value_dim)
             self.b, self.a, self.g, self.beta = new(rows, hv), new(rows, hv), new(rows, hv), new(rows, hv)
             self.core = new(rows, hv, dv)
-            # Qwen3-Next's fused layout
-            self.qkvz, self.ba = new(rows, channels + value_dim), new(rows, 2 * hv)
+            if fused_deltanet:  # in_proj_qkvz / in_proj_ba's outputs, before they are reordered
+                self.qkvz, self.ba = new(rows, channels + value_dim), new(rows, 2 * hv)
 
 
 class Segment:
@@ -191,7 +193,7 @@ class Decoder:
         self.rope = RotaryTables(config)
         self.scale = np.float32(config.head_dim ** -0.5)
         self.windows = config.windows
-        self.ws = Workspace(config, prefill_chunk)
+        self.ws = Workspace(config, prefill_chunk, weights.fused_deltanet)
         self.last_logits = np.zeros((0, config.vocab_size), np.float32)  # reused: grown to the largest batch
 
     def __call__(self, cache: Cache, tokens: np.ndarray, every_token: bool = False) -> np.ndarray:

@@ -103,6 +103,12 @@ class Weights:
     norm: np.ndarray  # (hidden,) float32
     lm_head: np.ndarray  # (vocab, hidden): embed_tokens itself when tied (or its quantised copy)
 
+    @property
+    def fused_deltanet(self) -> bool:
+        """Whether DeltaNet layers keep Qwen3-Next's fused in_proj_qkvz / in_proj_ba (see DeltaNetWeights)."""
+        return any(layer.linear_attn is not None and layer.linear_attn.in_proj_qkvz is not None
+                   for layer in self.layers)
+
 
 class TensorSource:
     """Takes tensors out of the checkpoint by name, checking each one's shape and dtype, and remembers
