@@ -20,7 +20,8 @@ from .kernels.ggml import GgmlMatrix
 from .kernels.simd import target_features
 from .loader import load, open_checkpoint
 from .network.weights import IGNORED, TensorSource, load_weights, unread_tensors
-from .text.generation import GenerationOptions, Stats, StopStrings, options_with_defaults, stream_tokens
+from .text.generation import GenerationOptions, Stats, options_with_defaults, stream_tokens
+from .text.reply import Delta, Reply
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DIM, RESET = "\033[2m", "\033[0m"
@@ -140,43 +141,65 @@ def _messages(args, user: str) -> list[dict]:
 def _generate(args) -> int:
     model = _load(args)
     tok = _require_tokenizer(model)
-    if args.no_chat or not tok.has_chat_template:
+    chat = not args.no_chat and tok.has_chat_template
+    if chat:
+        prompt = tok.apply_chat_template(_messages(args, args.prompt), add_generation_prompt=True,
+                                         **_template_kwargs(args))
+    else:
         if args.system or args.think is not None:
             raise TemplateError("--system/--think need the chat template (drop --no-chat)")
         prompt = tok.encode(args.prompt)
-    else:
-        prompt = tok.apply_chat_template(_messages(args, args.prompt), add_generation_prompt=True,
-                                         **_template_kwargs(args))
     stats = Stats()
-    _stream_to_stdout(model, model.sequence(), prompt, args, stats)
+    _stream_to_stdout(model, model.sequence(), prompt, args, stats, chat)
     print(stats.line(), file=sys.stderr)
     return 0
 
 
-def _stream_to_stdout(model, sequence, prompt, args, stats) -> str:
-    """Generate, printing text as it comes (thinking dimmed); returns the decoded reply, which ends before
-    a stop string (as the OpenAI API's text does)."""
+def _stream_to_stdout(model, sequence, prompt, args, stats, chat: bool) -> Delta:
+    """Generate, printing the reply as it comes (Printer); returns it whole. Its text ends before a stop
+    string (as the OpenAI API's does). A `chat` prompt (the chat template's) has its reasoning told from
+    its content by the markers' token ids (Reply); a raw prompt's reply is all content."""
     # By default until the end of turn or of the context window (a prompt that fills the window is
     # refused by the sequence: it leaves no room for the one token asked for).
     max_new = (args.max_new_tokens if args.max_new_tokens is not None
                else max(1, model.context_length - len(prompt)))
     options = _options(args, model)
-    tokens = stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, model.tokenizer, stats)
-    text = StopStrings(options.stop, model.tokenizer.stream_decoder(skip_special_tokens=True))
-    reply = []
-    for token in tokens:
-        reply.append(text.push(token))
-        _show(reply[-1])
-    reply.append(text.flush())
-    _show(reply[-1])
-    print()
-    return "".join(reply)
+    reply = Reply(model.tokenizer, prompt, options.stop, chat=chat)
+    printer = Printer(sys.stdout)
+    for _, delta in stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, reply, stats):
+        printer.show(delta)
+    printer.show(reply.finish())
+    printer.end()
+    return printer.reply
 
 
-def _show(piece: str):
-    sys.stdout.write(piece.replace("<think>", DIM + "<think>").replace("</think>", "</think>" + RESET)
-                     if sys.stdout.isatty() else piece)
-    sys.stdout.flush()
+class Printer:
+    """A reply's deltas on `out` as they come: its reasoning between "<think>" and "</think>" lines, dimmed
+    on a terminal, then its content; `reply` gathers them. (Each delta holds one of the two: Reply adds
+    the text before a marker to the delta of the marker's token.)"""
+
+    def __init__(self, out):
+        self.out = out
+        self.dim, self.reset = (DIM, RESET) if out.isatty() else ("", "")
+        self.thinking = False  # "<think>" shown, "</think>" not yet
+        self.reply = Delta()
+
+    def show(self, delta: Delta):
+        if delta.reasoning and not self.thinking:
+            self.out.write(self.dim + "<think>\n")
+            self.thinking = True
+        elif delta.content and self.thinking:
+            self.out.write("\n</think>" + self.reset + "\n\n")
+            self.thinking = False
+        self.out.write(delta.reasoning + delta.content)
+        self.out.flush()
+        self.reply.reasoning += delta.reasoning
+        self.reply.content += delta.content
+
+    def end(self):
+        """Close reasoning cut short (by the token limit or a stop string), and the line."""
+        self.out.write(("\n</think>" + self.reset if self.thinking else "") + "\n")
+        self.out.flush()
 
 
 def _chat(args) -> int:
@@ -203,8 +226,10 @@ def _chat(args) -> int:
         messages.append({"role": "user", "content": user})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, **_template_kwargs(args))
         stats = Stats()
-        reply = _stream_to_stdout(model, sequence, prompt, args, stats)
-        messages.append({"role": "assistant", "content": reply.strip()})
+        reply = _stream_to_stdout(model, sequence, prompt, args, stats, chat=True)
+        # no reasoning: None, which the template does not see (Tokenizer.apply_chat_template drops it)
+        messages.append({"role": "assistant", "content": reply.content.strip(),
+                         "reasoning_content": reply.reasoning or None})
         print(stats.line(), file=sys.stderr)
 
 

@@ -9,6 +9,7 @@ from .network.config import Config
 from .network.decoder import KV_CACHE_DTYPES, Cache, Decoder, Sequence
 from .network.weights import Weights
 from .text.generation import GenerationOptions, stream_tokens
+from .text.reply import Reply
 
 
 class Model:
@@ -36,11 +37,15 @@ class Model:
         return self.sequence().extend(list(token_ids), every_token=True)
 
     def generate(self, token_ids, max_new_tokens: int, **options) -> list[int]:
-        """The new tokens only (ending with the end-of-turn token if one was produced); options are
-        GenerationOptions' fields (temperature, top_k, top_p, ..., seed, stop)."""
+        """The new tokens only, ending with the end-of-turn token or the one that completes a stop string
+        if there is one; options are GenerationOptions' fields (temperature, top_k, ..., seed, stop)."""
         return list(self.stream(token_ids, max_new_tokens, **options))
 
     def stream(self, token_ids, max_new_tokens: int, **options):
         """Yield new token ids as they are produced (same options as `generate`)."""
-        return stream_tokens(self.sequence(), list(token_ids), max_new_tokens, GenerationOptions(**options),
-                             self.eos_token_ids, self.tokenizer)
+        prompt, options = list(token_ids), GenerationOptions(**options)
+        reply = None  # without a tokenizer, stream_tokens refuses stop strings
+        if options.stop and self.tokenizer is not None:  # matched on all the text, markers included
+            reply = Reply(self.tokenizer, prompt, options.stop, chat=False)
+        steps = stream_tokens(self.sequence(), prompt, max_new_tokens, options, self.eos_token_ids, reply)
+        return (token for token, _ in steps)

@@ -1,6 +1,7 @@
 """The command line and the generation API on a checkpoint with the real Qwen2.5 / Qwen3 tokenizers."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,9 @@ import pytest
 
 import minqwen
 from checkpoints import DATA, build_checkpoint, relative_error, shrink
+from minqwen.cli import DIM, RESET, Printer
+from minqwen.text.reply import Reply
+from minqwen.text.tokenizer import Tokenizer
 
 SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, max_position_embeddings=512)
@@ -179,6 +183,37 @@ def test_cli_text_ends_before_the_stop_string(qwen25):
                      "--stop", stop)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == text[:text.index(stop)]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_reasoning_is_shown_by_the_markers_token_ids(terminal):
+    """The CLI prints what Reply splits by token id: reasoning between <think> lines, dimmed on a terminal,
+    then the content. Qwen3.5's prompt opens <think>, so its reasoning has no "<think>" text to find; one
+    cut short (here by a stop string) is closed."""
+    tok = Tokenizer.from_dir(DATA / "tokenizers" / "qwen3.5")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "2+2?"}])
+    dim, reset = (DIM, RESET) if terminal else ("", "")
+
+    def printed(script, stop=()):
+        reply, out = Reply(tok, prompt, list(stop)), Terminal() if terminal else io.StringIO()
+        printer = Printer(out)
+        for token in tok.encode(script):
+            printer.show(reply.push(token))
+        printer.show(reply.finish())
+        printer.end()
+        return out.getvalue(), printer.reply
+
+    out, reply = printed("Easy.\n</think>\n\nIt is 4.")
+    assert out == f"{dim}<think>\nEasy.\n</think>{reset}\n\nIt is 4.\n"
+    assert (reply.reasoning, reply.content) == ("Easy.", "It is 4.")
+    out, reply = printed("Easy: 2+2 is 4.", stop=["2+2"])
+    assert out == f"{dim}<think>\nEasy: \n</think>{reset}\n"
+    assert (reply.reasoning, reply.content) == ("Easy: ", "")
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -1,61 +1,10 @@
-"""The step-wise generation state (Sampler) and stop strings (StopStrings), without a model."""
+"""The step-wise generation state (Sampler), without a model."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from minqwen.text.generation import GenerationOptions, Sampler, StopStrings
-
-
-class Pieces:
-    """A stand-in stream decoder: token i decodes to pieces[i]."""
-
-    def __init__(self, pieces):
-        self.pieces = pieces
-
-    def push(self, token):
-        return self.pieces[token]
-
-    def flush(self):
-        return ""
-
-
-def shown(pieces, stops, final=True):
-    text = StopStrings(stops, Pieces(pieces))
-    out = []
-    for token in range(len(pieces)):
-        out.append(text.push(token))
-        if text.found is not None:
-            break
-    if final:
-        out.append(text.flush())
-    return out, text.found
-
-
-def test_stop_string_is_cut_out_across_tokens():
-    out, found = shown(["Hello", " wor", "ld. ", "More"], ["world"])
-    assert "".join(out) == "Hello " and found == "world"
-
-
-def test_text_that_may_start_a_stop_string_is_held_back():
-    # " wor" could begin "world": it is not shown until the next piece settles it
-    out, found = shown(["Hello", " wor", "m"], ["world"], final=False)
-    assert out == ["Hello", " ", "worm"] and found is None
-
-
-def test_held_text_is_released_at_the_end():
-    out, found = shown(["abc", "wo"], ["world"])
-    assert out == ["abc", "", "wo"] and found is None
-
-
-def test_earliest_stop_string_wins_and_text_after_it_is_dropped():
-    out, found = shown(["a STOP b END c"], ["END", "STOP"])
-    assert "".join(out) == "a " and found == "STOP"
-
-
-def test_no_stop_strings_is_a_plain_decoder():
-    out, found = shown(["x", "y"], [])
-    assert out == ["x", "y", ""] and found is None
+from minqwen.text.generation import GenerationOptions, Sampler
 
 
 def sampler(vocab=8, prompt=(0,), max_new=5, **options):

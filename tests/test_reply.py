@@ -1,5 +1,6 @@
-"""Reasoning and tool-call parsing (minqwen/reply.py) on scripted token streams with the real Qwen
-tokenizers: random weights never write these markers, so the scripts stand in for a model."""
+"""Generated tokens -> text (minqwen/text/reply.py): stop strings over a stand-in decoder; reasoning and
+tool-call parsing on scripted token streams with the real Qwen tokenizers (random weights never write
+these markers, so the scripts stand in for a model)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from checkpoints import DATA
-from minqwen.text.reply import Delta, Reply, parse_tool_call, typed
+from minqwen.text.reply import Delta, Reply, StopStrings, parse_tool_call, typed
 from minqwen.text.tokenizer import Tokenizer
 
 WEATHER = {"type": "function", "function": {
@@ -17,6 +18,57 @@ WEATHER = {"type": "function", "function": {
         "units": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "hours": {"type": "array"},
         "scale": {"type": "number"}}, "required": ["city"]}}}
 USER = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+class Pieces:
+    """A stand-in stream decoder: token i decodes to pieces[i]."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def push(self, token):
+        return self.pieces[token]
+
+    def flush(self):
+        return ""
+
+
+def shown(pieces, stops, final=True):
+    text = StopStrings(stops, Pieces(pieces))
+    out = []
+    for token in range(len(pieces)):
+        out.append(text.push(token))
+        if text.found is not None:
+            break
+    if final:
+        out.append(text.flush())
+    return out, text.found
+
+
+def test_stop_string_is_cut_out_across_tokens():
+    out, found = shown(["Hello", " wor", "ld. ", "More"], ["world"])
+    assert "".join(out) == "Hello " and found == "world"
+
+
+def test_text_that_may_start_a_stop_string_is_held_back():
+    # " wor" could begin "world": it is not shown until the next piece settles it
+    out, found = shown(["Hello", " wor", "m"], ["world"], final=False)
+    assert out == ["Hello", " ", "worm"] and found is None
+
+
+def test_held_text_is_released_at_the_end():
+    out, found = shown(["abc", "wo"], ["world"])
+    assert out == ["abc", "", "wo"] and found is None
+
+
+def test_earliest_stop_string_wins_and_text_after_it_is_dropped():
+    out, found = shown(["a STOP b END c"], ["END", "STOP"])
+    assert "".join(out) == "a " and found == "STOP"
+
+
+def test_no_stop_strings_is_a_plain_decoder():
+    out, found = shown(["x", "y"], [])
+    assert out == ["x", "y", ""] and found is None
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@
 
 `Sampler` is one sequence's side of that loop, a step at a time (stream_tokens drives one; the server's
 engine many): its own generator, penalty counts, and its end — an end-of-turn token (returned, as
-transformers does) or max_new_tokens. Stop strings are text: `StopStrings` holds back what could still
-become one and cuts the text before it (the token completing it is the last returned).
+transformers does) or max_new_tokens. Stop strings are text: the Reply (text/reply.py) that turns the
+tokens into text says when one appears, and the token completing it is the last returned.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import SamplingError
 from ..kernels.sampling import apply_penalties, sample
+from .reply import Reply
 
 
 @dataclass
@@ -136,50 +137,21 @@ class Sampler:
         return token
 
 
-class StopStrings:
-    """Generated tokens -> the text to show: `push(token)` returns the new text that can no longer be part
-    of a stop string (a tail that could still grow into one is held back); once one appears, `found` is
-    set and only the text before it is returned. With no stop strings, a plain streaming decoder."""
-
-    def __init__(self, strings: list[str], decoder):
-        self.strings, self.decoder = strings, decoder
-        self.held = ""  # the end of the text, shown once it cannot begin a stop string
-        self.found: str | None = None
-
-    def push(self, token: int) -> str:
-        return self._release(self.decoder.push(token), final=False)
-
-    def flush(self) -> str:
-        """Everything held back (at the end of the text, or at a boundary no stop string may cross)."""
-        return self._release(self.decoder.flush(), final=True)
-
-    def _release(self, piece: str, final: bool) -> str:
-        if self.found is not None:
-            return ""
-        text, self.held = self.held + piece, ""
-        hits = [(text.find(s), s) for s in self.strings if s in text]
-        if hits:
-            start, self.found = min(hits)
-            return text[:start]
-        if not final:
-            keep = max((n for s in self.strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-            text, self.held = text[:len(text) - keep], text[len(text) - keep:]
-        return text
-
-
 def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: GenerationOptions,
-                  eos_ids: list[int], tokenizer=None, stats: Stats | None = None):
-    """A generator of new token ids. The arguments are checked here, at the call; the prompt's ids are
-    checked by the sequence (Sequence.check) when the generator starts."""
+                  eos_ids: list[int], reply: Reply | None = None, stats: Stats | None = None):
+    """A generator of (new token id, what it added to `reply`: a Delta, or None without a reply). The reply
+    reads each token before it is yielded, and a stop string it finds ends the generation: stop strings
+    are matched on its text, so `options.stop` needs a reply made with them. The arguments are checked
+    here, at the call; the prompt's ids are checked by the sequence (Sequence.check) when the generator
+    starts."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if options.stop and tokenizer is None:
+    if options.stop and reply is None:
         raise SamplingError("stop strings need the checkpoint's tokenizer")
-    stop = StopStrings(options.stop, tokenizer.stream_decoder()) if options.stop else None
-    return _generate(sequence, prompt, max_new_tokens, options, eos_ids, stop, stats or Stats())
+    return _generate(sequence, prompt, max_new_tokens, options, eos_ids, reply, stats or Stats())
 
 
-def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_ids, stop: StopStrings | None,
+def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_ids, reply: Reply | None,
               stats: Stats):
     if max_new_tokens == 0:
         return
@@ -192,13 +164,12 @@ def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_
     started = time.perf_counter()
     while True:
         token = sampler.next(logits)
+        delta = reply.push(token) if reply is not None else None
+        if reply is not None and reply.stopped:
+            sampler.finish_reason = "stop"
         stats.generated_tokens = sampler.generated
         stats.decode_seconds = time.perf_counter() - started
-        yield token
-        if stop is not None:
-            stop.push(token)
-            if stop.found is not None:
-                sampler.finish_reason = "stop"
+        yield token, delta
         if sampler.finish_reason is not None:
             return
         logits = sequence.extend([token])

@@ -1,5 +1,7 @@
-"""What a Qwen chat model writes, as the OpenAI API returns it: `reasoning_content`, `content` and
-`tool_calls`, split while the tokens arrive.
+"""Generated tokens -> text, the one place: `StopStrings` decodes them and ends the text before a stop
+string; `Reply` splits what a Qwen chat model writes, as the OpenAI API returns it, into
+`reasoning_content`, `content` and `tool_calls` while the tokens arrive. The server, the CLI and
+Model.generate's stop strings all read tokens through a Reply.
 
 The markers are single tokens in every Qwen vocabulary (ids differ between vocabularies, so they are
 looked up by name) and are not "special", so decoding keeps them as text. Splitting on their ids is
@@ -31,8 +33,6 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from .generation import StopStrings
-
 REASONING, CONTENT, CALL = "reasoning", "content", "call"
 STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")
 
@@ -62,10 +62,42 @@ class Markers:
         return cls(*(tokenizer.token_to_id(name) for name in names))
 
 
+class StopStrings:
+    """Generated tokens -> the text to show: `push(token)` returns the new text that can no longer be part
+    of a stop string (a tail that could still grow into one is held back); once one appears, `found` is
+    set and only the text before it is returned. With no stop strings, a plain streaming decoder."""
+
+    def __init__(self, strings: list[str], decoder):
+        self.strings, self.decoder = strings, decoder
+        self.held = ""  # the end of the text, shown once it cannot begin a stop string
+        self.found: str | None = None
+
+    def push(self, token: int) -> str:
+        return self._release(self.decoder.push(token), final=False)
+
+    def flush(self) -> str:
+        """Everything held back (at the end of the text, or at a boundary no stop string may cross)."""
+        return self._release(self.decoder.flush(), final=True)
+
+    def _release(self, piece: str, final: bool) -> str:
+        if self.found is not None:
+            return ""
+        text, self.held = self.held + piece, ""
+        hits = [(text.find(s), s) for s in self.strings if s in text]
+        if hits:
+            start, self.found = min(hits)
+            return text[:start]
+        if not final:
+            keep = max((n for s in self.strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            text, self.held = text[:len(text) - keep], text[len(text) - keep:]
+        return text
+
+
 class Reply:
     """Generated token ids -> Deltas. `push(token)` for each token, `finish()` once at the end; `stopped`
-    says a stop string was found (the generation must end). `chat=False` (the completions endpoint)
-    returns all the text as content, markers and newlines included."""
+    says a stop string was found (the generation must end). `chat=False` (a prompt without the chat
+    template: the completions endpoint, `generate --no-chat`, Model.generate's stop strings) returns all
+    the text as content, markers and newlines included."""
 
     def __init__(self, tokenizer, prompt: list[int], stop: list[str], tools: list[dict] | None = None,
                  chat: bool = True, require_call: str | None = None):
