@@ -4,16 +4,16 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
+from gguf_files import smollm2_path, tokenizer_metadata, write_gguf
+from hypothesis import settings
+
 # `python -m pytest` puts the working directory (the repo root) first on sys.path, where the top-level
 # kernels/ folder would stand in for the Hugging Face `kernels` package, which transformers (5.25 on)
 # imports whenever a module of that name can be found ("cannot import name 'CUDAProperties'"). minqwen's
 # kernels are installed as minqwen.kernels; tests import them by that name only.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
-
-import pytest
-from gguf_files import smollm2_path, tokenizer_metadata, write_gguf
-from hypothesis import settings
 
 settings.register_profile("minqwen", deadline=None, print_blob=True)
 settings.load_profile("minqwen")
