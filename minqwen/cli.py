@@ -234,7 +234,7 @@ def _chat(args) -> int:
 
 
 def _serve(args) -> int:
-    from .serve.server import serve  # the HTTP server loads only for this command
+    from .serve.http_server import serve  # the HTTP server loads only for this command
 
     model = _load(args)
     serve(model, args.host, args.port, args.parallel, args.queue,

@@ -28,7 +28,8 @@ from test_reply import USER, WEATHER
 import minqwen
 from checkpoints import build_checkpoint, chat_checkpoint
 from minqwen.serve.engine import Engine
-from minqwen.serve.server import MAX_BODY, ApiServer
+from minqwen.serve.http_server import MAX_BODY, ApiServer
+from minqwen.serve.openai_api import Api
 from minqwen.text.generation import options_with_defaults
 
 WAIT = 300  # seconds before a waiting test fails instead of hanging: a bound, never a measurement
@@ -47,7 +48,7 @@ def qwen3(tmp_path_factory):
 @contextmanager
 def running(model, parallel=4, queue_size=32, api_key=None, max_body=MAX_BODY):
     engine = Engine(model, parallel, queue_size)
-    server = ApiServer(("127.0.0.1", 0), model, engine, "tiny", api_key, max_body, log=io.StringIO())
+    server = ApiServer(("127.0.0.1", 0), Api(model, engine, "tiny"), api_key, max_body, io.StringIO())
     engine.start()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -241,7 +242,7 @@ def test_eight_concurrent_requests_each_get_their_own_answer(qwen25):
 
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(one, range(8))) == expected
-        assert server.engine.steps < sum(8 + i for i in range(8))  # slots decoded together
+        assert server.api.engine.steps < sum(8 + i for i in range(8))  # slots decoded together
 
 
 BAD = [  # (body, status, param, code): every one gets OpenAI's envelope
@@ -306,7 +307,7 @@ def test_a_full_queue_is_a_503_with_retry_after(qwen25):
         long.close()
         decoder.gate.set()
         deadline = time.monotonic() + WAIT
-        while server.engine.busy() and time.monotonic() < deadline:
+        while server.api.engine.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert raw(server, "POST", "/v1/chat/completions", SHORT)[0] == 200
 
@@ -331,10 +332,10 @@ def send_by_hand(server, body: dict) -> socket.socket:
 
 
 def wait_until_free(server, cancelled: int):
-    deadline = time.monotonic() + WAIT
-    while (server.engine.cancelled < cancelled or server.engine.busy()) and time.monotonic() < deadline:
+    engine, deadline = server.api.engine, time.monotonic() + WAIT
+    while (engine.cancelled < cancelled or engine.busy()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.engine.cancelled == cancelled and server.engine.busy() == 0
+    assert engine.cancelled == cancelled and engine.busy() == 0
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -346,7 +347,7 @@ def test_a_client_that_leaves_frees_its_slot(qwen25, stream):
         connection = send_by_hand(server, {"messages": ask("Go on."), "max_tokens": 400, "stream": stream})
         if stream:
             assert connection.recv(4096).startswith(b"HTTP/1.1 200")
-        while not server.engine.busy():
+        while not server.api.engine.busy():
             time.sleep(0.01)
         connection.close()
         decoder.gate.set()
@@ -358,7 +359,7 @@ def test_a_client_that_leaves_frees_its_slot(qwen25, stream):
 def test_a_queued_stream_gets_keepalives_and_is_dropped_when_its_client_leaves(qwen25, monkeypatch):
     """While a stream waits (for a slot here, as during a long prefill), SSE comments keep it alive; if
     its client leaves meanwhile, the job never takes a slot."""
-    monkeypatch.setattr("minqwen.serve.server.KEEPALIVE_SECONDS", 0)
+    monkeypatch.setattr("minqwen.serve.http_server.KEEPALIVE_SECONDS", 0)
     with decoder_replaced(qwen25, Gated) as decoder, running(qwen25, parallel=1) as server:
         busy = send_by_hand(server, {"messages": ask("Go on."), "max_tokens": 400, "stream": True})
         assert busy.recv(4096).startswith(b"HTTP/1.1 200")
@@ -369,9 +370,10 @@ def test_a_queued_stream_gets_keepalives_and_is_dropped_when_its_client_leaves(q
             received += waiting.recv(4096)
         waiting.close()
         deadline = time.monotonic() + WAIT
-        while server.engine.waiting and time.monotonic() < deadline:
+        while server.api.engine.waiting and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.engine.cancelled == 1 and server.engine.busy() == 1  # it left the queue, not a slot
+        engine = server.api.engine
+        assert engine.cancelled == 1 and engine.busy() == 1  # it left the queue, not a slot
         busy.close()
         decoder.gate.set()
         wait_until_free(server, cancelled=2)
@@ -504,9 +506,9 @@ def test_stopping_ends_the_requests_in_flight(qwen25):
         decoder.gate.clear()
         with ThreadPoolExecutor(2) as pool:
             waiting = pool.submit(raw, server, "POST", "/v1/chat/completions", SHORT)
-            while not server.engine.waiting:
+            while not server.api.engine.waiting:
                 time.sleep(0.01)
-            stopping = pool.submit(server.engine.stop)
+            stopping = pool.submit(server.api.engine.stop)
             decoder.gate.set()  # the step under way ends, then the engine stops
             stopping.result(timeout=WAIT)
             status, _, body = waiting.result(timeout=WAIT)

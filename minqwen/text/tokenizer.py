@@ -164,6 +164,13 @@ class Tokenizer:
         text = render_chat(template, messages, tools, add_generation_prompt, {**self.template_vars, **kwargs})
         return self.encode(text) if tokenize else text
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (maybe part of a UTF-8 character; the server's logprobs show them)."""
+        piece = self.backend.id_to_token(token) or ""
+        if token in self.special_ids or any(c not in BYTE_OF_CHAR for c in piece):
+            return piece.encode()  # special tokens are stored as their text
+        return bytes(BYTE_OF_CHAR[c] for c in piece)
+
 
 class StreamDecoder:
     """Incremental detokenisation: push ids one at a time, get back the text they complete.
@@ -449,3 +456,15 @@ def render_chat(source: str, messages, tools, add_generation_prompt: bool, varia
 
 def one_line(error) -> str:
     return " ".join(str(error).split())
+
+
+def byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level BPE (Qwen's) spells every byte as a printable character: the printable
+    Latin-1 bytes as themselves, the others as chr(256), chr(257), ... in order. This undoes it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = byte_of_char()  # the characters of a byte-level vocabulary -> the bytes they spell

@@ -1,50 +1,35 @@
-"""python -m minqwen serve: the OpenAI API over HTTP, on the standard library's ThreadingHTTPServer.
+"""The OpenAI API over the engine, with no HTTP in it (http_server.py carries it):
 
-    POST /v1/chat/completions   messages -> the chat template -> the engine -> content,
-                                reasoning_content, tool_calls (reply.py); as server-sent events if asked
-    POST /v1/completions        a raw prompt (text or token ids) -> text
-    GET  /v1/models[/{id}], /health;   POST /tokenize, /detokenize
-    (every /v1/x also answers at /x)
-
-A thread per connection reads and checks the request, renders the prompt and hands a Job to the engine
-thread (engine.py), which runs all requests' sequences in one batch; the connection's thread writes
-what comes back. Everything is checked before the status line, so a bad request gets its 4xx and
-OpenAI's envelope {"error": {"message", "type", "param", "code"}}; once a stream has begun, an error
-is an SSE event. A client that leaves is noticed within an engine step (its socket polled for EOF, or
-a write that fails) and its slot freed.
-
-Safe by default: binds 127.0.0.1; an API key (--api-key or MINQWEN_API_KEY) compared in constant time;
-bodies up to MAX_BODY bytes; a bounded queue (503 + Retry-After past it); one log line per request —
-status, token counts, time — never a prompt.
+    Api                     the endpoints: each takes a request's JSON body (and path) and returns the
+                            answer's, or, for a generation, the checked Request that Api.start hands to
+                            the engine as a Job
+        chat                messages -> the chat template -> the engine -> content, reasoning_content,
+                            tool_calls (reply.py)
+        completion          a raw prompt (text or token ids) -> text
+        models, health, tokenize, detokenize
+    chat_request, completion_request    a body -> Request: every field checked against the API's ranges
+                            and the context window, a 400 naming the field otherwise
+    Outcome                 what the engine sent back for one job, gathered
+    Response                its OpenAI shapes: a whole body, or a stream's chunks
+    ApiError                an error response: its status and OpenAI's envelope
+                            {"error": {"message", "type", "param", "code"}}
 """
 from __future__ import annotations
 
-import hmac
 import json
 import math
-import queue
-import select
-import signal
-import socket
-import sys
-import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import accumulate
+from typing import Callable
 
-from ..errors import CheckpointError, ContextLengthError, MinqwenError, SamplingError
+from ..errors import ContextLengthError, MinqwenError, SamplingError
 from ..model import Model
 from ..text.generation import GenerationOptions, Sampler, options_with_defaults
 from ..text.reply import Reply
 from .engine import Busy, End, Engine, Job, Token
 
-MAX_BODY = 16 << 20  # bytes of a request body
-KEEPALIVE_SECONDS = 10  # an SSE comment after this long without an event (a long prefill), so proxies
-# and clients do not time out; it also finds a client that left while its prompt waited
-POLL_SECONDS = 0.25  # how often a connection's thread checks on a job still waiting for a slot
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 MAX_STOP_STRINGS = 16
 COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
@@ -306,26 +291,6 @@ def generation_request(body: dict, model: Model, engine: Engine, param: str,
 
 # ---- responses
 
-def byte_of_char() -> dict[str, int]:
-    """GPT-2's byte-level BPE (Qwen's) spells every byte as a printable character: the printable
-    Latin-1 bytes as themselves, the others as chr(256), chr(257), ... in order. This undoes it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-
-
-BYTE_OF_CHAR = byte_of_char()
-
-
-def token_bytes(tokenizer, token: int) -> bytes:
-    """The bytes a token stands for (maybe part of a UTF-8 character): the logprobs' `bytes`."""
-    piece = tokenizer.backend.id_to_token(token) or ""
-    if token in tokenizer.special_ids or any(c not in BYTE_OF_CHAR for c in piece):
-        return piece.encode()  # special tokens are stored as their text
-    return bytes(BYTE_OF_CHAR[c] for c in piece)
-
-
 @dataclass
 class Outcome:
     """What the engine sent back for one job, gathered."""
@@ -364,6 +329,14 @@ class Response:
         self.id = ("chatcmpl-" if request.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.calls = 0  # tool calls streamed so far (their index)
+
+    def error(self, outcome: Outcome) -> ApiError | None:
+        """How a job the engine did not finish ends: 503 at shutdown, 500 after a failure."""
+        if outcome.end.finish_reason == "shutdown":
+            return ApiError(503, "the server is shutting down")
+        if outcome.end.error is not None:
+            return ApiError(500, outcome.end.error)
+        return None
 
     def finish_reason(self, outcome: Outcome) -> str:
         reason = outcome.end.finish_reason
@@ -421,6 +394,15 @@ class Response:
             chunk["usage"] = None
         return chunk
 
+    def closing_chunks(self, whole: Outcome, pending: Outcome) -> list[dict]:
+        """A finished stream's last chunks: what was held back till the end (text that could have begun a
+        stop string, the last logprobs), the finish reason, and the usage if asked for."""
+        chunks = [self.chunk(pending)] if pending.visible or pending.logprobs else []
+        chunks.append(self.chunk(Outcome(), finish=self.finish_reason(whole)))
+        if self.request.include_usage:
+            chunks.append(self.usage_chunk(whole))
+        return chunks
+
     def usage_chunk(self, outcome: Outcome) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk" if self.request.chat else "text_completion",
                 "created": self.created, "model": self.model_id, "choices": [], "usage": self.usage(outcome)}
@@ -432,12 +414,12 @@ class Response:
             return None
 
         def text(token):
-            return token_bytes(self.tokenizer, token).decode("utf-8", errors="replace")
+            return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
         if self.request.chat:
             def item(token, log_p):
                 return {"token": text(token), "logprob": log_p,
-                        "bytes": list(token_bytes(self.tokenizer, token))}
+                        "bytes": list(self.tokenizer.token_bytes(token))}
             return {"content": [{**item(token, log_p), "top_logprobs": [item(t, p) for t, p in top]}
                                 for token, log_p, top in entries]}
         texts = [text(token) for token, _, _ in entries]
@@ -446,118 +428,33 @@ class Response:
                 "text_offset": list(accumulate((len(t) for t in texts[:-1]), initial=0))}
 
 
-# ---- HTTP
+class Api:
+    """The endpoints over one model and its engine. Each takes a request's JSON body and its path and
+    returns the answer's JSON body, or, for the two generation endpoints, the checked Request for
+    `start`; errors are raised as ApiError."""
 
-class ApiServer(ThreadingHTTPServer):
-    daemon_threads = True  # a connection left open by a client does not hold up shutdown
-
-    def __init__(self, address, model: Model, engine: Engine, model_id: str, api_key: str | None = None,
-                 max_body: int = MAX_BODY, log=sys.stderr):
-        super().__init__(address, Handler)
+    def __init__(self, model: Model, engine: Engine, model_id: str):
         self.model, self.engine, self.model_id = model, engine, model_id
-        self.max_body, self.log = max_body, log
-        self.api_key = api_key.encode() if api_key else None
         self.created = int(time.time())
-        self.requests_in_flight = 0
-        self.lock = threading.Lock()
 
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: ApiServer
-    timeout = 600  # seconds a read or a write may block (an idle keep-alive connection is then closed)
-
-    ROUTES = {("GET", "/health"): "health", ("GET", "/models"): "models",
-              ("POST", "/chat/completions"): "chat", ("POST", "/completions"): "completion",
-              ("POST", "/tokenize"): "tokenize", ("POST", "/detokenize"): "detokenize"}
-
-    def do_GET(self):
-        self.dispatch()
-
-    def do_POST(self):
-        self.dispatch()
-
-    def log_request(self, code="-", size="-"):
-        pass  # one line per request, written by dispatch (with token counts)
-
-    def dispatch(self):
-        started, self.status, self.counts = time.perf_counter(), 0, ""
-        self.write_failed, self.headers_sent, self.unread = False, False, self.command == "POST"
-        path = self.path.split("?", 1)[0].rstrip("/")
-        path = path[len("/v1"):] if path.startswith("/v1/") else path
-        try:
-            name = self.ROUTES.get((self.command, "/models" if path.startswith("/models/") else path))
-            if name is None:
-                allowed = [method for method, p in self.ROUTES if p == path]
-                if allowed:
-                    raise ApiError(405, f"{path} takes {allowed[0]}", headers={"Allow": allowed[0]})
-                raise ApiError(404, f"no such endpoint: {self.command} {self.path}", code="not_found")
-            if name != "health":
-                self.authorize()
-            body = self.read_json() if self.command == "POST" else {}
-            getattr(self, name)(body, path)
-        except ApiError as e:
-            self.fail(e)
-        except Exception:  # a bug: 500, and the traceback in the log (it holds no request text)
-            traceback.print_exc(file=self.server.log)
-            self.fail(ApiError(500, "internal error (see the server's log)"))
-        finally:
-            print(f"{self.address_string()} {self.command} {path} {self.status}{self.counts} "
-                  f"{time.perf_counter() - started:.2f}s", file=self.server.log, flush=True)
-
-    def authorize(self):
-        key = self.server.api_key
-        if key is None:
-            return
-        given = self.headers.get("Authorization", "")
-        token = given[len("Bearer "):].strip().encode() if given.startswith("Bearer ") else b""
-        if not hmac.compare_digest(token, key):
-            raise ApiError(401, "Incorrect API key provided" if token else "Missing API key (Authorization: "
-                           "Bearer ...)", code="invalid_api_key")
-
-    def read_json(self) -> dict:
-        if "Transfer-Encoding" in self.headers:
-            raise ApiError(411, "send the body with a Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length", 0))
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise invalid("Content-Length must be a number >= 0")
-        if length > self.server.max_body:
-            raise ApiError(413, f"request body of {length} bytes is over the limit of {self.server.max_body}",
-                           code="request_too_large")
-        try:
-            data = self.rfile.read(length)
-            self.unread = False
-            body = json.loads(data)
-        except ValueError:
-            raise invalid("the body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise invalid("the body must be a JSON object")
-        return body
-
-    # ---- endpoints
-
-    def health(self, body, path):
-        if not self.server.engine.running:
+    def health(self, body: dict, path: str) -> dict:
+        if not self.engine.running:
             raise ApiError(503, "shutting down")
-        self.send_json(200, {"status": "ok"})
+        return {"status": "ok"}
 
-    def models(self, body, path):
-        card = {"id": self.server.model_id, "object": "model", "created": self.server.created,
-                "owned_by": "minqwen", "max_model_len": self.server.model.context_length}
-        if path.startswith("/models/"):
-            if path[len("/models/"):] != self.server.model_id:
-                raise ApiError(404, f"The model `{path[len('/models/'):]}` does not exist.", "model",
-                               "model_not_found")
-            self.send_json(200, card)
-        else:
-            self.send_json(200, {"object": "list", "data": [card]})
+    def models(self, body: dict, path: str) -> dict:
+        card = {"id": self.model_id, "object": "model", "created": self.created,
+                "owned_by": "minqwen", "max_model_len": self.model.context_length}
+        if not path.startswith("/models/"):
+            return {"object": "list", "data": [card]}
+        if path[len("/models/"):] != self.model_id:
+            raise ApiError(404, f"The model `{path[len('/models/'):]}` does not exist.", "model",
+                           "model_not_found")
+        return card
 
-    def tokenize(self, body, path):
+    def tokenize(self, body: dict, path: str) -> dict:
         """vLLM's /tokenize ({"prompt"} or {"messages"}), llama.cpp's {"content"} too."""
-        tok = self.server.model.tokenizer
+        tok = self.model.tokenizer
         if "messages" in body:
             try:
                 ids = tok.apply_chat_template(chat_messages(body["messages"]),
@@ -570,191 +467,33 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(text, str):
                 raise invalid("prompt must be a string (or give messages)", "prompt")
             ids = tok.encode(text)
-        self.send_json(200, {"tokens": ids, "count": len(ids),
-                             "max_model_len": self.server.model.context_length})
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.model.context_length}
 
-    def detokenize(self, body, path):
-        tok, ids = self.server.model.tokenizer, body.get("tokens")
+    def detokenize(self, body: dict, path: str) -> dict:
+        tok, ids = self.model.tokenizer, body.get("tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                 and 0 <= t < tok.vocab_size for t in ids):
             raise invalid(f"tokens must be a list of token ids in [0, {tok.vocab_size})", "tokens")
         text = tok.decode(ids)
-        self.send_json(200, {"prompt": text, "content": text})  # vLLM's name and llama.cpp's
+        return {"prompt": text, "content": text}  # vLLM's name and llama.cpp's
 
-    def chat(self, body, path):
-        self.generate(chat_request(body, self.server.model, self.server.engine))
+    def chat(self, body: dict, path: str) -> Request:
+        return chat_request(body, self.model, self.engine)
 
-    def completion(self, body, path):
-        self.generate(completion_request(body, self.server.model, self.server.engine))
+    def completion(self, body: dict, path: str) -> Request:
+        return completion_request(body, self.model, self.engine)
 
-    # ---- generation
-
-    def generate(self, request: Request):
-        model = self.server.model
+    def start(self, request: Request, client_gone: Callable[[], bool]) -> Response:
+        """Hand the request to the engine as a Job; its events come back on response.job.events."""
+        model = self.model
         eos = [] if request.ignore_eos else model.eos_token_ids
         sampler = Sampler(request.options, request.prompt, model.config.vocab_size, request.max_tokens, eos)
         reply = Reply(model.tokenizer, request.prompt, request.options.stop, request.tools, request.chat,
                       request.require_call)
-        job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, self.client_gone)
+        job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, client_gone)
         try:
-            self.server.engine.submit(job)
+            self.engine.submit(job)
         except Busy:
             raise ApiError(503, "The engine is currently overloaded, please try again later",
                            code="overloaded", headers={"Retry-After": "1"}) from None
-        response = Response(request, job, self.server.model_id, model.tokenizer)
-        with self.server.lock:
-            self.server.requests_in_flight += 1
-        try:
-            outcome = self.stream(response) if request.stream else self.wait(response)
-        finally:
-            with self.server.lock:
-                self.server.requests_in_flight -= 1
-        self.counts = f" prompt={len(request.prompt)} cached={job.cached_tokens} completion={outcome.tokens}"
-
-    def events(self, job: Job):
-        """The job's events as they come, and None after each POLL_SECONDS without one (a job waiting
-        for a slot is not polled by the engine: its client is checked here)."""
-        while True:
-            try:
-                event = job.events.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                if self.client_gone():
-                    self.server.engine.cancel(job)
-                yield None
-                continue
-            yield event
-            if isinstance(event, End):
-                return
-
-    def wait(self, response: Response) -> Outcome:
-        outcome = Outcome()
-        for event in self.events(response.job):
-            if event is not None:
-                outcome.add(event)
-        end = outcome.end
-        if end.finish_reason == "shutdown":
-            raise ApiError(503, "the server is shutting down")
-        if end.error is not None:
-            raise ApiError(500, end.error)
-        if end.finish_reason != "cancelled":
-            self.send_json(200, response.whole(outcome))
-        else:
-            self.status = 499  # nginx's "client closed request": nobody is left to receive it
-        return outcome
-
-    def stream(self, response: Response) -> Outcome:
-        self.status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.end_headers()
-        self.close_connection, self.headers_sent = True, True
-        if response.request.chat:
-            self.send_event(response.chunk(Outcome(), first=True))
-        whole, pending, quiet_since = Outcome(), Outcome(), time.monotonic()
-        for event in self.events(response.job):
-            if event is None:
-                if time.monotonic() - quiet_since > KEEPALIVE_SECONDS:
-                    self.send_bytes(b": keepalive\n\n")
-                    quiet_since = time.monotonic()
-                continue
-            whole.add(event)
-            pending.add(event)
-            if isinstance(event, End) or not pending.visible:
-                continue  # text held back (a possible stop string), or a marker: nothing to show yet
-            self.send_event(response.chunk(pending))
-            pending, quiet_since = Outcome(), time.monotonic()
-        end = whole.end
-        if end.finish_reason == "shutdown":
-            self.send_event(ApiError(503, "the server is shutting down").body())
-        elif end.error is not None:
-            self.send_event(ApiError(500, end.error).body())
-        elif end.finish_reason != "cancelled":
-            if pending.visible or pending.logprobs:
-                self.send_event(response.chunk(pending))
-                pending = Outcome()
-            self.send_event(response.chunk(pending, finish=response.finish_reason(whole)))
-            if response.request.include_usage:
-                self.send_event(response.usage_chunk(whole))
-        self.send_bytes(b"data: [DONE]\n\n")
-        return whole
-
-    def client_gone(self) -> bool:
-        """The client closed the connection (called by the engine thread every step). While a client
-        waits for its answer it sends nothing, so a readable socket means EOF, or a reset. (A client
-        that only shuts down its sending side, and still reads, is taken as gone too.)"""
-        if self.write_failed:
-            return True
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):  # reset, or closed on our side
-            return True
-
-    def send_event(self, data: dict):
-        self.send_bytes(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
-
-    def send_bytes(self, data: bytes):
-        if self.write_failed:
-            return
-        try:
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:  # BrokenPipeError, ConnectionResetError, a timeout: the client is gone
-            self.write_failed = True
-
-    def send_json(self, status: int, body: dict, headers: dict | None = None):
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.headers_sent = True
-        self.send_bytes(data)
-
-    def fail(self, error: ApiError):
-        self.close_connection |= self.unread  # an unread body would be taken for the next request
-        if self.headers_sent:  # a stream under way: the error goes in it
-            self.send_event(error.body())
-            self.send_bytes(b"data: [DONE]\n\n")
-        else:
-            self.send_json(error.status, error.body(), error.headers)
-
-
-def model_name(path) -> str:
-    """The id clients see: the checkpoint folder's name (a hub id as given)."""
-    return str(path).rstrip("/").split("/")[-1] if path else "minqwen"
-
-
-def serve(model: Model, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, queue_size: int = 32,
-          api_key: str | None = None, model_id: str | None = None):
-    """Serve until SIGINT or SIGTERM; then stop taking requests, end the ones in flight with an error,
-    and return."""
-    if model.tokenizer is None:
-        raise CheckpointError(f"{model.path}: serving needs the checkpoint's tokenizer.json")
-    engine = Engine(model, parallel, queue_size)
-    server = ApiServer((host, port), model, engine, model_id or model_name(model.path), api_key)
-    engine.start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    threading.Thread(target=server.serve_forever, name="minqwen-http", daemon=True).start()
-    host, port = server.server_address[:2]
-    print(f"serving {server.model_id} at http://{host}:{port}/v1 ({parallel} slots of up to "
-          f"{model.context_length} tokens each{', API key required' if api_key else ''})",
-          file=sys.stderr, flush=True)
-    while not stop.wait(0.5):
-        pass
-    print("shutting down", file=sys.stderr, flush=True)
-    server.shutdown()  # no new connections
-    engine.stop()  # requests in flight get an error, streams an SSE error event
-    deadline = time.monotonic() + 5
-    while server.requests_in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    server.server_close()
+        return Response(request, job, self.model_id, model.tokenizer)
