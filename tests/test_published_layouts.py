@@ -138,6 +138,28 @@ def test_unexpected_tensors_are_reported(tmp_path):
             and "rotary_emb.inv_freq" in info.stdout)  # ... nor goes unseen
 
 
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, vocab_size=100)
+
+
+@pytest.mark.parametrize("name, sizes, tensor, shape, why", [
+    ("qwen2.5-0.5b-instruct", {}, "self_attn.q_norm.weight", (16,), "qwen2 has no qk_norm"),
+    ("qwen3-0.6b", {}, "self_attn.o_proj.bias", (32,), "attention_bias is false"),
+    ("qwen3-30b-a3b", dict(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2),
+     "mlp.shared_expert_gate.weight", (1, 32), "shared_expert_intermediate_size is 0"),
+])
+def test_a_tensor_the_config_switches_off_is_refused(tmp_path, name, sizes, tensor, shape, why):
+    """A q/k norm, bias or shared expert the config's switches leave out is not left unread (the logits
+    would be another model's): loading names the tensor and the switch."""
+    folder = build_checkpoint(tmp_path, published_config(name, **TINY, **sizes))
+    minqwen.load(folder)  # as built, the checkpoint loads
+    state = read_state(folder)
+    state[f"model.layers.0.{tensor}"] = torch.ones(shape)
+    write_state(folder, state)
+    with pytest.raises(ConfigError, match=f"model.layers.0.{tensor}.*{why}"):
+        minqwen.load(folder)
+
+
 # ---- FP8 block checkpoints -------------------------------------------------------------------------
 
 FP8_KEEP = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "shared_expert_gate")  # bf16 in published FP8

@@ -1,10 +1,15 @@
 """config.json -> Config: one dataclass for every Qwen family, field names exactly as in config.json.
 
 Qwen's families share one skeleton (embed -> N x [norm, mixer, norm, MLP] -> norm -> lm_head) and differ
-in a few switches. FAMILIES below is the whole list of those switches, one row a model_type; everything
-else is either shared or read from config.json. `Config.from_dict` is a few small steps: unwrap an
-image-text config, bring other spellings to ours (SPELLINGS), resolve the family's defaults and fixed
-values, build the dataclass, validate.
+in a few switches, each declared here once: a family's own in its FAMILIES row (qk_norm, output_gate,
+zero_centred_norms, the rule for each layer's mixer), the rest as config.json fields (qkv_bias,
+attention_bias, the sliding window, layer_types, the experts, shared_expert_intermediate_size,
+norm_topk_prob, partial_rotary_factor, tie_word_embeddings), some with a family default or fixed value in
+FAMILIES. decoder.py's docstring maps each switch to where it acts. How a checkpoint stores its weights
+(fused experts, Qwen3-Next's fused DeltaNet projections, FP8, int8 / int4, GGML blocks) is no switch:
+weights.py recognises it by tensor name. `Config.from_dict` is a few small steps: unwrap an image-text
+config, bring other spellings to ours (SPELLINGS), resolve the family's defaults and fixed values, build
+the dataclass, validate.
 Sizes derived from the raw fields (per-layer windows, DeltaNet channel counts, rotated dims) are
 properties, computed in one place.
 """

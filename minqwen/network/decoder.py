@@ -1,4 +1,4 @@
-"""The Qwen network: token ids -> logits. Every family, layer by layer (config.FAMILIES says who switches):
+"""The Qwen network: token ids -> logits. Every family, layer by layer (its switches are mapped below):
 
     x = embed(tokens)
     for each layer:
@@ -16,6 +16,31 @@
                                         + sigmoid(shared_expert_gate . h) * a shared SwiGLU
                                         if the config has one
     logits = lm_head(RMSNorm(x))        lm_head is embed_tokens itself when tied
+
+Where each switch is declared (config.py) and where it acts. weights.py loads the tensors a switch
+implies, and refuses a checkpoint holding one that the config switches off (left unread, it would
+silently change the logits); the decoder tests the switches on the config (`project` adds whichever
+bias was loaded):
+
+    switch              declared in                                   acts in
+    qk_norm             FAMILIES                                      weights._attention, self_attention
+    output_gate         FAMILIES                                      weights._attention, self_attention
+    zero_centred_norms  FAMILIES                                      weights._norm: 1 + w, once, at load
+    each layer's mixer  layer_types, else FAMILIES' rule              weights._layer, forward
+    sliding window      use_sliding_window, sliding_window,           config.windows -> self_attention
+                        max_window_layers (FAMILIES' rule)
+    partial rotary      partial_rotary_factor (hybrids' default)      rope_frequencies.RotaryTables
+    biases              qkv_bias (Qwen2's default), attention_bias    weights._attention, project
+    sparse layers       num_experts, decoder_sparse_step,             config.is_sparse: weights._layer,
+                        mlp_only_layers                               forward
+    shared expert       shared_expert_intermediate_size > 0           weights._moe, sparse_moe
+    top-k renormalised  norm_topk_prob (hybrids' default)             route, in sparse_moe
+    tied head           tie_word_embeddings                           weights.load_weights
+
+How a checkpoint stores its weights is no switch; weights.py recognises it by tensor name. FP8, int8 /
+int4 and GGML blocks reach the kernels as stored (kernels/dtypes.py), fused experts as per-expert views;
+only Qwen3-Next's fused in_proj_qkvz / in_proj_ba reach the decoder: gated_deltanet takes one product and
+reorders its outputs, in buffers the Workspace allocates for that layout only.
 
 One token's path through the code: Sequence.extend -> Decoder.forward -> embed, then per layer rmsnorm,
 self_attention (or gated_deltanet), rmsnorm, mlp (or sparse_moe), then rmsnorm and linear(lm_head).
@@ -223,13 +248,13 @@ class Decoder:
         cos, sin = (np.concatenate(tables) for tables in zip(*rotation))
         for i, layer in enumerate(self.weights.layers):
             rmsnorm(h, x, layer.input_layernorm, cfg.rms_norm_eps)
-            if layer.linear_attn is not None:
+            if cfg.layer_types[i] == "linear_attention":
                 self.gated_deltanet(out, h, layer.linear_attn, segments, i)
             else:
                 self.self_attention(out, h, layer.self_attn, segments, i, cos, sin)
             x += out
             rmsnorm(h, x, layer.post_attention_layernorm, cfg.rms_norm_eps)
-            if isinstance(layer.mlp, MoEWeights):
+            if cfg.is_sparse(i):
                 self.sparse_moe(out, h, layer.mlp)
             else:
                 self.mlp(out, h, layer.mlp)
@@ -261,7 +286,7 @@ class Decoder:
         project(v, h, w.v_proj, w.v_bias)
         q3, k3, v3, attn3 = (q.reshape(T, n_q, hd), k.reshape(T, n_kv, hd), v.reshape(T, n_kv, hd),
                              attn.reshape(T, n_q, hd))
-        if w.q_norm is not None:  # qk_norm: RMSNorm of each head before rotating it
+        if cfg.family.qk_norm:  # RMSNorm of each head before rotating it
             rmsnorm(q.reshape(T * n_q, hd), q.reshape(T * n_q, hd), w.q_norm, cfg.rms_norm_eps)
             rmsnorm(k.reshape(T * n_kv, hd), k.reshape(T * n_kv, hd), w.k_norm, cfg.rms_norm_eps)
         apply_rope(q3, cos, sin)
@@ -286,7 +311,7 @@ class Decoder:
         hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         dk, dv, key_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.deltanet_key_dim
         qkv, z, b, a = ws.qkv[:T], ws.z[:T], ws.b[:T], ws.a[:T]
-        if w.in_proj_qkvz is not None:  # Qwen3-Next: one fused product, then reorder its outputs
+        if w.in_proj_qkvz is not None:  # stored fused (Qwen3-Next): one product, then reorder its outputs
             qkvz, ba = ws.qkvz[:T], ws.ba[:T]
             linear(qkvz, h, w.in_proj_qkvz)
             linear(ba, h, w.in_proj_ba)
@@ -338,7 +363,7 @@ class Decoder:
                               experts[t], weights[t])
         else:  # prefill: each chosen expert runs once, on all of its tokens, as matrix products
             moe_by_expert(out, h, w.gate_projs, w.up_projs, w.down_projs, experts, weights)
-        if w.shared_expert is not None:
+        if cfg.shared_expert_intermediate_size:
             shared, gate = ws.shared[:T], ws.shared_gate[:T]
             self.mlp(shared, h, w.shared_expert)
             linear(gate, h, w.shared_expert_gate)

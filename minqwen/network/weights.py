@@ -3,8 +3,11 @@
 Matrices stay memory-mapped in their stored dtype (see kernels/dtypes.py), or are quantised as they load
 (`quantize_bits`, see quantize.py); only vectors (norm weights, biases: a few KB each) are widened to
 float32. Every tensor's shape is checked against the config, so a config that disagrees with the
-checkpoint fails at load with the tensor's name, not later with garbage. Field names are the
-checkpoint's own (`q_proj` holds `self_attn.q_proj.weight`).
+checkpoint fails at load with the tensor's name, not later with garbage. Which tensors exist follows
+the config's switches (decoder.py maps them), so an optional tensor the config switches off (q/k norms,
+biases, a shared expert) is refused too, not left unread; only how they are stored (FP8, int8 / int4,
+GGML blocks, fused experts, Qwen3-Next's fused DeltaNet projections) is recognised by tensor name.
+Field names are the checkpoint's own (`q_proj` holds `self_attn.q_proj.weight`).
 """
 from __future__ import annotations
 
@@ -142,6 +145,12 @@ class TensorSource:
     def vector(self, name: str, size: int) -> np.ndarray:
         return np.ascontiguousarray(to_float32(self.matrix(name, (size,))))
 
+    def absent(self, name: str, why: str) -> None:
+        """None, for a tensor the config's switches leave out (`why`): a checkpoint that has it was made
+        with the switch on, and running it without the tensor would compute another model."""
+        if self.has(name):
+            raise ConfigError(f"checkpoint has {name}, which the config leaves out ({why})")
+
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor as stored, of exactly this shape."""
         if name not in self.tensors:
@@ -241,10 +250,17 @@ def _layer(config: Config, src: TensorSource, p: str, i: int) -> LayerWeights:
 def _attention(config: Config, src: TensorSource, p: str) -> AttentionWeights:
     d, hd, family = config.hidden_size, config.head_dim, config.family
     q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    qkv_bias = config.qkv_bias or config.attention_bias
+    # each bias: (loaded or not, why not)
+    qkv_bias = (config.qkv_bias or config.attention_bias, "qkv_bias and attention_bias are false")
+    o_bias = (config.attention_bias, "attention_bias is false")
 
-    def bias(name, size, present):
-        return src.vector(p + name + ".bias", size) if present else None
+    def bias(name, size, switch):
+        present, why = switch
+        return src.vector(p + name + ".bias", size) if present else src.absent(p + name + ".bias", why)
+
+    def head_norm(name):
+        return (_norm(config, src, p + name + ".weight", hd) if family.qk_norm
+                else src.absent(p + name + ".weight", f"{config.model_type} has no qk_norm"))
 
     return AttentionWeights(
         q_proj=src.matrix(p + "q_proj.weight", (q_out * (2 if family.output_gate else 1), d)),
@@ -252,9 +268,8 @@ def _attention(config: Config, src: TensorSource, p: str) -> AttentionWeights:
         v_proj=src.matrix(p + "v_proj.weight", (kv_out, d)),
         o_proj=src.matrix(p + "o_proj.weight", (d, q_out)),
         q_bias=bias("q_proj", q_out, qkv_bias), k_bias=bias("k_proj", kv_out, qkv_bias),
-        v_bias=bias("v_proj", kv_out, qkv_bias), o_bias=bias("o_proj", d, config.attention_bias),
-        q_norm=_norm(config, src, p + "q_norm.weight", hd) if family.qk_norm else None,
-        k_norm=_norm(config, src, p + "k_norm.weight", hd) if family.qk_norm else None)
+        v_bias=bias("v_proj", kv_out, qkv_bias), o_bias=bias("o_proj", d, o_bias),
+        q_norm=head_norm("q_norm"), k_norm=head_norm("k_norm"))
 
 
 def _deltanet(config: Config, src: TensorSource, p: str) -> DeltaNetWeights:
@@ -317,14 +332,13 @@ def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
     for name, matrices in experts.items():  # a typed List holds one type: one format, one dtype
         if len({_stored_format(m) for m in matrices}) > 1:
             raise ConfigError(f"{p}experts.*.{name} mix dtypes")
-    shared = config.shared_expert_intermediate_size > 0
+    shared, shared_gate = config.shared_expert_intermediate_size, p + "shared_expert_gate.weight"  # 0: none
     return MoEWeights(gate=src.matrix(p + "gate.weight", (n, d)),
                       gate_projs=List(experts["gate_proj"]), up_projs=List(experts["up_proj"]),
                       down_projs=List(experts["down_proj"]),
-                      shared_expert=_mlp(src, p + "shared_expert.", d, config.shared_expert_intermediate_size)
-                      if shared else None,
-                      shared_expert_gate=src.matrix(p + "shared_expert_gate.weight", (1, d))
-                      if shared else None)
+                      shared_expert=_mlp(src, p + "shared_expert.", d, shared) if shared else None,
+                      shared_expert_gate=src.matrix(shared_gate, (1, d)) if shared
+                      else src.absent(shared_gate, "shared_expert_intermediate_size is 0"))
 
 
 def _stacked(src: TensorSource, name: str, shape: tuple[int, int, int]) -> np.ndarray:
