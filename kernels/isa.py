@@ -1,24 +1,30 @@
 """Which instructions the kernels use: the best path the compile target has, or the one MINQWEN_ISA names.
 
-    generic     plain Numba loops only (Numba still vectorises them for the CPU it compiles for)
-    avx2        + kernels/intdot.py: GGML blocks times int16 activations on integer dot products
-                  (vpmaddwd), and kernels/gemm.py: the bf16 prefill micro-kernel; 32-byte vectors
-    avx512      the same kernels with AVX512-VNNI: each pair of dot products is one vpdpwssd
-    avx512bf16  avx512 + AVX512-BF16 (the prefill GEMM does not use vdpbf16ps yet: see the README)
+    generic   plain Numba loops only (Numba still vectorises them for the CPU it compiles for)
+    avx2      + kernels/intdot.py: GGML blocks times int16 activations on integer dot products
+                (vpmaddwd), and kernels/gemm.py: the bf16 prefill micro-kernel; 32-byte vectors
+    avx512    the same kernels with AVX512-VNNI: each pair of dot products is one vpdpwssd
 
-The choice is made once, at import, from the features Numba compiles for (the host's, unless
-NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise). MINQWEN_ISA=<path> forces a path the CPU has;
-minqwen/environment.py then also narrows Numba's target to that path's features, so that a forced avx2
-on an AVX-512 CPU compiles every kernel, plain loops included, as an AVX2 machine would. Kernels of a
-path not chosen are never imported, so never compiled: a CPU never meets an instruction it lacks.
+The choice is made here, once, at import, and the other files ask it: linear.py imports the kernels of
+the chosen path only (a path not chosen is never imported, so never compiled: a CPU never meets an
+instruction it lacks), and simd.py's dot products are vpdpwssd where VNNI_BITS says. It is made from the
+features Numba compiles for (the host's, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise).
+MINQWEN_ISA=<path> forces a path the CPU has; minqwen/environment.py then also narrows Numba's target to
+that path's features, so that a forced avx2 on an AVX-512 CPU compiles every kernel, plain loops
+included, as an AVX2 machine would.
 """
 import os
 
-from .simd import target_features
+from numba.core.registry import cpu_target
 
-PATHS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"}}
+PATHS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"}}  # path: the CPU features it needs
 PATHS["avx512"] = PATHS["avx2"] | {"avx512f", "avx512bw", "avx512vl", "avx512vnni"}
-PATHS["avx512bf16"] = PATHS["avx512"] | {"avx512bf16"}
+
+
+def target_features() -> set[str]:
+    """The features Numba compiles for: the host's, or NUMBA_CPU_NAME / NUMBA_CPU_FEATURES'."""
+    codegen = cpu_target.target_context.codegen()
+    return {f[1:] for f in codegen._tm_features.split(",") if f.startswith("+")}
 
 
 def usable_paths(features: set[str]) -> list[str]:
@@ -39,4 +45,11 @@ def choose(requested: str | None, features: set[str]) -> tuple[str, str | None]:
     return requested, None
 
 
-ISA, PROBLEM = choose(os.environ.get("MINQWEN_ISA"), target_features())
+FEATURES = target_features()  # Numba fixes its target when it starts: read once
+ISA, PROBLEM = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
+
+# The widths (bits) of the vectors whose integer dot products (simd.dot_s16) are one vpdpwssd: AVX512-VNNI's
+# on the avx512 path; on the avx2 path AVX-VNNI's (256 bits only), which Intel's CPUs since Alder Lake have
+# without AVX-512. Elsewhere a dot product is vpmaddwd + vpaddd (which LLVM itself fuses into vpdpwssd if
+# the target has VNNI: that is why a forced avx2 also narrows the target, see minqwen/environment.py).
+VNNI_BITS = {"avx512": (256, 512), "avx2": (256,) if "avxvnni" in FEATURES else ()}.get(ISA, ())

@@ -32,7 +32,7 @@ and how (`lanes` = elements of the result):
     widen16(arr, off, signed)  the 16 bytes at arr[off] as 16-bit lanes (one vpmovzxbw / vpmovsxbw)
     join(low, high, shift)   low | high << shift, per byte or 16-bit lane
     dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
-                             vpmaddwd + vpaddd;  vpdpwssd with AVX512-VNNI / AVX-VNNI
+                             vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
     halves16(v, signed)      a 32-byte vector's two halves widened to 16-bit lanes (vpmovzxbw / vpmovsxbw)
     to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes,
                              a * b multiplies float lanes, v - c subtracts a constant from integer lanes
@@ -40,8 +40,9 @@ and how (`lanes` = elements of the result):
 
 A kernel whose instructions the compile target lacks does not raise: LLVM aborts the process ("Do not know
 how to split the result of this operator"). So every intrinsic checks the target's features while it is
-typed (`require`) and raises a Numba typing error instead; and kernels/isa.py imports the kernels of the
-chosen instruction set only. The plain fallback of every intrinsic is the plain Numba loop each fast kernel
+typed (`require`) and raises a Numba typing error instead; and kernels/linear.py imports only the kernels
+of the path kernels/isa.py chose. Which instructions a path uses is isa.py's to say (here: whether a dot
+product is one vpdpwssd). The plain fallback of every intrinsic is the plain Numba loop each fast kernel
 replaces (kernels/ggml.py, matmul.py), which tests compare against.
 """
 import operator
@@ -49,8 +50,9 @@ import operator
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, errors
-from numba.core.registry import cpu_target
 from numba.extending import intrinsic, models, overload, register_model
+
+from . import isa
 
 
 class Vector(types.Type):
@@ -73,15 +75,9 @@ class _VectorModel(models.PrimitiveModel):  # the value is the LLVM vector itsel
         super().__init__(dmm, fe_type, fe_type.llvm)
 
 
-def target_features() -> set[str]:
-    """The features Numba compiles for: the host's, or NUMBA_CPU_NAME / NUMBA_CPU_FEATURES'."""
-    codegen = cpu_target.target_context.codegen()
-    return {f[1:] for f in codegen._tm_features.split(",") if f.startswith("+")}
-
-
 def require(*features: str):
     """Raise (at typing, in Python) unless the compile target has these features."""
-    missing = set(features) - target_features()
+    missing = set(features) - isa.FEATURES
     if missing:
         raise errors.TypingError(f"the compile target lacks {', '.join(sorted(missing))}")
 
@@ -315,11 +311,9 @@ def dot_s16(typingctx, acc, a, b):
         return None
 
     def codegen(context, builder, sig, args):
-        features = target_features()
-        if a.lanes == 32 and "avx512vnni" in features:  # one instruction: vpdpwssd
-            return _call(builder, "llvm.x86.avx512.vpdpwssd.512", acc.llvm, list(args))
-        if a.lanes == 16 and ({"avx512vnni", "avx512vl"} <= features or "avxvnni" in features):
-            return _call(builder, "llvm.x86.avx512.vpdpwssd.256", acc.llvm, list(args))
+        bits = 16 * a.lanes
+        if bits in isa.VNNI_BITS:  # one instruction: vpdpwssd (the path decides, not the CPU: isa.py)
+            return _call(builder, f"llvm.x86.avx512.vpdpwssd.{bits}", acc.llvm, list(args))
         pairs = _call(builder, "llvm.x86.avx512.pmaddw.d.512" if a.lanes == 32 else "llvm.x86.avx2.pmadd.wd",
                       acc.llvm, list(args[1:]))
         return builder.add(args[0], pairs)

@@ -17,7 +17,6 @@ from .formats.hub import resolve
 from .formats.safetensors import STORED_NAMES, write_quantized_checkpoint
 from .kernels import isa
 from .kernels.ggml import GgmlMatrix
-from .kernels.simd import target_features
 from .loader import load, open_checkpoint
 from .network.weights import IGNORED, TensorSource, load_weights, unread_tensors
 from .text.generation import GenerationOptions, Stats, options_with_defaults, stream_tokens
@@ -287,7 +286,7 @@ def _info(args) -> int:
         ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; "
                      f"{kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
         ("kernels", f"{isa.ISA} path "
-                    f"(MINQWEN_ISA chooses among {', '.join(isa.usable_paths(target_features()))})"),
+                    f"(MINQWEN_ISA chooses among {', '.join(isa.usable_paths(isa.FEATURES))})"),
     ]
     if config.num_experts:
         lines.insert(5, ("experts", f"{config.num_experts}, top-{config.num_experts_per_tok}, "

@@ -18,7 +18,11 @@ os.environ.update({name: THREAD_SETTINGS[name] for name in SET_BY_MINQWEN})
 
 # MINQWEN_ISA=avx2 on a CPU with more (AVX-512, VNNI, AMX): Numba compiles for that CPU without them, so
 # that the plain loops are vectorised as on an AVX2 machine too and the benches compare paths, not
-# compilers. A NUMBA_CPU_FEATURES the user exported wins.
+# compilers. A NUMBA_CPU_FEATURES the user exported wins. The features are named here, not taken from
+# kernels/isa.py's PATHS, for two reasons. Order: isa.py learns the target by asking Numba, and Numba fixes
+# its target (reading NUMBA_CPU_FEATURES) as it starts, so this must run before anything imports isa.py.
+# Breadth: an AVX2 machine lacks more than the four features the avx512 path needs; every AVX-512
+# extension, AVX-VNNI and AMX go, or LLVM could still use them in the plain loops.
 if os.environ.get("MINQWEN_ISA") == "avx2" and "NUMBA_CPU_FEATURES" not in os.environ:
     import llvmlite.binding
 

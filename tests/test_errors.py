@@ -150,10 +150,9 @@ def test_negative_max_new_tokens(good):
 def test_an_instruction_path_the_cpu_lacks_is_refused(good):
     """MINQWEN_ISA naming no path, or one this CPU lacks, is one line from `info` and `generate` alike,
     before any kernel could run an instruction the CPU does not have."""
-    from minqwen.kernels.isa import PATHS, usable_paths
-    from minqwen.kernels.simd import target_features
+    from minqwen.kernels.isa import FEATURES, PATHS, usable_paths
 
-    lacking = [path for path in PATHS if path not in usable_paths(target_features())]
+    lacking = [path for path in PATHS if path not in usable_paths(FEATURES)]
     cases = [("sse9", "is not a path")] + [(path, "which this CPU") for path in lacking[:1]]
     for requested, fragment in cases:
         for command in (["info"], ["generate", "--prompt", "Hi", "--max-new-tokens", "2"]):

@@ -2,8 +2,9 @@
 micro-kernel (kernels/gemm.py), and the layer itself (kernels/simd.py).
 
 Every path the test machine's CPU has runs here against float64 references; the AVX-512 path, which this
-machine may lack, is compiled (never run) for a Zen 4 target in a child process, and its machine code
-must hold the instructions it is for and no call (a misspelt intrinsic compiles to a call to nowhere).
+machine may lack, is compiled (never run) for a Zen 4 target in a child process, as is a forced avx2 path,
+and the machine code must hold the instructions each path is for and no call (a misspelt intrinsic
+compiles to a call to nowhere).
 """
 import subprocess
 import sys
@@ -176,7 +177,7 @@ def test_unpacking_intrinsics(seed, j):
     assert np.array_equal(signed_bytes[32:], 16 * bits)
 
 
-AVX512_PROBE = """
+PROBE = """
 import numpy as np
 from minqwen.kernels.intdot import matvec_integer
 from numba import njit
@@ -195,18 +196,31 @@ print("".join(probe.inspect_asm().values()))
 """
 
 
-def test_avx512_path_compiles_to_vnni(tmp_path):
-    """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd."""
-    features = ("+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,"
-                "+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni")
-    env = {"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(tmp_path),
-           "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-c", AVX512_PROBE], env=env, capture_output=True, text=True,
+ZEN4 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni"
+
+
+def compiled_probe(env, tmp_path) -> str:
+    """The probe's machine code, compiled (never run) in a child process with `env`."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", **env}
+    result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     native = result.stdout.split(".Lfunc_end0")[0]  # the probe itself (Numba's Python wrapper follows)
-    assert native.count("vpdpwssd") == 2 and "vpmaddwd" not in native
     assert "call" not in native  # a misspelt intrinsic would be a call to nowhere
+    return native
+
+
+def test_avx512_path_compiles_to_vnni(tmp_path):
+    """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd."""
+    native = compiled_probe({"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": ZEN4}, tmp_path)
+    assert native.count("vpdpwssd") == 2 and "vpmaddwd" not in native
+
+
+def test_a_forced_avx2_path_compiles_as_on_an_avx2_machine(tmp_path):
+    """MINQWEN_ISA=avx2 on this CPU: its dot products are vpmaddwd + vpaddd, even where the CPU has VNNI,
+    which LLVM would otherwise fuse them into (minqwen/environment.py narrows Numba's target)."""
+    native = compiled_probe({"MINQWEN_ISA": "avx2"}, tmp_path)
+    assert native.count("vpmaddwd") == 2 and "vpdpwssd" not in native
 
 
 @settings(deadline=None, max_examples=25)
