@@ -1,7 +1,9 @@
 """The continuous-batching engine without HTTP: batched slots decode the tokens each sequence decodes
 alone, prompts are prefilled in chunks beside running streams, the prompt cache and the hybrid snapshot
-are reused, cancelled jobs free their slot, and a full engine says so."""
+are reused, cancelled jobs free their slot, a failing job ends alone, and a full engine says so."""
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -123,3 +125,40 @@ def test_a_full_engine_refuses_more_jobs(model):
         engine.submit(job(model, [7, 8], 3))  # room again
     finally:
         engine.stop()
+
+
+class BrokenReply:
+    """A Reply whose first token raises: a bug in one job's sampling."""
+
+    stopped = False
+
+    def forced(self) -> list[int]:
+        return []
+
+    def push(self, token: int):
+        raise ValueError("injected failure at the first token")
+
+
+def test_a_failing_job_ends_alone_and_the_engine_goes_on(model):
+    """A job whose sampling raises, and one whose client check does, end with their error and their
+    traceback in the log; the job batched beside them gets the tokens it gets alone; the engine serves
+    the next job."""
+    texts = prompts(model, (9, 14, 6), seed=4)
+    broken, unreachable, fine = (job(model, p, 5) for p in texts)
+    broken.reply = BrokenReply()
+
+    def client_check_fails():
+        raise OSError("injected failure checking on the client")
+
+    unreachable.client_gone = client_check_fails
+    log = io.StringIO()
+    engine = Engine(model, parallel=3, log=log)
+    (tokens, end), (none, end2), (kept, end3) = run_together(engine, [broken, unreachable, fine])
+    assert tokens == [] and end.finish_reason is None
+    assert end.error == "ValueError: injected failure at the first token"
+    assert (none, end2.error) == ([], "OSError: injected failure checking on the client")
+    assert kept == model.generate(texts[2], max_new_tokens=5) and end3.finish_reason == "length"
+    assert log.getvalue().count("Traceback (most recent call last)") == 2 and engine.failure is None
+    assert "engine: choosing a job's next token failed; 1 job(s) end with an error" in log.getvalue()
+    again = job(model, texts[0], 5)
+    assert run_together(engine, [again])[0][0] == model.generate(texts[0], max_new_tokens=5)

@@ -47,8 +47,9 @@ def qwen3(tmp_path_factory):
 
 @contextmanager
 def running(model, parallel=4, queue_size=32, api_key=None, max_body=MAX_BODY):
-    engine = Engine(model, parallel, queue_size)
-    server = ApiServer(("127.0.0.1", 0), Api(model, engine, "tiny"), api_key, max_body, io.StringIO())
+    log = io.StringIO()  # the engine's failures and the request lines, in one stream as `serve` has them
+    engine = Engine(model, parallel, queue_size, log=log)
+    server = ApiServer(("127.0.0.1", 0), Api(model, engine, "tiny"), api_key, max_body, log)
     engine.start()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -85,6 +86,21 @@ class Gated:
 
     def __getattr__(self, name):
         return getattr(self.decoder, name)
+
+
+class Failing(Gated):
+    """Gated, and the forward passes numbered in `failing` (the first is 1) raise."""
+
+    def __init__(self, decoder, failing=()):
+        super().__init__(decoder)
+        self.failing, self.passes = set(failing), 0
+
+    def forward(self, batch, every_token=False):
+        assert self.gate.wait(WAIT)
+        self.passes += 1
+        if self.passes in self.failing:
+            raise RuntimeError(f"injected failure in forward pass {self.passes}")
+        return self.decoder.forward(batch, every_token)
 
 
 def client(server, api_key="unused") -> openai.OpenAI:
@@ -353,7 +369,10 @@ def test_a_client_that_leaves_frees_its_slot(qwen25, stream):
         decoder.gate.set()
         wait_until_free(server, cancelled=1)
         assert raw(server, "POST", "/v1/chat/completions", SHORT)[0] == 200
-    assert " 499 " in server.log.getvalue() or stream
+    # its log line: 499 when no answer was sent; a stream's status line (200) went out before it left
+    prompt = len(qwen25.tokenizer.apply_chat_template(ask("Go on.")))
+    line = next(line for line in server.log.getvalue().splitlines() if f" prompt={prompt} " in line)
+    assert f"POST /chat/completions {200 if stream else 499} prompt={prompt} cached=0 completion=" in line
 
 
 def test_a_queued_stream_gets_keepalives_and_is_dropped_when_its_client_leaves(qwen25, monkeypatch):
@@ -495,6 +514,107 @@ def test_the_next_turn_of_a_hybrid_chat_restarts_from_the_snapshot(qwen35):
     assert answer.usage.prompt_tokens_details.cached_tokens == last_header
     expected = qwen35.tokenizer.decode(greedy(qwen35, prompt, 6), skip_special_tokens=True)
     assert (answer.choices[0].message.reasoning_content or "") == expected.strip("\n")
+
+
+def streamed_events(server, body: dict) -> list:
+    """The data of each server-sent event of a streamed chat request: dicts, then "[DONE]"."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=WAIT)
+    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}).encode(),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    lines = response.read().decode().splitlines()  # to the end: the server closes a stream's connection
+    connection.close()
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+            for line in lines if line.startswith("data: ")]
+
+
+def assert_logged_once(server, message: str):
+    """The failure's message and one traceback in the server's log."""
+    log = server.log.getvalue()
+    assert log.count("Traceback (most recent call last)") == 1 and message in log, log
+
+
+def short_answer(model) -> str:
+    """The library's greedy answer to SHORT (computed before a test replaces the decoder)."""
+    return expected_text(model, greedy(model, model.tokenizer.apply_chat_template(USER), 2))
+
+
+def assert_serves_the_next_request(server, expected: str):
+    assert raw(server, "GET", "/health")[0] == 200
+    status, _, body = raw(server, "POST", "/v1/chat/completions", {**SHORT, "temperature": 0})
+    assert status == 200 and body["choices"][0]["message"]["content"] == expected
+
+
+def test_a_failure_admitting_a_request_fails_it_alone(qwen25):
+    """The engine admits a job to a slot outside a forward pass (its cache rewound to the prompt's
+    reusable prefix): a failure there is the job's, and the slot starts afresh."""
+    expected = short_answer(qwen25)
+    with running(qwen25, parallel=1) as server:
+        def broken(tokens):
+            raise RuntimeError("injected failure at admission")
+
+        server.api.engine.slots[0].sequence.rewind_to_reusable_prefix = broken
+        status, _, body = raw(server, "POST", "/v1/chat/completions", SHORT)
+        assert status == 500 and body["error"]["type"] == "server_error"
+        assert body["error"]["message"] == "RuntimeError: injected failure at admission"
+        assert_logged_once(server, "RuntimeError: injected failure at admission")
+        assert_serves_the_next_request(server, expected)
+
+
+@pytest.mark.parametrize("failing", [1, 2])  # the prompt's pass, the first generated token's
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_failing_forward_pass_fails_its_requests_and_the_server_goes_on(qwen25, stream, failing):
+    """A 500 in OpenAI's envelope, or an SSE error event once the stream has begun; the traceback in
+    the log; and the next request gets the right answer from a fresh slot."""
+    message, expected = f"RuntimeError: injected failure in forward pass {failing}", short_answer(qwen25)
+    with decoder_replaced(qwen25, lambda real: Failing(real, {failing})), running(qwen25) as server:
+        if stream:
+            events = streamed_events(server, SHORT)
+            assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
+            assert events[-2]["error"]["message"] == message
+        else:
+            status, _, body = raw(server, "POST", "/v1/chat/completions", SHORT)
+            assert status == 500 and body["error"] == {"message": message, "type": "server_error",
+                                                       "param": None, "code": None}
+        assert_logged_once(server, message)
+        assert_serves_the_next_request(server, expected)
+    first = server.log.getvalue().split("POST /chat/completions ")[1]
+    # the tokens that were generated before the failure: the prompt's pass gives the first
+    assert first.startswith("200 prompt=" if stream else "500 ")
+    assert not stream or f"completion={failing - 1} " in first.splitlines()[0]
+
+
+def test_an_engine_that_cannot_go_on_says_so(qwen25, monkeypatch):
+    """A failure the engine cannot recover from (here, memory runs out as it gives the failed slot a
+    fresh cache) ends its thread: the request in a slot and the one waiting end with a 500, /health
+    says 503, and a new request gets a 503 at once, instead of waiting for ever."""
+    with decoder_replaced(qwen25, lambda real: Failing(real, {1})) as decoder, \
+            running(qwen25, parallel=1) as server, ThreadPoolExecutor(2) as pool:
+        engine = server.api.engine
+        decoder.gate.clear()
+        in_slot = pool.submit(raw, server, "POST", "/v1/chat/completions", SHORT)
+        while not engine.busy():
+            time.sleep(0.01)
+        waiting = pool.submit(raw, server, "POST", "/v1/chat/completions", SHORT)
+        while not engine.waiting:
+            time.sleep(0.01)
+
+        def out_of_memory():
+            raise MemoryError("injected: no memory for a fresh cache")
+
+        monkeypatch.setattr(qwen25, "sequence", out_of_memory)
+        decoder.gate.set()
+        for request in (in_slot, waiting):
+            status, _, body = request.result(timeout=WAIT)
+            assert status == 500 and body["error"]["type"] == "server_error", body
+        assert engine.failure == "MemoryError: injected: no memory for a fresh cache"
+        for method, path in (("GET", "/health"), ("POST", "/v1/chat/completions")):
+            status, _, body = raw(server, method, path, SHORT if method == "POST" else None)
+            assert status == 503 and "restart the server" in body["error"]["message"], path
+        log = server.log.getvalue()
+        assert "engine: stopped for good; 1 job(s) end with an error\nTraceback" in log
+        assert "MemoryError: injected" in log and "RuntimeError: injected" in log
 
 
 def test_stopping_ends_the_requests_in_flight(qwen25):

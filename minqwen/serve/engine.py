@@ -19,14 +19,22 @@ one point a chat's next turn is sure to share (Cache.snapshot).
 
 The engine knows nothing of HTTP: a Job carries its prompt, Sampler, Reply, a `client_gone` check and
 a queue, into which the engine puts a Token event per generated token and one End event.
+
+Failures: an exception ends only the jobs it touched, with End(error=...), after its traceback goes to
+the log: one job's, if its admission, client check or sampling raised; the batch's, if the forward pass
+did (their slots start afresh, a cache may be half-updated). The engine then goes on. Should the
+engine thread itself end (its recovery failed, e.g. out of memory), every job ends with an error, the
+engine says why in `failure`, and `submit` refuses all jobs from then on (Stopped).
 """
 from __future__ import annotations
 
 import queue
+import sys
 import threading
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TextIO
 
 import numpy as np
 
@@ -76,6 +84,10 @@ class Busy(Exception):
     """Every slot is taken and the queue is full (or the engine is stopping)."""
 
 
+class Stopped(Exception):
+    """The engine thread has ended on an error (Engine.failure): no job will run again."""
+
+
 class Slot:
     def __init__(self, sequence: Sequence):
         self.sequence = sequence
@@ -97,7 +109,7 @@ class Engine:
     `queue_size` more waiting, and refuses the rest (Busy)."""
 
     def __init__(self, model: Model, parallel: int = 4, queue_size: int = 32,
-                 prefill_per_step: int = PREFILL_PER_STEP):
+                 prefill_per_step: int = PREFILL_PER_STEP, log: TextIO | None = None):
         if not 1 <= parallel <= MAX_PARALLEL:
             raise ConfigError(f"parallel must be in [1, {MAX_PARALLEL}], got {parallel}")
         if queue_size < 0:
@@ -111,9 +123,13 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.steps = 0
         self.cancelled = 0  # jobs ended because their client went away
+        self.log = log or sys.stderr  # failures' tracebacks
+        self.failure: str | None = None  # why the engine thread ended, if an error ended it
 
     def submit(self, job: Job):
         with self.lock:
+            if self.failure is not None:
+                raise Stopped(self.failure)
             if not self.running or len(self.waiting) + self.busy() >= len(self.slots) + self.queue_size:
                 raise Busy()
             self.waiting.append(job)
@@ -156,17 +172,20 @@ class Engine:
         return sum(slot.job is not None for slot in self.slots)
 
     def _run(self):
-        while True:
-            with self.lock:
-                while self.running and not self.waiting and not self.busy():
-                    self.lock.wait()
-                if not self.running:
-                    return
-                self._admit()
-            try:
-                self.step()
-            except Exception as e:  # a bug or out of memory: fail the jobs in flight, keep serving
-                self._fail(f"{type(e).__name__}: {e}")
+        try:
+            while True:
+                with self.lock:
+                    while self.running and not self.waiting and not self.busy():
+                        self.lock.wait()
+                    if not self.running:
+                        return
+                    self._admit()
+                try:
+                    self.step()
+                except Exception as e:  # outside the parts step guards (choosing the batch): every slot
+                    self._fail(e, self.slots, "a step")
+        except BaseException as e:  # the engine cannot go on: no job may wait for it for ever
+            self._stop_for_good(e)
 
     def _admit(self):
         """Waiting jobs to free slots: the one with the longest reusable prefix, else the least recently
@@ -177,16 +196,27 @@ class Engine:
                 self._end(job, End("cancelled"))
                 continue
             free = [slot for slot in self.slots if slot.job is None]
-            slot = max(free, key=lambda s: (s.sequence.reusable_prefix(job.prompt), -s.used))
-            job.cached_tokens = slot.sequence.rewind_to_reusable_prefix(job.prompt)
-            slot.job, slot.pending, slot.prefilling = job, job.prompt[job.cached_tokens:], True
-            if job.snapshot_at == job.cached_tokens:
-                slot.sequence.cache.snapshot()
+            slot = free[0]
+            try:
+                slot = max(free, key=lambda s: (s.sequence.reusable_prefix(job.prompt), -s.used))
+                slot.job = job
+                job.cached_tokens = slot.sequence.rewind_to_reusable_prefix(job.prompt)
+                slot.pending, slot.prefilling = job.prompt[job.cached_tokens:], True
+                if job.snapshot_at == job.cached_tokens:
+                    slot.sequence.cache.snapshot()
+            except Exception as e:
+                slot.job = job
+                self._fail(e, [slot], "admitting a job")
 
     def step(self):
         """One forward pass over every slot that has tokens to run (see the module docstring)."""
         for slot in self.slots:
-            if slot.job is not None and (slot.job.cancelled or slot.job.client_gone()):
+            try:
+                gone = slot.job is not None and (slot.job.cancelled or slot.job.client_gone())
+            except Exception as e:
+                self._fail(e, [slot], "checking on a client")
+                continue
+            if gone:
                 self._release(slot, End("cancelled"))
         active = [slot for slot in self.slots if slot.job is not None]
         decoding = [slot for slot in active if not slot.prefilling]
@@ -199,14 +229,21 @@ class Engine:
                 budget -= n
         if not batch:
             return
-        logits = Sequence.extend_together([(slot.sequence, tokens) for slot, tokens in batch])
+        try:
+            logits = Sequence.extend_together([(slot.sequence, tokens) for slot, tokens in batch])
+        except Exception as e:
+            self._fail(e, [slot for slot, _ in batch], "a forward pass")
+            return
         self.steps += 1
         for (slot, tokens), row in zip(batch, logits):
-            slot.pending = slot.pending[len(tokens):]
-            if slot.job.snapshot_at == slot.sequence.cache.length and slot.sequence.cache.deltanet_layers:
-                slot.sequence.cache.snapshot()
-            if not slot.pending:
-                self._next_token(slot, row)
+            try:
+                slot.pending = slot.pending[len(tokens):]
+                if slot.job.snapshot_at == slot.sequence.cache.length and slot.sequence.cache.deltanet_layers:
+                    slot.sequence.cache.snapshot()
+                if not slot.pending:
+                    self._next_token(slot, row)
+            except Exception as e:
+                self._fail(e, [slot], "choosing a job's next token")
 
     def _next_token(self, slot: Slot, logits: np.ndarray):
         job = slot.job
@@ -239,11 +276,30 @@ class Engine:
             self.cancelled += 1
         job.events.put(end)
 
-    def _fail(self, error: str):
-        for slot in self.slots:
+    def _fail(self, error: Exception, slots: list[Slot], doing: str):
+        """`doing` something for `slots` raised `error`: log it, end their jobs with it, and give them fresh
+        sequences (a pass cut short may have left a cache half-updated). Other slots go on."""
+        jobs = sum(slot.job is not None for slot in slots)
+        print(f"engine: {doing} failed; {jobs} job(s) end with an error", file=self.log, flush=True)
+        traceback.print_exception(error, file=self.log)
+        for slot in slots:
             if slot.job is not None:
-                self._release(slot, End(None, error=error))
-            slot.sequence = self.model.sequence()  # a pass cut short may have left a state half-updated
+                self._release(slot, End(None, error=f"{type(error).__name__}: {error}"))
+            slot.sequence = self.model.sequence()
+
+    def _stop_for_good(self, error: BaseException):
+        """The engine thread is ending on `error`: every job ends with it, and so will every later
+        submit (Stopped)."""
+        with self.lock:
+            self.failure = f"{type(error).__name__}: {error}"
+            jobs = [*self.waiting, *(slot.job for slot in self.slots if slot.job is not None)]
+            self.waiting.clear()
+            for slot in self.slots:
+                slot.job = None
+        for job in jobs:
+            job.events.put(End(None, error=f"the engine stopped: {self.failure}"))
+        print(f"engine: stopped for good; {len(jobs)} job(s) end with an error", file=self.log, flush=True)
+        traceback.print_exception(error, file=self.log)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

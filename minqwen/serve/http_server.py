@@ -270,7 +270,7 @@ def serve(model: Model, host: str = "127.0.0.1", port: int = 8080, parallel: int
     and return."""
     if model.tokenizer is None:
         raise CheckpointError(f"{model.path}: serving needs the checkpoint's tokenizer.json")
-    engine = Engine(model, parallel, queue_size)
+    engine = Engine(model, parallel, queue_size, log=sys.stderr)
     server = ApiServer((host, port), Api(model, engine, model_id or model_name(model.path)), api_key)
     engine.start()
     stop = threading.Event()

@@ -28,7 +28,7 @@ from ..errors import ContextLengthError, MinqwenError, SamplingError
 from ..model import Model
 from ..text.generation import GenerationOptions, Sampler, options_with_defaults
 from ..text.reply import Reply
-from .engine import Busy, End, Engine, Job, Token
+from .engine import Busy, End, Engine, Job, Stopped, Token
 
 MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 MAX_STOP_STRINGS = 16
@@ -36,6 +36,7 @@ COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MESSAGE_FIELDS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thinking")
 RESERVED_TEMPLATE_NAMES = ("messages", "tools", "documents", "add_generation_prompt")
+ENGINE_STOPPED = "the engine stopped on an internal error (see the server's log): restart the server"
 
 
 class ApiError(Exception):
@@ -438,6 +439,8 @@ class Api:
         self.created = int(time.time())
 
     def health(self, body: dict, path: str) -> dict:
+        if self.engine.failure is not None:
+            raise ApiError(503, ENGINE_STOPPED)
         if not self.engine.running:
             raise ApiError(503, "shutting down")
         return {"status": "ok"}
@@ -496,4 +499,6 @@ class Api:
         except Busy:
             raise ApiError(503, "The engine is currently overloaded, please try again later",
                            code="overloaded", headers={"Retry-After": "1"}) from None
+        except Stopped:
+            raise ApiError(503, ENGINE_STOPPED) from None
         return Response(request, job, self.model_id, model.tokenizer)
