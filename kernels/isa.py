@@ -9,13 +9,15 @@ The choice is made here, once, at import, and the other files ask it: linear.py 
 the chosen path only (a path not chosen is never imported, so never compiled: a CPU never meets an
 instruction it lacks), and simd.py's dot products are vpdpwssd where VNNI_BITS says. It is made from the
 features Numba compiles for (the host's, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise).
-MINQWEN_ISA=<path> forces a path the CPU has; minqwen/environment.py then also narrows Numba's target to
-that path's features, so that a forced avx2 on an AVX-512 CPU compiles every kernel, plain loops
-included, as an AVX2 machine would.
+MINQWEN_ISA=<path> forces a path the CPU has (naming one it lacks, or no path, fails this import);
+minqwen/environment.py then also narrows Numba's target to that path's features, so that a forced avx2
+on an AVX-512 CPU compiles every kernel, plain loops included, as an AVX2 machine would.
 """
 import os
 
 from numba.core.registry import cpu_target
+
+from . import InstructionPathError
 
 PATHS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"}}  # path: the CPU features it needs
 PATHS["avx512"] = PATHS["avx2"] | {"avx512f", "avx512bw", "avx512vl", "avx512vnni"}
@@ -31,22 +33,24 @@ def usable_paths(features: set[str]) -> list[str]:
     return [path for path, needs in PATHS.items() if needs <= features]
 
 
-def choose(requested: str | None, features: set[str]) -> tuple[str, str | None]:
-    """(path, problem): the requested path if the CPU has it, else the best one and what was wrong."""
+def choose(requested: str | None, features: set[str]) -> str:
+    """The requested path, or with none requested the best the CPU has; InstructionPathError if the CPU
+    lacks it or it is no path (a silent fallback would run, and measure, another path than asked for)."""
     usable = usable_paths(features)
     if not requested:
-        return usable[-1], None
+        return usable[-1]
+    runs = f"paths this CPU runs: {', '.join(usable)}"
     if requested not in PATHS:
-        return usable[-1], f"MINQWEN_ISA={requested!r} is not a path (paths: {', '.join(PATHS)})"
+        raise InstructionPathError(f"MINQWEN_ISA={requested!r} is not a path ({runs})")
     if requested not in usable:
         missing = ", ".join(sorted(PATHS[requested] - features))
-        return usable[-1], (f"MINQWEN_ISA={requested} needs {missing}, "
-                            "which this CPU (as Numba targets it) lacks")
-    return requested, None
+        raise InstructionPathError(f"MINQWEN_ISA={requested} needs {missing}, which this CPU (as Numba "
+                                   f"targets it) lacks ({runs})")
+    return requested
 
 
 FEATURES = target_features()  # Numba fixes its target when it starts: read once
-ISA, PROBLEM = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
+ISA = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
 
 # The widths (bits) of the vectors whose integer dot products (simd.dot_s16) are one vpdpwssd: AVX512-VNNI's
 # on the avx512 path; on the avx2 path AVX-VNNI's (256 bits only), which Intel's CPUs since Alder Lake have

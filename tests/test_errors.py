@@ -147,16 +147,39 @@ def test_negative_max_new_tokens(good):
 
 
 
-def test_an_instruction_path_the_cpu_lacks_is_refused(good):
-    """MINQWEN_ISA naming no path, or one this CPU lacks, is one line from `info` and `generate` alike,
-    before any kernel could run an instruction the CPU does not have."""
-    from minqwen.kernels.isa import FEATURES, PATHS, usable_paths
+# A compile target without AVX-512 (so without the avx512 path), whatever CPU runs the tests.
+AVX2_TARGET = {"NUMBA_CPU_FEATURES": "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,-avx512f"}
+UNUSABLE_PATHS = {
+    "no path": ({"MINQWEN_ISA": "sse9"}, "MINQWEN_ISA='sse9' is not a path (paths this CPU runs: generic"),
+    "a path the CPU lacks": ({"MINQWEN_ISA": "avx512", **AVX2_TARGET},
+                             "MINQWEN_ISA=avx512 needs avx512bw, avx512f, avx512vl, avx512vnni, which this "
+                             "CPU (as Numba targets it) lacks (paths this CPU runs: generic, avx2)"),
+}
+LOAD = """
+import sys, minqwen
+try:
+    minqwen.load(sys.argv[1])
+except minqwen.ConfigError as e:
+    print(e)
+"""
 
-    lacking = [path for path in PATHS if path not in usable_paths(FEATURES)]
-    cases = [("sse9", "is not a path")] + [(path, "which this CPU") for path in lacking[:1]]
-    for requested, fragment in cases:
-        for command in (["info"], ["generate", "--prompt", "Hi", "--max-new-tokens", "2"]):
-            result = subprocess.run([sys.executable, "-m", "minqwen", *command, "--model", str(good)],
-                                    capture_output=True, text=True, timeout=300,
-                                    env={**os.environ, "MINQWEN_ISA": requested})
-            assert_one_line_error(result, fragment)
+
+@pytest.mark.parametrize("case", UNUSABLE_PATHS)
+def test_an_instruction_path_the_cpu_cannot_run_is_refused_where_it_is_chosen(good, case):
+    """MINQWEN_ISA naming no path, or one the CPU (as Numba targets it) lacks, fails the import of the
+    kernels with the paths it could run (benches and direct kernel users never run another path without
+    a word); minqwen.load raises it as a ConfigError; `info` and `generate` print it as one line."""
+    env, problem = UNUSABLE_PATHS[case]
+    env = {**os.environ, **env}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, env=env)
+
+    kernels = run("-c", "import minqwen.kernels.linear")
+    assert kernels.returncode == 1, kernels.stderr
+    last_line = kernels.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"minqwen.kernels.InstructionPathError: {problem}"), kernels.stderr
+    api = run("-c", LOAD, str(good))
+    assert api.returncode == 0 and api.stdout.startswith(problem), api.stderr
+    for command in (["info"], ["generate", "--prompt", "Hi", "--max-new-tokens", "2"]):
+        assert_one_line_error(run("-m", "minqwen", *command, "--model", str(good)), problem)
