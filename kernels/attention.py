@@ -1,7 +1,8 @@
 """Causal grouped-query attention over a KV cache, with an optional sliding window.
 
 Two forms of the same computation:
-- `attention_decode` (one token, or a few): each (query head, token) pair computes its row of
+- `attention_decode` (one token: the decoder calls it for each sequence that adds a single token; the
+  kernel accepts any T, which the tests use): each (query head, token) pair computes its row of
   scores, its softmax and the weighted sum of values in three passes over the keys. One row of
   scores per pair is stored (T x Hq x L floats); in return the exponentials are one vectorised loop
   (kernels/exp.py's expf) instead of one libm call per key inside a loop that carries a running maximum

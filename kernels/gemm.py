@@ -20,6 +20,7 @@ import numpy as np
 from numba import prange
 
 from .jit import jit, pjit
+from .matmul import matmul_reference
 from .simd import bf16_pair, fma, fzeros, splat_at, store
 
 TILE_TOKENS = 6
@@ -114,3 +115,6 @@ def matmul_bf16(out, x, w):  # out: [T, N] f32 (rows may be strided), x: [T, K] 
             scratch = np.empty((T, 16), np.float32)
             panel_product(scratch, 16, x, panel, 0)
             out[:, 16 * p:] = scratch[:, :N - 16 * p]
+
+
+matmul_bf16_reference = matmul_reference  # x @ W^T in float64, W widened exactly: the product of matmul.py

@@ -39,7 +39,7 @@ compiles dot_s16 to vpdpwssd. Q2_K and Q3_K have no kernel here (kernels/ggml.py
 import numpy as np
 from numba import prange
 
-from .ggml import BLOCK_BYTES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .ggml import BLOCK_BYTES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, dequantize_ggml_reference
 from .jit import jit, pjit
 from .simd import (
     bit_bytes,
@@ -72,6 +72,9 @@ EIGHTH = np.float32(0.125)  # a scalar term added to all 8 lanes of an accumulat
 # Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
 # j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
 LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
+# where a block's level bits begin, in the types with a minimum term (the others' offsets are folded into
+# centred levels, see _levels)
+LEVEL_BITS_AT = {Q4_1: 4, Q5_1: 4, Q4_K: 16, Q5_K: 16}
 
 
 @jit
@@ -238,3 +241,23 @@ def matmul_integer(out, data, ggml_type, x):
 def matvec_integer(out, data, ggml_type, x):  # out: [N] float32, x: [K] float32
     """out[n] = sum_k w[n, k] x[k]: matmul_integer for one token"""
     matmul_integer(out.reshape(1, out.shape[0]), data, ggml_type, x.reshape(1, x.shape[0]))
+
+
+def matmul_integer_reference(data, ggml_type, x):  # [N, bytes] uint8, [T, K] float32 -> [T, N] float64
+    """matmul_integer's math in float64: x rounded as quantize_activations rounds it (xd and x / xd in
+    float32, as there, so that the same elements round the same way) times the weights' level terms, plus
+    their minimum terms (the part of w that does not scale with the level: Q4_1 / Q5_1's m, Q4_K / Q5_K's
+    -dmin m_j) times the exact x, as the block sums xsum give them. matmul_integer agrees with this to float32
+    rounding; with the exact x W^T only to within sum_k |w - minimum| xd / 2 (how far x moved)."""
+    T, K = x.shape
+    blocks = x.reshape(T, K // 32, 32)
+    xd = np.abs(blocks).max(axis=2, keepdims=True) / INT16_MAX
+    inverse = np.divide(np.float32(1.0), xd, out=np.zeros_like(xd), where=xd > 0)
+    x_rounded = (np.round(blocks * inverse) * xd.astype(np.float64)).reshape(T, K)
+    w = dequantize_ggml_reference(data, ggml_type, K)
+    minimum = np.zeros_like(w)
+    if ggml_type in LEVEL_BITS_AT:  # the same blocks with every level bit zero weigh the minimum terms alone
+        zeroed = data.reshape(data.shape[0], -1, BLOCK_BYTES[ggml_type]).copy()
+        zeroed[..., LEVEL_BITS_AT[ggml_type]:] = 0
+        minimum = dequantize_ggml_reference(zeroed.reshape(data.shape[0], -1), ggml_type, K)
+    return x_rounded @ (w - minimum).T + x.astype(np.float64) @ minimum.T

@@ -38,7 +38,8 @@ def matvec(out, w, x):  # out: [N] float32, w: [N, K] bf16/fp16/fp32 bits, x: [K
 
 @pjit
 def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] bf16/fp16/fp32 bits
-    """out[t, n] = sum_k x[t,k] w[n,k]    (for a few tokens T)"""
+    """out[t, n] = sum_k x[t,k] w[n,k]    (for a few tokens T; the same product as matmul, whose
+    matmul_reference is its reference too)"""
     T, K = x.shape
     N = w.shape[0]
     T4 = T - T % 4

@@ -41,8 +41,14 @@ from minqwen.kernels.simd import (
 pytestmark = pytest.mark.skipif(isa.ISA == "generic",
                                 reason="the CPU has no AVX2: these kernels are never used")
 if isa.ISA != "generic":  # imported only where the CPU has the instructions, as the engine does
-    from minqwen.kernels.gemm import matmul_bf16
-    from minqwen.kernels.intdot import INTEGER_TYPES, matmul_integer, matvec_integer, quantize_activations
+    from minqwen.kernels.gemm import matmul_bf16, matmul_bf16_reference
+    from minqwen.kernels.intdot import (
+        INTEGER_TYPES,
+        LEVEL_BITS_AT,
+        matmul_integer,
+        matmul_integer_reference,
+        matvec_integer,
+    )
 
 seeds = st.integers(0, 2**32 - 1)
 BYTES = {GGML.Q8_0: 34, GGML.Q4_0: 18, GGML.Q4_1: 20, GGML.Q5_0: 22, GGML.Q5_1: 24, GGML.Q4_K: 144,
@@ -63,26 +69,13 @@ def random_blocks(rng, N, K, kind):
     return quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), kind).reshape(N, -1)
 
 
-def run(kind, data, x):
-    K = x.shape[0]
-    xq, xd, xsum = np.empty(K, np.int16), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
-    quantize_activations(xq, xd, xsum, x)
-    out = np.full(data.shape[0], np.nan, np.float32)
-    matvec_integer(out, data, int(kind), x)
-    step = np.repeat(xd.astype(np.float64), 32)  # xd of each element's block
-    return out, xq.astype(np.float64) * step, step
-
-
 def minimum_term(kind, data, K):
-    """The part of each weight that does not scale with q (Q4_1 / Q5_1's m, Q4_K / Q5_K's -dmin m_j),
-    per weight: the weights of the same blocks with every q set to zero."""
-    zero = data.copy().reshape(data.shape[0], -1, BYTES[kind])
-    if kind in (GGML.Q4_1, GGML.Q5_1):
-        zero[:, :, 4:] = 0
-    elif kind in (GGML.Q4_K, GGML.Q5_K):
-        zero[:, :, 16:] = 0
-    else:
+    """The part of each weight that does not scale with its level (Q4_1 / Q5_1's m, Q4_K / Q5_K's
+    -dmin m_j), per weight, by gguf-py: the weights of the same blocks with every level bit zero."""
+    if kind not in LEVEL_BITS_AT:
         return np.zeros((data.shape[0], K))
+    zero = data.copy().reshape(data.shape[0], -1, BYTES[kind])
+    zero[:, :, LEVEL_BITS_AT[kind]:] = 0
     return dequantize(zero.reshape(data.shape[0], -1), kind).reshape(data.shape[0], K).astype(np.float64)
 
 
@@ -106,26 +99,27 @@ def test_a_few_tokens_at_once_are_each_token_alone(seed, N, blocks, T, kind):
 
 
 @settings(deadline=None, max_examples=30)
-@given(seed=seeds, N=st.sampled_from([1, 3, 17, 64]), blocks=st.sampled_from([1, 2, 3, 5, 7]),
-       kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]))
-def test_integer_matvec_is_the_product_with_int16_activations(seed, N, blocks, kind):
-    """Exact to float rounding against the product with the same int16-rounded x (the minimum terms use
-    exact block sums of x, as the kernels do), and within the rounding of x of the exact product."""
+@given(seed=seeds, T=st.sampled_from([1, 2, 3, 7, 16]), N=st.sampled_from([1, 3, 17, 64]),
+       blocks=st.sampled_from([1, 2, 3, 5, 7]), kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]))
+def test_matmul_integer_is_the_product_with_int16_activations(seed, T, N, blocks, kind):
+    """To float rounding against matmul_integer_reference (x rounded to int16 the same way, in float64);
+    and against the exact x W^T (W by gguf-py's dequantisation) to within what that rounding moves it."""
     rng = np.random.default_rng(seed)
     K = blocks * (256 if kind in SCALE_AT else 32)
     data = random_blocks(rng, N, K, kind)
-    x = (rng.standard_normal(K) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
-    out, x_rounded, x_step = run(kind, data, x)
+    x = (rng.standard_normal((T, K)) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
+    out = np.full((T, N), np.nan, np.float32)
+    matmul_integer(out, data, int(kind), x)
     w = dequantize(data, kind).reshape(N, K).astype(np.float64)
-    floor = minimum_term(kind, data, K)
-    same_x = (w - floor) @ x_rounded + floor @ x.astype(np.float64)
-    terms = np.abs(w) @ np.abs(x.astype(np.float64))
-    diff = np.abs(out - same_x)
+    terms = np.abs(x.astype(np.float64)) @ np.abs(w).T
+    diff = np.abs(out - matmul_integer_reference(data, int(kind), x))
     assert diff.max() <= 1e-5 * terms.max(), (f"{kind.name}: max|diff| {diff.max():.3g}, "
                                               f"mean {diff.mean():.3g}")
-    # x rounded to int16 per block (steps of xd) moves each product by at most sum |w - floor| xd / 2
-    bound = np.abs(w - floor) @ (x_step / 2)
-    assert np.all(np.abs(out - w @ x.astype(np.float64)) <= bound + 1e-5 * terms.max())
+    # x rounded to int16 steps xd = max|x in its block| / 32767 moves by at most xd / 2, and the level
+    # terms w - minimum feel it (the minimum terms take the exact block sums of x)
+    step = np.repeat(np.abs(x.astype(np.float64)).reshape(T, -1, 32).max(axis=2) / 32767, 32, axis=1)
+    bound = (step / 2) @ np.abs(w - minimum_term(kind, data, K)).T
+    assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= bound + 1e-5 * terms.max())
 
 
 @jit
@@ -235,9 +229,8 @@ def test_bf16_gemm_micro_kernel(seed, T, N, K, strided):
     wide = np.full((T, N + 5), np.nan, np.float32)
     out = wide[:, 2:N + 2] if strided else wide[:, :N]
     matmul_bf16(out, x, w)
-    ref = x.astype(np.float64) @ to_float32(w).astype(np.float64).T
     terms = np.abs(x.astype(np.float64)) @ np.abs(to_float32(w).astype(np.float64)).T
-    diff = np.abs(out - ref)
+    diff = np.abs(out - matmul_bf16_reference(x, w))
     assert diff.max() <= 1e-5 * terms.max(), f"max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
     untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
     assert np.isnan(untouched).all()  # nothing else written
