@@ -3,8 +3,8 @@
 Each kernel's docstring gives the formula it computes, and a plain float64 NumPy version of it,
 `<kernel>_reference`, sits right beside it in the same file (kernels computing one formula two ways
 share one: attention_reference, matmul_reference for matmul and matmul_few); tests/test_kernels_*.py
-compare the two on random shapes. JIT flags live in jit.py, the stored-dtype conventions in dtypes.py, the choice of
-instructions in isa.py.
+compare the two on random shapes. JIT flags live in jit.py, the stored-dtype conventions in dtypes.py,
+the choice of instructions in isa.py.
 """
 
 
