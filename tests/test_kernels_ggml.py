@@ -62,6 +62,13 @@ def column_scale(w):  # [N, K] -> max |w| over each run of 32 weights, per weigh
     return np.repeat(np.abs(w).reshape(N, K // 32, 32).max(axis=-1), 32, axis=-1)
 
 
+def test_the_block_table_is_ggmls():
+    """GGML_BLOCKS, the one table of block sizes (the GGUF reader takes its sizes of these types from it),
+    against gguf-py's GGML_QUANT_SIZES, written independently from ggml's own."""
+    for t, (weights, nbytes) in GGML_BLOCKS.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)] == (weights, nbytes), t
+
+
 @settings(deadline=None, max_examples=60)
 @given(seed=seeds, shape=shapes())
 def test_dequantize_ggml(seed, shape):

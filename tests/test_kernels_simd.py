@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits, to_float32
+from minqwen.kernels.ggml import GGML_BLOCKS
 from minqwen.kernels.jit import jit
 from minqwen.kernels.simd import (
     bit_bytes,
@@ -51,8 +52,6 @@ if isa.ISA != "generic":  # imported only where the CPU has the instructions, as
     )
 
 seeds = st.integers(0, 2**32 - 1)
-BYTES = {GGML.Q8_0: 34, GGML.Q4_0: 18, GGML.Q4_1: 20, GGML.Q5_0: 22, GGML.Q5_1: 24, GGML.Q4_K: 144,
-         GGML.Q5_K: 176, GGML.Q6_K: 210}
 SCALE_AT = {GGML.Q4_K: (0, 2), GGML.Q5_K: (0, 2), GGML.Q6_K: (208,)}  # fp16 scales in a K-quant block
 
 
@@ -60,8 +59,8 @@ def random_blocks(rng, N, K, kind):
     """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 as gguf quantises Gaussian weights; K-quants as random bytes
     with valid fp16 super-block scales (every bit pattern of the rest is a valid block)."""
     if kind in SCALE_AT:
-        data = rng.integers(0, 256, (N, K // 256 * BYTES[kind]), dtype=np.uint8)
-        blocks = data.reshape(N, K // 256, BYTES[kind])
+        data = rng.integers(0, 256, (N, K // 256 * GGML_BLOCKS[kind][1]), dtype=np.uint8)
+        blocks = data.reshape(N, K // 256, GGML_BLOCKS[kind][1])
         for at in SCALE_AT[kind]:
             blocks[:, :, at:at + 2] = (rng.uniform(1e-4, 2e-2, (N, K // 256)).astype(np.float16)
                                        .view(np.uint8).reshape(N, K // 256, 2))
@@ -74,7 +73,7 @@ def minimum_term(kind, data, K):
     -dmin m_j), per weight, by gguf-py: the weights of the same blocks with every level bit zero."""
     if kind not in LEVEL_BITS_AT:
         return np.zeros((data.shape[0], K))
-    zero = data.copy().reshape(data.shape[0], -1, BYTES[kind])
+    zero = data.copy().reshape(data.shape[0], -1, GGML_BLOCKS[kind][1])
     zero[:, :, LEVEL_BITS_AT[kind]:] = 0
     return dequantize(zero.reshape(data.shape[0], -1), kind).reshape(data.shape[0], K).astype(np.float64)
 

@@ -47,6 +47,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..kernels.dtypes import BF16, FP16, FP32
+from ..kernels.ggml import GGML_BLOCKS
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -71,23 +72,29 @@ class GGMLType(NamedTuple):
 
 BLOCKS = np.dtype(np.uint8)
 
+
+def _read_by_the_kernels(type_id: int, name: str) -> GGMLType:  # sizes from the kernels' table, not twice
+    return GGMLType(type_id, name, *GGML_BLOCKS[type_id], BLOCKS)
+
+
 # ggml.h `enum ggml_type` and the sizes of ggml.c's type_traits. Ids 4, 5, 31-33 and 36-38 were
 # removed from the format. Every type is described here, so any file's tensors can be mapped and
-# listed; which types the kernels compute with is the model's business, not the reader's.
+# listed; which types the kernels compute with is the model's business, not the reader's. The block
+# types the kernels read take their sizes from kernels/ggml.py's GGML_BLOCKS; the others' are only here.
 GGML_TYPES = {t.id: t for t in (
     GGMLType(0, "F32", 1, 4, FP32),
     GGMLType(1, "F16", 1, 2, FP16),
-    GGMLType(2, "Q4_0", 32, 18, BLOCKS),
-    GGMLType(3, "Q4_1", 32, 20, BLOCKS),
-    GGMLType(6, "Q5_0", 32, 22, BLOCKS),
-    GGMLType(7, "Q5_1", 32, 24, BLOCKS),
-    GGMLType(8, "Q8_0", 32, 34, BLOCKS),
+    _read_by_the_kernels(2, "Q4_0"),
+    _read_by_the_kernels(3, "Q4_1"),
+    _read_by_the_kernels(6, "Q5_0"),
+    _read_by_the_kernels(7, "Q5_1"),
+    _read_by_the_kernels(8, "Q8_0"),
     GGMLType(9, "Q8_1", 32, 36, BLOCKS),
-    GGMLType(10, "Q2_K", 256, 84, BLOCKS),
-    GGMLType(11, "Q3_K", 256, 110, BLOCKS),
-    GGMLType(12, "Q4_K", 256, 144, BLOCKS),
-    GGMLType(13, "Q5_K", 256, 176, BLOCKS),
-    GGMLType(14, "Q6_K", 256, 210, BLOCKS),
+    _read_by_the_kernels(10, "Q2_K"),
+    _read_by_the_kernels(11, "Q3_K"),
+    _read_by_the_kernels(12, "Q4_K"),
+    _read_by_the_kernels(13, "Q5_K"),
+    _read_by_the_kernels(14, "Q6_K"),
     GGMLType(15, "Q8_K", 256, 292, BLOCKS),
     GGMLType(16, "IQ2_XXS", 256, 66, BLOCKS),
     GGMLType(17, "IQ2_XS", 256, 74, BLOCKS),
