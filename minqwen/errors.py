@@ -1,7 +1,14 @@
 """Typed exceptions: every way a user's input can be wrong has its own class.
 
 The CLI prints `error: <message>` for any MinqwenError and exits non-zero, without a traceback.
+A message that shows a value read from a file shows it through `quoted`.
 """
+
+
+def quoted(value, limit: int = 80) -> str:
+    """repr() cut to one short line: names and values read from a file can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class MinqwenError(Exception):

@@ -208,6 +208,8 @@ F32_4 = tensor_info(b"w", [4], 0, 0)  # 4 float32 at the start of the data secti
     (header(3, 2**60, 0), "tensor count"),
     (raw_gguf(kv(b"", 4, bytes(4))), "empty"),
     (raw_gguf(kv(b"a", 4, bytes(4)), kv(b"a", 4, bytes(4))), "'a' appears twice"),
+    (raw_gguf(kv(b"a" * 10**5, 4, bytes(4)), kv(b"a" * 10**5, 4, bytes(4))),  # names quoted in 80 characters
+     "metadata key '" + "a" * 76 + "... appears twice"),
     (raw_gguf(kv(b"\xff\xfe", 4, bytes(4))), "not valid UTF-8"),
     (raw_gguf(kv(b"a", 13, bytes(8))), "unknown value type 13"),
     (raw_gguf(kv(b"a", 8, string(b"caf\xc3"))), "not valid UTF-8"),

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, quoted
 from ..kernels.dtypes import BF16, FP16, FP32
 from ..kernels.ggml import GGML_BLOCKS
 
@@ -230,9 +230,9 @@ class _Parser:
             if not key:
                 raise self.error(f"metadata key {i} is empty")
             if key in metadata:
-                raise self.error(f"metadata key {_quoted(key)} appears twice")
-            value_type = self.u32(f"metadata {_quoted(key)} type")
-            metadata[key] = self.value(value_type, f"metadata {_quoted(key)}", depth=0)
+                raise self.error(f"metadata key {quoted(key)} appears twice")
+            value_type = self.u32(f"metadata {quoted(key)} type")
+            metadata[key] = self.value(value_type, f"metadata {quoted(key)}", depth=0)
             if key == "general.alignment":
                 alignment = metadata[key]
                 if value_type != UINT32:
@@ -311,7 +311,7 @@ class _Parser:
     def tensor_info(self, i: int) -> tuple[str, GGMLType, tuple[int, ...], int, int]:
         """(name, type, NumPy shape, offset in the data section, bytes) of the i-th tensor."""
         name = self.string(f"tensor {i} name")
-        what = f"tensor {_quoted(name)}"
+        what = f"tensor {quoted(name)}"
         if not name:
             raise self.error(f"tensor {i} has an empty name")
         n_dims = self.u32(f"{what} dimension count")
@@ -340,7 +340,7 @@ class _Parser:
     def tensors(self, infos, data_start: int, alignment: int) -> dict[str, GGUFTensor]:
         tensors = {}
         for name, ggml_type, shape, offset, nbytes in infos:
-            what = f"tensor {_quoted(name)}"
+            what = f"tensor {quoted(name)}"
             if name in tensors:
                 raise self.error(f"{what} appears twice in the tensor table")
             if offset % alignment:
@@ -361,11 +361,5 @@ class _Parser:
         placed = sorted((data_start + offset, nbytes, name) for name, _, _, offset, nbytes in infos)
         for (start, nbytes, name), (next_start, _, next_name) in zip(placed, placed[1:]):
             if next_start < start + nbytes:
-                raise self.error(f"tensors {_quoted(name)} and {_quoted(next_name)} overlap")
+                raise self.error(f"tensors {quoted(name)} and {quoted(next_name)} overlap")
         return tensors
-
-
-def _quoted(name: str, limit: int = 80) -> str:
-    """repr() cut to one short line: names come from the file and can be megabytes long."""
-    text = repr(name)
-    return text if len(text) <= limit else text[:limit - 3] + "..."

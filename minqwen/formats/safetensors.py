@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, quoted
 from ..kernels.dtypes import BF16, FP16, FP32
 from ..network.config import load_config, read_json
 from ..network.quantize import BLOCK, bits_for, quantizable, quantize_matrix
@@ -134,17 +134,17 @@ def _parse_header(path: Path, raw: bytes) -> dict[str, TensorEntry]:
 
     entries = {}
     for name, info in header.items():
-        where = f"tensor {_short(name)}"
+        where = f"tensor {quoted(name)}"
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _error(path, f"{where} must have exactly the keys dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise _error(path, f"{where} has dtype {_short(dtype)}, which minqwen does not read "
+            raise _error(path, f"{where} has dtype {quoted(dtype)}, which minqwen does not read "
                                f"(supported: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(_is_usize(d) for d in shape):
-            raise _error(path, f"{where} has shape {_short(shape)}, not a list of non-negative integers")
+            raise _error(path, f"{where} has shape {quoted(shape)}, not a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_usize, offsets))):
-            raise _error(path, f"{where} has data_offsets {_short(offsets)}, "
+            raise _error(path, f"{where} has data_offsets {quoted(offsets)}, "
                                "not two non-negative integers")
         entries[name] = (dtype, tuple(shape), (offsets[0], offsets[1]))
     return entries
@@ -159,13 +159,13 @@ def _check_layout(path: Path, entries: dict[str, TensorEntry]) -> int:
                 "overlaps the previous tensor" if begin < end_so_far else
                 "leaves a gap before it" if begin > end_so_far else None)
         if what:
-            raise _error(path, f"tensor {_short(name)} data_offsets [{begin}, {end}] {what}")
+            raise _error(path, f"tensor {quoted(name)} data_offsets [{begin}, {end}] {what}")
         nbytes = DTYPES[dtype].itemsize
         for d in shape:
             nbytes *= d
         if end - begin != nbytes:
-            raise _error(path, f"tensor {_short(name)} is {end - begin} bytes but shape "
-                               f"{_short(list(shape))} of {dtype} needs {nbytes}")
+            raise _error(path, f"tensor {quoted(name)} is {end - begin} bytes but shape "
+                               f"{quoted(list(shape))} of {dtype} needs {nbytes}")
         end_so_far = end
     return end_so_far
 
@@ -175,9 +175,9 @@ def _no_duplicate_keys(pairs):
     obj = {}
     for key, value in pairs:
         if key in obj:
-            raise ValueError(f"duplicate key {_short(key)}")
+            raise ValueError(f"duplicate key {quoted(key)}")
         if not _is_unicode(key):
-            raise ValueError(f"key {_short(key)} holds an unpaired surrogate escape")
+            raise ValueError(f"key {quoted(key)} holds an unpaired surrogate escape")
         obj[key] = value
     return obj
 
@@ -188,12 +188,6 @@ def _parse_int(digits: str):
     if digits.startswith("-") or len(digits) > 20:
         return -1
     return int(digits)
-
-
-def _short(value, limit=80) -> str:
-    """repr() cut to one short line: header values can be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _is_usize(x) -> bool:
@@ -233,7 +227,7 @@ def _map_file(path) -> dict[str, np.ndarray]:
         try:
             array = np.ndarray(shape, DTYPES[dtype], buffer=mapping, offset=data_offset + begin)
         except ValueError as e:  # e.g. more than 64 dimensions, or a dimension beyond int64
-            raise _error(path, f"tensor {_short(name)} of shape {_short(list(shape))} "
+            raise _error(path, f"tensor {quoted(name)} of shape {quoted(list(shape))} "
                                f"cannot be a NumPy array: {e}")
         if not array.flags.aligned:
             # The format does not promise alignment (the library's writer pads the header to 8 bytes,
@@ -274,7 +268,7 @@ def read_tensors(folder) -> dict[str, np.ndarray]:
     for path in files:
         for name, array in _map_file(path).items():
             if name in tensors:
-                raise CheckpointError(f"{folder}: tensor {_short(name)} appears in both "
+                raise CheckpointError(f"{folder}: tensor {quoted(name)} appears in both "
                                       f"{source[name].name} and {path.name}")
             tensors[name], source[name] = array, path
     return tensors
@@ -301,7 +295,7 @@ def _read_indexed(index_path: Path) -> dict[str, np.ndarray]:
     tensors = {}
     for shard, expected in by_shard.items():
         if Path(shard).name != shard or shard in ("", ".", ".."):
-            raise CheckpointError(f"{index_path}: shard {_short(shard)} is not a file name "
+            raise CheckpointError(f"{index_path}: shard {quoted(shard)} is not a file name "
                                   "in the folder")
         path = folder / shard
         if not path.exists():
@@ -309,12 +303,12 @@ def _read_indexed(index_path: Path) -> dict[str, np.ndarray]:
         found = _map_file(path)
         missing, extra = expected - found.keys(), found.keys() - expected
         if missing:
-            raise CheckpointError(f"{path}: index says tensor {_short(min(missing))} is in this shard, "
+            raise CheckpointError(f"{path}: index says tensor {quoted(min(missing))} is in this shard, "
                                   f"but it is not")
         if extra:
             name = min(extra)
             placed = f"in {weight_map[name]}" if name in weight_map else "nowhere"
-            raise CheckpointError(f"{path}: holds tensor {_short(name)}, "
+            raise CheckpointError(f"{path}: holds tensor {quoted(name)}, "
                                   f"which the index places {placed}")
         tensors.update(found)
     return tensors
