@@ -40,7 +40,7 @@ columns repeat the last one (no read leaves the row), with weight 0 in the dot p
 Speed: float math costs ~6 vector operations per 8 weights (extract, widen, convert, two FMAs), so
 decode is compute-bound, far below the read bandwidth: on one Zen 3 core (AVX2) ~5-8 G weights/s for
 Q8_0, ~3.5-4.5 for Q4_0 / Q4_1 / Q4_K / Q6_K, ~2.3-2.8 for Q5_0 / Q5_K, against ~17 for bf16's matvec
-(bench/kernels.py). Integer dot products (kernels/intdot.py, for the types it covers) are the fast
+(bench/kernel_speed.py). Integer dot products (kernels/intdot.py, for the types it covers) are the fast
 decode path; these kernels remain the fallback (CPUs without AVX2, the other types) and its reference.
 Prefill dequantises tiles for BLAS at 0.8-1.2x the GFLOP/s of bf16's widened tiles.
 """

@@ -26,9 +26,9 @@ if isa.ISA != "generic":  # kernels on the instruction layer: imported only wher
     from .gemm import matmul_bf16
     from .intdot import INTEGER_TYPES, matmul_integer
 
-FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernels.py "few tokens"):
-# 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2 sgemm; an
-# AVX-512 sgemm (twice as fast) lowers the crossover.
+FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernel_speed.py
+# "few tokens"): 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2
+# sgemm; an AVX-512 sgemm (twice as fast) lowers the crossover.
 
 # Up to this many tokens (a batch of sequences decoding together) matmul_integer beats dequantising tiles
 # for BLAS: on Zen 3, 2 threads, a 4864 x 896 matrix, Q8_0 / Q4_1: 2 tokens 1.2 / 1.4 ms against 5.4 / 6.2,

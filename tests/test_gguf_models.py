@@ -87,7 +87,8 @@ def quality(reference, logits):
 @pytest.mark.parametrize("scheme, min_agreement, max_kl", [("int8", 0.9, 1e-2), ("int4", 0.9, 1e-2)])
 def test_quantisation_quality_on_real_weights(smollm2_gguf, smollm2, scheme, min_agreement, max_kl):
     """minqwen's int8 / int4 (Q8_0 / Q4_1 re-quantised from the file's dequantised weights, LM head at 8
-    bits) against the model as stored, on real text: top-1 agreement and mean KL (the README's figures).
+    bits) against the model as stored, on real text: top-1 agreement and mean KL (the figures in
+    docs/gguf-and-quantisation.md).
     This file's layers are Q4_1 already, so int4 re-quantises them exactly; what int4 could lose is
     the LM head (the tied Q8_0 embedding), kept at 8 bits: the same model with a 4-bit head shows why."""
     ids = smollm2.tokenizer.encode(REAL_TEXT)

@@ -18,7 +18,7 @@ as kernels/ggml.GgmlMatrix); only the permuted / split rows above are copies. A 
 means the embedding is tied. Routing follows llama.cpp: top-k weights renormalised for qwen3moe and
 qwen3next, not for qwen2moe. Qwen3.5 / Qwen3.6 files (qwen35, qwen35moe) are not read: their converter
 reorders the linear-attention value heads (grouped -> tiled) in eight tensors, out_proj's columns
-among them, which cannot be undone on quantised blocks by moving rows (see the README).
+among them, which cannot be undone on quantised blocks by moving rows (see docs/gguf-and-quantisation.md).
 """
 from __future__ import annotations
 
