@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -615,6 +616,27 @@ def test_an_engine_that_cannot_go_on_says_so(qwen25, monkeypatch):
         log = server.log.getvalue()
         assert "engine: stopped for good; 1 job(s) end with an error\nTraceback" in log
         assert "MemoryError: injected" in log and "RuntimeError: injected" in log
+
+
+def test_a_client_resetting_its_connection_is_no_failure(qwen25, capsys):
+    """A reset while the server reads a request line (a client gone abruptly) logs no traceback, in the
+    server's log or on stderr; what else fails there goes to the log with its traceback."""
+    with running(qwen25) as server:
+        threads = threading.active_count()
+        connection = socket.create_connection(server.server_address, timeout=WAIT)
+        connection.sendall(b"POST /v1/chat/comp")  # the server waits for the rest of the line
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()  # with a linger of 0: a reset, not an orderly close
+        deadline = time.monotonic() + WAIT
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            time.sleep(0.01)  # the connection's thread has read the reset and ended
+        assert threading.active_count() == threads
+        try:
+            raise ValueError("injected failure reading a request")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 0))
+    assert "Traceback" not in capsys.readouterr().err
+    assert_logged_once(server, "ValueError: injected failure reading a request")
 
 
 def test_stopping_ends_the_requests_in_flight(qwen25):

@@ -55,6 +55,14 @@ class ApiServer(ThreadingHTTPServer):
         self.requests_in_flight = 0
         self.lock = threading.Lock()
 
+    def handle_error(self, request, client_address):
+        """An exception outside dispatch, as a request line is read: a client that reset its connection
+        (one that closed it before its answer was written gets a reset for the answer) is no failure;
+        anything else goes to the log with its traceback (socketserver would print it to stderr)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            print(f"{client_address[0]}: the connection failed", file=self.log, flush=True)
+            traceback.print_exc(file=self.log)
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
