@@ -196,7 +196,7 @@ class Engine:
                 self._end(job, End("cancelled"))
                 continue
             free = [slot for slot in self.slots if slot.job is None]
-            slot = free[0]
+            slot = free[0]  # where the job fails should choosing its slot fail
             try:
                 slot = max(free, key=lambda s: (s.sequence.reusable_prefix(job.prompt), -s.used))
                 slot.job = job
