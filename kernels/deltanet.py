@@ -7,7 +7,7 @@ One Gated DeltaNet layer, token t, after the input projections (C = 2*Hk*Dk + Hv
     q_t, k_t        <- q_t / |q_t|,  k_t / |k_t|   per key head             l2norm
     g_t    = -exp(A_log) * softplus(a_t + dt_bias)   per value head          delta_rule_gates
     beta_t = sigmoid(b_t)
-    per value head h, reading key head h // (Hv / Hk), state S_h [Dk, Dv]:  gated_delta_rule_recurrent
+    per value head h, reading key head j(h), state S_h [Dk, Dv]:           gated_delta_rule_recurrent
         S <- exp(g_t) S                      forget
         S <- S + k_t (beta_t (v_t - S^T k_t))^T   delta rule: move S^T k_t towards v_t
         o_t = S^T q_t / sqrt(Dk)
@@ -16,8 +16,14 @@ One Gated DeltaNet layer, token t, after the input projections (C = 2*Hk*Dk + Hv
 Layouts (all activations float32, token-major like every other minqwen activation):
     q, k [T, Hk, Dk]    v, out [T, Hv, Dv]    g, beta [T, Hv]    state [Hv, Dk, Dv]
     conv x, out [T, C]  conv_state [K-1, C]   conv weight [C, K] (checkpoint [C, 1, K] squeezed)
-Value heads share key heads in consecutive groups (torch's repeat_interleave): value heads
-h = j*G .. j*G + G - 1, G = Hv // Hk, all read key head j.
+Value heads share key heads (G = Hv // Hk value heads per key head) in one of two orders:
+    grouped  j(h) = h // G    value heads j*G .. j*G + G - 1 read key head j (torch's repeat_interleave,
+                              transformers' checkpoints)
+    tiled    j(h) = h % Hk    value heads j, j + Hk, j + 2 Hk, ... read key head j (llama.cpp's converter
+                              reorders qwen35 / qwen35moe files so, for ggml's broadcast)
+Everything per value head (v, z, a, b, A_log, dt_bias, out_proj's columns) is in the same order, so the
+order matters only where a value head meets its key head: gated_delta_rule_recurrent takes it as
+`tiled`, and the weights run as stored.
 
 Prefill runs the same recurrence as decode, token by token. GPUs prefill with the chunked (WY / UT
 transform) form instead, which turns the recurrence into matrix products over blocks of 64 tokens. Written
@@ -154,9 +160,10 @@ def delta_rule_gates_reference(a, b, A_log, dt_bias):  # -> g [T, Hv], beta [T, 
 
 
 @pjit
-def gated_delta_rule_recurrent(out, state, q, k, v, g, beta):
-    # [T, Hv, Dv], [Hv, Dk, Dv] (in/out) <- [T, Hk, Dk], [T, Hk, Dk], [T, Hv, Dv], [T, Hv], [T, Hv]
-    """For each value head h (key head j = h // (Hv/Hk)) and token t, with S = state[h]:
+def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
+    # [T, Hv, Dv], [Hv, Dk, Dv] (in/out) <- [T, Hk, Dk], [T, Hk, Dk], [T, Hv, Dv], [T, Hv], [T, Hv], bool
+    """For each value head h (key head j = h % Hk if tiled else h // (Hv/Hk)) and token t, with
+    S = state[h]:
 
         S     <- exp(g_t) S
         delta  = beta_t (v_t - S^T k_t)
@@ -170,7 +177,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta):
     group = Hv // Hk
     scale = np.float32(1.0 / np.sqrt(Dk))
     for h in prange(Hv):
-        j = h // group
+        j = h % Hk if tiled else h // group
         S = state[h]
         delta = np.empty(Dv, dtype=np.float32)  # per head, not per token; fully rewritten before use
         for t in range(T):
@@ -197,15 +204,15 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta):
                     out[t, h, e] += S[i, e] * qi
 
 
-def gated_delta_rule_recurrent_reference(state, q, k, v, g, beta):
+def gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled):
     # -> out [T, Hv, Dv], final state [Hv, Dk, Dv], float64; the literal recurrence
     T, Hk, Dk = k.shape
     Hv = v.shape[1]
-    group = Hv // Hk
+    key_head = np.tile(np.arange(Hk), Hv // Hk) if tiled else np.repeat(np.arange(Hk), Hv // Hk)
     S = np.array(state, dtype=np.float64)
     out = np.zeros(v.shape)
     for h in range(Hv):
-        j = h // group
+        j = key_head[h]
         for t in range(T):
             qt = np.asarray(q[t, j], np.float64)
             kt = np.asarray(k[t, j], np.float64)

@@ -115,29 +115,50 @@ def test_delta_rule_gates(T, H, seed, bf16):
 
 @settings(deadline=None, max_examples=30)
 @given(T=st.integers(1, 80), Hk=st.integers(1, 4), group=st.integers(1, 3), Dk=head_dims, Dv=head_dims,
-       decay=decays, seed=st.integers(0, 2**31))
-def test_gated_delta_rule_recurrent(T, Hk, group, Dk, Dv, decay, seed):
+       decay=decays, tiled=st.booleans(), seed=st.integers(0, 2**31))
+def test_gated_delta_rule_recurrent(T, Hk, group, Dk, Dv, decay, tiled, seed):
     state, q, k, v, g, beta = delta_inputs(seed, T, Hk, group, Dk, Dv, decay)
-    ref_out, ref_state = gated_delta_rule_recurrent_reference(state, q, k, v, g, beta)
+    ref_out, ref_state = gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled)
     out = np.empty_like(v)
-    gated_delta_rule_recurrent(out, state, q, k, v, g, beta)
+    gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled)
     assert_close(out, ref_out, "recurrent out")
     assert_close(state, ref_state, "recurrent state")
 
 
+@settings(deadline=None, max_examples=20)
+@given(T=st.integers(1, 20), Hk=st.integers(1, 4), group=st.integers(2, 4), Dk=head_dims, Dv=head_dims,
+       seed=st.integers(0, 2**31))
+def test_tiled_heads_are_the_grouped_heads_reordered(T, Hk, group, Dk, Dv, seed):
+    """llama.cpp's converter moves grouped value head j*G + i to tiled position i*Hk + j (in v, g, beta
+    and the state alike): run tiled on the moved heads, the recurrence gives the grouped outputs, moved.
+    The two orders differ whenever G > 1, so a kernel that ignored `tiled` fails here."""
+    state, q, k, v, g, beta = delta_inputs(seed, T, Hk, group, Dk, Dv, "medium")
+    grouped_out = np.empty_like(v)
+    grouped_state = state.copy()
+    gated_delta_rule_recurrent(grouped_out, grouped_state, q, k, v, g, beta, False)
+    moved = np.arange(Hk * group).reshape(Hk, group).T.ravel()  # tiled position -> grouped head
+    tiled_state = np.ascontiguousarray(state[moved])
+    tiled_out = np.empty_like(v)
+    gated_delta_rule_recurrent(tiled_out, tiled_state, q, k, *(np.ascontiguousarray(a[:, moved])
+                                                                for a in (v, g, beta)), True)
+    assert_close(tiled_out, grouped_out[:, moved], "tiled out", tol=1e-6)
+    assert_close(tiled_state, grouped_state[moved], "tiled state", tol=1e-6)
+
+
 @settings(deadline=None, max_examples=30)
 @given(T=st.integers(2, 80), Hk=st.integers(1, 3), group=st.integers(1, 3), Dk=head_dims, Dv=head_dims,
-       decay=decays, data=st.data(), seed=st.integers(0, 2**31))
-def test_any_split_of_prefill_and_decode_steps(T, Hk, group, Dk, Dv, decay, data, seed):
+       decay=decays, tiled=st.booleans(), data=st.data(), seed=st.integers(0, 2**31))
+def test_any_split_of_prefill_and_decode_steps(T, Hk, group, Dk, Dv, decay, tiled, data, seed):
     """A sequence fed as pieces (prefill chunks, single tokens), from a zero state like a new sequence:
     same outputs and final state as the recurrence over the whole."""
     state, q, k, v, g, beta = delta_inputs(seed, T, Hk, group, Dk, Dv, decay)
     state[:] = 0.0
-    ref_out, ref_state = gated_delta_rule_recurrent_reference(state, q, k, v, g, beta)
+    ref_out, ref_state = gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled)
     out = np.empty_like(v)
     for lo, hi in cuts(T, data.draw(st.lists(st.integers(1, T - 1), max_size=4), label="cuts")):
         piece = slice(lo, hi)
-        gated_delta_rule_recurrent(out[piece], state, q[piece], k[piece], v[piece], g[piece], beta[piece])
+        gated_delta_rule_recurrent(out[piece], state, q[piece], k[piece], v[piece], g[piece], beta[piece],
+                                   tiled)
     assert_close(out, ref_out, "split out")
     assert_close(state, ref_state, "split state")
 
@@ -204,7 +225,7 @@ def test_kernels_match_transformers_functions():
         torch_o, torch_s = torch_fn(*batched, initial_state=tensor(state0[None].copy()),
                                     output_final_state=True, use_qk_l2norm_in_kernel=True, **kw)
         state, o = state0.copy(), np.empty_like(v)
-        gated_delta_rule_recurrent(o, state, q, k, v, g, beta)
+        gated_delta_rule_recurrent(o, state, q, k, v, g, beta, False)  # torch: grouped
         assert_close(o, torch_o[0].numpy(), f"recurrence vs transformers' {name} form: out")
         assert_close(state, torch_s[0].numpy(), f"recurrence vs transformers' {name} form: state")
 
@@ -263,7 +284,7 @@ def deltanet_layer(hidden, weights, Hk, Hv, Dk, Dv, eps, pieces):  # [T, hidden]
         g, beta = np.empty((n, Hv), np.float32), np.empty((n, Hv), np.float32)
         delta_rule_gates(g, beta, x @ in_proj_a.T, x @ in_proj_b.T, weights["A_log"], weights["dt_bias"])
         o = np.empty((n, Hv, Dv), np.float32)
-        gated_delta_rule_recurrent(o, state, q, k, v, g, beta)
+        gated_delta_rule_recurrent(o, state, q, k, v, g, beta, False)
         gated_rmsnorm(o, o, weights["norm"], (x @ in_proj_z.T).reshape(n, Hv, Dv), eps)
         outputs.append(o.reshape(n, Hv * Dv) @ weights["out_proj"].T)
     return np.concatenate(outputs)

@@ -116,6 +116,9 @@ class Config:
     linear_num_key_heads: int = 0
     linear_value_head_dim: int = 0
     linear_num_value_heads: int = 0
+    # Which key head each value head reads (kernels/deltanet.py): "grouped" as transformers' checkpoints
+    # store them, "tiled" as llama.cpp's converter stores qwen35 / qwen35moe GGUFs (gguf_names says so).
+    linear_value_head_order: str = "grouped"
     eos_token_id: list[int] = field(default_factory=list)
     layer_types: list[str] = field(default_factory=list)  # per layer: one of LAYER_KINDS
     quantization_config: dict = field(default_factory=dict)  # fp8 blocks, or minqwen's int8 / int4
@@ -272,6 +275,9 @@ def _check_shapes(config: Config):
     if config.num_experts and not 0 < config.num_experts_per_tok <= config.num_experts:
         raise ConfigError(f"num_experts_per_tok must be in [1, num_experts = {config.num_experts}], "
                           f"got {config.num_experts_per_tok}")
+    if config.linear_value_head_order not in ("grouped", "tiled"):
+        raise ConfigError(f"linear_value_head_order must be grouped or tiled, "
+                          f"got {config.linear_value_head_order!r}")
     if config.hidden_act != "silu":
         raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} (only silu is implemented)")
 

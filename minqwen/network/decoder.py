@@ -334,9 +334,10 @@ class Decoder:
         l2norm(k, k, L2NORM_EPS)
         g, beta, core = ws.g[:T], ws.beta[:T], ws.core[:T]
         delta_rule_gates(g, beta, a, b, w.A_log, w.dt_bias)
+        tiled = cfg.linear_value_head_order == "tiled"  # value heads as the weights store them
         for s in segments:  # token by token, also in prefill: see kernels/deltanet.py
             r = s.rows
-            gated_delta_rule_recurrent(core[r], s.cache.recurrent[i], q[r], k[r], v[r], g[r], beta[r])
+            gated_delta_rule_recurrent(core[r], s.cache.recurrent[i], q[r], k[r], v[r], g[r], beta[r], tiled)
         gated_rmsnorm(core, core, w.norm, z.reshape(T, hv, dv), cfg.rms_norm_eps)
         linear(out, core.reshape(T, hv * dv), w.out_proj)
 
