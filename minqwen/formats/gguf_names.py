@@ -9,16 +9,21 @@ metadata and transforms a few tensors. Here that is undone, in one place, so tha
               model.layers.N.self_attn.q_proj, model.layers.N.mlp.experts.E.gate_proj, model.norm, ...
     values    llama:      Q and K rows permuted for llama.cpp's RoPE, which pairs adjacent dims: put
                           back in the halves order of rotate_half (whole rows: quantised blocks move intact)
-              qwen3next:  RMSNorm weights stored as 1 + w: w again; A_log stored as -exp(A_log): log(-a);
-                          ssm_ba's rows, per key head [b (G), a (G)]: split into in_proj_b and in_proj_a
+              hybrids:    RMSNorm weights stored as 1 + w: w again; A_log stored as -exp(A_log): log(-a)
+              qwen3next:  ssm_ba's rows, per key head [b (G), a (G)]: split into in_proj_b and in_proj_a
+    layout    qwen35, qwen35moe: the converter reorders the DeltaNet value heads from grouped to tiled
+              (v head h reads key head h % Hk) in attn_qkv's v rows, attn_gate, ssm_alpha, ssm_beta, ssm_a,
+              ssm_dt, ssm_conv1d's v channels and ssm_out's columns -- consistently, so nothing is moved
+              back: the config says linear_value_head_order = "tiled", and the recurrence reads the heads
+              in that order (kernels/deltanet.py)
     experts   stacked 3-D (E, F, D): per-expert 2-D views, read only when routed
 
 Tensors stay views of the mapped file in their stored type (F32 / F16 / BF16 arrays, quantised blocks
 as kernels/ggml.GgmlMatrix); only the permuted / split rows above are copies. A missing `output.weight`
-means the embedding is tied. Routing follows llama.cpp: top-k weights renormalised for qwen3moe and
-qwen3next, not for qwen2moe. Qwen3.5 / Qwen3.6 files (qwen35, qwen35moe) are not read: their converter
-reorders the linear-attention value heads (grouped -> tiled) in eight tensors, out_proj's columns
-among them, which cannot be undone on quantised blocks by moving rows (see docs/gguf-and-quantisation.md).
+means the embedding is tied. Routing follows llama.cpp: top-k weights renormalised for qwen3moe,
+qwen3next and qwen35moe, not for qwen2moe. qwen35's rope.dimension_sections split the rotated dims among
+interleaved MRoPE's (time, height, width) positions; text has the same position in all three, so that is
+plain RoPE over rope.dimension_count dims, which is all minqwen reads.
 """
 from __future__ import annotations
 
@@ -33,7 +38,10 @@ from .gguf import GGML_TYPES, GGUFFile
 # general.architecture -> model_type, and whether top-k routing weights are renormalised (llama.cpp's rule)
 ARCHITECTURES = {"llama": ("llama", False), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
                  "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", True),
-                 "qwen3next": ("qwen3_next", True)}
+                 "qwen3next": ("qwen3_next", True), "qwen35": ("qwen3_5_text", True),
+                 "qwen35moe": ("qwen3_5_moe_text", True)}
+HYBRIDS = ("qwen3next", "qwen35", "qwen35moe")  # Gated DeltaNet layers between full-attention ones
+TILED_VALUE_HEADS = ("qwen35", "qwen35moe")  # the converter's value-head order (see the docstring)
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {  # blk.N.<gguf> -> model.layers.N.<hf>
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -47,6 +55,7 @@ LAYER_NAMES = {  # blk.N.<gguf> -> model.layers.N.<hf>
     "attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
     "ssm_conv1d": "linear_attn.conv1d",
     "ssm_dt": "linear_attn.dt_bias", "ssm_norm": "linear_attn.norm", "ssm_out": "linear_attn.out_proj",
+    "ssm_alpha": "linear_attn.in_proj_a", "ssm_beta": "linear_attn.in_proj_b",
 }
 EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
@@ -98,15 +107,21 @@ def gguf_config(gguf: GGUFFile) -> dict:
                       moe_intermediate_size=meta.integer("expert_feed_forward_length"),
                       shared_expert_intermediate_size=meta.integer("expert_shared_feed_forward_length", 0),
                       norm_topk_prob=renormalise)
-    if arch == "qwen3next":
-        recurrent = list(meta.value("attention.recurrent_layers"))[:layers]
+    if arch in HYBRIDS:
         value_heads = meta.integer("ssm.time_step_rank")
         config.update(linear_conv_kernel_dim=meta.integer("ssm.conv_kernel"),
                       linear_key_head_dim=meta.integer("ssm.state_size"),
                       linear_num_key_heads=meta.integer("ssm.group_count"),
                       linear_num_value_heads=value_heads,
                       linear_value_head_dim=meta.integer("ssm.inner_size") // value_heads,
-                      layer_types=["linear_attention" if r else "full_attention" for r in recurrent])
+                      linear_value_head_order="tiled" if arch in TILED_VALUE_HEADS else "grouped")
+        # The converter lists the layer kinds when config.json did; else the interval rule says them.
+        recurrent = meta.value("attention.recurrent_layers", None)
+        if recurrent is None:
+            config["full_attention_interval"] = meta.integer("full_attention_interval")
+        else:
+            config["layer_types"] = ["linear_attention" if r else "full_attention"
+                                     for r in list(recurrent)[:layers]]
     return config
 
 
@@ -151,6 +166,9 @@ def gguf_tensors(gguf: GGUFFile, config) -> dict[str, np.ndarray]:
             tensors[prefix + "linear_attn.conv1d.weight"] = value.reshape(value.shape[0], 1, value.shape[1])
         elif kind == "ssm_ba":
             tensors.update(_split_ba(prefix, value, config))
+        elif kind == "ffn_gate_inp_shexp" and value.ndim == 1:  # [hidden] from llama.cpp's quantiser and
+            # older converters, [1, hidden] from today's: the same vector (1-D tensors are never quantised)
+            tensors[prefix + "mlp.shared_expert_gate.weight"] = value.reshape(1, -1)
         else:
             hf = LAYER_NAMES.get(kind, kind)
             tensors[".".join([prefix + hf, *suffix])] = value
