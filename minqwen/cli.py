@@ -257,7 +257,7 @@ def _info(args) -> int:
     checkpoint = open_checkpoint(args.model)
     config = checkpoint.config
     src = TensorSource(checkpoint.tensors, fp8_block_rows=config.fp8_block_rows)
-    load_weights(config, src)  # checks every tensor the model reads (maps them; reads no weights)
+    weights = load_weights(config, src)  # checks every tensor the model reads (maps them; reads no weights)
     by_kind: dict[str, list] = {}
     for name in src.read:
         by_kind.setdefault(_stored_kind(src.tensors[name], config), []).append(src.tensors[name])
@@ -292,6 +292,11 @@ def _info(args) -> int:
         lines.insert(5, ("experts", f"{config.num_experts}, top-{config.num_experts_per_tok}, "
                                     f"moe_intermediate {config.moe_intermediate_size}, stored "
                                     f"{' and '.join(sorted(src.expert_layouts))}"))
+    if weights.mtp:
+        mtp = [src.tensors[name] for name in src.read if name.startswith("mtp.")]
+        lines.append(("MTP head", f"{len(weights.mtp.layers)} full-attention layer, {len(mtp)} tensors "
+                                  f"({sum(t.nbytes for t in mtp) / 2**30:.2f} GiB): loaded, not run "
+                                  "(a draft model for speculative decoding)"))
     for kind, names in unread_tensors(src).items():
         size = sum(src.tensors[name].nbytes for name in names) / 2**30
         if kind in IGNORED.values():

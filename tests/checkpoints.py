@@ -177,3 +177,60 @@ def chat_checkpoint(folder: Path, tokenizer: str) -> Path:
     config = shrink(json.loads((DATA / "configs" / f"{name}.config.json").read_text()), **CHAT_SIZES, **extra)
     generation = json.loads((DATA / "configs" / f"{name}.generation_config.json").read_text())
     return build_checkpoint(folder, config, "bf16", tokenizer=tokenizer, generation_config=generation)
+
+
+def add_mtp_head(folder: Path, seed: int = 1, experts: str = "per-expert") -> dict:
+    """Add a multi-token prediction head to a save_pretrained Qwen3.5 / Qwen3-Next checkpoint (which leaves
+    it out) under the names Qwen publishes (`mtp.fc`, `mtp.pre_fc_norm_*`, `mtp.layers.0.*`, `mtp.norm`;
+    the experts one matrix each, as Qwen3.5-35B-A3B stores them, or `fused` as gate_up_proj / down_proj),
+    random and in the checkpoint's dtype, into a shard of their own as published. Returns them."""
+    import safetensors.torch
+    import torch
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    d, hd, heads = text["hidden_size"], text["head_dim"], text["num_attention_heads"]
+    kv = text["num_key_value_heads"] * hd
+    shapes = {"fc.weight": (d, 2 * d), "pre_fc_norm_embedding.weight": (d,),
+              "pre_fc_norm_hidden.weight": (d,), "norm.weight": (d,)}
+    layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+             "self_attn.q_proj.weight": (2 * heads * hd, d), "self_attn.k_proj.weight": (kv, d),
+             "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, heads * hd),
+             "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)}
+    n, f = text.get("num_experts", 0), text.get("moe_intermediate_size", 0)
+    if not n:
+        f = text["intermediate_size"]
+        layer.update({"mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+                      "mlp.down_proj.weight": (d, f)})
+    else:
+        layer["mlp.gate.weight"] = (n, d)
+        if experts == "fused":
+            layer.update({"mlp.experts.gate_up_proj": (n, 2 * f, d), "mlp.experts.down_proj": (n, d, f)})
+        else:
+            for e in range(n):
+                layer.update({f"mlp.experts.{e}.gate_proj.weight": (f, d),
+                              f"mlp.experts.{e}.up_proj.weight": (f, d),
+                              f"mlp.experts.{e}.down_proj.weight": (d, f)})
+        if shared := text.get("shared_expert_intermediate_size", 0):
+            layer.update({"mlp.shared_expert.gate_proj.weight": (shared, d),
+                          "mlp.shared_expert.up_proj.weight": (shared, d),
+                          "mlp.shared_expert.down_proj.weight": (d, shared),
+                          "mlp.shared_expert_gate.weight": (1, d)})
+    shapes.update({f"layers.0.{name}": shape for name, shape in layer.items()})
+    existing = safetensors.torch.load_file(next(folder.glob("*.safetensors")))
+    dtype = next(iter(existing.values())).dtype
+    generator = torch.Generator().manual_seed(seed)
+    scale = {name: 0.2 if len(shape) == 1 else 1 / np.sqrt(shape[-1]) for name, shape in shapes.items()}
+    mtp = {f"mtp.{name}": (scale[name] * torch.randn(shape, generator=generator)).to(dtype)
+           for name, shape in shapes.items()}  # norm weights near 0: they are zero-centred (1 + w)
+    safetensors.torch.save_file(mtp, folder / "model-mtp.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").exists():  # one file: make it a shard of an index, as published
+        (folder / "model.safetensors").rename(folder / "model-00001.safetensors")
+        weight_map = {name: "model-00001.safetensors" for name in existing}
+    else:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map.update({name: "model-mtp.safetensors" for name in mtp})
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return mtp

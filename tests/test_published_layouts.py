@@ -18,6 +18,7 @@ import torch
 import minqwen
 from checkpoints import (
     DATA,
+    add_mtp_head,
     assert_matches_transformers,
     build_checkpoint,
     published_config,
@@ -76,7 +77,7 @@ def write_state(folder: Path, state: dict[str, torch.Tensor]):
 def publish_fused(folder: Path, experts: int):
     """Rewrite a save_pretrained Qwen3.5-MoE checkpoint as Qwen publishes its bf16 ones: each layer's
     experts as experts.gate_up_proj (E, 2F, D), gate rows then up rows, and experts.down_proj (E, D, F),
-    no `.weight` suffix; plus multi-token-prediction weights (per expert, as Qwen3.5-35B-A3B's MTP)."""
+    no `.weight` suffix; plus the multi-token-prediction head (per expert, as Qwen3.5-35B-A3B's MTP)."""
     state = read_state(folder)
     layers = sorted({name.split(".mlp.experts.")[0] for name in state if ".mlp.experts.0.gate_proj" in name})
     assert layers, "the checkpoint has no per-expert experts to fuse"
@@ -86,12 +87,8 @@ def publish_fused(folder: Path, experts: int):
         state[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
             [torch.cat([g, u]) for g, u in zip(per["gate_proj"], per["up_proj"])])
         state[f"{layer}.mlp.experts.down_proj"] = torch.stack(per["down_proj"])
-    d = state["lm_head.weight"].shape[1]
-    dtype = state["lm_head.weight"].dtype
-    state.update({"mtp.fc.weight": torch.randn(d, 2 * d, dtype=dtype),
-                  "mtp.norm.weight": torch.ones(d, dtype=dtype),
-                  "mtp.layers.0.mlp.experts.0.gate_proj.weight": torch.randn(8, d, dtype=dtype)})
     write_state(folder, state)
+    add_mtp_head(folder)
 
 
 def published_qwen35_moe() -> dict:
@@ -120,7 +117,7 @@ def test_fused_qwen35_moe_as_published(tmp_path, dtype):
                           capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
     assert "stored fused" in info.stdout
-    assert "multi-token prediction head: 3 tensors" in info.stdout and "vision tower:" in info.stdout
+    assert "MTP head: 1 full-attention layer" in info.stdout and "vision tower:" in info.stdout
     assert "unexpected" not in info.stdout
 
 

@@ -46,8 +46,9 @@ FAMILIES = {
     "qwen2_moe": Family(layer_kinds="window_odd_below", defaults=dict(qkv_bias=True)),
     "qwen3_moe": Family(qk_norm=True),
     # Hybrid: Gated DeltaNet layers between gated full-attention layers that rotate a quarter of each head.
+    # Qwen3-Next's configs do not count the layers of its MTP head (mtp.*); its checkpoints hold one.
     "qwen3_next": Family(qk_norm=True, output_gate=True, zero_centred_norms=True, layer_kinds="interval",
-                         defaults=HYBRID_DEFAULTS),
+                         defaults=dict(HYBRID_DEFAULTS, mtp_num_hidden_layers=1)),
     "qwen3_5_text": Family(qk_norm=True, output_gate=True, zero_centred_norms=True, layer_kinds="interval",
                            defaults=HYBRID_DEFAULTS),
     "qwen3_5_moe_text": Family(qk_norm=True, output_gate=True, zero_centred_norms=True,
@@ -119,6 +120,7 @@ class Config:
     # Which key head each value head reads (kernels/deltanet.py): "grouped" as transformers' checkpoints
     # store them, "tiled" as llama.cpp's converter stores qwen35 / qwen35moe GGUFs (gguf_names says so).
     linear_value_head_order: str = "grouped"
+    mtp_num_hidden_layers: int = 0  # layers of the multi-token prediction head (mtp.*): weights.MtpWeights
     eos_token_id: list[int] = field(default_factory=list)
     layer_types: list[str] = field(default_factory=list)  # per layer: one of LAYER_KINDS
     quantization_config: dict = field(default_factory=dict)  # fp8 blocks, or minqwen's int8 / int4

@@ -100,11 +100,30 @@ class LayerWeights:
 
 
 @dataclass
+class MtpWeights:
+    """Multi-token prediction head (Qwen3-Next, Qwen3.5; `mtp.*`): from the trunk's output h_t at
+    position t (after its final norm, as vLLM feeds it) and the embedding e of token t+1, it predicts
+    token t+2 -- a draft for speculative decoding:
+
+        x = fc [RMSNorm_e(e) ; RMSNorm_h(h_t)],   x = layers(x),   logits = lm_head(RMSNorm(x))
+
+    The embedding table and the LM head are the trunk's; each layer is a full-attention decoder layer
+    with the trunk's MLP (dense or experts)."""
+
+    fc: np.ndarray  # (hidden, 2 hidden): columns [embedding | hidden state]
+    pre_fc_norm_embedding: np.ndarray  # (hidden,) float32, 1 + w like every norm of these families
+    pre_fc_norm_hidden: np.ndarray  # (hidden,) float32
+    layers: list[LayerWeights]  # mtp_num_hidden_layers of them (one in every published checkpoint)
+    norm: np.ndarray  # (hidden,) float32
+
+
+@dataclass
 class Weights:
     embed_tokens: np.ndarray  # (vocab, hidden)
     layers: list[LayerWeights]
     norm: np.ndarray  # (hidden,) float32
     lm_head: np.ndarray  # (vocab, hidden): embed_tokens itself when tied (or its quantised copy)
+    mtp: MtpWeights | None = None  # the checkpoint's MTP head, if it has one and the config counts it
 
     @property
     def fused_deltanet(self) -> bool:
@@ -199,7 +218,8 @@ def load_weights(config: Config, src: TensorSource) -> Weights:
     lm = language_model_prefix(src.tensors)
     d, v = config.hidden_size, config.vocab_size
     embed = src.matrix(lm + "embed_tokens.weight", (v, d))  # never quantised: see quantize.py
-    layers = [_layer(config, src, f"{lm}layers.{i}.", i) for i in range(config.num_hidden_layers)]
+    layers = [_layer(config, src, f"{lm}layers.{i}.", config.layer_types[i], config.is_sparse(i))
+              for i in range(config.num_hidden_layers)]
     if config.tie_word_embeddings:  # the head is the embedding table itself, or its quantised copy
         bits = src.quantize_bits
         head_quantized = bits and quantizable("lm_head.weight", embed)
@@ -207,11 +227,26 @@ def load_weights(config: Config, src: TensorSource) -> Weights:
     else:
         lm_head = src.matrix("lm_head.weight", (v, d))
     return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, lm + "norm.weight", d),
-                   lm_head=lm_head)
+                   lm_head=lm_head, mtp=_mtp(config, src))
 
 
-# Tensors of published checkpoints that no rule reads on purpose, by what they are: the multi-token
-# prediction head (speculative decoding, which minqwen does not do) and the vision tower.
+def _mtp(config: Config, src: TensorSource) -> MtpWeights | None:
+    """The `mtp.*` head (see MtpWeights), or None: a checkpoint without one (save_pretrained leaves it
+    out), or a config that counts no MTP layers (its mtp.* tensors are then listed as not loaded)."""
+    if not (config.mtp_num_hidden_layers and src.has("mtp.fc.weight")):
+        return None
+    d = config.hidden_size
+    return MtpWeights(
+        fc=src.matrix("mtp.fc.weight", (d, 2 * d)),
+        pre_fc_norm_embedding=_norm(config, src, "mtp.pre_fc_norm_embedding.weight", d),
+        pre_fc_norm_hidden=_norm(config, src, "mtp.pre_fc_norm_hidden.weight", d),
+        layers=[_layer(config, src, f"mtp.layers.{i}.", "full_attention", config.num_experts > 0)
+                for i in range(config.mtp_num_hidden_layers)],
+        norm=_norm(config, src, "mtp.norm.weight", d))
+
+
+# Tensors of published checkpoints that no rule reads on purpose, by what they are: an MTP head the
+# config counts no layers of (see _mtp) and the vision tower.
 IGNORED = {"mtp.": "multi-token prediction head", "model.visual.": "vision tower"}
 
 
@@ -236,14 +271,14 @@ def _norm(config: Config, src: TensorSource, name: str, size: int) -> np.ndarray
     return weight + np.float32(1) if config.family.zero_centred_norms else weight
 
 
-def _layer(config: Config, src: TensorSource, p: str, i: int) -> LayerWeights:
+def _layer(config: Config, src: TensorSource, p: str, kind: str, sparse: bool) -> LayerWeights:
     d = config.hidden_size
-    deltanet = config.layer_types[i] == "linear_attention"
+    deltanet = kind == "linear_attention"
     return LayerWeights(input_layernorm=_norm(config, src, p + "input_layernorm.weight", d),
                         post_attention_layernorm=_norm(config, src, p + "post_attention_layernorm.weight", d),
                         self_attn=None if deltanet else _attention(config, src, p + "self_attn."),
                         linear_attn=_deltanet(config, src, p + "linear_attn.") if deltanet else None,
-                        mlp=_moe(config, src, p + "mlp.") if config.is_sparse(i)
+                        mlp=_moe(config, src, p + "mlp.") if sparse
                         else _mlp(src, p + "mlp.", d, config.intermediate_size))
 
 
