@@ -1,12 +1,14 @@
 """python -m minqwen {generate, chat, serve, info, quantize}: the command line.
 
-Every MinqwenError becomes one line on stderr and exit status 2 (no traceback).
+Every MinqwenError becomes one line on stderr and exit status 2 (no traceback); a warning (a part of the
+model not loaded) one line too.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import fields
 
 import numpy as np
@@ -28,6 +30,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     try:
         return args.run(args)
     except MinqwenError as e:
@@ -38,6 +41,10 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # not Python's file:line and source line: the user did not write them
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf_files import tokenizer_metadata, write_gguf
 
 from minqwen.errors import CheckpointError
 from minqwen.formats.hub import resolve
+from minqwen.loader import open_checkpoint
+from minqwen.network.weights import TensorSource, load_weights, unread_tensors
 
 
 def test_hub_id_resolves_to_the_cached_snapshot(tmp_path, monkeypatch):
@@ -46,6 +54,7 @@ def test_folders_and_gguf_files_are_themselves_other_files_are_refused(tmp_path)
 # ---- Ollama's store
 
 GGUF = "application/vnd.ollama.image.model"
+PROJECTOR = "application/vnd.ollama.image.projector"
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
@@ -77,17 +86,24 @@ def store(tmp_path, monkeypatch):
     return tmp_path / "models"
 
 
+PULLED = {  # where `ollama pull` puts a manifest under manifests/ -> the name that finds it
+    "registry.ollama.ai/library/qwen3/8b": "qwen3:8b",
+    "registry.ollama.ai/library/qwen3/latest": "qwen3",
+    "registry.ollama.ai/someone/tiny/q4": "someone/tiny:q4",
+    "hf.co/unsloth/Qwen3-8B-GGUF/Q4_K_M": "hf.co/unsloth/Qwen3-8B-GGUF:Q4_K_M",
+    "registry.ollama.ai/library/qwen3.5/9b": "qwen3.5:9b",  # dots in names, dashes and underscores in tags
+    "registry.ollama.ai/library/qwen3.6/35b-a3b-q4_K_M": "qwen3.6:35b-a3b-q4_K_M",
+    "registry.ollama.ai/someone/qwen3.5-abliterated/latest": "someone/qwen3.5-abliterated",
+}
+
+
 def test_ollama_names_resolve_to_their_gguf_blob(store):
     template = ("application/vnd.ollama.image.template", blob(store, b"{{ .Prompt }}"))
-    pull(store, "registry.ollama.ai/library/qwen3/8b", b"GGUF qwen3 8b", "manifests", template)
-    pull(store, "registry.ollama.ai/library/qwen3/latest", b"GGUF qwen3 latest")
-    pull(store, "registry.ollama.ai/someone/tiny/q4", b"GGUF someone's")
-    pull(store, "hf.co/unsloth/Qwen3-8B-GGUF/Q4_K_M", b"GGUF from hf.co")
-    assert resolve("ollama:qwen3:8b").read_bytes() == b"GGUF qwen3 8b"
-    assert resolve("ollama:qwen3").read_bytes() == b"GGUF qwen3 latest"
-    assert resolve("ollama:registry.ollama.ai/library/qwen3:8b").read_bytes() == b"GGUF qwen3 8b"
-    assert resolve("ollama:someone/tiny:q4").read_bytes() == b"GGUF someone's"
-    assert resolve("ollama:hf.co/unsloth/Qwen3-8B-GGUF:Q4_K_M").read_bytes() == b"GGUF from hf.co"
+    for path in PULLED:
+        pull(store, path, f"GGUF {path}".encode(), "manifests", template)
+    for path, name in PULLED.items():
+        assert resolve(f"ollama:{name}").read_bytes() == f"GGUF {path}".encode()
+    assert resolve("ollama:registry.ollama.ai/library/qwen3:8b") == resolve("ollama:qwen3:8b")
     assert resolve("ollama:qwen3:8b").parent == store / "blobs"
 
 
@@ -125,6 +141,8 @@ def test_a_missing_model_lists_those_there_are(store, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"ollama:qwen3 is not in .*; it has: localhost:5000/ns/m:t, "
                                               r"qwen3:8b, someone/tiny:q4$"):
         resolve("ollama:qwen3")
+    with pytest.raises(CheckpointError, match=r"^ollama:qwen3:4b is not in .*; it has: .*qwen3:8b"):
+        resolve("ollama:qwen3:4b")  # a model pulled, but not this tag
     monkeypatch.delenv("OLLAMA_MODELS")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default store: ~/.ollama/models
     with pytest.raises(CheckpointError, match=f"no Ollama store at {tmp_path}/home/.ollama/models"):
@@ -151,3 +169,78 @@ def test_bad_manifests(store, content, message):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=message):
         resolve("ollama:qwen3")
+
+
+def test_a_projector_layer_is_skipped_with_a_warning(store):
+    """An image-text model whose vision tower is a second GGUF (a projector layer): its text model loads,
+    and one warning says the projector does not. The projector's blob is never opened."""
+    projector = (PROJECTOR, "sha256:" + "5" * 64)  # no such blob: not needed
+    pull(store, "registry.ollama.ai/library/llava/7b", b"GGUF llava's text model", "manifests", projector)
+    with pytest.warns(UserWarning) as caught:
+        assert resolve("ollama:llava:7b").read_bytes() == b"GGUF llava's text model"
+    assert [str(w.message) for w in caught] == [
+        "ollama:llava:7b: its vision projector is not loaded; minqwen runs the text model"]
+    pull(store, "registry.ollama.ai/library/qwen3.5/9b", b"GGUF qwen3.5, vision inside")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no projector layer, no warning
+        assert resolve("ollama:qwen3.5:9b").read_bytes() == b"GGUF qwen3.5, vision inside"
+
+
+# ---- Ollama's image-text models as minqwen loads them
+
+# The vision tower as Ollama writes it into a qwen3.5 model's own GGUF (convert_qwen35.go, and the names
+# llama.cpp forks rename in Ollama's qwen35moe blobs): model.visual.* as v.*, blocks as blk, q / k / v
+# split, the patch embedding 4-D and F16
+BUNDLED_VISION = {"v.patch_embed.weight": np.zeros((48, 2, 4, 4), np.float16),
+                  "v.pos_embed.weight": np.zeros((4, 16), np.float32),
+                  **{f"v.blk.0.attn_{x}.{part}": np.zeros((16, 16) if part == "weight" else 16, np.float32)
+                     for x in ("q", "k", "v", "out") for part in ("weight", "bias")},
+                  "v.blk.0.norm1.weight": np.zeros(16, np.float32),
+                  "v.blk.0.mlp.linear_fc1.weight": np.zeros((32, 16), np.float32),
+                  "v.merger.linear_fc1.weight": np.zeros((8, 64), np.float32)}
+TOKENIZERS = Path(__file__).parent / "data" / "tokenizers"
+
+
+def tiny_gguf(path, extra_tensors: dict | None = None) -> bytes:
+    """A one-layer Qwen2 GGUF (the architecture does not matter here) with the Qwen2.5 tokenizer."""
+    import gguf
+
+    T, rng = gguf.GGUFValueType, np.random.default_rng(0)
+    hidden, ffn, vocab = 8, 16, 151936
+    metadata = {"general.architecture": (T.STRING, "qwen2"), "qwen2.block_count": (T.UINT32, 1),
+                "qwen2.context_length": (T.UINT32, 64), "qwen2.embedding_length": (T.UINT32, hidden),
+                "qwen2.feed_forward_length": (T.UINT32, ffn), "qwen2.attention.head_count": (T.UINT32, 2),
+                "qwen2.attention.head_count_kv": (T.UINT32, 1),
+                **tokenizer_metadata(TOKENIZERS / "qwen2.5", "qwen2", "<|im_end|>", vocab_size=vocab)}
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.attn_q.weight": (hidden, hidden),
+              "blk.0.attn_k.weight": (4, hidden), "blk.0.attn_v.weight": (4, hidden),
+              "blk.0.attn_output.weight": (hidden, hidden), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
+              "blk.0.ffn_down.weight": (hidden, ffn)}
+    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    return write_gguf(path, metadata, {**tensors, **(extra_tensors or {})}).read_bytes()
+
+
+def test_a_vision_tower_inside_the_model_gguf_is_left_unread(store, tmp_path):
+    """Newer image-text models (qwen3.5, qwen3.6) keep the vision tower in the model's own GGUF, with no
+    projector layer: the text model loads and the v.* tensors are all that is left unread (`info` lists
+    them as not loaded)."""
+    pull(store, "registry.ollama.ai/library/qwen3.5/9b", tiny_gguf(tmp_path / "m.gguf", BUNDLED_VISION))
+    checkpoint = open_checkpoint("ollama:qwen3.5:9b")
+    source = TensorSource(checkpoint.tensors)
+    load_weights(checkpoint.config, source)
+    unread = [name for names in unread_tensors(source).values() for name in names]
+    assert len(unread) == len(BUNDLED_VISION)  # the vision tensors, under whatever names gguf_names gives
+
+
+def test_the_cli_says_in_one_line_that_the_projector_is_not_loaded(store, tmp_path):
+    projector = (PROJECTOR, blob(store, b"GGUF a CLIP projector"))
+    pull(store, "registry.ollama.ai/library/llava/7b", tiny_gguf(tmp_path / "m.gguf"), "manifests", projector)
+    result = subprocess.run([sys.executable, "-m", "minqwen", "info", "--model", "ollama:llava:7b"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OLLAMA_MODELS": str(store)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "warning: ollama:llava:7b: its vision projector is not loaded; " \
+                            "minqwen runs the text model\n"
+    assert "checkpoint: " + str(store / "blobs") in result.stdout

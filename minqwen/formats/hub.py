@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -79,6 +80,11 @@ def _from_local_cache(hub_id: str) -> Path | None:
 #         blobs/sha256-<hex>                           each layer; the application/vnd.ollama.image.model
 #                                                      layer is the GGUF file
 #
+# Image-text models keep their vision tower in one of two places: older ones (llava, minicpm-v) in a
+# second GGUF, an application/vnd.ollama.image.projector layer, which is not loaded (a warning says so);
+# newer ones (gemma3, qwen3-vl, qwen3.5, qwen3.6) inside the model's GGUF as v.* tensors, which the
+# loader leaves unread (`info` lists them).
+#
 # A name is [host/][namespace/]model[:tag], by default registry.ollama.ai/library/<model>:latest. Newer
 # Ollama versions also write the default host as ollama.com, keep named manifests in manifests-v2/ (a
 # host:port's ':' spelled %3A there), and may store a list of manifests, one per runner and format.
@@ -87,6 +93,7 @@ OLLAMA_NAME = re.compile(r"(?:(?:(?P<host>\w[\w.:-]*)/)?(?P<namespace>\w[\w-]*)/
                          r"(?::(?P<tag>\w[\w.-]*))?", re.ASCII)
 OLLAMA_HOSTS = ("registry.ollama.ai", "ollama.com")
 OLLAMA_GGUF = "application/vnd.ollama.image.model"
+OLLAMA_PROJECTOR = "application/vnd.ollama.image.projector"
 OLLAMA_LIST = "application/vnd.ollama.manifest.list.v2+json"
 OLLAMA_DIGEST = re.compile(r"sha256[:-](?P<hex>[0-9a-fA-F]{64})")
 
@@ -119,12 +126,16 @@ def ollama_model(name: str) -> Path:
         if "layers" not in child:  # a reference to a manifest kept as a blob
             child = _ollama_json(_ollama_blob(root, child.get("digest"), manifest_path))
         manifest = child
-    models = [layer for layer in manifest.get("layers") or [] if isinstance(layer, dict)
-              and layer.get("mediaType") == OLLAMA_GGUF]
+    layers = [layer for layer in manifest.get("layers") or [] if isinstance(layer, dict)]
+    models = [layer for layer in layers if layer.get("mediaType") == OLLAMA_GGUF]
     if len(models) != 1:
         raise CheckpointError(f"{manifest_path}: ollama:{name} has {len(models)} GGUF model layers; "
                               "minqwen reads models stored as one GGUF file")
-    return _ollama_blob(root, models[0].get("digest"), manifest_path)
+    model = _ollama_blob(root, models[0].get("digest"), manifest_path)
+    if any(layer.get("mediaType") == OLLAMA_PROJECTOR for layer in layers):
+        warnings.warn(f"ollama:{name}: its vision projector is not loaded; minqwen runs the text model",
+                      stacklevel=2)
+    return model
 
 
 def _ollama_json(path: Path) -> dict:
