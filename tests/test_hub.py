@@ -186,6 +186,16 @@ def test_a_projector_layer_is_skipped_with_a_warning(store):
         assert resolve("ollama:qwen3.5:9b").read_bytes() == b"GGUF qwen3.5, vision inside"
 
 
+
+def test_a_lora_adapter_layer_is_refused(store):
+    """A model made with an ADAPTER line answers as base model + LoRA: running the base alone would
+    silently answer as another model, so it is refused, naming the adapter."""
+    adapter = ("application/vnd.ollama.image.adapter", "sha256:" + "6" * 64)
+    pull(store, "registry.ollama.ai/library/tuned/latest", b"GGUF base model", "manifests", adapter)
+    with pytest.raises(CheckpointError, match="ollama:tuned applies a LoRA adapter"):
+        resolve("ollama:tuned")
+
+
 # ---- Ollama's image-text models as minqwen loads them
 
 # The vision tower as Ollama writes it into a qwen3.5 model's own GGUF (convert_qwen35.go, and the names

@@ -94,6 +94,7 @@ OLLAMA_NAME = re.compile(r"(?:(?:(?P<host>\w[\w.:-]*)/)?(?P<namespace>\w[\w-]*)/
 OLLAMA_HOSTS = ("registry.ollama.ai", "ollama.com")
 OLLAMA_GGUF = "application/vnd.ollama.image.model"
 OLLAMA_PROJECTOR = "application/vnd.ollama.image.projector"
+OLLAMA_ADAPTER = "application/vnd.ollama.image.adapter"  # a LoRA, which changes every answer
 OLLAMA_LIST = "application/vnd.ollama.manifest.list.v2+json"
 OLLAMA_DIGEST = re.compile(r"sha256[:-](?P<hex>[0-9a-fA-F]{64})")
 
@@ -131,6 +132,9 @@ def ollama_model(name: str) -> Path:
     if len(models) != 1:
         raise CheckpointError(f"{manifest_path}: ollama:{name} has {len(models)} GGUF model layers; "
                               "minqwen reads models stored as one GGUF file")
+    if any(layer.get("mediaType") == OLLAMA_ADAPTER for layer in layers):
+        raise CheckpointError(f"ollama:{name} applies a LoRA adapter, which minqwen does not read: running "
+                              "its base model alone would answer as another model")
     model = _ollama_blob(root, models[0].get("digest"), manifest_path)
     if any(layer.get("mediaType") == OLLAMA_PROJECTOR for layer in layers):
         warnings.warn(f"ollama:{name}: its vision projector is not loaded; minqwen runs the text model",
