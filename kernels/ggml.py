@@ -17,9 +17,22 @@ of bytes (GGML_BLOCKS); all numbers little-endian, d / m / dmin are fp16. Every 
     Q5_K  176    0 d, 2 dmin, 4 sc[12], 16 qh[32], 48 qs[128]   nibble + 16 qh bit        d sc6, dmin m6
     Q6_K  210    0 ql[128], 128 qh[64], 192 int8 sc[16], 208 d  nibble + 16 (2 qh bits)   d sc, 32a
 
+    IQ4_NL  18    0 d, 2 qs[16]                                  iq4[nibble(p)]            d, 0
+    MXFP4   17    0 e (E8M0), 1 qs[16]                           fp4[nibble(p)]            2^(e-128), 0
+    IQ4_XS 136    0 d, 2 sc_h (u16), 4 sc_l[4], 8 qs[128]        iq4[nibble]               d (sc6 - 32), 0
+    IQ2_XXS 66    0 d, 2 per sub-block: grid[4], u32 signs+sc    +-grid (8 per row)        d (1/2 + s) / 4, 0
+    IQ2_XS  74    0 d, 2 u16 qs[32] (grid, signs), 66 sc[8]      +-grid (8 per row)        d (1/2 + s) / 4, 0
+    IQ2_S   82    0 d, 2 qs[32], 34 signs[32], 66 qh[8], 74 sc   +-grid (8 per row)        d (1/2 + s) / 4, 0
+    IQ3_XXS 98    0 d, 2 qs[64], 66 u32 signs+sc[8]              +-grid (4 per row)        d (1/2 + s) / 2, 0
+    IQ3_S  110    0 d, 2 qs[64], 66 qh[8], 74 signs[32], 106 sc  +-grid (4 per row)        d (1 + 2s), 0
+
 nibble(p) of a 32-weight block: low nibble of qs[p] for p < 16, high nibble of qs[p - 16] otherwise.
 The K-quants have 8 sub-blocks of 32 (Q4_K, Q5_K: 6-bit scale and min packed in 12 bytes) or 16 of 16
 (Q2_K, Q3_K: 6-bit signed scales packed in 12 bytes, Q6_K: int8 scales); exact bit positions in `_level`.
+The codebook types look their level up: iq4 / fp4 are 16-entry tables (IQ4_LEVELS; MXFP4_LEVELS, the
+E2M1 values doubled, the scale halved to match), and the i-quants (IQ2_*, IQ3_*: 8 sub-blocks of 32 in
+256) read a row of a grid codebook (kernels/ggml_grids.py) for each group of 8 or 4 weights, with a sign
+bit per weight (`_grid_level`); these levels are no longer small integers but still integers.
 
 One frame serves every type (`_blocks`): a row is walked 128 weights at a time, as four *columns* of
 32 weights (four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of
@@ -42,6 +55,8 @@ decode is compute-bound, far below the read bandwidth: on one Zen 3 core (AVX2) 
 Q8_0, ~3.5-4.5 for Q4_0 / Q4_1 / Q4_K / Q6_K, ~2.3-2.8 for Q5_0 / Q5_K, against ~17 for bf16's matvec
 (bench/kernel_speed.py). Integer dot products (kernels/intdot.py, for the types it covers) are the fast
 decode path; these kernels remain the fallback (CPUs without AVX2, the other types) and its reference.
+The codebook types read their levels from tables with byte-indexed loads (gathers), slower than the
+others' bit arithmetic.
 Prefill dequantises tiles for BLAS at 0.8-1.2x the GFLOP/s of bf16's widened tiles.
 """
 from typing import NamedTuple
@@ -50,13 +65,27 @@ import numpy as np
 from numba import prange
 
 from .dtypes import to_float32, widen
+from .ggml_grids import IQ2_S_GRID, IQ2_XS_GRID, IQ2_XXS_GRID, IQ3_S_GRID, IQ3_XXS_GRID
 from .jit import jit, pjit
 from .matmul import TILE_FLOATS, matmul_tiled
 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 10, 11, 12, 13, 14
-BLOCK_BYTES = (0, 0, 18, 20, 0, 0, 22, 24, 34, 0, 84, 110, 144, 176, 210)  # per block, by type id (0: none)
-# type id: (weights, bytes) per block
-GGML_BLOCKS = {t: (32 if t < Q2_K else 256, size) for t, size in enumerate(BLOCK_BYTES) if size}
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS, MXFP4 = 16, 17, 18, 20, 21, 22, 23, 39
+GGML_BLOCKS = {  # type id: (weights, bytes) per block
+    Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34), IQ4_NL: (32, 18),
+    MXFP4: (32, 17), Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
+    IQ2_XXS: (256, 66), IQ2_XS: (256, 74), IQ2_S: (256, 82), IQ3_XXS: (256, 98), IQ3_S: (256, 110),
+    IQ4_XS: (256, 136)}
+BLOCK_BYTES = tuple(GGML_BLOCKS.get(t, (0, 0))[1] for t in range(max(GGML_BLOCKS) + 1))  # by type id, 0: none
+
+# The codebooks: IQ4_NL / IQ4_XS levels (kvalues_iq4nl), MXFP4's E2M1 values doubled (kvalues_mxfp4; the
+# scale is halved to match, as gguf-py and llama.cpp do), E8M0 scale byte e -> 2^(e - 128) (that halved
+# scale, ggml_e8m0_to_fp32_half), and the i-quants' sign bytes: 7 sign bits k and their parity as bit 7
+# (ksigns_iq2xs, an even number of minus signs per group of 8).
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+MXFP4_LEVELS = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+E8M0_HALF = np.ldexp(np.float32(1.0), np.arange(256) - 128).astype(np.float32)
+KSIGNS = np.array([k | (bin(k).count("1") & 1) << 7 for k in range(128)], np.uint8)
 
 
 class GgmlMatrix(NamedTuple):
@@ -92,6 +121,12 @@ def _fp16(row, o):  # the fp16 at bytes o, o + 1 -> float32
 
 
 @jit
+def _u32(row, o):  # the little-endian uint32 at bytes o .. o + 3, as int64
+    return (np.int64(_byte(row, o)) | np.int64(_byte(row, o + 1)) << 8 | np.int64(_byte(row, o + 2)) << 16
+            | np.int64(_byte(row, o + 3)) << 24)
+
+
+@jit
 def _k4_scale_min(row, o, j):  # Q4_K / Q5_K: 6-bit scale and min of sub-block j, 12 bytes at o
     """j < 4: sc = s[j] & 63, m = s[j+4] & 63;  else sc = s[j+4] & 15 | (s[j-4] >> 6) << 4,
     m = s[j+4] >> 4 | (s[j] >> 6) << 4"""
@@ -109,8 +144,13 @@ def _q3_scale(row, o, v):  # Q3_K: signed 6-bit scale of sub-block v (0..15), 12
 
 
 @jit
+def _per_32(t):  # blocks of 32 weights (else super-blocks of 256)
+    return t < Q2_K or t == IQ4_NL or t == MXFP4
+
+
+@jit
 def _block(t, c):  # column c (32 weights) of a row of type t -> (byte offset of its block, slot in it)
-    if t < Q2_K:
+    if _per_32(t):
         return c * BLOCK_BYTES[t], 0
     return (c >> 3) * BLOCK_BYTES[t], c & 7
 
@@ -129,6 +169,14 @@ def _level(row, t, c, h, i):  # the integer level of weight 32c + 16h + i of the
             qh = _byte(row, b) | _byte(row, b + 1) << 8 | _byte(row, b + 2) << 16 | _byte(row, b + 3) << 24
             level |= 16 if qh & (1 << p) else 0
         return np.int32(level)
+    if t == IQ4_NL:
+        return np.int32(IQ4_LEVELS[_u((_byte(row, o + 2 + i) >> (4 * h)) & 15)])
+    if t == MXFP4:
+        return np.int32(MXFP4_LEVELS[_u((_byte(row, o + 1 + i) >> (4 * h)) & 15)])
+    if t == IQ4_XS:  # sub-block u: its 16 bytes of qs as Q4_0's
+        return np.int32(IQ4_LEVELS[_u((_byte(row, o + 8 + 16 * u + i) >> (4 * h)) & 15)])
+    if t == IQ2_XXS or t == IQ2_XS or t == IQ2_S or t == IQ3_XXS or t == IQ3_S:  # the grid codebooks
+        return _grid_level(row, t, o, u, h, i)
     if t == Q2_K:
         return np.int32((_byte(row, o + 16 + 32 * n + p) >> (2 * j)) & 3)
     if t == Q3_K:  # the hmask bit set means +4 (f = 4a subtracts it back)
@@ -145,6 +193,35 @@ def _level(row, t, c, h, i):  # the integer level of weight 32c + 16h + i of the
 
 
 @jit
+def _grid_level(row, t, o, u, h, i):  # the signed grid value of weight 32u + 16h + i of the block at o
+    """g = 2h + i // 8: its group of 8 weights in sub-block u (and f = 4h + i // 4 its group of 4);
+    level = grid[index][j] * (-1 if sign bit j else 1), j its place in the grid's row:
+    IQ2_XXS  index qs8[8u + g],                   signs ksigns[aux >> 7g & 127], aux = u32 at qs8[8u + 4]
+    IQ2_XS   index q & 511, q = u16 qs[4u + g],   signs ksigns[q >> 9]
+    IQ2_S    index qs[4u + g] | (qh[u] >> 2g & 3) << 8,   signs[4u + g]
+    IQ3_XXS  index qs[8u + f] (rows of 4),        signs ksigns[aux >> 7g & 127], aux = u32 sas[u]
+    IQ3_S    index qs[8u + f] | (qh[u] >> f & 1) << 8,    signs[4u + g]"""
+    g, f = 2 * h + (i >> 3), 4 * h + (i >> 2)
+    if t == IQ2_XXS:
+        index, signs = _byte(row, o + 2 + 8 * u + g), KSIGNS[_u((_u32(row, o + 6 + 8 * u) >> (7 * g)) & 127)]
+        magnitude = IQ2_XXS_GRID[_u(index), _u(i & 7)]
+    elif t == IQ2_XS:
+        q = _byte(row, o + 2 + 8 * u + 2 * g) | _byte(row, o + 3 + 8 * u + 2 * g) << 8
+        magnitude, signs = IQ2_XS_GRID[_u(q & 511), _u(i & 7)], KSIGNS[_u(q >> 9)]
+    elif t == IQ2_S:
+        index = _byte(row, o + 2 + 4 * u + g) | ((_byte(row, o + 66 + u) >> (2 * g)) & 3) << 8
+        magnitude, signs = IQ2_S_GRID[_u(index), _u(i & 7)], _byte(row, o + 34 + 4 * u + g)
+    elif t == IQ3_XXS:
+        index, signs = _byte(row, o + 2 + 8 * u + f), KSIGNS[_u((_u32(row, o + 66 + 4 * u) >> (7 * g)) & 127)]
+        magnitude = IQ3_XXS_GRID[_u(index), _u(i & 3)]
+    else:  # IQ3_S
+        index = _byte(row, o + 2 + 8 * u + f) | ((_byte(row, o + 66 + u) >> f) & 1) << 8
+        magnitude, signs = IQ3_S_GRID[_u(index), _u(i & 3)], _byte(row, o + 74 + 4 * u + g)
+    level = np.int32(magnitude)
+    return -level if np.int32(signs) & (1 << (i & 7)) else level
+
+
+@jit
 def _scale_offset(row, t, c, h):  # (a, f) of the sub-block holding weights 32c + 16h .. +15: w = a level - f
     o, u = _block(t, c)
     if t == Q8_0:
@@ -154,6 +231,24 @@ def _scale_offset(row, t, c, h):  # (a, f) of the sub-block holding weights 32c 
         return d, d * np.float32(8.0 if t == Q4_0 else 16.0)
     if t == Q4_1 or t == Q5_1:
         return _fp16(row, o), -_fp16(row, o + 2)
+    if t == IQ4_NL:
+        return _fp16(row, o), np.float32(0.0)
+    if t == MXFP4:
+        return E8M0_HALF[_u(_byte(row, o))], np.float32(0.0)
+    if t == IQ4_XS:  # 6-bit scale of sub-block u: 4 bits from scales_l[u / 2], 2 from the u16 scales_h
+        high = ((_byte(row, o + 2) | _byte(row, o + 3) << 8) >> (2 * u)) & 3
+        return _fp16(row, o) * np.float32((((_byte(row, o + 4 + (u >> 1)) >> (4 * (u & 1))) & 15) | high << 4)
+                                          - 32), np.float32(0.0)
+    if t == IQ2_XXS or t == IQ3_XXS:  # 4-bit scale s: the top of sub-block u's u32; d (1/2 + s) / 4 resp. / 2
+        s = _byte(row, o + (9 + 8 * u if t == IQ2_XXS else 69 + 4 * u)) >> 4
+        a = _fp16(row, o) * (np.float32(0.5) + np.float32(s)) * np.float32(0.25 if t == IQ2_XXS else 0.5)
+        return a, np.float32(0.0)
+    if t == IQ2_XS or t == IQ2_S:  # 4-bit scale s per half sub-block: d (1/2 + s) / 4
+        s = (_byte(row, o + (66 if t == IQ2_XS else 74) + u) >> (4 * h)) & 15
+        return _fp16(row, o) * (np.float32(0.5) + np.float32(s)) * np.float32(0.25), np.float32(0.0)
+    if t == IQ3_S:  # 4-bit scale s per sub-block: d (1 + 2s)
+        s = (_byte(row, o + 106 + (u >> 1)) >> (4 * (u & 1))) & 15
+        return _fp16(row, o) * np.float32(1 + 2 * s), np.float32(0.0)
     if t == Q2_K:  # sub-block of 16: scale byte 2u + h, low nibble scale, high nibble min
         sc = _byte(row, o + 2 * u + h)
         return _fp16(row, o + 80) * np.float32(sc & 15), _fp16(row, o + 82) * np.float32(sc >> 4)
@@ -188,19 +283,19 @@ def _column_dot(row, t, c, i, s, x):  # the two weights above times x
 def _blocks(row, t, x, out):
     # row: [bytes] uint8 of type t; x: [K] float32 or None; out: [K] float32 or None
     """x given: returns sum_k w[k] x[k];   out given: out[k] = w[k]"""
-    K = row.shape[0] // BLOCK_BYTES[t] * (32 if t < Q2_K else 256)
+    K = row.shape[0] // BLOCK_BYTES[t] * (32 if _per_32(t) else 256)
     last = K // 32 - 1  # the last column
     zero = ((np.float32(0.0), np.float32(0.0)), (np.float32(0.0), np.float32(0.0)))
     total = np.float32(0.0)
     for q in range((K + 127) // 128):
         c0, c1, c2, c3 = 4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3
-        if t < Q2_K:  # (K-quant rows are whole blocks: their columns stay affine, slots known per column)
+        if _per_32(t):  # (K-quant rows are whole blocks: their columns stay affine, slots known per column)
             c1, c2, c3 = min(c1, last), min(c2, last), min(c3, last)
         s0, s1 = _column_scales(row, t, c0), _column_scales(row, t, c1)
         s2, s3 = _column_scales(row, t, c2), _column_scales(row, t, c3)
         # Numba drops the branch whose argument is None (at compile time: one kernel per use).
         if x is not None:
-            if t < Q2_K:  # columns past the end repeat the last one: zero weight
+            if _per_32(t):  # columns past the end repeat the last one: zero weight
                 s1 = s1 if c1 == 4 * q + 1 else zero
                 s2 = s2 if c2 == 4 * q + 2 else zero
                 s3 = s3 if c3 == 4 * q + 3 else zero
@@ -248,6 +343,22 @@ def ggml_blocks(row, ggml_type, x, out):  # _blocks with the type made a compile
         return _blocks(row, Q5_K, x, out)
     if t == Q6_K:
         return _blocks(row, Q6_K, x, out)
+    if t == IQ4_NL:
+        return _blocks(row, IQ4_NL, x, out)
+    if t == IQ4_XS:
+        return _blocks(row, IQ4_XS, x, out)
+    if t == MXFP4:
+        return _blocks(row, MXFP4, x, out)
+    if t == IQ2_XXS:
+        return _blocks(row, IQ2_XXS, x, out)
+    if t == IQ2_XS:
+        return _blocks(row, IQ2_XS, x, out)
+    if t == IQ2_S:
+        return _blocks(row, IQ2_S, x, out)
+    if t == IQ3_XXS:
+        return _blocks(row, IQ3_XXS, x, out)
+    if t == IQ3_S:
+        return _blocks(row, IQ3_S, x, out)
     raise ValueError("not a GGML block type")
 
 
@@ -386,12 +497,63 @@ def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K]
         if t == Q5_K:
             level = level + 16 * ((b[..., None, 16:48] >> j[:, None]) & 1).reshape(N, -1, 256)
         w = fp16(0) * per_sub(sc, 32) * level - fp16(2) * per_sub(m, 32)
-    else:  # Q6_K: for each half n, weight 128n + 32k + l from ql / qh as in dequantize_row_q6_K
+    elif t in (IQ4_NL, MXFP4, IQ4_XS):  # a codebook level per nibble, as Q4_0's (per sub-block for IQ4_XS)
+        qs = b[..., B - 16:] if t != IQ4_XS else b[..., 8:].reshape(N, -1, 8, 16)
+        level = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(N, -1, E)
+        if t == IQ4_NL:
+            w = fp16(0) * IQ4_LEVELS[level]
+        elif t == MXFP4:
+            w = 2.0 ** (b[..., :1] - 128) * MXFP4_LEVELS[level]
+        else:
+            u = np.arange(8)
+            scales_h = b[..., 2:3] | b[..., 3:4] << 8
+            sc = ((b[..., 4 + u // 2] >> (4 * (u % 2))) & 15) | ((scales_h >> (2 * u)) & 3) << 4
+            w = fp16(0) * per_sub(sc - 32, 32) * IQ4_LEVELS[level]
+    elif t == Q6_K:  # for each half n, weight 128n + 32k + l from ql / qh as in dequantize_row_q6_K
         ql, qh = b[..., :128].reshape(N, -1, 2, 2, 32), b[..., 128:192].reshape(N, -1, 2, 1, 32)
         low = np.concatenate([ql & 15, ql >> 4], axis=-2)  # k = 0..3: ql[l], ql[l + 32], ql[l] >> 4, ...
         level = (low | ((qh >> (2 * np.arange(4)[:, None])) & 3) << 4) - 32
         w = fp16(208) * per_sub(raw[..., 192:208].view(np.int8), 16) * level.reshape(N, -1, 256)
+    else:  # the grid codebooks: rows `index` of the grid (8 or 4 weights each), a sign byte per 8 weights
+        w = fp16(0) * _grid_blocks_reference(b, t).reshape(N, -1, 256)
     return w.reshape(N, K)
+
+
+def _grid_blocks_reference(b, t):  # [N, blocks, bytes] int64 of a grid type -> w / d [N, blocks, 256]
+    N, nb = b.shape[:2]
+
+    def u32(x):  # [..., 4n] bytes -> [..., n] little-endian words
+        x = x.reshape(*x.shape[:-1], -1, 4)
+        return x[..., 0] | x[..., 1] << 8 | x[..., 2] << 16 | x[..., 3] << 24
+
+    def fields(x, bits, n):  # [..., m] -> [..., m * n]: n fields of `bits` bits each, lowest first
+        return ((x[..., None] >> (bits * np.arange(n))) & ((1 << bits) - 1)).reshape(*x.shape[:-1], -1)
+
+    def halves(x):  # [..., m] bytes -> [..., 2m] nibbles, low first
+        return fields(x, 4, 2)
+
+    if t in (IQ2_XXS, IQ3_XXS):  # a u32 per sub-block: 4 x 7 sign indices, a 4-bit scale on top
+        if t == IQ2_XXS:  # per sub-block 8 bytes: 4 indices, the u32
+            sub = b[..., 2:].reshape(N, nb, 8, 8)
+            index, aux = sub[..., :4].reshape(N, nb, 32), u32(sub[..., 4:]).reshape(N, nb, 8)
+        else:  # 64 indices, then the 8 u32
+            index, aux = b[..., 2:66], u32(b[..., 66:98])
+        signs = KSIGNS[fields(aux, 7, 4)]
+        scale = np.repeat((0.5 + (aux >> 28)) * (0.25 if t == IQ2_XXS else 0.5), 32, axis=-1)
+    elif t == IQ2_XS:
+        q = b[..., 2:66:2] | b[..., 3:66:2] << 8
+        index, signs = q & 511, KSIGNS[q >> 9]
+        scale = np.repeat((0.5 + halves(b[..., 66:74])) * 0.25, 16, axis=-1)
+    elif t == IQ2_S:
+        index, signs = b[..., 2:34] | fields(b[..., 66:74], 2, 4) << 8, b[..., 34:66]
+        scale = np.repeat((0.5 + halves(b[..., 74:82])) * 0.25, 16, axis=-1)
+    else:  # IQ3_S
+        index, signs = b[..., 2:66] | fields(b[..., 66:74], 1, 8) << 8, b[..., 74:106]
+        scale = np.repeat(1.0 + 2 * halves(b[..., 106:110]), 32, axis=-1)
+    grid = {IQ2_XXS: IQ2_XXS_GRID, IQ2_XS: IQ2_XS_GRID, IQ2_S: IQ2_S_GRID, IQ3_XXS: IQ3_XXS_GRID,
+            IQ3_S: IQ3_S_GRID}[t]
+    magnitude = grid[index].reshape(N, nb, 256)
+    return scale * magnitude * (1 - 2 * fields(signs, 1, 8))
 
 
 def matvec_ggml_reference(data, ggml_type, x):  # [N, bytes], [K] -> [N] float64

@@ -10,6 +10,7 @@ from minqwen.kernels.dtypes import BF16, FP16, FP32, bf16_bits, from_float32, to
 from minqwen.kernels.embedding import embed
 from minqwen.kernels.ggml import (
     GGML_BLOCKS,
+    MXFP4,
     Q4_1,
     Q8_0,
     GgmlMatrix,
@@ -28,7 +29,8 @@ TOL = 1e-5  # fp32 sums against float64, relative to the size of the terms summe
 seeds = st.integers(0, 2**32 - 1)
 types = st.sampled_from(sorted(GGML_BLOCKS))
 FP16_AT = {2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 8: [0], 10: [80, 82], 11: [108], 12: [0, 2], 13: [0, 2],
-           14: [208]}  # byte offsets of each type's fp16 numbers in its block
+           14: [208], 16: [0], 17: [0], 18: [0], 20: [0], 21: [0], 22: [0], 23: [0],
+           39: []}  # byte offsets of each type's fp16 numbers in its block (MXFP4: an E8M0 byte at 0)
 
 
 @st.composite
@@ -40,9 +42,14 @@ def shapes(draw, ggml_type=None):  # (type, N, K): K around the 128-weight steps
 
 def random_blocks(rng, N, K, ggml_type):
     """Random bytes, with the fp16 numbers (scales, mins) finite and of varied magnitude: some zero,
-    some subnormal, the rest anywhere in fp16's normal range up to 2**8, either sign."""
+    some subnormal, the rest anywhere in fp16's normal range up to 2**8, either sign. MXFP4's scale
+    2^(e - 128) likewise: e = 0 and 1 (subnormal in float32) and 2^-30 .. 2^8 (tests/test_kernels_iquants.py
+    takes every e, up to the ones whose weights overflow float32)."""
     E, B = GGML_BLOCKS[ggml_type]
     data = rng.integers(0, 256, (N, K // E, B), dtype=np.uint8)
+    if ggml_type == MXFP4:
+        data[..., 0] = np.where(rng.random((N, K // E)) < 0.1, rng.integers(0, 2, (N, K // E)),
+                                rng.integers(128 - 30, 128 + 9, (N, K // E)))
     for o in FP16_AT[ggml_type]:
         exponent = rng.integers(0, 24, (N, K // E))  # biased: 0 is zero / subnormal, 23 is 2**8
         bits = (rng.integers(0, 2, (N, K // E)) << 15) | (exponent << 10) | rng.integers(0, 1024, (N, K // E))
