@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from .errors import ConfigError, ContextLengthError
 from .formats.gguf import read_gguf
-from .formats.gguf_names import gguf_config, gguf_tensors
+from .formats.gguf_names import gguf_config, gguf_tensors, mtp_file_beside
 from .formats.hub import resolve
 from .formats.safetensors import read_tensors
 from .model import Model
@@ -36,8 +36,10 @@ def open_checkpoint(path_or_hub_id) -> Checkpoint:
     path = resolve(path_or_hub_id)
     if path.is_file():
         gguf = read_gguf(path)
-        config = Config.from_dict(gguf_config(gguf))
-        return Checkpoint(path, config, gguf_tensors(gguf, config), Tokenizer.from_gguf(gguf), {}, "gguf")
+        mtp_file = mtp_file_beside(gguf)  # a head converted apart (mtp-*.gguf), for a file without one
+        config = Config.from_dict(gguf_config(gguf, mtp_file))
+        tensors = gguf_tensors(gguf, config, mtp_file)
+        return Checkpoint(path, config, tensors, Tokenizer.from_gguf(gguf), {}, "gguf")
     config = load_config(path)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
     generation_path = path / "generation_config.json"

@@ -33,7 +33,7 @@ from ..errors import CheckpointError, UnsupportedModelError
 from ..kernels.ggml import GGML_BLOCKS, GgmlMatrix
 from ..network.weights import qwen3_next_rows
 from ..text.tokenizer import gguf_end_of_generation_ids
-from .gguf import GGML_TYPES, GGUFFile
+from .gguf import GGML_TYPES, GGUFFile, read_gguf
 
 # general.architecture -> model_type, and whether top-k routing weights are renormalised (llama.cpp's rule)
 ARCHITECTURES = {"llama": ("llama", False), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
@@ -60,8 +60,9 @@ LAYER_NAMES = {  # blk.N.<gguf> -> model.layers.N.<hf>
 EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
-def gguf_config(gguf: GGUFFile) -> dict:
-    """config.json of the model a GGUF file holds, in transformers' spelling."""
+def gguf_config(gguf: GGUFFile, mtp_file: GGUFFile | None = None) -> dict:
+    """config.json of the model a GGUF file holds, in transformers' spelling (`mtp_file`: see
+    mtp_file_beside)."""
     arch = gguf.metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"{gguf.path}: GGUF architecture {arch!r} is not supported "
@@ -77,6 +78,7 @@ def gguf_config(gguf: GGUFFile) -> dict:
         "model_type": model_type, "vocab_size": embed.shape[0],
         "hidden_size": meta.integer("embedding_length"),
         "num_hidden_layers": layers, "num_attention_heads": heads,
+        "mtp_num_hidden_layers": _mtp_layers(gguf, mtp_file),
         "num_key_value_heads": meta.integer("attention.head_count_kv", heads),
         "intermediate_size": meta.integer("feed_forward_length", 0),
         "max_position_embeddings": meta.integer("context_length"),
@@ -136,8 +138,9 @@ def _check_type(gguf: GGUFFile, name: str, tensor):
                                     f"not read (it reads F32, F16, BF16, {readable})")
 
 
-def gguf_tensors(gguf: GGUFFile, config) -> dict[str, np.ndarray]:
-    """The file's tensors under their Hugging Face names, as weights.py reads a safetensors folder."""
+def gguf_tensors(gguf: GGUFFile, config, mtp_file: GGUFFile | None = None) -> dict[str, np.ndarray]:
+    """The file's tensors under their Hugging Face names, as weights.py reads a safetensors folder, and the
+    MTP head of `mtp_file` (see mtp_file_beside)."""
     arch = gguf.metadata["general.architecture"]
     layers = config.num_hidden_layers
     tensors = {}
@@ -152,7 +155,7 @@ def gguf_tensors(gguf: GGUFFile, config) -> dict[str, np.ndarray]:
             tensors[name] = value  # nothing a rule reads: info lists it
             continue
         layer, kind, suffix = int(parts[1]), parts[2], parts[3:]
-        # layers past num_hidden_layers are multi-token prediction's: named mtp.*, never read
+        # layers past num_hidden_layers are the multi-token prediction head's: mtp.layers.*
         prefix = f"model.layers.{layer}." if layer < layers else f"mtp.layers.{layer - layers}."
         if kind in EXPERT_STACKS:  # (E, rows, cols): one 2-D view per expert
             for e in range(tensor.shape[0]):
@@ -166,6 +169,8 @@ def gguf_tensors(gguf: GGUFFile, config) -> dict[str, np.ndarray]:
             tensors[prefix + "linear_attn.conv1d.weight"] = value.reshape(value.shape[0], 1, value.shape[1])
         elif kind == "ssm_ba":
             tensors.update(_split_ba(prefix, value, config))
+        elif kind == "nextn" and suffix[0] in NEXTN_NAMES:  # the MTP head's own (in its first block)
+            tensors[".".join([NEXTN_NAMES[suffix[0]], *suffix[1:]])] = value
         elif kind == "ffn_gate_inp_shexp" and value.ndim == 1:  # [hidden] from llama.cpp's quantiser and
             # older converters, [1, hidden] from today's: the same vector (1-D tensors are never quantised)
             tensors[prefix + "mlp.shared_expert_gate.weight"] = value.reshape(1, -1)
@@ -174,10 +179,62 @@ def gguf_tensors(gguf: GGUFFile, config) -> dict[str, np.ndarray]:
             tensors[".".join([prefix + hf, *suffix])] = value
     if arch == "llama":
         _undo_llama_permutation(tensors, config)
-    if config.family.zero_centred_norms:  # stored as 1 + w
-        for name in [n for n in tensors if n.endswith("norm.weight") and "linear_attn.norm" not in n]:
+    if config.family.zero_centred_norms:  # stored as 1 + w: every RMSNorm but the DeltaNet's gated one
+        norms = [n for n in tensors if n.endswith("norm.weight") or n.startswith("mtp.pre_fc_norm_")]
+        for name in [n for n in norms if "linear_attn.norm" not in n]:
             tensors[name] = tensors[name] - np.float32(1)
+    if mtp_file is not None:  # only its head: the embedding and output it repeats are this file's
+        head = gguf_tensors(mtp_file, config)
+        tensors.update({name: t for name, t in head.items() if name.startswith("mtp.")})
     return tensors
+
+
+# ---- the multi-token prediction (nextn) block -----------------------------------------------------------
+# The converter appends Qwen3-Next's and Qwen3.5's MTP head (mtp.*) as the last block(s): block_count
+# counts them, <arch>.nextn_predict_layers says how many; their attention layer and MLP under the trunk's
+# names, fc and the head's norms (stored 1 + w like the others) as these:
+NEXTN_NAMES = {"eh_proj": "mtp.fc", "enorm": "mtp.pre_fc_norm_embedding", "hnorm": "mtp.pre_fc_norm_hidden",
+               "shared_head_norm": "mtp.norm"}  # blk.N.nextn.<gguf> -> <hf>
+MTP_ONLY = ("{path}: this GGUF holds only a multi-token prediction head (llama.cpp's converter writes such "
+            "mtp-*.gguf files with --mtp); load the model file it was converted with (--no-mtp), which "
+            "reads this head when it sits beside it")
+
+
+def mtp_file_beside(gguf: GGUFFile) -> GGUFFile | None:
+    """For a file converted without its MTP head (`--no-mtp`): the head that the converter's `--mtp` wrote
+    as mtp-<name>.gguf (embedding, output and the nextn block only), found in the same folder -- the one
+    of the same architecture, width, vocabulary and trunk depth. None when the file has its own head, or
+    no such file is there; several are refused (which one belongs to it is not written anywhere)."""
+    arch = gguf.metadata.get("general.architecture")
+    ours = _Metadata(gguf, arch)
+    if arch not in ARCHITECTURES or ours.integer("nextn_predict_layers", 0):
+        return None
+
+    def vocabulary(f):
+        return getattr(f.tensors.get("token_embd.weight"), "shape", None)
+
+    fits = []
+    for path in sorted(gguf.path.parent.glob("mtp-*.gguf")):
+        other = read_gguf(path)
+        theirs = _Metadata(other, arch)  # keys of another architecture are absent: no head
+        nextn = theirs.integer("nextn_predict_layers", 0)
+        if (nextn and theirs.integer("block_count", 0) - nextn == ours.integer("block_count", -1)
+                and theirs.integer("embedding_length", 0) == ours.integer("embedding_length", -1)
+                and vocabulary(other) == vocabulary(gguf)):
+            fits.append(other)
+    if len(fits) > 1:
+        raise CheckpointError(f"{gguf.path}: several MTP heads beside it fit it "
+                              f"({', '.join(f.path.name for f in fits)}); keep the one converted with it")
+    return fits[0] if fits else None
+
+
+def _mtp_layers(gguf: GGUFFile, mtp_file: GGUFFile | None) -> int:
+    """Layers of the file's own MTP head, else of `mtp_file`'s; refuses a file that holds nothing else."""
+    arch = gguf.metadata["general.architecture"]
+    own = _Metadata(gguf, arch).integer("nextn_predict_layers", 0)
+    if own and not any(name.startswith("blk.0.") for name in gguf.tensors):
+        raise CheckpointError(MTP_ONLY.format(path=gguf.path))
+    return own or (_Metadata(mtp_file, arch).integer("nextn_predict_layers") if mtp_file else 0)
 
 
 def _split_ba(prefix: str, ba, config) -> dict:
