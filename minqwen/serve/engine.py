@@ -296,10 +296,11 @@ class Engine:
             self.waiting.clear()
             for slot in self.slots:
                 slot.job = None
-        for job in jobs:
-            job.events.put(End(None, error=f"the engine stopped: {self.failure}"))
+        # logged before the jobs hear of it: whoever reads the log after their answer finds the cause
         print(f"engine: stopped for good; {len(jobs)} job(s) end with an error", file=self.log, flush=True)
         traceback.print_exception(error, file=self.log)
+        for job in jobs:
+            job.events.put(End(None, error=f"the engine stopped: {self.failure}"))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
