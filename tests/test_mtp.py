@@ -13,7 +13,9 @@ import minqwen
 from checkpoints import add_mtp_head, build_checkpoint
 from minqwen.cli import main as cli
 from minqwen.errors import ConfigError
+from minqwen.formats.safetensors import write_quantized_checkpoint
 from minqwen.kernels.dtypes import to_float32
+from minqwen.kernels.ggml import Q8_0, GgmlMatrix
 
 # 2 value heads per key head, one full-attention layer among DeltaNet ones, as the published shapes
 QWEN3_5 = dict(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"], vocab_size=200,
@@ -108,6 +110,15 @@ def test_a_checkpoint_without_the_head_has_none(tmp_path):
     assert minqwen.load(build_checkpoint(tmp_path, QWEN3_5)).weights.mtp is None  # as save_pretrained writes
 
 
+def test_a_quantised_copy_keeps_the_head(tmp_path):
+    folder = build_checkpoint(tmp_path / "hf", QWEN3_5)
+    written = add_mtp_head(folder)
+    write_quantized_checkpoint(folder, tmp_path / "int8", 8)
+    mtp = minqwen.load(tmp_path / "int8").weights.mtp
+    assert isinstance(mtp.fc, GgmlMatrix) and mtp.fc.ggml_type == Q8_0
+    np.testing.assert_array_equal(mtp.norm, written["mtp.norm.weight"].float().numpy() + np.float32(1))
+
+
 @pytest.mark.parametrize("change", ["missing", "shape"])
 def test_a_broken_head_is_refused_by_name(tmp_path, change):
     import safetensors.torch
@@ -125,3 +136,4 @@ def test_a_broken_head_is_refused_by_name(tmp_path, change):
     safetensors.torch.save_file(mtp, folder / "model-mtp.safetensors")
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
         minqwen.load(folder)
+

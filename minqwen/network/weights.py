@@ -233,7 +233,7 @@ def load_weights(config: Config, src: TensorSource) -> Weights:
 def _mtp(config: Config, src: TensorSource) -> MtpWeights | None:
     """The `mtp.*` head (see MtpWeights), or None: a checkpoint without one (save_pretrained leaves it
     out), or a config that counts no MTP layers (its mtp.* tensors are then listed as not loaded)."""
-    if not (config.mtp_num_hidden_layers and src.has("mtp.fc.weight")):
+    if not (config.mtp_num_hidden_layers and any(name.startswith("mtp.") for name in src.tensors)):
         return None
     d = config.hidden_size
     return MtpWeights(
