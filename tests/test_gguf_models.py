@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -234,18 +235,94 @@ def test_info_sizes_the_blocks_it_does_not_load(tmp_path):
     assert "unexpected" not in result.stdout
 
 
-def test_a_type_minqwen_does_not_read_is_refused(tmp_path):
-    """IQ4_NL has Q4_0's block size and bytes: the same file with one tensor's type id changed is a valid
-    GGUF that minqwen must refuse by name, not read as Q4_0."""
-    folder = build_checkpoint(tmp_path / "hf", ARCHITECTURES["qwen2"], "fp32", tokenizer="qwen2.5")
-    path = model_gguf(folder, tmp_path / "qwen2.gguf", GGML.Q4_0)
+# ---- the codebook types (IQ4_NL, IQ4_XS, MXFP4, the i-quant grids), which gguf-py cannot quantise to ----
+
+CODEBOOK_TYPES = [GGML.IQ4_NL, GGML.MXFP4, GGML.IQ4_XS, GGML.IQ2_XXS, GGML.IQ2_XS, GGML.IQ2_S, GGML.IQ3_XXS,
+                  GGML.IQ3_S]
+
+
+def codebook_blocks(value, t):  # [..., K] float32 -> [..., K / E * bytes] uint8 blocks of type t
+    """Random valid blocks, scaled so that their weights have about the rms of the weights they stand
+    for (so the model stays a model); the same tensor always gets the same blocks (seeded by its bytes)."""
+    import gguf
+
+    E, B = gguf.GGML_QUANT_SIZES[t]
+    rows = value.reshape(-1, value.shape[-1])
+    N, n = rows.shape[0], rows.shape[1] // E
+    rng = np.random.default_rng(zlib.crc32(rows.tobytes()))
+    blocks = rng.integers(0, 256, (N, n, B), dtype=np.uint8)
+    unit = 127 if t == GGML.MXFP4 else 1.0  # scale 2^(e - 128) = 1/2, resp. fp16 d = 1
+    if t == GGML.MXFP4:
+        blocks[..., 0] = unit
+    else:
+        blocks[..., :2] = np.array([unit], np.float16).view(np.uint8)
+    sample = gguf.quants.dequantize(blocks[:8].reshape(min(N, 8), -1), t).astype(np.float64)
+    unit_rms = np.sqrt((sample ** 2).mean())  # of the blocks at unit scale
+    scale = np.sqrt((rows.reshape(N, n, E).astype(np.float64) ** 2).mean(-1)) / unit_rms
+    if t == GGML.MXFP4:
+        blocks[..., 0] = np.clip(unit + np.round(np.log2(np.maximum(scale, 2.0**-100))), 0, 254)
+    else:
+        blocks[..., :2] = scale.astype(np.float16)[..., None].view(np.uint8)
+    return blocks.reshape(*value.shape[:-1], -1)
+
+
+@pytest.fixture(scope="module")
+def moe_256(tmp_path_factory):  # a Qwen3-MoE checkpoint whose matrices have rows of 256 (a K-quant block)
+    config = dict(ARCHITECTURES["qwen3_moe"], hidden_size=256, moe_intermediate_size=256, head_dim=64)
+    return build_checkpoint(tmp_path_factory.mktemp("moe_256"), config, "fp32", tokenizer="qwen2.5")
+
+
+def codebook_gguf(folder, path, t, monkeypatch, twin=False):
+    """The converter's GGUF of `folder` with every 2-D weight whose rows fit t's blocks (experts,
+    attention, the embedding) in random blocks of type t, or (twin) as F32 holding those blocks' weights
+    as gguf-py dequantises them."""
+    import gguf
+
+    E = gguf.GGML_QUANT_SIZES[t][0]
+
+    def quantize(value, qtype):
+        if qtype == t:
+            return codebook_blocks(value, t)
+        if value.shape[-1] % E:
+            return value
+        return gguf.quants.dequantize(codebook_blocks(value, t), t).reshape(value.shape)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.quants, "quantize", quantize)
+        return model_gguf(folder, path, GGML.F32 if twin else t)
+
+
+@pytest.mark.parametrize("t", CODEBOOK_TYPES, ids=lambda t: t.name)
+def test_codebook_gguf_is_its_dequantised_model(moe_256, t, tmp_path, monkeypatch):
+    """A Qwen3-MoE GGUF whose experts, attention and embedding are IQ4_NL, MXFP4, IQ4_XS or an i-quant
+    grid type (as unsloth's low-bit files store experts) loads and runs on the stored blocks: prefill,
+    decode and greedy tokens as the same model in F32 with gguf-py's dequantisation of the blocks."""
+    ours = minqwen.load(codebook_gguf(moe_256, tmp_path / "blocks.gguf", t, monkeypatch))
+    assert isinstance(ours.weights.embed_tokens, GgmlMatrix) and ours.weights.embed_tokens.ggml_type == t
+    twin = minqwen.load(codebook_gguf(moe_256, tmp_path / "twin.gguf", t, monkeypatch, twin=True))
+    prompt = np.random.default_rng(5).integers(0, 151643, size=12).tolist()
+    prefill, reference = ours.logits(prompt), twin.logits(prompt)
+    error = relative_error(prefill, reference)
+    print(f"GGUF qwen3_moe {t.name} vs its dequantised F32 twin: {error:.2e}")
+    assert error <= 1e-4
+    sequence = ours.sequence()
+    sequence.extend(prompt[:-2])
+    decoded = np.stack([sequence.extend([token]) for token in prompt[-2:]])
+    assert relative_error(decoded, reference[-2:]) <= 1e-4
+    assert ours.generate(prompt, max_new_tokens=4) == twin.generate(prompt, max_new_tokens=4)
+
+
+def test_a_type_minqwen_does_not_read_is_refused(moe_256, tmp_path, monkeypatch):
+    """TQ2_0 (ternary) has IQ2_XXS's block size and bytes: the same file with one tensor's type id
+    changed is a valid GGUF that minqwen must refuse by name, not read as IQ2_XXS."""
+    path = codebook_gguf(moe_256, tmp_path / "iq2_xxs.gguf", GGML.IQ2_XXS, monkeypatch)
     data = bytearray(path.read_bytes())
-    name = b"blk.0.ffn_down.weight"
+    name = b"blk.0.attn_output.weight"
     at = data.index(U64.pack(len(name)) + name) + 8 + len(name)  # then n_dims, ne[n_dims], type
     n_dims = U32.unpack_from(data, at)[0]
     type_at = at + 4 + 8 * n_dims
-    assert U32.unpack_from(data, type_at)[0] == GGML.Q4_0
-    U32.pack_into(data, type_at, GGML.IQ4_NL)
+    assert U32.unpack_from(data, type_at)[0] == GGML.IQ2_XXS
+    U32.pack_into(data, type_at, GGML.TQ2_0)
     path.write_bytes(bytes(data))
-    with pytest.raises(minqwen.UnsupportedModelError, match="blk.0.ffn_down.weight is IQ4_NL"):
+    with pytest.raises(minqwen.UnsupportedModelError, match="blk.0.attn_output.weight is TQ2_0"):
         minqwen.load(path)
