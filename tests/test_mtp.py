@@ -1,18 +1,22 @@
 """The multi-token prediction head (`mtp.*` in Qwen3.5 / Qwen3-Next checkpoints) loads into MtpWeights:
 every tensor read, shape-checked and where the head's fields say, the norms as 1 + w. save_pretrained
-leaves the head out, so checkpoints.add_mtp_head writes it under the published names."""
+leaves the head out, so checkpoints.add_mtp_head writes it under the published names. GGUF files made by
+llama.cpp's converter from such a checkpoint load the same head: from their nextn block, or, converted
+with --no-mtp, from the mtp-*.gguf that --mtp writes beside them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
+from gguf_files import convert_with_llama_cpp, llama_cpp_converter
 
 import minqwen
 from checkpoints import add_mtp_head, build_checkpoint
 from minqwen.cli import main as cli
-from minqwen.errors import ConfigError
+from minqwen.errors import CheckpointError, ConfigError
 from minqwen.formats.safetensors import write_quantized_checkpoint
 from minqwen.kernels.dtypes import to_float32
 from minqwen.kernels.ggml import Q8_0, GgmlMatrix
@@ -137,3 +141,61 @@ def test_a_broken_head_is_refused_by_name(tmp_path, change):
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
         minqwen.load(folder)
 
+
+# ---- GGUF: the converter's nextn block ----------------------------------------------------------------
+
+def assert_same_head(ours, theirs, where="mtp"):
+    """Two MtpWeights (or parts of them) hold the same numbers, field by field."""
+    if dataclasses.is_dataclass(ours):
+        for field in dataclasses.fields(ours):
+            assert_same_head(getattr(ours, field.name), getattr(theirs, field.name), f"{where}.{field.name}")
+    elif isinstance(ours, (list, tuple)) or type(ours).__name__ == "List":
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert_same_head(a, b, f"{where}[{i}]")
+    elif ours is None or theirs is None:
+        assert ours is None and theirs is None, where
+    else:
+        np.testing.assert_array_equal(stored(ours), stored(theirs), err_msg=where)
+
+
+@pytest.fixture(scope="module")
+def converter():
+    return llama_cpp_converter()
+
+
+@pytest.fixture(scope="module", params=["qwen35", "qwen35moe"])
+def gguf_checkpoint(request, converter, tmp_path_factory):
+    """(checkpoint folder with an MTP head, the real Qwen3.5 tokenizer, and its whole GGUF beside it)."""
+    config = dict(QWEN3_5 if request.param == "qwen35" else QWEN3_5_MOE, vocab_size=248320,
+                  eos_token_id=248044)
+    folder = build_checkpoint(tmp_path_factory.mktemp(request.param) / "hf", config, "bf16",
+                              tokenizer="qwen3.5")
+    add_mtp_head(folder)
+    return folder, convert_with_llama_cpp(converter, folder, folder.parent / "model.gguf", "f32")
+
+
+def test_the_nextn_block_is_the_mtp_head(gguf_checkpoint):
+    folder, path = gguf_checkpoint
+    from_folder, from_gguf = minqwen.load(folder).weights, minqwen.load(path).weights
+    assert len(from_gguf.layers) == len(from_folder.layers)  # block_count counts the head: no trunk layer
+    assert from_gguf.mtp is not None
+    assert_same_head(from_gguf.mtp, from_folder.mtp)
+
+
+def test_a_head_converted_apart_is_read_from_beside_the_model(gguf_checkpoint, converter, tmp_path, capsys):
+    """--no-mtp writes the model without its head, --mtp the head alone (embedding, output and the nextn
+    block): loading the model reads the head from the mtp-*.gguf in its folder; loading the head alone is
+    refused with what to load instead."""
+    folder, _ = gguf_checkpoint
+    model = convert_with_llama_cpp(converter, folder, tmp_path / "model.gguf", "f32", "--no-mtp")
+    assert minqwen.load(model).weights.mtp is None  # nothing beside it yet
+    head = convert_with_llama_cpp(converter, folder, tmp_path / "mtp-model.gguf", "f32", "--mtp")
+    assert_same_head(minqwen.load(model).weights.mtp, minqwen.load(folder).weights.mtp)
+    assert cli(["info", "--model", str(model)]) == 0
+    assert "MTP head: 1 full-attention layer" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="only a multi-token prediction head"):
+        minqwen.load(head)
+    shutil.copy(head, tmp_path / "mtp-model-copy.gguf")
+    with pytest.raises(CheckpointError, match="several MTP heads"):
+        minqwen.load(model)
