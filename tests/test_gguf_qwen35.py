@@ -22,9 +22,11 @@ from checkpoints import (
     relative_error,
 )
 from minqwen.formats.gguf import read_gguf
+from minqwen.formats.gguf_names import gguf_config
 from minqwen.kernels.ggml import GgmlMatrix
 from minqwen.loader import open_checkpoint
 from minqwen.model import Model
+from minqwen.network.config import Config
 from minqwen.network.weights import TensorSource, load_weights
 
 LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_num_key_heads=2,
@@ -144,3 +146,15 @@ def test_info_says_the_value_head_order(converted, capsys):
     assert "unexpected" not in out
     assert main(["info", "--model", str(folder)]) == 0
     assert "in grouped order" in capsys.readouterr().out
+
+
+def test_layer_kinds_from_the_interval_when_the_file_does_not_list_them(converted):
+    """The converter lists attention.recurrent_layers only when config.json has layer_types (Qwen3-Next's
+    has not); else <arch>.full_attention_interval, which it always writes, says them."""
+    arch, _, files = converted
+    gguf = read_gguf(files["q8_0"])
+    listed = Config.from_dict(gguf_config(gguf)).layer_types
+    metadata = {key: value for key, value in gguf.metadata.items()
+                if key != f"{arch}.attention.recurrent_layers"}
+    metadata[f"{arch}.full_attention_interval"] = 2  # this checkpoint's kinds: every second layer full
+    assert Config.from_dict(gguf_config(gguf._replace(metadata=metadata))).layer_types == listed
