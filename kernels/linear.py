@@ -5,7 +5,7 @@
     bf16 / fp16 / fp32   matvec                 matmul_few           matmul (tiles widened for BLAS)
     fp8 (Fp8Matrix)      matvec_fp8             matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
     GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_ggml (tiles dequantised for BLAS)
-                         (intdot.py, avx2 and up, all types but Q2_K / Q3_K; else matvec_ggml, float math)
+                         (intdot.py, avx2 and up, the types in its INTEGER_TYPES; else matvec_ggml, float)
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart inside compiled kernels: one row of W times x, for the

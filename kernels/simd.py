@@ -31,6 +31,9 @@ and how (`lanes` = elements of the result):
     field(v, shift, mask)    (v >> shift) & mask, per byte or 16-bit lane: nibbles and 2-bit fields
     widen16(arr, off, signed)  the 16 bytes at arr[off] as 16-bit lanes (one vpmovzxbw / vpmovsxbw)
     join(low, high, shift)   low | high << shift, per byte or 16-bit lane
+    lookup16(table, index)   table[index] per 16-bit lane (index 0..15): a 16-entry codebook in a register
+                             (one vpshufb). The table is 16 unsigned bytes repeated in each 128-bit half
+                             of a byte vector, and its entry 0 must be 0: a lane's high byte, 0, looks it up
     dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
                              vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
     halves16(v, signed)      a 32-byte vector's two halves widened to 16-bit lanes (vpmovzxbw / vpmovsxbw)
@@ -302,6 +305,19 @@ def join(typingctx, low, high, shift):
     def codegen(context, builder, sig, args):
         return builder.or_(args[0], builder.shl(args[1], _constant(low.llvm, shift.literal_value)))
     return low(low, high, shift), codegen
+
+
+@intrinsic
+def lookup16(typingctx, table, index):
+    if not (isinstance(table, Vector) and table.kind == "i8" and isinstance(index, Vector)
+            and index.kind == "i16" and table.lanes == 2 * index.lanes):
+        return None
+
+    def codegen(context, builder, sig, args):
+        name = "llvm.x86.avx512.pshuf.b.512" if table.lanes == 64 else "llvm.x86.avx2.pshuf.b"
+        found = _call(builder, name, table.llvm, [args[0], builder.bitcast(args[1], table.llvm)])
+        return builder.bitcast(found, index.llvm)
+    return index(table, index), codegen
 
 
 @intrinsic

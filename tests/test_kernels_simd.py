@@ -52,18 +52,20 @@ if isa.ISA != "generic":  # imported only where the CPU has the instructions, as
     )
 
 seeds = st.integers(0, 2**32 - 1)
-SCALE_AT = {GGML.Q4_K: (0, 2), GGML.Q5_K: (0, 2), GGML.Q6_K: (208,)}  # fp16 scales in a K-quant block
+SCALE_AT = {GGML.Q4_K: (0, 2), GGML.Q5_K: (0, 2), GGML.Q6_K: (208,), GGML.IQ4_NL: (0,),
+            GGML.IQ4_XS: (0,)}  # fp16 scales in the blocks that are random bytes otherwise
 
 
 def random_blocks(rng, N, K, kind):
-    """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 as gguf quantises Gaussian weights; K-quants as random bytes
-    with valid fp16 super-block scales (every bit pattern of the rest is a valid block)."""
+    """Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 as gguf quantises Gaussian weights; K-quants and IQ4_NL / IQ4_XS
+    as random bytes with valid fp16 (super-)block scales (every bit pattern of the rest is a valid block)."""
     if kind in SCALE_AT:
-        data = rng.integers(0, 256, (N, K // 256 * GGML_BLOCKS[kind][1]), dtype=np.uint8)
-        blocks = data.reshape(N, K // 256, GGML_BLOCKS[kind][1])
+        E, B = GGML_BLOCKS[kind]
+        data = rng.integers(0, 256, (N, K // E * B), dtype=np.uint8)
+        blocks = data.reshape(N, K // E, B)
         for at in SCALE_AT[kind]:
-            blocks[:, :, at:at + 2] = (rng.uniform(1e-4, 2e-2, (N, K // 256)).astype(np.float16)
-                                       .view(np.uint8).reshape(N, K // 256, 2))
+            blocks[:, :, at:at + 2] = (rng.uniform(1e-4, 2e-2, (N, K // E)).astype(np.float16)
+                                       .view(np.uint8).reshape(N, K // E, 2))
         return data
     return quantize((rng.standard_normal((N, K)) * 0.05).astype(np.float32), kind).reshape(N, -1)
 
@@ -85,7 +87,7 @@ def test_a_few_tokens_at_once_are_each_token_alone(seed, N, blocks, T, kind):
     """matmul_integer (a batch decoding together) gives each token what matvec_integer gives it alone, to
     float rounding (the same operations; each compiled variant may fuse a multiply-add differently)."""
     rng = np.random.default_rng(seed)
-    K = blocks * (256 if kind in SCALE_AT else 32)
+    K = blocks * GGML_BLOCKS[kind][0]
     data = random_blocks(rng, N, K, kind)
     x = rng.standard_normal((T, K)).astype(np.float32)
     together = np.full((T, N + 3), np.nan, np.float32)
@@ -104,7 +106,7 @@ def test_matmul_integer_is_the_product_with_int16_activations(seed, T, N, blocks
     """To float rounding against matmul_integer_reference (x rounded to int16 the same way, in float64);
     and against the exact x W^T (W by gguf-py's dequantisation) to within what that rounding moves it."""
     rng = np.random.default_rng(seed)
-    K = blocks * (256 if kind in SCALE_AT else 32)
+    K = blocks * GGML_BLOCKS[kind][0]
     data = random_blocks(rng, N, K, kind)
     x = (rng.standard_normal((T, K)) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)
