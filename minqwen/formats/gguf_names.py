@@ -24,6 +24,20 @@ means the embedding is tied. Routing follows llama.cpp: top-k weights renormalis
 qwen3next and qwen35moe, not for qwen2moe. qwen35's rope.dimension_sections split the rotated dims among
 interleaved MRoPE's (time, height, width) positions; text has the same position in all three, so that is
 plain RoPE over rope.dimension_count dims, which is all minqwen reads.
+
+Ollama's own qwen35 / qwen35moe blobs (its Go converter, convert/convert_qwen3next.go, as `ollama pull
+qwen3.5` / `qwen3.6` fetch them) spell a few things their own way, read here too (its llama.cpp shim,
+llama/compat/llama-ollama-compat.cpp, lists the same differences):
+    attention.head_count_kv  one count per layer, 0 for the DeltaNet layers: the attention layers' count
+                             (all must agree), and the layer kinds when attention.recurrent_layers is absent
+    ssm.v_head_reordered     the value-head order: true is tiled (absent: tiled for qwen35 / qwen35moe,
+                             as Ollama's engine defaults), false is grouped
+    blk.N.ssm_dt             without .bias (read either way)
+    rope.dimension_sections  3 entries, not 4; rope.mrope_interleaved: neither is read (see above)
+    norm_top_k_prob          whether top-k routing weights are renormalised, when written
+    v.*, mm.*                the vision tower in the same file: listed as model.visual.*, not loaded
+    mtp.*                    the MTP head as mtp.fc, mtp.norm, mtp.layers.0.attn_q, ... and no
+                             nextn_predict_layers, so the config counts no MTP layers: listed, not loaded
 """
 from __future__ import annotations
 
@@ -57,6 +71,9 @@ LAYER_NAMES = {  # blk.N.<gguf> -> model.layers.N.<hf>
     "ssm_dt": "linear_attn.dt_bias", "ssm_norm": "linear_attn.norm", "ssm_out": "linear_attn.out_proj",
     "ssm_alpha": "linear_attn.in_proj_a", "ssm_beta": "linear_attn.in_proj_b",
 }
+# Ollama's names for the vision tower ("v" for "model.visual"; its projector "mm"), kept under the
+# checkpoint's prefix, which loading lists as the vision tower
+VISION_TOWER = {"v": "model.visual.", "mm": "model.visual.mm."}
 EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
@@ -74,12 +91,13 @@ def gguf_config(gguf: GGUFFile, mtp_file: GGUFFile | None = None) -> dict:
         raise CheckpointError(f"{gguf.path}: no token_embd.weight tensor")
     layers = meta.integer("block_count") - meta.integer("nextn_predict_layers", 0)
     heads = meta.integer("attention.head_count")
+    kv_heads, attention_layers = _key_value_heads(meta, heads, layers)
     config = {
         "model_type": model_type, "vocab_size": embed.shape[0],
         "hidden_size": meta.integer("embedding_length"),
         "num_hidden_layers": layers, "num_attention_heads": heads,
         "mtp_num_hidden_layers": _mtp_layers(gguf, mtp_file),
-        "num_key_value_heads": meta.integer("attention.head_count_kv", heads),
+        "num_key_value_heads": kv_heads,
         "intermediate_size": meta.integer("feed_forward_length", 0),
         "max_position_embeddings": meta.integer("context_length"),
         "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon", 1e-6),
@@ -108,23 +126,42 @@ def gguf_config(gguf: GGUFFile, mtp_file: GGUFFile | None = None) -> dict:
                       num_experts_per_tok=meta.integer("expert_used_count"),
                       moe_intermediate_size=meta.integer("expert_feed_forward_length"),
                       shared_expert_intermediate_size=meta.integer("expert_shared_feed_forward_length", 0),
-                      norm_topk_prob=renormalise)
+                      norm_topk_prob=meta.flag("norm_top_k_prob", renormalise))
     if arch in HYBRIDS:
         value_heads = meta.integer("ssm.time_step_rank")
+        tiled = meta.flag("ssm.v_head_reordered", arch in TILED_VALUE_HEADS)
         config.update(linear_conv_kernel_dim=meta.integer("ssm.conv_kernel"),
                       linear_key_head_dim=meta.integer("ssm.state_size"),
                       linear_num_key_heads=meta.integer("ssm.group_count"),
                       linear_num_value_heads=value_heads,
                       linear_value_head_dim=meta.integer("ssm.inner_size") // value_heads,
-                      linear_value_head_order="tiled" if arch in TILED_VALUE_HEADS else "grouped")
-        # The converter lists the layer kinds when config.json did; else the interval rule says them.
+                      linear_value_head_order="tiled" if tiled else "grouped")
+        # llama.cpp's converter lists the layer kinds when config.json did; Ollama's gives the DeltaNet
+        # layers no key / value heads; else the interval rule says them.
         recurrent = meta.value("attention.recurrent_layers", None)
-        if recurrent is None:
-            config["full_attention_interval"] = meta.integer("full_attention_interval")
-        else:
+        if recurrent is not None:
             config["layer_types"] = ["linear_attention" if r else "full_attention"
                                      for r in list(recurrent)[:layers]]
+        elif attention_layers is not None:
+            config["layer_types"] = ["full_attention" if a else "linear_attention" for a in attention_layers]
+        else:
+            config["full_attention_interval"] = meta.integer("full_attention_interval")
     return config
+
+
+def _key_value_heads(meta: _Metadata, heads: int, layers: int) -> tuple[int, list[bool] | None]:
+    """attention.head_count_kv: (the count, None), or from Ollama's one count per layer (0 for a layer
+    without attention) (the attention layers' count, which layers of the trunk have attention)."""
+    key = "attention.head_count_kv"
+    if not isinstance(meta.value(key, heads), np.ndarray):
+        return meta.integer(key, heads), None
+    per_layer = meta.counts(key)
+    counts = set(per_layer[:layers]) - {0}
+    if len(per_layer) < layers or len(counts) != 1 or (0 in per_layer[:layers] and meta.arch not in HYBRIDS):
+        raise CheckpointError(f"{meta.gguf.path}: GGUF {meta.arch}.{key} is {per_layer}; minqwen reads one "
+                              f"count of key/value heads shared by the attention layers among the {layers}, "
+                              f"and 0 only for a Gated DeltaNet layer ({', '.join(HYBRIDS)})")
+    return counts.pop(), [count > 0 for count in per_layer[:layers]]
 
 
 def _matrix(tensor, data):  # float tensors as arrays; block-quantised ones as GgmlMatrix (cols known)
@@ -151,6 +188,9 @@ def gguf_tensors(gguf: GGUFFile, config, mtp_file: GGUFFile | None = None) -> di
         if parts[0] in GLOBAL_NAMES:
             tensors[".".join([GLOBAL_NAMES[parts[0]], *parts[1:]])] = value
             continue
+        if parts[0] in VISION_TOWER:  # Ollama's blobs hold the vision tower too: listed, not loaded
+            tensors[VISION_TOWER[parts[0]] + ".".join(parts[1:])] = value
+            continue
         if parts[0] != "blk" or len(parts) < 3 or not parts[1].isdigit():
             tensors[name] = value  # nothing a rule reads: info lists it
             continue
@@ -163,7 +203,7 @@ def gguf_tensors(gguf: GGUFFile, config, mtp_file: GGUFFile | None = None) -> di
                 tensors[expert] = _matrix(tensor, tensor.data[e])
         elif kind == "ssm_a":  # -exp(A_log), no .weight suffix
             tensors[prefix + "linear_attn.A_log"] = np.log(-tensor.data.astype(np.float32))
-        elif kind == "ssm_dt":  # blk.N.ssm_dt.bias is linear_attn.dt_bias, no suffix
+        elif kind == "ssm_dt":  # blk.N.ssm_dt.bias (Ollama's: blk.N.ssm_dt) is linear_attn.dt_bias
             tensors[prefix + "linear_attn.dt_bias"] = value
         elif kind == "ssm_conv1d":  # (channels, kernel): transformers' (channels, 1, kernel), squeezed
             tensors[prefix + "linear_attn.conv1d.weight"] = value.reshape(value.shape[0], 1, value.shape[1])
@@ -282,6 +322,19 @@ class _Metadata:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise CheckpointError(f"{self.gguf.path}: GGUF {self.arch}.{key} is {value!r}, not a count")
         return int(value)
+
+    def counts(self, key: str) -> list[int]:  # an array of counts
+        value = self.value(key)
+        if not (isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu"
+                and (value >= 0).all()):
+            raise CheckpointError(f"{self.gguf.path}: GGUF {self.arch}.{key} is {value!r}, not counts")
+        return [int(v) for v in value]
+
+    def flag(self, key: str, default=KeyError) -> bool:
+        value = self.value(key, default)
+        if not isinstance(value, (bool, np.bool_)):
+            raise CheckpointError(f"{self.gguf.path}: GGUF {self.arch}.{key} is {value!r}, not true or false")
+        return bool(value)
 
     def number(self, key: str, default=KeyError) -> float:
         value = self.value(key, default)
