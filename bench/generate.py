@@ -6,8 +6,10 @@ transformers and llama.cpp, in one run, on the same checkpoints, prompts and thr
                              [--engines minqwen,transformers,llama.cpp]
                              [--work ~/.cache/minqwen-bench] [--out results.json]
 
-Checkpoints: random bf16 weights with the real shapes of Qwen2.5-0.5B-Instruct and Qwen3-0.6B, built
-once under --work (bench/checkpoints.py). Prompts: random token ids, no chat template.
+Checkpoints: random bf16 weights with the real shapes of Qwen2.5-0.5B-Instruct and Qwen3-0.6B, and
+on request (--shapes qwen3.5-35b-a3b-8layers-64experts, 5.8 GB) Qwen3.5-35B-A3B's shape with 8 of its 40
+layers and 64 of its 256 experts, built once under --work (bench/checkpoints.py). Prompts: random token
+ids, no chat template.
 
 Every engine gets --threads threads (numba.set_num_threads, torch.set_num_threads, llama.cpp's
 n_threads, and OPENBLAS/OMP/MKL_NUM_THREADS for BLAS) and runs in a fresh process, so no engine's
@@ -30,7 +32,8 @@ transformers, which compiles nothing, 32 tokens); the figures are medians over -
 The decode limit of a row is the read bandwidth (a Numba prange sum over 1 GiB, sampled before, between
 and after the engines; the median sample) divided by the bytes of weights one decode step must read,
 counted from what the engine loaded: every matrix and vector once, lm_head included (a tied lm_head is
-the embedding table), an untied embedding table not (one row per token), nor the KV cache (a few MB).
+the embedding table), an untied embedding table not (one row per token), nor the KV cache (a few MB);
+MoE experts at num_experts_per_tok / num_experts of their bytes (what one token reads of them).
 
 The last stdout line is one JSON document with everything (also written to --out).
 """
@@ -56,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 import minqwen
-from checkpoints import SHAPES, bench_checkpoint
+from checkpoints import SHAPES, bench_checkpoint, converter_options
 from common import Bandwidth, machine, warn_if_slow_blas, warn_if_workqueue
 
 ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "minqwen-q8_0", "minqwen-q4_0", "minqwen-q4_k_m",
@@ -176,42 +179,61 @@ def time_transformers(model, prompts: list[list[int]], new: int, repeats: int) -
 
 def minqwen_decode_bytes(model) -> int:
     """Bytes of every array reachable from the layers, the final norm and lm_head, each counted once
-    (a quantised matrix is a NamedTuple holding its arrays: GGML blocks, or FP8 values and scales)."""
-    seen: dict[int, int] = {}
+    (a quantised matrix is a NamedTuple holding its arrays: GGML blocks, or FP8 values and scales);
+    an MoE layer's experts at num_experts_per_tok / num_experts of their bytes, the share of them one
+    token reads."""
+    from minqwen.network.weights import MoEWeights
 
-    def visit(x):
+    config = model.config
+    seen: dict[tuple[int, int], float] = {}  # (address, bytes): a view boxed twice is one array
+
+    def visit(x, share: float = 1.0):
         if isinstance(x, np.ndarray):
-            seen[id(x)] = x.nbytes
+            seen[(x.ctypes.data, x.nbytes)] = x.nbytes * share
+        elif isinstance(x, MoEWeights):
+            for f in fields(x):  # the experts are numba typed Lists, read k of n per token
+                experts = f.name in ("gate_projs", "up_projs", "down_projs")
+                visit(list(getattr(x, f.name)) if experts else getattr(x, f.name),
+                      share * config.num_experts_per_tok / config.num_experts if experts else share)
         elif is_dataclass(x):
             for f in fields(x):
-                visit(getattr(x, f.name))
+                visit(getattr(x, f.name), share)
         elif isinstance(x, (list, tuple)):
             for item in x:
-                visit(item)
+                visit(item, share)
 
     w = model.weights
     visit([w.layers, w.norm, w.lm_head])
-    return sum(seen.values())
+    return round(sum(seen.values()))
 
 
 def transformers_decode_bytes(model) -> int:
+    """As minqwen_decode_bytes: experts (`mlp.experts.*`) count k / n of their bytes."""
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    rest = sum(p.nbytes for p in model.parameters() if p is not embedding and p is not head)
-    return rest + head.nbytes
+    config = model.config
+    experts = config.num_experts_per_tok / config.num_experts if getattr(config, "num_experts", 0) else 1
+    rest = sum(p.nbytes * (experts if ".experts." in name else 1) for name, p in model.named_parameters()
+               if p is not embedding and p is not head)
+    return round(rest + head.nbytes)
 
 
 def gguf_decode_bytes(gguf: Path, source: Path) -> int:
-    """All tensors of the file but the embedding table, which counts only when it is also the output.
-    Cached beside the file: GGUFReader parses the 150k-token vocabulary in Python (~20 s)."""
+    """All tensors of the file but the embedding table, which counts only when it is also the output;
+    the experts' (`*_exps`) at expert_used_count / expert_count of their bytes. Cached beside the file:
+    GGUFReader parses the 150k-token vocabulary in Python (~20 s)."""
     cached = gguf.with_suffix(".decode-bytes")
     if not cached.exists():
         sys.path.insert(0, str(source / "gguf-py"))
         from gguf import GGUFReader
 
-        sizes = {t.name: int(t.n_bytes) for t in GGUFReader(gguf).tensors}
+        reader = GGUFReader(gguf)
+        arch = reader.get_field("general.architecture").contents()
+        count, used = (reader.get_field(f"{arch}.{key}") for key in ("expert_count", "expert_used_count"))
+        experts = used.contents() / count.contents() if count is not None else 1
+        sizes = {t.name: int(t.n_bytes) * (experts if "_exps." in t.name else 1) for t in reader.tensors}
         if "output.weight" in sizes:
             sizes.pop("token_embd.weight", None)
-        cached.write_text(str(sum(sizes.values())))
+        cached.write_text(str(round(sum(sizes.values()))))
     return int(cached.read_text())
 
 
@@ -317,16 +339,17 @@ def llama_cpp_source(work: Path, version: str, given: Path | None) -> Path:
     return source
 
 
-def gguf_checkpoints(folder: Path, source: Path, version: str) -> dict[str, Path]:
-    """{"bf16" | "q8_0" | "q4_0": GGUF file} of a checkpoint, converted once per llama-cpp-python version."""
+def gguf_checkpoints(folder: Path, source: Path, version: str, kinds: set[str]) -> dict[str, Path]:
+    """{"bf16" and each of `kinds` ("q8_0", "q4_k_m", ...): GGUF file} of a checkpoint, converted once
+    per llama-cpp-python version; only the kinds asked for are quantised (minutes each on a large shape)."""
     out = folder / f"gguf-{version}"
     out.mkdir(exist_ok=True)
-    files = {kind: out / f"{kind}.gguf" for kind in ("bf16", *GGUF_FTYPES)}
+    files = {kind: out / f"{kind}.gguf" for kind in ("bf16", *GGUF_FTYPES) if kind == "bf16" or kind in kinds}
     if not files["bf16"].exists():
         print(f"llama.cpp: converting {folder.name} to GGUF bf16 (once)", flush=True)
         partial = files["bf16"].with_suffix(".partial")
         done = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(folder),
-                               "--outtype", "bf16", "--outfile", str(partial)],
+                               "--outtype", "bf16", "--outfile", str(partial), *converter_options(folder)],
                               capture_output=True, text=True)
         (out / "convert.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
@@ -334,7 +357,7 @@ def gguf_checkpoints(folder: Path, source: Path, version: str) -> dict[str, Path
             raise Skip(f"convert_hf_to_gguf.py failed: {lines[-1][:200]} (log: {out / 'convert.log'})")
         partial.rename(files["bf16"])
     for kind, ftype in GGUF_FTYPES.items():
-        if not files[kind].exists():
+        if kind in files and not files[kind].exists():
             print(f"llama.cpp: quantising {folder.name} to {kind.upper()} (once)", flush=True)
             _, why = isolated(quantize_gguf, files["bf16"], files[kind], ftype)
             if why:
@@ -401,7 +424,8 @@ def run(args) -> dict:
                 if llama_version is None:
                     raise Skip("llama-cpp-python (its converter and quantiser) is not installed")
                 source = llama_cpp_source(args.work, llama_version, args.llama_cpp_src)
-                ggufs = gguf_checkpoints(folder, source, llama_version)
+                ggufs = gguf_checkpoints(folder, source, llama_version,
+                                         {e.split("-")[1] for e in engines if needs_gguf(e)})
             except Skip as why:
                 for engine in [e for e in engines if needs_gguf(e)]:
                     skip(engine, shape, str(why))
@@ -479,13 +503,14 @@ def print_table(results: dict):
           f"decode limit = {results['read_bandwidth_GBps']:.1f} GB/s (median read bandwidth; "
           f"best {results['read_bandwidth_best_GBps']:.1f}) / MB of weights per token; ratios are "
           "prefill / decode against the baseline (> 1: faster)")
-    header = (f"{'engine':18} {'shape':13} {'prompt':>6} {'prefill':>8} {'decode':>7} {'MB/tok':>7} "
+    width = max([13] + [len(r["shape"]) for r in results["rows"]])
+    header = (f"{'engine':18} {'shape':{width}} {'prompt':>6} {'prefill':>8} {'decode':>7} {'MB/tok':>7} "
               f"{'limit':>6} {'of lim':>6}" + "".join(f"  {'vs ' + b:>23}" for b in BASELINES))
     print(header)
     print("-" * len(header))
     for r in results["rows"]:
         ratios = "".join(f"  {'%.2f / %.2f' % r['vs'][b] if b in r['vs'] else '-':>23}" for b in BASELINES)
-        print(f"{r['engine']:18} {r['shape']:13} {r['prompt']:6d} {r['prefill_tok_s']:8.1f} "
+        print(f"{r['engine']:18} {r['shape']:{width}} {r['prompt']:6d} {r['prefill_tok_s']:8.1f} "
               f"{r['decode_tok_s']:7.2f} {r['decode_bytes_per_token'] / 1e6:7.0f} "
               f"{r['decode_limit_tok_s']:6.1f} {r['of_limit']:6.0%}{ratios}")
     for s in results["skipped"]:
@@ -507,7 +532,8 @@ def _version(distribution: str) -> str | None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"any of {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen3-0.6b",  # the scaled 35B-A3B on request
+                        help=f"any of {', '.join(SHAPES)}")
     parser.add_argument("--prompts", default="128,512", help="prompt lengths in tokens")
     parser.add_argument("--new", type=int, default=64, help="tokens generated per prompt (>= 2)")
     parser.add_argument("--threads", type=int, default=2)
