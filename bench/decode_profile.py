@@ -1,14 +1,16 @@
 """Where one decode step's time goes: each kernel the forward pass calls, and everything outside them.
 
     python bench/decode_profile.py [--shape qwen2.5-0.5b] [--quantize int8|int4] [--context 128] [--steps 64]
+    python bench/decode_profile.py --model ~/.cache/minqwen-bench/<shape>/gguf-<version>/q4_k_m.gguf
 
 Every kernel name the forward pass looks up in minqwen.network.decoder (linear, rmsnorm, apply_rope,
 attention_decode, swiglu, ...) is wrapped with a clock for the run; matrix products are told apart by
 their weight's shape. "outside kernels" is the step's wall time minus the time inside them: the Python of the
 forward pass, NumPy one-liners (residual adds, the KV-cache store) and the calls themselves. The
 step is the bench's `sequence.extend([token])`, lm_head and argmax included. Each kernel's GB/s is
-the bytes of weights it read (matrix products only) over its time, next to the machine's read
-bandwidth measured in the same run. Prints a table, then one JSON document.
+the bytes of weights it read over its time (matrix products, and moe_one_token: the chosen experts'
+matrices), next to the machine's read bandwidth measured in the same run. Prints a table, then one
+JSON document.
 """
 import argparse
 import sys
@@ -49,6 +51,8 @@ class Clocks:
             if name == "linear":  # linear(out, x, w): label by the weight's shape
                 rows, cols = args[2].shape
                 label, nbytes = f"linear {rows}x{cols}", weight_bytes(args[2])
+            elif name == "moe_one_token":  # (out, hidden, x, gate_w, up_w, down_w, experts, weights)
+                nbytes = sum(weight_bytes(matrices[e]) for matrices in args[3:6] for e in args[6])
             start = time.perf_counter()
             kernel(*args)
             self.seconds[label] += time.perf_counter() - start
@@ -71,9 +75,14 @@ def main():
     parser.add_argument("--context", type=int, default=128, help="prompt tokens before the timed steps")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "minqwen-bench")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a checkpoint folder or GGUF file instead of --shape (e.g. generate.py's)")
     args = parser.parse_args()
+    if args.model is not None:
+        args.shape = args.model.name
 
-    model = load(bench_checkpoint(args.work, args.shape), quantize=args.quantize)
+    model = load(args.model.expanduser() if args.model else bench_checkpoint(args.work, args.shape),
+                 quantize=args.quantize)
     prompt = list(np.random.default_rng(0).integers(1000, 20000, args.context))
     bandwidth = Bandwidth()
     sequence = model.sequence()
@@ -102,7 +111,8 @@ def main():
 
     inside = sum(clocks.seconds.values())
     step_ms = clocked / args.steps * 1e3
-    print(f"{args.shape} {args.quantize or 'bf16'}, context {args.context}, {args.steps} steps: "
+    weights = args.quantize or ("as stored" if args.model else "bf16")
+    print(f"{args.shape} {weights}, context {args.context}, {args.steps} steps: "
           f"{step_ms:.2f} ms a step clocked ({args.steps / clocked:.1f} tok/s), "
           f"{unclocked / args.steps * 1e3:.2f} ms unclocked; read bandwidth {bw:.1f} GB/s\n")
     print(f"{'kernel':28s} {'calls/step':>10s} {'ms/step':>8s} {'share':>6s} {'GB/s':>6s} {'of bw':>6s}")
