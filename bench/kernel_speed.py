@@ -1,7 +1,8 @@
 """Kernel bench: how close each weight-streaming kernel gets to this machine's memory bandwidth.
 
     python bench/kernel_speed.py [--gib 1] [--repeats 7] [--quick] [--threads N]
-                            [--kinds fp32,bf16,fp16,fp8,int8,int4,q8_0,q4_0,q4_1,q5_0,q4_k,q5_k,q6_k]
+                            [--kinds fp32,bf16,fp16,fp8,int8,int4,q8_0,q4_0,q4_1,q5_0,q4_k,q5_k,q6_k,
+                                     iq4_nl,iq4_xs]
 
 Decoding one token streams every weight from DRAM once, so the decode kernels (matvec) are judged
 in GB/s of weights read, next to the read bandwidth of the machine measured the same way (a Numba
@@ -17,9 +18,10 @@ kernel time: on a shared machine another process can hold a core, a parallel reg
 for it (~0.6 ms here), and the row measures the scheduler more than the kernel; --threads 1
 gives a per-core figure that other processes cannot spoil as easily.
 
-The GGML kinds (q8_0 ... q6_k, GGUF's block types) are random blocks with fp16 scales of the size a
-quantised N(0, 0.02) matrix has (their speed does not depend on the values); the K-quants, whose rows
-are whole blocks of 256, use Qwen3-0.6B's shapes instead of those multiples of 128.
+The GGML kinds (q8_0 ... iq4_xs, GGUF's block types) are random blocks with fp16 scales of the size a
+quantised N(0, 0.02) matrix has (their speed does not depend on the values; every nibble and 6-bit
+scale is a valid IQ4 block); the types whose rows are whole blocks of 256 (K-quants, IQ4_XS) use
+Qwen3-0.6B's shapes instead of those multiples of 128.
 
 Prefill (matmul, T = 128 / 512) is bound by flops: reported in GFLOP/s. Compile time is excluded
 (one warm-up call each); times are medians. Prints a table, then one JSON object per result, and
@@ -89,10 +91,12 @@ SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: 
 FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up, down; a dense gate
 FEW_TOKENS = [2, 4, 8, 16, 24, 32]
 K_QUANT_SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (151936, 1024)]  # Qwen3-0.6B: rows of 256s
-GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q4_k": 12, "q5_k": 13, "q6_k": 14}  # kind: type id
+GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q4_k": 12, "q5_k": 13, "q6_k": 14,  # kind: type id
+        "iq4_nl": 20, "iq4_xs": 23}
 # --quantize int8 / int4: GGML's Q8_0 / Q4_1, written by minqwen's quantisers
 MINQWEN_FORMATS = {"int8": 8, "int4": 3}
-GGML_FP16_AT = {8: [0], 2: [0], 3: [0, 2], 6: [0], 12: [0, 2], 13: [0, 2], 14: [208]}  # scale offsets
+GGML_FP16_AT = {8: [0], 2: [0], 3: [0, 2], 6: [0], 12: [0, 2], 13: [0, 2], 14: [208],  # scale offsets
+                20: [0], 23: [0]}
 GIB = 1 << 30
 
 
