@@ -38,8 +38,10 @@ a software prefetch 2 KB ahead (the hardware prefetcher alone left ~25% of one c
 make the rest. The kernels use 32-byte vectors: AVX2, and with AVX512-VNNI / AVX-VNNI the same code
 compiles dot_s16 to vpdpwssd. The IQ4 codebook lives in a register: each nibble looks its level up in
 one vpshufb (simd.lookup16, on the levels + 127 so that the lookup's result is a 16-bit lane as it
-stands; 127 is subtracted back), which on one core of an AVX-512 AMD EPYC runs IQ4_NL / IQ4_XS at ~24 /
-23 G weights/s against Q4_0 / Q4_K's ~29 / 31 (the float kernels: ~2.3). Q2_K, Q3_K, MXFP4 and the grid
+stands). The + 127 is not subtracted per weight: each block's integer dot starts from -127 times its lanes'
+sums of xq (_iq4_offsets, once per token; _iq4_dot), which leaves the same int32 sum; that took one core of an
+AVX-512 AMD EPYC (matrix in cache) from ~23.3 / 22.4 to ~25.9 / 24.3 G weights/s for IQ4_NL / IQ4_XS,
+against Q4_0 / Q4_K's ~28.6 / 30.7 (the float kernels: ~2.3). Q2_K, Q3_K, MXFP4 and the grid
 i-quants have no kernel here (kernels/ggml.py's float one serves).
 """
 import numpy as np
@@ -123,9 +125,26 @@ def _dot(low, high, xq, e):  # 32 levels as two int16 vectors, times xq[e:e+32]:
 
 
 @jit
-def _iq4_levels(row, o):  # the 32 IQ4 levels of the 16 bytes of nibbles at row[o:], as two int16 vectors
+def _iq4_dot(low, high, xq, e, offset):  # _dot of IQ4 levels + 127 (_iq4_levels), started from their offset
+    return dot_s16(dot_s16(load(offset, e // 4, 8), low, load(xq, e, 16)), high, load(xq, e + 16, 16))
+
+
+@jit
+def _iq4_offsets(offset, xq):  # offset: [K/32 * 8] int32 (output), xq: [K] int16
+    """offset[8b + l] = -127 (xq[e + 2l] + xq[e + 2l + 1] + xq[e + 16 + 2l] + xq[e + 17 + 2l]),  e = 32 b:
+    what _dot's lane l gains from IQ4_TABLE's + 127, so that a dot started from it is the levels' exactly"""
+    for b in range(xq.shape[0] // 32):
+        e = 32 * b
+        for lane_ in range(8):
+            pair = np.int32(xq[e + 2 * lane_]) + np.int32(xq[e + 2 * lane_ + 1])
+            pair += np.int32(xq[e + 16 + 2 * lane_]) + np.int32(xq[e + 17 + 2 * lane_])
+            offset[8 * b + lane_] = -127 * pair
+
+
+@jit
+def _iq4_levels(row, o):  # the 32 IQ4 levels + 127 of the 16 bytes of nibbles at row[o:], two int16 vectors
     packed, table = widen16(row, o, False), load(IQ4_TABLE, 0, 32)  # weights 0-15 low nibbles, 16-31 high
-    return lookup16(table, field(packed, 0, 15)) - 127, lookup16(table, field(packed, 4, 15)) - 127
+    return lookup16(table, field(packed, 0, 15)), lookup16(table, field(packed, 4, 15))
 
 
 @jit
@@ -147,18 +166,19 @@ def _levels(row, o, t):  # the 32 levels of the block at row[o:] (a 32-weight ty
 
 
 @jit
-def _block(acc, mins, row, t, b, xq, xd, xsum):  # (acc, mins) + block b's product (lane-spread)
+def _block(acc, mins, row, t, b, xq, xd, xsum, offset):  # (acc, mins) + block b's product (lane-spread)
     o = BLOCK_BYTES[t] * b
     scale = fp16_splat(row, o, 8) * splat_at(xd, b, 8)  # d xd
     low, high = _levels(row, o, t)
-    acc = fma(to_float(_dot(low, high, xq, 32 * b)), scale, acc)
+    product = _iq4_dot(low, high, xq, 32 * b, offset) if t == IQ4_NL else _dot(low, high, xq, 32 * b)
+    acc = fma(to_float(product), scale, acc)
     if t == Q4_1 or t == Q5_1:
         mins = fma(fp16_splat(row, o + 2, 8), splat(xsum[b] * EIGHTH, 8), mins)
     return acc, mins
 
 
 @pjit
-def _matmul_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type; one row of xq.. per token
+def _matmul_blocks(out, data, t, xq, xd, xsum, offset):  # t: a 32-weight block type; a row of xq.. a token
     """out[i, n] = sum_b d_b xd_ib (q_b . xq_ib)  [+ m_b xsum_ib]     (b over blocks of 32)"""
     nb = xd.shape[1]
     for n in prange(data.shape[0]):
@@ -168,11 +188,11 @@ def _matmul_blocks(out, data, t, xq, xd, xsum):  # t: a 32-weight block type; on
             b = 0
             while b + 2 <= nb:
                 prefetch(row, BLOCK_BYTES[t] * b + PREFETCH_BYTES)
-                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i])
-                a1, m1 = _block(a1, m1, row, t, b + 1, xq[i], xd[i], xsum[i])
+                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i], offset[i])
+                a1, m1 = _block(a1, m1, row, t, b + 1, xq[i], xd[i], xsum[i], offset[i])
                 b += 2
             if b < nb:
-                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i])
+                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i], offset[i])
             out[i, n] = hsum((a0 + a1) + (m0 + m1))
 
 
@@ -239,7 +259,7 @@ def _matmul_q6_k(out, data, xq, xd16):  # Q6_K: ql[128] (low 4 bits), qh[64] (hi
 
 
 @pjit
-def _matmul_iq4_xs(out, data, xq, xd):  # IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]
+def _matmul_iq4_xs(out, data, xq, xd, offset):  # IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]
     """out[i, n] = sum_j d (sc_j - 32) xd_ij (iq4[q_j] . xq_ij)      (j over sub-blocks of 32)"""
     size = BLOCK_BYTES[IQ4_XS]
     for n in prange(data.shape[0]):
@@ -259,8 +279,9 @@ def _matmul_iq4_xs(out, data, xq, xd):  # IQ4_XS: d, scales_h (u16), scales_l[4]
                 for j in range(0, 8, 2):
                     low0, high0 = _iq4_levels(row, o + 8 + 16 * j)
                     low1, high1 = _iq4_levels(row, o + 24 + 16 * j)
-                    a0 = fma(to_float(_dot(low0, high0, xq[i], 256 * s + 32 * j)), lane(ds, j), a0)
-                    a1 = fma(to_float(_dot(low1, high1, xq[i], 256 * s + 32 * j + 32)), lane(ds, j + 1), a1)
+                    e = 256 * s + 32 * j
+                    a0 = fma(to_float(_iq4_dot(low0, high0, xq[i], e, offset[i])), lane(ds, j), a0)
+                    a1 = fma(to_float(_iq4_dot(low1, high1, xq[i], e + 32, offset[i])), lane(ds, j + 1), a1)
             out[i, n] = hsum(a0 + a1)
 
 
@@ -273,27 +294,30 @@ def matmul_integer(out, data, ggml_type, x):
     T, K = x.shape
     xq = np.empty((T, K), np.int16)
     xd, xsum = np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32)
+    t = ggml_type
+    offset = np.empty((T, K // 4 if t == IQ4_NL or t == IQ4_XS else 0), np.int32)
     for i in range(T):
         quantize_activations(xq[i], xd[i], xsum[i], x[i])
-    t = ggml_type
+        if t == IQ4_NL or t == IQ4_XS:
+            _iq4_offsets(offset[i], xq[i])
     if t == Q8_0:
-        _matmul_blocks(out, data, Q8_0, xq, xd, xsum)
+        _matmul_blocks(out, data, Q8_0, xq, xd, xsum, offset)
     elif t == Q4_0:
-        _matmul_blocks(out, data, Q4_0, xq, xd, xsum)
+        _matmul_blocks(out, data, Q4_0, xq, xd, xsum, offset)
     elif t == Q4_1:
-        _matmul_blocks(out, data, Q4_1, xq, xd, xsum)
+        _matmul_blocks(out, data, Q4_1, xq, xd, xsum, offset)
     elif t == Q5_0:
-        _matmul_blocks(out, data, Q5_0, xq, xd, xsum)
+        _matmul_blocks(out, data, Q5_0, xq, xd, xsum, offset)
     elif t == Q5_1:
-        _matmul_blocks(out, data, Q5_1, xq, xd, xsum)
+        _matmul_blocks(out, data, Q5_1, xq, xd, xsum, offset)
     elif t == Q4_K:
         _matmul_k(out, data, Q4_K, xq, xd, xsum)
     elif t == Q5_K:
         _matmul_k(out, data, Q5_K, xq, xd, xsum)
     elif t == IQ4_NL:
-        _matmul_blocks(out, data, IQ4_NL, xq, xd, xsum)
+        _matmul_blocks(out, data, IQ4_NL, xq, xd, xsum, offset)
     elif t == IQ4_XS:
-        _matmul_iq4_xs(out, data, xq, xd)
+        _matmul_iq4_xs(out, data, xq, xd, offset)
     else:
         _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16))  # xd of each 16 weights
 
