@@ -1,16 +1,20 @@
-"""Where one decode step's time goes: each kernel the forward pass calls, and everything outside them.
+"""Where one decode step's (or one prefill's) time goes: each kernel the forward pass calls, and everything
+outside them.
 
     python bench/decode_profile.py [--shape qwen2.5-0.5b] [--quantize int8|int4] [--context 128] [--steps 64]
     python bench/decode_profile.py --model ~/.cache/minqwen-bench/<shape>/gguf-<version>/q4_k_m.gguf
+    python bench/decode_profile.py --model ~/.cache/minqwen-test/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --prompt-tokens 42 --steps 32      # 32 prefills of a 42-token prompt, each into a fresh sequence
 
 Every kernel name the forward pass looks up in minqwen.network.decoder (linear, rmsnorm, apply_rope,
 attention_decode, swiglu, ...) is wrapped with a clock for the run; matrix products are told apart by
 their weight's shape. "outside kernels" is the step's wall time minus the time inside them: the Python of the
 forward pass, NumPy one-liners (residual adds, the KV-cache store) and the calls themselves. The
-step is the bench's `sequence.extend([token])`, lm_head and argmax included. Each kernel's GB/s is
-the bytes of weights it read over its time (matrix products, and moe_one_token: the chosen experts'
-matrices), next to the machine's read bandwidth measured in the same run. Prints a table, then one
-JSON document.
+step is the bench's `sequence.extend([token])`, lm_head and argmax included; with --prompt-tokens, a step
+is the bench's prefill instead, `reset_to(prompt)` of a fresh sequence (its cache allocated untimed).
+Each kernel's GB/s is the bytes of weights it read over its time (matrix products, and moe_one_token:
+the chosen experts' matrices), next to the machine's read bandwidth measured in the same run. Prints a
+table, then one JSON document.
 """
 import argparse
 import sys
@@ -27,9 +31,9 @@ from checkpoints import SHAPES, bench_checkpoint  # noqa: E402
 from common import Bandwidth, context_switches, report, warn_if_contended  # noqa: E402
 from minqwen import load  # noqa: E402
 
-KERNELS = ["embed", "rmsnorm", "linear", "apply_rope", "attention_decode", "swiglu", "moe_one_token", "route",
-           "causal_conv1d", "l2norm", "delta_rule_gates", "gated_delta_rule_recurrent", "gated_rmsnorm",
-           "sigmoid_gate"]
+KERNELS = ["embed", "rmsnorm", "linear", "apply_rope", "attention_decode", "attention_prefill", "swiglu",
+           "moe_one_token", "moe_by_expert", "route", "causal_conv1d", "l2norm", "delta_rule_gates",
+           "gated_delta_rule_recurrent", "gated_rmsnorm", "sigmoid_gate"]
 
 
 def weight_bytes(w) -> int:  # an array, or a quantised matrix: a NamedTuple of arrays (and sizes)
@@ -74,6 +78,8 @@ def main():
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None)
     parser.add_argument("--context", type=int, default=128, help="prompt tokens before the timed steps")
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=None,
+                        help="profile prefills of a prompt this long instead of decode steps")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "minqwen-bench")
     parser.add_argument("--model", type=Path, default=None,
                         help="a checkpoint folder or GGUF file instead of --shape (e.g. generate.py's)")
@@ -83,7 +89,7 @@ def main():
 
     model = load(args.model.expanduser() if args.model else bench_checkpoint(args.work, args.shape),
                  quantize=args.quantize)
-    prompt = list(np.random.default_rng(0).integers(1000, 20000, args.context))
+    prompt = list(np.random.default_rng(0).integers(1000, 20000, args.prompt_tokens or args.context))
     bandwidth = Bandwidth()
     sequence = model.sequence()
 
@@ -98,12 +104,24 @@ def main():
             total += time.perf_counter() - start
         return total
 
-    decode(4)  # compile, page the weights in
-    unclocked = decode(args.steps)
+    def prefill(steps, clocks=None):
+        if clocks is not None:
+            clocks.reset()
+        total = 0.0
+        for _ in range(steps):
+            fresh = model.sequence()
+            start = time.perf_counter()
+            int(np.argmax(fresh.reset_to(prompt)))
+            total += time.perf_counter() - start
+        return total
+
+    run = prefill if args.prompt_tokens else decode
+    run(4)  # compile, page the weights in
+    unclocked = run(args.steps)
     bandwidth.sample()
     clocks = Clocks()
     switches = context_switches()
-    clocked = decode(args.steps, clocks)
+    clocked = run(args.steps, clocks)
     switches = context_switches() - switches
     clocks.restore()
     bandwidth.sample()
@@ -112,8 +130,9 @@ def main():
     inside = sum(clocks.seconds.values())
     step_ms = clocked / args.steps * 1e3
     weights = args.quantize or ("as stored" if args.model else "bf16")
-    print(f"{args.shape} {weights}, context {args.context}, {args.steps} steps: "
-          f"{step_ms:.2f} ms a step clocked ({args.steps / clocked:.1f} tok/s), "
+    what = f"prefill of {args.prompt_tokens} tokens" if args.prompt_tokens else f"context {args.context}"
+    print(f"{args.shape} {weights}, {what}, {args.steps} steps: "
+          f"{step_ms:.2f} ms a step clocked ({(args.prompt_tokens or 1) * args.steps / clocked:.1f} tok/s), "
           f"{unclocked / args.steps * 1e3:.2f} ms unclocked; read bandwidth {bw:.1f} GB/s\n")
     print(f"{'kernel':28s} {'calls/step':>10s} {'ms/step':>8s} {'share':>6s} {'GB/s':>6s} {'of bw':>6s}")
     rows = []
@@ -130,6 +149,7 @@ def main():
     print(f"{'outside kernels':28s} {'':10s} {outside / args.steps * 1e3:8.3f} {outside / clocked:6.1%}")
     warn_if_contended(switches, args.steps)
     report("profile", {"shape": args.shape, "quantize": args.quantize, "context": args.context,
+                       "prompt_tokens": args.prompt_tokens,
                        "steps": args.steps, "step_ms_clocked": step_ms,
                        "step_ms_unclocked": unclocked / args.steps * 1e3, "read_bandwidth_GBps": bw,
                        "outside_kernels_ms": outside / args.steps * 1e3, "outside_share": outside / clocked,
