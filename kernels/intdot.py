@@ -39,14 +39,21 @@ make the rest. The kernels use 32-byte vectors: AVX2, and with AVX512-VNNI / AVX
 compiles dot_s16 to vpdpwssd. The IQ4 codebook lives in a register: each nibble looks its level up in
 one vpshufb (simd.lookup16, on the levels + 127 so that the lookup's result is a 16-bit lane as it
 stands). The + 127 is not subtracted per weight: each block's integer dot starts from -127 times its lanes'
-sums of xq (_iq4_offsets, once per token; _iq4_dot), which leaves the same int32 sum; that took one core of an
+sums of xq (_offsets, once per token; _iq4_dot), which leaves the same int32 sum; that took one core of an
 AVX-512 AMD EPYC (matrix in cache) from ~23.3 / 22.4 to ~25.9 / 24.3 G weights/s for IQ4_NL / IQ4_XS,
 against Q4_0 / Q4_K's ~28.6 / 30.7 (the float kernels: ~2.3). Q2_K, Q3_K, MXFP4 and the grid
 i-quants have no kernel here (kernels/ggml.py's float one serves).
+
+Q6_K (every Q4_K_M file's LM head) reads its bits as 16-bit words, not bytes: a word of ql / qh holds an
+even and an odd byte, so a shift and a mask give the levels of the even bytes' (or the odd bytes') low
+(or high) nibbles in 16-bit lanes, with no widening shuffle; the activations are put in that order once per
+token instead (Q6_K_ORDER), its - 32 is an offset the dot starts from (as IQ4's + 127), and on avx512 its
+vectors are 512 bits (WORDS). One core, matrix in L3: ~18 -> ~27 G weights/s (256-bit vectors: ~24).
 """
 import numpy as np
 from numba import prange
 
+from . import isa
 from .ggml import (
     BLOCK_BYTES,
     IQ4_LEVELS,
@@ -80,11 +87,13 @@ from .simd import (
     load,
     lookup16,
     prefetch,
+    quads,
     splat,
     splat_at,
     to_float,
     u32_at,
     widen16,
+    words,
 )
 
 INTEGER_TYPES = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)  # the types with a kernel
@@ -92,7 +101,9 @@ INTEGER_TYPES = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
 IQ4_TABLE = np.tile(IQ4_LEVELS.astype(np.int16) + 127, 2).astype(np.uint8)
 # measured on Zen 3, one core: 1-4 KB ahead brings 0.85-0.98 of the bandwidth, 256 B nothing
 PREFETCH_BYTES = 2048
-INT16_MAX = np.float32(32767.0)
+# xd = m / 32767 and 1 / xd as fastmath computes them (m times the constant 1 / 32767, 32767 / m), written so
+# that the reference does the same float32 steps and x / xd rounds there as here (ties included)
+INT16_MAX, INT16_STEP = np.float32(32767.0), np.float32(1.0 / 32767.0)
 EIGHTH = np.float32(0.125)  # a scalar term added to all 8 lanes of an accumulator, 1/8 in each
 # Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
 # j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
@@ -100,6 +111,14 @@ LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
 # where a block's level bits begin, in the types with a minimum term (the others' offsets are folded into
 # centred levels, see _levels)
 LEVEL_BITS_AT = {Q4_1: 4, Q5_1: 4, Q4_K: 16, Q5_K: 16}
+# int16 / float32 lanes of a vector, in the kernels that take the path's width (512 bits on avx512)
+WORDS, FLOATS = (32, 16) if isa.ISA == "avx512" else (16, 8)
+# The order _matmul_q6_k reads a super-block's xq in: position q is lane m of a vector of WORDS, p = 0 / 1 the
+# even / odd bytes, of nibble k, of part u (ql bytes 32 (u % 2).. of half u // 2; with WORDS = 32 the upper 16
+# lanes are the other half's): weight 32 (2k + u % 2) + (2 m + p) % 32 + 128 (u // 2 + m // 16)
+_q = np.arange(256)
+_m, _p, _k, _u = _q % WORDS, _q // WORDS % 2, _q // (2 * WORDS) % 2, _q // (4 * WORDS)
+Q6_K_ORDER = 32 * (2 * _k + _u % 2) + 2 * (_m % 16) + _p + 128 * (_u // 2 + _m // 16)
 
 
 @jit
@@ -112,8 +131,8 @@ def quantize_activations(xq, xd, xsum, x):
         for i in range(32 * b, 32 * b + 32):
             m = max(m, abs(x[i]))
             total += x[i]
-        d = m / INT16_MAX
-        inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        d = m * INT16_STEP
+        inverse = INT16_MAX / m if m > 0 else np.float32(0.0)
         for i in range(32 * b, 32 * b + 32):
             xq[i] = np.int16(round(x[i] * inverse))
         xd[b], xsum[b] = d, total
@@ -130,15 +149,15 @@ def _iq4_dot(low, high, xq, e, offset):  # _dot of IQ4 levels + 127 (_iq4_levels
 
 
 @jit
-def _iq4_offsets(offset, xq):  # offset: [K/32 * 8] int32 (output), xq: [K] int16
-    """offset[8b + l] = -127 (xq[e + 2l] + xq[e + 2l + 1] + xq[e + 16 + 2l] + xq[e + 17 + 2l]),  e = 32 b:
-    what _dot's lane l gains from IQ4_TABLE's + 127, so that a dot started from it is the levels' exactly"""
-    for b in range(xq.shape[0] // 32):
-        e = 32 * b
-        for lane_ in range(8):
-            pair = np.int32(xq[e + 2 * lane_]) + np.int32(xq[e + 2 * lane_ + 1])
-            pair += np.int32(xq[e + 16 + 2 * lane_]) + np.int32(xq[e + 17 + 2 * lane_])
-            offset[8 * b + lane_] = -127 * pair
+def _offsets(offset, xq, width, excess):  # offset: [K/4] int32 (output), xq: [K] int16
+    """offset[e/4 + l] = -excess (xq[e + 2l] + xq[e + 2l + 1] + xq[e + width + 2l] + xq[e + width + 2l + 1]),
+    e = 2 width c: what lane l of the dot of two vectors of `width` int16 lanes (_dot) gains from levels
+    stored `excess` too high (IQ4_TABLE's + 127, Q6_K's + 32): a dot started from it is the levels' exactly"""
+    for e in range(0, xq.shape[0], 2 * width):
+        for lane_ in range(width // 2):
+            four = np.int32(xq[e + 2 * lane_]) + np.int32(xq[e + 2 * lane_ + 1])
+            four += np.int32(xq[e + width + 2 * lane_]) + np.int32(xq[e + width + 2 * lane_ + 1])
+            offset[e // 4 + lane_] = -excess * four
 
 
 @jit
@@ -231,30 +250,33 @@ def _matmul_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]
 
 
 @pjit
-def _matmul_q6_k(out, data, xq, xd16):  # Q6_K: ql[128] (low 4 bits), qh[64] (high 2), int8 scales[16], d
-    """out[i, n] = sum_g d sc_g xd_ig (q_g - 32) . xq_ig      (g over sub-blocks of 16)"""
+def _matmul_q6_k(out, data, xq, xd16, offset):  # Q6_K: ql[128] (low 4 bits), qh[64] (high 2), int8 sc[16], d
+    """out[i, n] = sum_g d sc_g xd_ig (q_g - 32) . xq_ig      (g over sub-blocks of 16; xq in Q6_K_ORDER)"""
     for n in prange(data.shape[0]):
         row = data[n]
         for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
-            a0, a1 = fzeros(8), fzeros(8)
+            a0, a1 = fzeros(FLOATS), fzeros(FLOATS)
             for s in range(xd16.shape[1] // 16):
                 o = BLOCK_BYTES[Q6_K] * s
-                prefetch(row, o + PREFETCH_BYTES)
-                d = fp16_splat(row, o + 208, 8)
-                for half in range(2):  # 128 weights from ql[64 half:], qh[32 half:], sub-blocks 8 half ..
-                    scales = bytes_to_float(load(row, o + 192 + 8 * half, 8), True)
-                    ds = d * scales * load(xd16[i], 16 * s + 8 * half, 8)  # d sc_g xd_g
-                    low0, low1 = load(row, o + 64 * half, 32), load(row, o + 64 * half + 32, 32)
-                    high = load(row, o + 128 + 32 * half, 32)
-                    e = 256 * s + 128 * half  # the first weight
-                    for k in range(4):  # weights e + 32k ..: low bits from low0 / low1, high from high >> 2k
-                        low = field(low0 if k % 2 == 0 else low1, 4 * (k // 2), 15)
-                        # two sub-blocks of 16
-                        first, second = halves16(join(low, field(high, 2 * k, 3), 4) - 32, True)
-                        p0 = dot_s16(izeros(8), first, load(xq[i], e + 32 * k, 16))
-                        p1 = dot_s16(izeros(8), second, load(xq[i], e + 32 * k + 16, 16))
-                        a0 = fma(to_float(p0), lane(ds, 2 * k), a0)
-                        a1 = fma(to_float(p1), lane(ds, 2 * k + 1), a1)
+                for line in range(0, BLOCK_BYTES[Q6_K], 64):
+                    prefetch(row, o + line + PREFETCH_BYTES)
+                for h in range(0, 2, WORDS // 16):  # half h: ql[64h:], qh[32h:], sub-blocks 8h..; 32 WORDS: 2
+                    scales = bytes_to_float(load(row, o + 192 + 8 * h, FLOATS), True)
+                    ds = fp16_splat(row, o + 208, FLOATS) * scales * load(xd16[i], 16 * s + 8 * h, FLOATS)
+                    qh = words(row, o + 128 + 32 * h, 32, WORDS)
+                    for c in range(2):  # ql bytes 32c.. (and the other half's): groups of 32 c and c + 2
+                        ql, high = words(row, o + 64 * h + 32 * c, 64, WORDS), field(qh, 2 * c, 0xFFFF)
+                        e = 256 * s + 128 * h + 4 * WORDS * c  # where this part's 4 WORDS weights sit in xq
+                        for k in range(2):  # low / high nibbles (group c + 2k): levels of the even, odd bytes
+                            even = join(field(ql, 4 * k, 15), field(high, 4 * k, 3), 4)
+                            odd = join(field(ql, 8 + 4 * k, 15), field(high, 8 + 4 * k, 3), 4)
+                            at = e + 2 * WORDS * k
+                            p = dot_s16(load(offset[i], at // 4, FLOATS), even, load(xq[i], at, WORDS))
+                            p = dot_s16(p, odd, load(xq[i], at + WORDS, WORDS))
+                            if k == 0:
+                                a0 = fma(to_float(p), quads(ds, 2 * c), a0)
+                            else:
+                                a1 = fma(to_float(p), quads(ds, 4 + 2 * c), a1)
             out[i, n] = hsum(a0 + a1)
 
 
@@ -295,11 +317,15 @@ def matmul_integer(out, data, ggml_type, x):
     xq = np.empty((T, K), np.int16)
     xd, xsum = np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32)
     t = ggml_type
-    offset = np.empty((T, K // 4 if t == IQ4_NL or t == IQ4_XS else 0), np.int32)
+    offset = np.empty((T, K // 4 if t == IQ4_NL or t == IQ4_XS or t == Q6_K else 0), np.int32)
     for i in range(T):
         quantize_activations(xq[i], xd[i], xsum[i], x[i])
         if t == IQ4_NL or t == IQ4_XS:
-            _iq4_offsets(offset[i], xq[i])
+            _offsets(offset[i], xq[i], 16, 127)
+        if t == Q6_K:
+            for s in range(K // 256):
+                xq[i, 256 * s:256 * s + 256] = xq[i, 256 * s + Q6_K_ORDER]
+            _offsets(offset[i], xq[i], WORDS, 32)
     if t == Q8_0:
         _matmul_blocks(out, data, Q8_0, xq, xd, xsum, offset)
     elif t == Q4_0:
@@ -319,7 +345,7 @@ def matmul_integer(out, data, ggml_type, x):
     elif t == IQ4_XS:
         _matmul_iq4_xs(out, data, xq, xd, offset)
     else:
-        _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16))  # xd of each 16 weights
+        _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16), offset)  # xd of each 16 weights
 
 
 @jit
@@ -336,8 +362,8 @@ def matmul_integer_reference(data, ggml_type, x):  # [N, bytes] uint8, [T, K] fl
     rounding; with the exact x W^T only to within sum_k |w - minimum| xd / 2 (how far x moved)."""
     T, K = x.shape
     blocks = x.reshape(T, K // 32, 32)
-    xd = np.abs(blocks).max(axis=2, keepdims=True) / INT16_MAX
-    inverse = np.divide(np.float32(1.0), xd, out=np.zeros_like(xd), where=xd > 0)
+    m = np.abs(blocks).max(axis=2, keepdims=True)
+    xd, inverse = m * INT16_STEP, np.divide(INT16_MAX, m, out=np.zeros_like(m), where=m > 0)
     x_rounded = (np.round(blocks * inverse) * xd.astype(np.float64)).reshape(T, K)
     w = dequantize_ggml_reference(data, ggml_type, K)
     minimum = np.zeros_like(w)

@@ -24,7 +24,10 @@ and how (`lanes` = elements of the result):
     u32_at(arr, off)         the little-endian uint32 at bytes arr[off : off + 4] (a scalar)
     bytes_of(w0, w1)         the 8 bytes of two 32-bit words as a vector (w0's low byte first)
     bytes_to_float(v, signed)  byte lanes -> float32 lanes (vpmovzxbd / vpmovsxbd + vcvtdq2ps)
-    lane(v, j)               v[j] in every lane (vpermps)
+    lane(v, j), quads(v, j)  v[j] in every lane; v[j + i // 4] in lane i of each 8-lane half, from the
+                             half's own lanes (one vpermps each)
+    words(arr, off, stride, n)  n 16-bit lanes of the bytes at arr[off:], for n = 32 the second 16 from
+                             arr[off + stride:]
     nibbles(arr, off, n)     n 4-bit values from n/2 bytes: low nibbles, then high nibbles (GGML order)
     bit_bytes(arr, off, value)  the 32 bits of the uint32 at bytes arr[off : off + 4] as 32 byte lanes:
                              `value` where the bit is set, 0 elsewhere (bit i -> lane i)
@@ -203,18 +206,40 @@ def bytes_to_float(typingctx, v, signed):
     return f(v, signed), codegen
 
 
+def _picker(name, pattern):  # lane i of the result is v[j + pattern(i)]: one vpermps
+    def pick(typingctx, v, j):
+        if not (isinstance(v, Vector) and v.kind == "f32" and v.lanes in (8, 16)
+                and isinstance(j, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            index = context.cast(builder, args[1], sig.args[1], types.int32)
+            i32s = ir.VectorType(ir.IntType(32), v.lanes)
+            indices = builder.add(_broadcast(builder, index, i32s),
+                                  ir.Constant(i32s, [pattern(i) for i in range(v.lanes)]))
+            permute = "llvm.x86.avx2.permps" if v.lanes == 8 else "llvm.x86.avx512.permvar.sf.512"
+            return _call(builder, permute, v.llvm, [args[0], indices])
+        return v(v, j), codegen
+    pick.__name__ = pick.__qualname__ = name
+    return intrinsic(pick)
+
+
+lane, quads = _picker("lane", lambda i: 0), _picker("quads", lambda i: i // 8 * 8 + i % 8 // 4)
+
+
 @intrinsic
-def lane(typingctx, v, j):
-    if not (isinstance(v, Vector) and v.kind == "f32" and v.lanes in (8, 16)
-            and isinstance(j, types.Integer)):
-        return None
+def words(typingctx, arr, off, stride, n):
+    v = _vector_for(16 * _lanes(n), "i16", _lanes(n))
 
     def codegen(context, builder, sig, args):
-        index = context.cast(builder, args[1], sig.args[1], types.int32)
-        indices = _broadcast(builder, index, ir.VectorType(ir.IntType(32), v.lanes))
-        name = "llvm.x86.avx2.permps" if v.lanes == 8 else "llvm.x86.avx512.permvar.sf.512"
-        return _call(builder, name, v.llvm, [args[0], indices])
-    return v(v, j), codegen
+        start = context.cast(builder, args[1], sig.args[1], types.intp)
+        starts = [start, builder.add(start, context.cast(builder, args[2], sig.args[2], types.intp))]
+        sixteen = ir.VectorType(ir.IntType(16), 16)
+        parts = [builder.load(_address(context, builder, sig.args[0], args[0], types.intp, at, sixteen),
+                              align=1) for at in starts[:v.lanes // 16]]
+        return parts[0] if v.lanes == 16 else builder.shuffle_vector(
+            *parts, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
+    return v(arr, off, stride, n), codegen
 
 
 @intrinsic

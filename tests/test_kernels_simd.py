@@ -34,9 +34,11 @@ from minqwen.kernels.simd import (
     lane,
     load,
     nibbles,
+    quads,
     store,
     to_float,
     u32_at,
+    words,
 )
 
 pytestmark = pytest.mark.skipif(isa.ISA == "generic",
@@ -147,11 +149,13 @@ def test_vector_intrinsics():
 
 
 @jit
-def byte_ops(packed, floats, signed_bytes, j):  # the unpacking intrinsics, stored for the test to read
+def byte_ops(packed, floats, signed_bytes, pairs, j):  # the unpacking intrinsics, stored for the test
     unsigned = bytes_to_float(bytes_of(u32_at(packed, 0), u32_at(packed, 4)), False)
     store(floats, 0, unsigned)
     store(floats, 8, bytes_to_float(load(packed, 0, 8), True) * fp16_splat(packed, 3, 8))
     store(floats, 16, lane(unsigned, j))
+    store(floats, 24, quads(unsigned, j // 2))
+    store(pairs, 0, words(packed, 0, 64, 16))
     store(signed_bytes, 0, nibbles(packed, 0, 32) - 8)
     store(signed_bytes, 32, bit_bytes(packed, 5, 16))
     return u32_at(packed, 5)
@@ -161,12 +165,15 @@ def byte_ops(packed, floats, signed_bytes, j):  # the unpacking intrinsics, stor
 def test_unpacking_intrinsics(seed, j):
     packed = np.random.default_rng(seed).integers(0, 256, 32, dtype=np.uint8)
     packed[3:5] = np.array([0.75], np.float16).view(np.uint8)  # a finite fp16 for fp16_splat
-    floats, signed_bytes = np.full(24, np.nan, np.float32), np.zeros(64, np.int8)
-    word = byte_ops(packed, floats, signed_bytes, j)
+    floats, signed_bytes = np.full(32, np.nan, np.float32), np.zeros(64, np.int8)
+    pairs = np.zeros(16, np.int16)
+    word = byte_ops(packed, floats, signed_bytes, pairs, j)
     assert word == packed[5:9].view(np.uint32)[0]
     assert np.array_equal(floats[:8], packed[:8])
     assert np.array_equal(floats[8:16], packed[:8].view(np.int8) * np.float32(0.75))
     assert np.all(floats[16:24] == packed[j])
+    assert np.array_equal(floats[24:32], packed[j // 2 + np.arange(8) // 4])
+    assert np.array_equal(pairs, packed.view(np.int16))
     assert np.array_equal(signed_bytes[:32], np.concatenate([packed[:16] & 15, packed[:16] >> 4]) - 8.0)
     bits = np.unpackbits(packed[5:9], bitorder="little")  # bit i of the little-endian word
     assert np.array_equal(signed_bytes[32:], 16 * bits)
