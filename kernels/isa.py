@@ -2,8 +2,9 @@
 
     generic   plain Numba loops only (Numba still vectorises them for the CPU it compiles for)
     avx2      + kernels/intdot.py: GGML blocks times int16 activations on integer dot products
-                (vpmaddwd), and kernels/gemm.py: the bf16 prefill micro-kernel; 32-byte vectors
-    avx512    the same kernels with AVX512-VNNI: each pair of dot products is one vpdpwssd
+                (vpmaddwd), and kernels/intgemm.py: prefill on int16 x int16 dot products; 32-byte vectors
+    avx512    the same kernels with AVX512-VNNI: each pair of dot products is one vpdpwssd, and the
+                prefill's vectors 64 bytes
 
 The choice is made here, once, at import, and the other files ask it: linear.py imports the kernels of
 the chosen path only (a path not chosen is never imported, so never compiled: a CPU never meets an

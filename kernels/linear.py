@@ -1,11 +1,12 @@
 """out = x W^T for a weight matrix in any stored format: the one place that picks the product kernel.
 
     stored format        1 token                2 .. FEW_TOKENS      more tokens
-    bf16                 matvec                 matmul_few           gemm.matmul_bf16 (avx2 and up)
-    bf16 / fp16 / fp32   matvec                 matmul_few           matmul (tiles widened for BLAS)
-    fp8 (Fp8Matrix)      matvec_fp8             matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
-    GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_ggml (tiles dequantised for BLAS)
-                         (intdot.py, avx2 and up, the types in its INTEGER_TYPES; else matvec_ggml, float)
+    bf16 / fp16          matvec                 matmul_few           intgemm.matmul_int16 (avx2 and up)
+    fp8 (Fp8Matrix)      matvec_fp8             matmul_int16         matmul_int16
+    GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_int16
+                         (intdot.py, the types in its INTEGER_TYPES; else matvec_ggml, float)
+    without AVX2 (the generic path), or K not a multiple of 32: matmul, matmul_fp8, matmul_ggml
+    (tiles widened or dequantised for BLAS); fp32 always goes to BLAS
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart inside compiled kernels: one row of W times x, for the
@@ -16,15 +17,15 @@ from numba import types
 from numba.extending import overload
 
 from . import isa
-from .dtypes import BF16
+from .dtypes import FP32
 from .fp8 import Fp8Matrix, fp8_row_dot, matmul_fp8, matvec_fp8
 from .ggml import GgmlMatrix, ggml_row_dot, matmul_ggml, matvec_ggml
 from .matmul import float_row_dot, matmul, matmul_few, matvec
 
 INTEGER_TYPES = ()  # the GGML types with an integer dot-product decode kernel, where the CPU has them
 if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
-    from .gemm import matmul_bf16
     from .intdot import INTEGER_TYPES, matmul_integer
+    from .intgemm import matmul_int16
 
 FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernel_speed.py
 # "few tokens"): 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2
@@ -39,22 +40,26 @@ INTEGER_TOKENS = 16
 def linear(out, x, w):
     # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Fp8Matrix or GgmlMatrix
     """out = x @ w.T  (no bias: the caller adds it)"""
-    one_token = x.shape[0] == 1
+    T, K = x.shape
+    integer_gemm = T > 1 and isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32
     if isinstance(w, Fp8Matrix):
-        matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows) if one_token else matmul_fp8(out, x, w)
+        if T == 1:
+            matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows)
+        else:
+            matmul_int16(out, np.ascontiguousarray(x), w) if integer_gemm else matmul_fp8(out, x, w)
     elif isinstance(w, GgmlMatrix):
-        if w.ggml_type in INTEGER_TYPES and x.shape[0] <= INTEGER_TOKENS:
+        if w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
             matmul_integer(out, w.data, w.ggml_type, x)
-        elif one_token:
+        elif T == 1:
             matvec_ggml(out[0], w.data, w.ggml_type, x[0])
         else:
-            matmul_ggml(out, x, w)
-    elif one_token:
+            matmul_int16(out, np.ascontiguousarray(x), w) if integer_gemm else matmul_ggml(out, x, w)
+    elif T == 1:
         matvec(out[0], w, x[0])
-    elif x.shape[0] <= FEW_TOKENS:
+    elif T <= FEW_TOKENS:
         matmul_few(out, x, w)
-    elif w.dtype == BF16 and isa.ISA != "generic":
-        matmul_bf16(out, np.ascontiguousarray(x), w)
+    elif integer_gemm:
+        matmul_int16(out, np.ascontiguousarray(x), w)
     else:
         matmul(out, x, w)
 

@@ -17,8 +17,7 @@ and how (`lanes` = elements of the result):
     load(arr, off, n)        arr[off : off + n] as a vector (any alignment, no bounds check);
                              store(arr, off, v)
     splat(x, n), fzeros(n), izeros(n), splat_at(arr, off, n) (= splat(arr[off], n), as one vbroadcastss)
-    bf16_pair(arr, off)      8 uint32 words, each holding two bf16, as two float32 vectors: the low halves
-                             (word << 16) and the high halves (word & 0xffff0000): no shuffle
+    splat32(arr, off, n)     the int16 pair arr[off : off + 2] in every 32-bit lane (n int16 lanes)
     fp16_splat(arr, off, n)  the fp16 at bytes arr[off : off + 2] as n float32 lanes (vpbroadcastw +
                              vcvtph2ps: no partial register write to tie it to earlier work)
     u32_at(arr, off)         the little-endian uint32 at bytes arr[off : off + 4] (a scalar)
@@ -40,8 +39,11 @@ and how (`lanes` = elements of the result):
     dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
                              vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
     halves16(v, signed)      a 32-byte vector's two halves widened to 16-bit lanes (vpmovzxbw / vpmovsxbw)
+    round16(v)               float32 lanes -> the nearest integers (ties to even) as int16 lanes
     to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes,
                              a * b multiplies float lanes, v - c subtracts a constant from integer lanes
+    abs_max(v)               the largest |lane|
+    transpose32(dst, o, src, o2, stride, n)  an n x n block of 32-bit words transposed (n = 8 or 16)
     prefetch(arr, off)       prefetcht0 of arr[off]'s cache line (never faults)
 
 A kernel whose instructions the compile target lacks does not raise: LLVM aborts the process ("Do not know
@@ -243,18 +245,18 @@ def words(typingctx, arr, off, stride, n):
 
 
 @intrinsic
-def bf16_pair(typingctx, arr, off):
-    f32x8 = _vector_for(256, "f32", 8)
-    pair = types.UniTuple(f32x8, 2)
+def splat32(typingctx, arr, off, n):
+    """the int16 pair arr[off : off + 2] repeated to n int16 lanes (one vpbroadcastd; a dot_s16 operand)"""
+    if arr.dtype.bitwidth != 16:
+        return None
+    v = _vector_for(16 * _lanes(n), "i16", _lanes(n))
 
     def codegen(context, builder, sig, args):
-        i32x8 = ir.VectorType(ir.IntType(32), 8)
-        address = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1], i32x8)
-        words = builder.load(address, align=4)
-        low = builder.bitcast(builder.shl(words, _constant(i32x8, 16)), f32x8.llvm)
-        high = builder.bitcast(builder.and_(words, _constant(i32x8, -65536)), f32x8.llvm)
-        return context.make_tuple(builder, pair, [low, high])
-    return pair(arr, off), codegen
+        address = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(32))
+        word = builder.load(address, align=2)
+        pair = _broadcast(builder, word, ir.VectorType(ir.IntType(32), v.lanes // 2))
+        return builder.bitcast(pair, v.llvm)
+    return v(arr, off, n), codegen
 
 
 @intrinsic
@@ -401,6 +403,22 @@ def to_float(typingctx, v):
 
 
 @intrinsic
+def round16(typingctx, v):
+    """float32 lanes rounded to the nearest integer (ties to even: vcvtps2dq), then cut to int16 lanes"""
+    if not (isinstance(v, Vector) and v.kind == "f32"):
+        return None
+    i16 = Vector("i16", v.lanes)
+
+    def codegen(context, builder, sig, args):
+        name = "llvm.x86.avx512.mask.cvtps2dq.512" if v.lanes == 16 else "llvm.x86.avx.cvt.ps2dq.256"
+        i32 = ir.VectorType(ir.IntType(32), v.lanes)
+        extra = [ir.Constant(i32, None), ir.Constant(ir.IntType(16), -1), ir.Constant(ir.IntType(32), 4)]
+        rounded = _call(builder, name, i32, [args[0]] + (extra if v.lanes == 16 else []))
+        return builder.trunc(rounded, i16.llvm)
+    return i16(v), codegen
+
+
+@intrinsic
 def fma(typingctx, a, b, c):
     if not (isinstance(a, Vector) and a.kind == "f32" and a == b == c):
         return None
@@ -464,6 +482,56 @@ def hsum(typingctx, v):
                                                                list(range(s, s + n))))
                       for s in (0, n))
             x = builder.fadd(lo, hi)
+        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+    return types.float32(v), codegen
+
+
+@intrinsic
+def transpose32(typingctx, dst, dst_off, src, src_off, stride, n):
+    """dst[dst_off + n j + r] = src[src_off + stride r + j] for r, j < n: an n x n block of 32-bit words
+    transposed in registers (log2 n rounds of vpermt2d-style shuffles: each swaps off-diagonal sub-blocks)"""
+    if not (dst.dtype.bitwidth == src.dtype.bitwidth == 32 and _lanes(n) in (8, 16)):
+        return None
+    v = _vector_for(32 * _lanes(n), "i32", _lanes(n))
+
+    def codegen(context, builder, sig, args):
+        count = v.lanes
+        first, base, step = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 3, 4))
+
+        def at(array, offset):  # the vector at array[offset]
+            return _address(context, builder, sig.args[2 if array is args[2] else 0], array, types.intp,
+                            offset, v.llvm)
+        rows = [builder.load(at(args[2], builder.add(base, builder.mul(step, ir.Constant(step.type, r)))),
+                             align=4) for r in range(count)]
+        h = 1
+        while h < count:
+            for i in (i for i in range(count) if not i & h):
+                a, b = rows[i], rows[i + h]
+                low = [k if not k & h else count + k - h for k in range(count)]  # a's block, then b's
+                high = [k + h if not k & h else count + k for k in range(count)]
+                pick = [ir.Constant(ir.VectorType(ir.IntType(32), count), m) for m in (low, high)]
+                rows[i], rows[i + h] = (builder.shuffle_vector(a, b, p) for p in pick)
+            h *= 2
+        for j, row in enumerate(rows):
+            builder.store(row, at(args[0], builder.add(first, ir.Constant(first.type, count * j))), align=4)
+        return context.get_dummy_value()
+    return types.none(dst, dst_off, src, src_off, stride, n), codegen
+
+
+@intrinsic
+def abs_max(typingctx, v):
+    """the largest |lane| (halves compared until one lane is left: no chain of scalar compares)"""
+    if not (isinstance(v, Vector) and v.kind == "f32"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = _call(builder, f"llvm.fabs.v{v.lanes}f32", v.llvm, [args[0]])
+        while x.type.count > 1:
+            n = x.type.count // 2
+            lo, hi = (builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(ir.IntType(32), n),
+                                                               list(range(s, s + n))))
+                      for s in (0, n))
+            x = _call(builder, f"llvm.maxnum.v{n}f32", lo.type, [lo, hi])
         return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
     return types.float32(v), codegen
 

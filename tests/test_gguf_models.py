@@ -16,6 +16,7 @@ from gguf_files import model_gguf
 import minqwen
 from checkpoints import build_checkpoint, relative_error
 from minqwen.formats.gguf import U32, U64, read_gguf
+from minqwen.kernels import isa
 from minqwen.kernels.ggml import Q8_0, GgmlMatrix
 from minqwen.kernels.linear import INTEGER_TYPES
 from minqwen.network.quantize import quantize_matrix
@@ -299,7 +300,8 @@ def test_codebook_gguf_is_its_dequantised_model(moe_256, t, tmp_path, monkeypatc
     grid type (as unsloth's low-bit files store experts) loads and runs on the stored blocks: prefill,
     decode and greedy tokens as the same model in F32 with gguf-py's dequantisation of the blocks.
     Float kernels: to float32 rounding; integer ones (IQ4_NL / IQ4_XS, up to INTEGER_TOKENS tokens): x
-    rounded to int16 per block of 32 (measured 3e-5 / 8e-5)."""
+    rounded to int16 per block of 32 (measured 3e-5 / 8e-5); the integer prefill (every type, where the CPU
+    has AVX2): x and W rounded to int16 per block (measured up to 3.9e-4, MXFP4)."""
     ours = minqwen.load(codebook_gguf(moe_256, tmp_path / "blocks.gguf", t, monkeypatch))
     assert isinstance(ours.weights.embed_tokens, GgmlMatrix) and ours.weights.embed_tokens.ggml_type == t
     twin = minqwen.load(codebook_gguf(moe_256, tmp_path / "twin.gguf", t, monkeypatch, twin=True))
@@ -307,7 +309,7 @@ def test_codebook_gguf_is_its_dequantised_model(moe_256, t, tmp_path, monkeypatc
     prefill, reference = ours.logits(prompt), twin.logits(prompt)
     error = relative_error(prefill, reference)
     print(f"GGUF qwen3_moe {t.name} vs its dequantised F32 twin: {error:.2e}")
-    bound = 1e-3 if t in INTEGER_TYPES else 1e-5  # (float kernels: measured <= 1.5e-6)
+    bound = 1e-3 if t in INTEGER_TYPES or isa.ISA != "generic" else 1e-5  # (float: measured <= 1.5e-6)
     assert error <= bound
     sequence = ours.sequence()
     sequence.extend(prompt[:-2])

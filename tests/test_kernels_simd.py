@@ -1,5 +1,5 @@
-"""The kernels of the instruction layer: integer dot-product decode (kernels/intdot.py), the bf16 prefill
-micro-kernel (kernels/gemm.py), and the layer itself (kernels/simd.py).
+"""The kernels of the instruction layer: integer dot-product decode (kernels/intdot.py) and the layer
+itself (kernels/simd.py); the integer prefill (kernels/intgemm.py) has tests/test_kernels_intgemm.py.
 
 Every path the test machine's CPU has runs here against float64 references; the AVX-512 path, which this
 machine may lack, is compiled (never run) for a Zen 4 target in a child process, as is a forced avx2 path,
@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minqwen.kernels import isa
-from minqwen.kernels.dtypes import bf16_bits, to_float32
 from minqwen.kernels.ggml import GGML_BLOCKS
 from minqwen.kernels.jit import jit
 from minqwen.kernels.simd import (
@@ -44,7 +43,6 @@ from minqwen.kernels.simd import (
 pytestmark = pytest.mark.skipif(isa.ISA == "generic",
                                 reason="the CPU has no AVX2: these kernels are never used")
 if isa.ISA != "generic":  # imported only where the CPU has the instructions, as the engine does
-    from minqwen.kernels.gemm import matmul_bf16, matmul_bf16_reference
     from minqwen.kernels.intdot import (
         INTEGER_TYPES,
         LEVEL_BITS_AT,
@@ -182,6 +180,7 @@ def test_unpacking_intrinsics(seed, j):
 PROBE = """
 import numpy as np
 from minqwen.kernels.intdot import matvec_integer
+from minqwen.kernels.intgemm import matmul_int16
 from numba import njit
 from minqwen.kernels.simd import dot_s16, izeros, load, to_float, hsum
 
@@ -192,7 +191,8 @@ def probe(a, b):
 
 a, b = np.zeros(32, np.int16), np.zeros(32, np.int16)
 matvec_args = (np.empty(2, np.float32), np.zeros((2, 34 * 8), np.uint8), 8, np.zeros(256, np.float32))
-for kernel, args in ((probe, (a, b)), (matvec_integer, matvec_args)):  # compiled, never run
+prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16))
+for kernel, args in ((probe, (a, b)), (matvec_integer, matvec_args), (matmul_int16, prefill_args)):
     kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))
 print("".join(probe.inspect_asm().values()))
 """
@@ -213,7 +213,8 @@ def compiled_probe(env, tmp_path) -> str:
 
 
 def test_avx512_path_compiles_to_vnni(tmp_path):
-    """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd."""
+    """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd
+    (and the integer prefill, on 512-bit vectors there, compiles)."""
     native = compiled_probe({"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": ZEN4}, tmp_path)
     assert native.count("vpdpwssd") == 2 and "vpmaddwd" not in native
 
@@ -223,22 +224,3 @@ def test_a_forced_avx2_path_compiles_as_on_an_avx2_machine(tmp_path):
     which LLVM would otherwise fuse them into (minqwen/environment.py narrows Numba's target)."""
     native = compiled_probe({"MINQWEN_ISA": "avx2"}, tmp_path)
     assert native.count("vpmaddwd") == 2 and "vpdpwssd" not in native
-
-
-@settings(deadline=None, max_examples=25)
-@given(seed=seeds, T=st.sampled_from([1, 5, 6, 7, 65, 130]), N=st.sampled_from([1, 15, 16, 17, 40, 300]),
-       K=st.sampled_from([1, 3, 64, 200]), strided=st.booleans())
-def test_bf16_gemm_micro_kernel(seed, T, N, K, strided):
-    """Tiles of 6 tokens and the token remainder, whole and partial panels of 16 columns, into a column
-    slice of a wider array."""
-    rng = np.random.default_rng(seed)
-    w = bf16_bits(rng.standard_normal((N, K)).astype(np.float32))
-    x = rng.standard_normal((T, K)).astype(np.float32)
-    wide = np.full((T, N + 5), np.nan, np.float32)
-    out = wide[:, 2:N + 2] if strided else wide[:, :N]
-    matmul_bf16(out, x, w)
-    terms = np.abs(x.astype(np.float64)) @ np.abs(to_float32(w).astype(np.float64)).T
-    diff = np.abs(out - matmul_bf16_reference(x, w))
-    assert diff.max() <= 1e-5 * terms.max(), f"max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
-    untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
-    assert np.isnan(untouched).all()  # nothing else written

@@ -1,0 +1,167 @@
+"""Prefill with quantised weights: out = x @ W^T for many tokens, on integer dot products (int16 x int16).
+
+Prefill reuses each weight T times, so it is bound by arithmetic, and the CPU's integer dot product
+(vpdpwssd: 16-bit pairs summed into int32) does twice the multiply-adds per instruction of a float FMA.
+So both operands are rounded to int16 per block of 32 along k, with one float scale per block:
+
+    x[t, k] ~= xd[t, b] xq[t, k],   W[n, k] ~= wd[n, b] wq[n, k],    |xq|, |wq| <= LEVELS  (k in block b)
+    out[t, n] = sum_b xd[t, b] wd[n, b] (sum_{k in b} xq[t, k] wq[n, k])
+
+LEVELS = 8191 is the largest that keeps a block's 32 products in int32 (32 * 8191^2 < 2^31), and moves
+each value by at most 1/16382 of its block's largest: far inside the 2e-3 the GGUF tests hold prefill
+logits to (llama.cpp's int8 activations move them by 1/254). Every stored format is dequantised to
+float32 first (kernels/ggml.py), a panel of rows at a time, so one kernel serves every GGML type, the
+i-quants included.
+
+The panel is LANES rows (the int32 lanes of a vector), rounded and laid out k-pair by k-pair: the word of
+(k, row r) holds wq[r, k] and wq[r, k + 1], so one vector load holds a k-pair of every row. The
+micro-kernel keeps TILE_TOKENS tokens x LANES rows of out in registers and walks k:
+
+    per k-pair:  one load of the panel  ->  per token: splat32 of (xq[t, k], xq[t, k + 1]), one dot_s16
+    per block:   per token: to_float, times the block's scales, one FMA into the float accumulator
+
+so every loaded weight pair feeds TILE_TOKENS dot products. Each thread takes whole panels; the panel
+(LANES K 2 bytes) stays in L1 / L2 while every token passes over it.
+"""
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from .fp8 import Fp8Matrix, dequantize_fp8_rows
+from .ggml import GgmlMatrix, dequantize_ggml_rows
+from .isa import ISA
+from .jit import jit, pjit
+from .matmul import widen_rows
+from .simd import (
+    abs_max,
+    dot_s16,
+    fma,
+    fzeros,
+    izeros,
+    load,
+    round16,
+    splat,
+    splat32,
+    store,
+    to_float,
+    transpose32,
+)
+
+LANES = 16 if ISA == "avx512" else 8  # rows of a panel: the int32 lanes of one vector
+PAIRS = 2 * LANES  # its int16 lanes (Numba takes a global as a compile-time constant, not an expression)
+TILE_TOKENS = 6
+LEVELS = np.float32(8191.0)
+TINY = np.float32(2.0**-100)  # a block whose largest |value| is below this rounds to zero: LEVELS / max
+# would overflow float32 (and max / LEVELS be subnormal) near 2^-113; its products, < 2^-100 |x|, are noise
+
+
+@jit
+def quantize_blocks(q, d, values):  # q: [K] int16, d: [K/32] float32 (outputs), values: [K] float32
+    """d[b] = max|values in block b| / LEVELS,  q = round(values / d)   (0 and 0 below TINY)"""
+    for b in range(values.shape[0] // 32):
+        m = np.float32(0.0)
+        for i in range(32 * b, 32 * b + 32, LANES):
+            m = max(m, abs_max(load(values, i, LANES)))
+        d[b] = m / LEVELS if m >= TINY else np.float32(0.0)
+        inverse = splat(LEVELS / m if m >= TINY else np.float32(0.0), LANES)
+        for i in range(32 * b, 32 * b + 32, LANES):
+            store(q, i, round16(load(values, i, LANES) * inverse))
+
+
+@jit
+def pack_panel(panel, wd, rows):  # panel: [K * LANES] int16, wd: [K/32, LANES] float32 (out); rows: [R, K]
+    """rows (float32, R <= LANES; the rest of the panel is zero) rounded per block, k-pair by k-pair:
+    panel[(k/2) 2 LANES + 2 r + k % 2] = wq[r, k],  wd[b, r] = its scale"""
+    R, K = rows.shape
+    q, d = np.zeros((LANES, K), np.int16), np.zeros((LANES, K // 32), np.float32)
+    for r in range(R):
+        quantize_blocks(q[r], d[r], rows[r])
+    wd[:] = d.T
+    pairs, words = q.reshape(-1).view(np.uint32), panel.view(np.uint32)  # a k-pair of a row is one word
+    for c in range(0, K // 2, LANES):  # K / 2 is a multiple of LANES (K of 32)
+        transpose32(words, c * LANES, pairs, c, K // 2, LANES)
+
+
+@jit
+def tile_tokens(result, panel, wd, xq, xd, t0):  # result: [TILE_TOKENS, LANES] float32 out; xq: [T, K] int16
+    """result[i, r] = sum_b xd[t0 + i, b] wd[b, r] sum_{k in b} xq[t0 + i, k] wq[r, k]   (i < 6)"""
+    K = xq.shape[1]
+    x = xq.reshape(-1)
+    f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
+    for b in range(K // 32):
+        i0 = i1 = i2 = i3 = i4 = i5 = izeros(LANES)
+        for k in range(32 * b, 32 * b + 32, 2):
+            w = load(panel, k * LANES, PAIRS)
+            o = t0 * K + k
+            i0 = dot_s16(i0, w, splat32(x, o, PAIRS))
+            i1 = dot_s16(i1, w, splat32(x, o + K, PAIRS))
+            i2 = dot_s16(i2, w, splat32(x, o + 2 * K, PAIRS))
+            i3 = dot_s16(i3, w, splat32(x, o + 3 * K, PAIRS))
+            i4 = dot_s16(i4, w, splat32(x, o + 4 * K, PAIRS))
+            i5 = dot_s16(i5, w, splat32(x, o + 5 * K, PAIRS))
+        scales = load(wd, b * LANES, LANES)
+        f0 = fma(to_float(i0), scales * splat(xd[t0, b], LANES), f0)
+        f1 = fma(to_float(i1), scales * splat(xd[t0 + 1, b], LANES), f1)
+        f2 = fma(to_float(i2), scales * splat(xd[t0 + 2, b], LANES), f2)
+        f3 = fma(to_float(i3), scales * splat(xd[t0 + 3, b], LANES), f3)
+        f4 = fma(to_float(i4), scales * splat(xd[t0 + 4, b], LANES), f4)
+        f5 = fma(to_float(i5), scales * splat(xd[t0 + 5, b], LANES), f5)
+    out = result.reshape(-1)
+    store(out, 0, f0)
+    store(out, LANES, f1)
+    store(out, 2 * LANES, f2)
+    store(out, 3 * LANES, f3)
+    store(out, 4 * LANES, f4)
+    store(out, 5 * LANES, f5)
+
+
+def float32_rows(tile, w, first):
+    """tile[r, k] = W[first + r, k] as float32, W in any stored format (callable from compiled kernels)"""
+    raise NotImplementedError("float32_rows is only callable from compiled kernels")
+
+
+@overload(float32_rows, inline="always")
+def _float32_rows(tile, w, first):
+    if isinstance(w, types.Array):
+        return lambda tile, w, first: widen_rows(tile, w[first:first + tile.shape[0]])
+    if isinstance(w, types.BaseNamedTuple) and w.instance_class is Fp8Matrix:
+        return lambda tile, w, first: dequantize_fp8_rows(tile, w.q[first:first + tile.shape[0]], w.scales,
+                                                          first, w.block_rows)
+    if isinstance(w, types.BaseNamedTuple) and w.instance_class is GgmlMatrix:
+        return lambda tile, w, first: dequantize_ggml_rows(tile, w.data[first:first + tile.shape[0]],
+                                                           w.ggml_type)
+    return None
+
+
+@pjit
+def matmul_int16(out, x, w):
+    # out: [T, N] float32 (rows may be strided), x: [T, K] float32, K % 32 == 0,
+    # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix
+    """out[t, n] = sum_k x[t, k] W[n, k], both rounded to int16 per block of 32 (see the module docstring)"""
+    T, K = x.shape
+    N = out.shape[1]
+    padded = (T + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS  # the last tile's missing tokens are zero
+    xq, xd = np.zeros((padded, K), np.int16), np.zeros((padded, K // 32), np.float32)
+    for t in prange(T):
+        quantize_blocks(xq[t], xd[t], x[t])
+    for p in prange((N + LANES - 1) // LANES):
+        first, rows = LANES * p, min(LANES, N - LANES * p)
+        weights = np.empty((rows, K), np.float32)
+        float32_rows(weights, w, first)
+        panel, wd = np.empty(K * LANES, np.int16), np.empty((K // 32, LANES), np.float32)
+        pack_panel(panel, wd, weights)
+        result = np.empty((TILE_TOKENS, LANES), np.float32)
+        for t0 in range(0, T, TILE_TOKENS):
+            tile_tokens(result, panel, wd, xq, xd, t0)
+            out[t0:t0 + TILE_TOKENS, first:first + rows] = result[:min(TILE_TOKENS, T - t0), :rows]
+
+
+def matmul_int16_reference(x, w):  # [T, K] float32, [N, K] float32 (W dequantised) -> [T, N] float64
+    """x @ w.T in float64 of x and w rounded as matmul_int16 rounds them (the scales in float32, as there)"""
+    def rounded(a):  # -> levels, scales per block
+        blocks = a.astype(np.float32).reshape(a.shape[0], -1, 32)
+        m = np.abs(blocks).max(axis=2, keepdims=True)
+        m[m < TINY] = 0
+        inverse = np.divide(LEVELS, m, out=np.zeros_like(m), where=m > 0)
+        return (np.rint(blocks * inverse) * (m / LEVELS).astype(np.float64)).reshape(a.shape)
+    return rounded(x) @ rounded(w).T

@@ -1,0 +1,92 @@
+"""The prefill product on integer dot products (kernels/intgemm.py) and the intrinsics it adds to
+kernels/simd.py, against float64 references: every stored format the engine multiplies (bf16, fp16, FP8
+blocks, every GGML type), partial panels and token tiles, a strided output; and the bound that rounding
+both operands to int16 per block of 32 keeps to against the exact product."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_kernels_ggml import random_blocks
+
+from minqwen.kernels import isa
+from minqwen.kernels.dtypes import BF16, FP16, from_float32, to_float32
+from minqwen.kernels.fp8 import Fp8Matrix, dequantize_fp8
+from minqwen.kernels.ggml import GGML_BLOCKS, dequantize_ggml
+from minqwen.kernels.jit import jit
+from minqwen.kernels.simd import abs_max, load, round16, splat32, store
+
+pytestmark = pytest.mark.skipif(isa.ISA == "generic", reason="the CPU has no AVX2: this kernel is never used")
+if isa.ISA != "generic":
+    from minqwen.kernels.intgemm import LANES, LEVELS, PAIRS, TINY, matmul_int16, matmul_int16_reference
+
+seeds = st.integers(0, 2**32 - 1)
+FORMATS = ["bf16", "fp16", "fp8"] + sorted(GGML_BLOCKS)
+
+
+def random_matrix(rng, fmt, N, K):  # -> (the stored matrix, W as float32)
+    if fmt in ("bf16", "fp16"):
+        w = from_float32(rng.standard_normal((N, K)).astype(np.float32), BF16 if fmt == "bf16" else FP16)
+        return w, to_float32(w)
+    if fmt == "fp8":
+        w = Fp8Matrix(rng.integers(0, 256, (N, K), dtype=np.uint8) & 0xF7,  # no NaN (0x7f / 0xff)
+                      rng.uniform(1e-3, 1.0, (-(-N // 128), -(-K // 128))).astype(np.float32), 128)
+        return w, dequantize_fp8(w)
+    w = random_blocks(rng, N, K, fmt)
+    return w, dequantize_ggml(w)
+
+
+@settings(deadline=None, max_examples=60)
+@given(seed=seeds, fmt=st.sampled_from(FORMATS), T=st.sampled_from([1, 5, 6, 7, 13, 130]),
+       N=st.sampled_from([1, 15, 16, 17, 40]), blocks=st.sampled_from([1, 2, 3, 7]), strided=st.booleans())
+def test_matmul_int16_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, strided):
+    """To float rounding against the product of x and W rounded to int16 per block (matmul_int16_reference);
+    against the exact x W^T within what the rounding moves: each operand by half a step of its block."""
+    rng = np.random.default_rng(seed)
+    K = blocks * (GGML_BLOCKS[fmt][0] if fmt in GGML_BLOCKS else 32)
+    w, dense = random_matrix(rng, fmt, N, K)
+    x = (rng.standard_normal((T, K)) * rng.choice([1e-3, 1.0, 50.0])).astype(np.float32)
+    x[:, rng.random(K) < 0.1] = 0  # a block may be all zero
+    wide = np.full((T, N + 5), np.nan, np.float32)
+    out = wide[:, 2:N + 2] if strided else wide[:, :N]
+    matmul_int16(out, x, w)
+    x64, w64 = x.astype(np.float64), dense.astype(np.float64)
+    terms = np.abs(x64) @ np.abs(w64).T
+    diff = np.abs(out - matmul_int16_reference(x, dense))
+    assert diff.max() <= 1e-5 * terms.max(), f"{fmt}: max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
+
+    def half_step(a):  # half the rounding step of each element's block (all of it, where it rounds to 0)
+        m = np.abs(a).reshape(a.shape[0], -1, 32).max(axis=2)
+        return np.repeat(np.where(m < TINY, m, m / (2 * LEVELS)), 32, axis=1)
+    x_moves, w_moves = half_step(x64), half_step(w64)
+    bound = x_moves @ np.abs(w64).T + np.abs(x64) @ w_moves.T + x_moves @ w_moves.T
+    assert np.all(np.abs(out - x64 @ w64.T) <= bound + 1e-5 * terms.max()), fmt
+    untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
+    assert np.isnan(untouched).all()  # nothing else written
+
+
+@jit
+def intrinsic_ops(values, pairs, out16):  # round16 and abs_max of a vector of values; splat32 of pairs[2:4]
+    v = load(values, 0, LANES)
+    store(out16, 0, round16(v))
+    store(out16, LANES, splat32(pairs, 2, PAIRS))
+    return abs_max(v)
+
+
+@settings(deadline=None, max_examples=30)
+@given(seed=seeds)
+def test_round16_abs_max_and_splat32(seed):
+    """round16 rounds to the nearest integer with ties to even (np.rint), abs_max is max|v|, splat32 repeats
+    one int16 pair in every 32-bit lane."""
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_normal(LANES) * 1000).astype(np.float32)
+    values[: LANES // 4] = rng.integers(-100, 100, LANES // 4) + 0.5  # ties
+    pairs = rng.integers(-32768, 32768, 4).astype(np.int16)
+    out16 = np.zeros(3 * LANES, np.int16)
+    assert intrinsic_ops(values, pairs, out16) == np.abs(values).max()
+    np.testing.assert_array_equal(out16[:LANES], np.rint(values).astype(np.int16))
+    np.testing.assert_array_equal(out16[LANES:3 * LANES], np.tile(pairs[2:4], LANES))
+
+
+def test_levels_keep_a_blocks_products_in_int32():
+    """32 products of two extreme levels, the most a block's dot product sums in one int32 lane."""
+    assert 32 * int(LEVELS) ** 2 < 2**31
