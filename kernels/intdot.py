@@ -71,7 +71,7 @@ from .ggml import (
 )
 from .jit import jit, pjit
 from .simd import (
-    bit_bytes,
+    bit_words,
     bytes_of,
     bytes_to_float,
     dot_s16,
@@ -79,7 +79,6 @@ from .simd import (
     fma,
     fp16_splat,
     fzeros,
-    halves16,
     hsum,
     izeros,
     join,
@@ -88,7 +87,6 @@ from .simd import (
     lookup16,
     prefetch,
     quads,
-    splat,
     splat_at,
     to_float,
     u32_at,
@@ -104,7 +102,7 @@ PREFETCH_BYTES = 2048
 # xd = m / 32767 and 1 / xd as fastmath computes them (m times the constant 1 / 32767, 32767 / m), written so
 # that the reference does the same float32 steps and x / xd rounds there as here (ties included)
 INT16_MAX, INT16_STEP = np.float32(32767.0), np.float32(1.0 / 32767.0)
-EIGHTH = np.float32(0.125)  # a scalar term added to all 8 lanes of an accumulator, 1/8 in each
+EIGHTH = np.float32(0.125)
 # Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
 # j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
 LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
@@ -178,26 +176,27 @@ def _levels(row, o, t):  # the 32 levels of the block at row[o:] (a 32-weight ty
         return low - 8, high - 8
     if t == Q4_1:  # d, m, qs[16]
         return low, high
-    fifth_low, fifth_high = halves16(bit_bytes(row, o + (2 if t == Q5_0 else 4), 16), False)  # qh[4]
+    fifth = o + (2 if t == Q5_0 else 4)  # qh[4]
+    fifth_low, fifth_high = bit_words(row, fifth, 16), bit_words(row, fifth + 2, 16)
     if t == Q5_0:  # d, qh[4], qs[16]
         return (low + fifth_low) - 16, (high + fifth_high) - 16
     return low + fifth_low, high + fifth_high  # Q5_1: d, m, qh[4], qs[16]
 
 
 @jit
-def _block(acc, mins, row, t, b, xq, xd, xsum, offset):  # (acc, mins) + block b's product (lane-spread)
+def _block(acc, mins, row, t, b, xq, xd, eighths, offset):  # (acc, mins) + block b's product (lane-spread)
     o = BLOCK_BYTES[t] * b
     scale = fp16_splat(row, o, 8) * splat_at(xd, b, 8)  # d xd
     low, high = _levels(row, o, t)
     product = _iq4_dot(low, high, xq, 32 * b, offset) if t == IQ4_NL else _dot(low, high, xq, 32 * b)
     acc = fma(to_float(product), scale, acc)
     if t == Q4_1 or t == Q5_1:
-        mins = fma(fp16_splat(row, o + 2, 8), splat(xsum[b] * EIGHTH, 8), mins)
+        mins = fma(fp16_splat(row, o + 2, 8), splat_at(eighths, b, 8), mins)
     return acc, mins
 
 
 @pjit
-def _matmul_blocks(out, data, t, xq, xd, xsum, offset):  # t: a 32-weight block type; a row of xq.. a token
+def _matmul_blocks(out, data, t, xq, xd, eighths, offset):  # t: a 32-weight type; eighths: xsum / 8
     """out[i, n] = sum_b d_b xd_ib (q_b . xq_ib)  [+ m_b xsum_ib]     (b over blocks of 32)"""
     nb = xd.shape[1]
     for n in prange(data.shape[0]):
@@ -207,11 +206,11 @@ def _matmul_blocks(out, data, t, xq, xd, xsum, offset):  # t: a 32-weight block 
             b = 0
             while b + 2 <= nb:
                 prefetch(row, BLOCK_BYTES[t] * b + PREFETCH_BYTES)
-                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i], offset[i])
-                a1, m1 = _block(a1, m1, row, t, b + 1, xq[i], xd[i], xsum[i], offset[i])
+                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], eighths[i], offset[i])
+                a1, m1 = _block(a1, m1, row, t, b + 1, xq[i], xd[i], eighths[i], offset[i])
                 b += 2
             if b < nb:
-                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], xsum[i], offset[i])
+                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], eighths[i], offset[i])
             out[i, n] = hsum((a0 + a1) + (m0 + m1))
 
 
@@ -326,22 +325,23 @@ def matmul_integer(out, data, ggml_type, x):
             for s in range(K // 256):
                 xq[i, 256 * s:256 * s + 256] = xq[i, 256 * s + Q6_K_ORDER]
             _offsets(offset[i], xq[i], WORDS, 32)
+    eighths = xsum * EIGHTH  # a block's minimum term goes to all 8 lanes of an accumulator, 1/8 in each
     if t == Q8_0:
-        _matmul_blocks(out, data, Q8_0, xq, xd, xsum, offset)
+        _matmul_blocks(out, data, Q8_0, xq, xd, eighths, offset)
     elif t == Q4_0:
-        _matmul_blocks(out, data, Q4_0, xq, xd, xsum, offset)
+        _matmul_blocks(out, data, Q4_0, xq, xd, eighths, offset)
     elif t == Q4_1:
-        _matmul_blocks(out, data, Q4_1, xq, xd, xsum, offset)
+        _matmul_blocks(out, data, Q4_1, xq, xd, eighths, offset)
     elif t == Q5_0:
-        _matmul_blocks(out, data, Q5_0, xq, xd, xsum, offset)
+        _matmul_blocks(out, data, Q5_0, xq, xd, eighths, offset)
     elif t == Q5_1:
-        _matmul_blocks(out, data, Q5_1, xq, xd, xsum, offset)
+        _matmul_blocks(out, data, Q5_1, xq, xd, eighths, offset)
     elif t == Q4_K:
         _matmul_k(out, data, Q4_K, xq, xd, xsum)
     elif t == Q5_K:
         _matmul_k(out, data, Q5_K, xq, xd, xsum)
     elif t == IQ4_NL:
-        _matmul_blocks(out, data, IQ4_NL, xq, xd, xsum, offset)
+        _matmul_blocks(out, data, IQ4_NL, xq, xd, eighths, offset)
     elif t == IQ4_XS:
         _matmul_iq4_xs(out, data, xq, xd, offset)
     else:

@@ -28,7 +28,7 @@ and how (`lanes` = elements of the result):
     words(arr, off, stride, n)  n 16-bit lanes of the bytes at arr[off:], for n = 32 the second 16 from
                              arr[off + stride:]
     nibbles(arr, off, n)     n 4-bit values from n/2 bytes: low nibbles, then high nibbles (GGML order)
-    bit_bytes(arr, off, value)  the 32 bits of the uint32 at bytes arr[off : off + 4] as 32 byte lanes:
+    bit_words(arr, off, value)  the 16 bits of the uint16 at bytes arr[off : off + 2] as 16 int16 lanes:
                              `value` where the bit is set, 0 elsewhere (bit i -> lane i)
     field(v, shift, mask)    (v >> shift) & mask, per byte or 16-bit lane: nibbles and 2-bit fields
     widen16(arr, off, signed)  the 16 bytes at arr[off] as 16-bit lanes (one vpmovzxbw / vpmovsxbw)
@@ -296,18 +296,17 @@ def nibbles(typingctx, arr, off, n):
 
 
 @intrinsic
-def bit_bytes(typingctx, arr, off, value):
+def bit_words(typingctx, arr, off, value):
     if not isinstance(value, types.IntegerLiteral):
         return None
-    v = _vector_for(256, "i8", 32)
+    v = _vector_for(256, "i16", 16)
 
     def codegen(context, builder, sig, args):
-        word = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
-                                     ir.VectorType(ir.IntType(8), 4)), align=1)
-        spread = builder.shuffle_vector(word, word, ir.Constant(ir.VectorType(ir.IntType(32), 32),
-                                                                [i // 8 for i in range(32)]))
-        bit = ir.Constant(v.llvm, [ir.Constant(ir.IntType(8), 1 << (i % 8)) for i in range(32)])
-        is_set = builder.icmp_unsigned("!=", builder.and_(spread, bit), ir.Constant(v.llvm, None))
+        bits = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
+                                     ir.IntType(16)), align=1)
+        bit = ir.Constant(v.llvm, [ir.Constant(ir.IntType(16), 1 << i) for i in range(16)])
+        is_set = builder.icmp_unsigned("!=", builder.and_(_broadcast(builder, bits, v.llvm), bit),
+                                       ir.Constant(v.llvm, None))
         return builder.select(is_set, _constant(v.llvm, value.literal_value), ir.Constant(v.llvm, None))
     return v(arr, off, value), codegen
 

@@ -20,7 +20,7 @@ from minqwen.kernels import isa
 from minqwen.kernels.ggml import GGML_BLOCKS
 from minqwen.kernels.jit import jit
 from minqwen.kernels.simd import (
-    bit_bytes,
+    bit_words,
     bytes_of,
     bytes_to_float,
     dot_s16,
@@ -155,7 +155,7 @@ def byte_ops(packed, floats, signed_bytes, pairs, j):  # the unpacking intrinsic
     store(floats, 24, quads(unsigned, j // 2))
     store(pairs, 0, words(packed, 0, 64, 16))
     store(signed_bytes, 0, nibbles(packed, 0, 32) - 8)
-    store(signed_bytes, 32, bit_bytes(packed, 5, 16))
+    store(pairs, 16, bit_words(packed, 5, 16))
     return u32_at(packed, 5)
 
 
@@ -163,18 +163,18 @@ def byte_ops(packed, floats, signed_bytes, pairs, j):  # the unpacking intrinsic
 def test_unpacking_intrinsics(seed, j):
     packed = np.random.default_rng(seed).integers(0, 256, 32, dtype=np.uint8)
     packed[3:5] = np.array([0.75], np.float16).view(np.uint8)  # a finite fp16 for fp16_splat
-    floats, signed_bytes = np.full(32, np.nan, np.float32), np.zeros(64, np.int8)
-    pairs = np.zeros(16, np.int16)
+    floats, signed_bytes = np.full(32, np.nan, np.float32), np.zeros(32, np.int8)
+    pairs = np.zeros(32, np.int16)
     word = byte_ops(packed, floats, signed_bytes, pairs, j)
     assert word == packed[5:9].view(np.uint32)[0]
     assert np.array_equal(floats[:8], packed[:8])
     assert np.array_equal(floats[8:16], packed[:8].view(np.int8) * np.float32(0.75))
     assert np.all(floats[16:24] == packed[j])
     assert np.array_equal(floats[24:32], packed[j // 2 + np.arange(8) // 4])
-    assert np.array_equal(pairs, packed.view(np.int16))
+    assert np.array_equal(pairs[:16], packed.view(np.int16))
     assert np.array_equal(signed_bytes[:32], np.concatenate([packed[:16] & 15, packed[:16] >> 4]) - 8.0)
-    bits = np.unpackbits(packed[5:9], bitorder="little")  # bit i of the little-endian word
-    assert np.array_equal(signed_bytes[32:], 16 * bits)
+    bits = np.unpackbits(packed[5:7], bitorder="little")  # bit i of the little-endian uint16
+    assert np.array_equal(pairs[16:], 16 * bits)
 
 
 PROBE = """
