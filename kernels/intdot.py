@@ -225,7 +225,8 @@ def _matmul_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]
             a0, a1, mins = fzeros(8), fzeros(8), fzeros(8)
             for s in range(xd.shape[1] // 8):
                 o = size * s
-                prefetch(row, o + PREFETCH_BYTES)
+                for line in range(0, size, 64):
+                    prefetch(row, o + line + PREFETCH_BYTES)
                 w0, w1, w2 = u32_at(row, o + 4), u32_at(row, o + 8), u32_at(row, o + 12)
                 scales = bytes_to_float(bytes_of(w0 & LOW6, (w2 & LOW4) | ((w0 >> 2) & TOP2)), False)
                 ms = bytes_to_float(bytes_of(w1 & LOW6, ((w2 >> 4) & LOW4) | ((w1 >> 2) & TOP2)), False)
@@ -289,7 +290,8 @@ def _matmul_iq4_xs(out, data, xq, xd, offset):  # IQ4_XS: d, scales_h (u16), sca
             a0, a1 = fzeros(8), fzeros(8)
             for s in range(xd.shape[1] // 8):
                 o = size * s
-                prefetch(row, o + PREFETCH_BYTES)
+                for line in range(0, size, 64):
+                    prefetch(row, o + line + PREFETCH_BYTES)
                 # sc_j - 32 as 8 signed bytes: low 4 bits nibble j of scales_l, high 2 bits 2j of scales_h
                 high, low = np.int64(row[o + 2]) | np.int64(row[o + 3]) << 8, np.int64(u32_at(row, o + 4))
                 w0, w1 = np.int64(0), np.int64(0)

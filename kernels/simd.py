@@ -27,7 +27,6 @@ and how (`lanes` = elements of the result):
                              half's own lanes (one vpermps each)
     words(arr, off, stride, n)  n 16-bit lanes of the bytes at arr[off:], for n = 32 the second 16 from
                              arr[off + stride:]
-    nibbles(arr, off, n)     n 4-bit values from n/2 bytes: low nibbles, then high nibbles (GGML order)
     bit_words(arr, off, value)  the 16 bits of the uint16 at bytes arr[off : off + 2] as 16 int16 lanes:
                              `value` where the bit is set, 0 elsewhere (bit i -> lane i)
     field(v, shift, mask)    (v >> shift) & mask, per byte or 16-bit lane: nibbles and 2-bit fields
@@ -38,7 +37,6 @@ and how (`lanes` = elements of the result):
                              of a byte vector, and its entry 0 must be 0: a lane's high byte, 0, looks it up
     dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
                              vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
-    halves16(v, signed)      a 32-byte vector's two halves widened to 16-bit lanes (vpmovzxbw / vpmovsxbw)
     round16(v)               float32 lanes -> the nearest integers (ties to even) as int16 lanes
     to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes,
                              a * b multiplies float lanes, v - c subtracts a constant from integer lanes
@@ -280,22 +278,6 @@ fzeros, izeros = _zeros("f32"), _zeros("i32")
 
 
 @intrinsic
-def nibbles(typingctx, arr, off, n):
-    v = _vector_for(8 * _lanes(n), "i8", _lanes(n))
-
-    def codegen(context, builder, sig, args):
-        half = ir.VectorType(ir.IntType(8), v.lanes // 2)
-        packed = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1], half),
-                              align=1)
-        both = builder.shuffle_vector(packed, packed, ir.Constant(ir.VectorType(ir.IntType(32), v.lanes),
-                                                                  list(range(v.lanes // 2)) * 2))
-        shift = ir.Constant(v.llvm, [ir.Constant(ir.IntType(8), 0 if i < v.lanes // 2 else 4)
-                                     for i in range(v.lanes)])
-        return builder.and_(builder.lshr(both, shift), _constant(v.llvm, 15))
-    return v(arr, off, n), codegen
-
-
-@intrinsic
 def bit_words(typingctx, arr, off, value):
     if not isinstance(value, types.IntegerLiteral):
         return None
@@ -373,24 +355,6 @@ def widen16(typingctx, arr, off, signed):
                                        ir.VectorType(ir.IntType(8), 16)), align=1)
         return (builder.sext if signed.literal_value else builder.zext)(packed, v.llvm)
     return v(arr, off, signed), codegen
-
-
-@intrinsic
-def halves16(typingctx, v, signed):
-    """the two halves of a 32-lane byte vector as 16-bit lanes: zero- or sign-extended (vpmovzxbw / sxbw)"""
-    if not (isinstance(v, Vector) and v.kind == "i8" and isinstance(signed, types.BooleanLiteral)):
-        return None
-    half = Vector("i16", v.lanes // 2)
-    pair = types.UniTuple(half, 2)
-
-    def codegen(context, builder, sig, args):
-        extend = builder.sext if signed.literal_value else builder.zext
-        n = v.lanes // 2
-        picks = [ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(start, start + n)))
-                 for start in (0, n)]
-        parts = [extend(builder.shuffle_vector(args[0], args[0], pick), half.llvm) for pick in picks]
-        return context.make_tuple(builder, pair, parts)
-    return pair(v, signed), codegen
 
 
 @intrinsic

@@ -26,17 +26,16 @@ from minqwen.kernels.simd import (
     dot_s16,
     field,
     fp16_splat,
-    halves16,
     hsum,
     izeros,
     join,
     lane,
     load,
-    nibbles,
     quads,
     store,
     to_float,
     u32_at,
+    widen16,
     words,
 )
 
@@ -125,12 +124,12 @@ def test_matmul_integer_is_the_product_with_int16_activations(seed, T, N, blocks
 
 @jit
 def lane_ops(a, b, packed):  # every vector intrinsic once, reduced to scalars
-    low, high = halves16(load(a, 0, 32), True)
+    low, high = widen16(a, 0, True), widen16(a, 16, True)
     signed = hsum(to_float(dot_s16(dot_s16(izeros(8), low, load(b, 0, 16)), high, load(b, 16, 16))))
-    low, high = halves16(nibbles(packed, 0, 32), False)
+    w = words(packed, 0, 16, 16)
+    low, high = field(w, 0, 15), field(w, 12, 15)
     four_bit = hsum(to_float(dot_s16(dot_s16(izeros(8), low, load(b, 0, 16)), high, load(b, 16, 16))))
-    low, high = halves16(join(field(load(packed, 0, 32), 4, 15), field(load(packed, 0, 32), 0, 3), 4), False)
-    six_bit = hsum(to_float(dot_s16(dot_s16(izeros(8), low, load(b, 0, 16)), high, load(b, 16, 16))))
+    six_bit = hsum(to_float(dot_s16(izeros(8), join(field(w, 4, 15), field(w, 8, 3), 4), load(b, 0, 16))))
     return signed, four_bit, six_bit
 
 
@@ -142,8 +141,9 @@ def test_vector_intrinsics():
     signed, four_bit, six_bit = lane_ops(a, b, packed)
     wide = b.astype(np.int64)
     assert signed == a.astype(np.int64) @ wide
-    assert four_bit == np.concatenate([packed[:16] & 15, packed[:16] >> 4]).astype(np.int64) @ wide
-    assert six_bit == ((packed >> 4) | ((packed & 3) << 4)).astype(np.int64) @ wide
+    pairs = packed.view(np.uint16).astype(np.int64)  # the 16-bit words of the packed bytes
+    assert four_bit == (pairs & 15) @ wide[:16] + (pairs >> 12) @ wide[16:]
+    assert six_bit == ((pairs >> 4) & 15 | ((pairs >> 8) & 3) << 4) @ wide[:16]
 
 
 @jit
@@ -154,7 +154,7 @@ def byte_ops(packed, floats, signed_bytes, pairs, j):  # the unpacking intrinsic
     store(floats, 16, lane(unsigned, j))
     store(floats, 24, quads(unsigned, j // 2))
     store(pairs, 0, words(packed, 0, 64, 16))
-    store(signed_bytes, 0, nibbles(packed, 0, 32) - 8)
+    store(signed_bytes, 0, field(load(packed, 0, 32), 4, 15) - 8)
     store(pairs, 16, bit_words(packed, 5, 16))
     return u32_at(packed, 5)
 
@@ -172,7 +172,7 @@ def test_unpacking_intrinsics(seed, j):
     assert np.all(floats[16:24] == packed[j])
     assert np.array_equal(floats[24:32], packed[j // 2 + np.arange(8) // 4])
     assert np.array_equal(pairs[:16], packed.view(np.int16))
-    assert np.array_equal(signed_bytes[:32], np.concatenate([packed[:16] & 15, packed[:16] >> 4]) - 8.0)
+    assert np.array_equal(signed_bytes, (packed >> 4) - 8.0)
     bits = np.unpackbits(packed[5:7], bitorder="little")  # bit i of the little-endian uint16
     assert np.array_equal(pairs[16:], 16 * bits)
 
