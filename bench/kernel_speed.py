@@ -1,8 +1,8 @@
 """Kernel bench: how close each weight-streaming kernel gets to this machine's memory bandwidth.
 
     python bench/kernel_speed.py [--gib 1] [--repeats 7] [--quick] [--threads N]
-                            [--kinds fp32,bf16,fp16,fp8,int8,int4,q8_0,q4_0,q4_1,q5_0,q4_k,q5_k,q6_k,
-                                     iq4_nl,iq4_xs]
+                            [--kinds fp32,bf16,fp16,fp8,int8,int4,q8_0,q4_0,q4_1,q5_0,q5_1,q4_k,q5_k,
+                                     q6_k,iq4_nl,iq4_xs]
 
 Decoding one token streams every weight from DRAM once, so the decode kernels (matvec) are judged
 in GB/s of weights read, next to the read bandwidth of the machine measured the same way (a Numba
@@ -91,12 +91,12 @@ SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: 
 FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up, down; a dense gate
 FEW_TOKENS = [2, 4, 8, 16, 24, 32]
 K_QUANT_SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (151936, 1024)]  # Qwen3-0.6B: rows of 256s
-GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q4_k": 12, "q5_k": 13, "q6_k": 14,  # kind: type id
-        "iq4_nl": 20, "iq4_xs": 23}
+GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13,  # kind: type id
+        "q6_k": 14, "iq4_nl": 20, "iq4_xs": 23}
 # --quantize int8 / int4: GGML's Q8_0 / Q4_1, written by minqwen's quantisers
 MINQWEN_FORMATS = {"int8": 8, "int4": 3}
-GGML_FP16_AT = {8: [0], 2: [0], 3: [0, 2], 6: [0], 12: [0, 2], 13: [0, 2], 14: [208],  # scale offsets
-                20: [0], 23: [0]}
+GGML_FP16_AT = {8: [0], 2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 12: [0, 2], 13: [0, 2],  # scale offsets
+                14: [208], 20: [0], 23: [0]}
 GIB = 1 << 30
 
 
