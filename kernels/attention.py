@@ -1,13 +1,13 @@
 """Causal grouped-query attention over a KV cache, with an optional sliding window.
 
 Two forms of the same computation:
-- `attention_decode` (one token: the decoder calls it for each sequence that adds a single token; the
-  kernel accepts any T, which the tests use): each (query head, token) pair computes its row of
-  scores, its softmax and the weighted sum of values in three passes over the keys. One row of
-  scores per pair is stored (T x Hq x L floats); in return the exponentials are one vectorised loop
-  (kernels/exp.py's expf) instead of one libm call per key inside a loop that carries a running maximum
-  (the "online softmax" of FlashAttention): measured 1.2-1.7x faster on Qwen2.5/Qwen3 shapes.
-- `attention_prefill` (many tokens): for a block of queries, S = Q K^T and O = softmax(S) V as matrix
+- `attention_decode` (one token, or a short prompt's few: the decoder's FEW_QUERY_KEYS): each (query
+  head, token) pair computes its row of scores, its softmax and the weighted sum of values in three
+  passes over the keys. One row of scores per pair is stored (T x Hq x L floats); in return the
+  exponentials are one vectorised loop (kernels/exp.py's expf) instead of one libm call per key inside a
+  loop that carries a running maximum (the "online softmax" of FlashAttention): measured 1.2-1.7x faster
+  on Qwen2.5/Qwen3 shapes.
+- `attention_prefill` (more tokens): for a block of queries, S = Q K^T and O = softmax(S) V as matrix
   products through BLAS — ~10x the flop rate of scalar loops. Scores exist for one block of queries
   at a time, so memory still grows linearly with the sequence length.
 """
