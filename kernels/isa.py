@@ -53,6 +53,16 @@ def choose(requested: str | None, features: set[str]) -> str:
 FEATURES = target_features()  # Numba fixes its target when it starts: read once
 ISA = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
 
+# Prefill (several tokens) on int16 dot products (kernels/intgemm.py) is opt-in: MINQWEN_PREFILL=int16.
+# Rounding x and W to int16 per block of 32 moved the logits of the tests' random-weight hybrids by up to
+# 3.6e-2 (a Qwen3.5-MoE Q8_0 GGUF, against the 2e-3 the GGUF tests hold prefill to; x alone at decode's
+# int16: 5.6e-3) and 1.3e-2 (bf16 Qwen3-Next, against transformers' 5e-3), so float arithmetic (tiles
+# through BLAS) stays the default. docs/performance.md measures both.
+PREFILL = os.environ.get("MINQWEN_PREFILL") or "float"
+if PREFILL not in ("float", "int16") or (PREFILL == "int16" and ISA == "generic"):
+    raise InstructionPathError(f"MINQWEN_PREFILL={PREFILL!r} is not a prefill this CPU runs "
+                               f"({'float' if ISA == 'generic' else 'float, int16'})")
+
 # The widths (bits) of the vectors whose integer dot products (simd.dot_s16) are one vpdpwssd: AVX512-VNNI's
 # on the avx512 path; on the avx2 path AVX-VNNI's (256 bits only), which Intel's CPUs since Alder Lake have
 # without AVX-512. Elsewhere a dot product is vpmaddwd + vpaddd (which LLVM itself fuses into vpdpwssd if

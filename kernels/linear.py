@@ -1,12 +1,12 @@
 """out = x W^T for a weight matrix in any stored format: the one place that picks the product kernel.
 
     stored format        1 token                2 .. FEW_TOKENS      more tokens
-    bf16 / fp16          matvec                 matmul_few           intgemm.matmul_int16 (avx2 and up)
-    fp8 (Fp8Matrix)      matvec_fp8             matmul_int16         matmul_int16
-    GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_int16
-                         (intdot.py, the types in its INTEGER_TYPES; else matvec_ggml, float)
-    without AVX2 (the generic path), or K not a multiple of 32: matmul, matmul_fp8, matmul_ggml
-    (tiles widened or dequantised for BLAS); fp32 always goes to BLAS
+    bf16 / fp16 / fp32   matvec                 matmul_few           matmul (tiles widened for BLAS)
+    fp8 (Fp8Matrix)      matvec_fp8             matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
+    GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_ggml (tiles dequantised for BLAS)
+                         (intdot.py, avx2 and up, the types in its INTEGER_TYPES; else matvec_ggml, float)
+    With MINQWEN_PREFILL=int16 (isa.py; avx2 and up, K a multiple of 32) every product that would take
+    tiles through BLAS takes intgemm.matmul_int16 (int16 x int16 dot products) instead.
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart inside compiled kernels: one row of W times x, for the
@@ -41,7 +41,7 @@ def linear(out, x, w):
     # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Fp8Matrix or GgmlMatrix
     """out = x @ w.T  (no bias: the caller adds it)"""
     T, K = x.shape
-    integer_gemm = T > 1 and isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32
+    integer_gemm = T > 1 and isa.PREFILL == "int16" and K % 32 == 0 and getattr(w, "dtype", None) != FP32
     if isinstance(w, Fp8Matrix):
         if T == 1:
             matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows)
@@ -58,10 +58,8 @@ def linear(out, x, w):
         matvec(out[0], w, x[0])
     elif T <= FEW_TOKENS:
         matmul_few(out, x, w)
-    elif integer_gemm:
-        matmul_int16(out, np.ascontiguousarray(x), w)
     else:
-        matmul(out, x, w)
+        matmul_int16(out, np.ascontiguousarray(x), w) if integer_gemm else matmul(out, x, w)
 
 
 def row_dot(w, r, x):
