@@ -1,7 +1,7 @@
 """Causal grouped-query attention over a KV cache, with an optional sliding window.
 
 Two forms of the same computation:
-- `attention_decode` (one token, or a short prompt's few: the decoder's FEW_QUERY_KEYS): each (query
+- `attention_decode` (one token, or a short prompt's few: the decoder's FEW_SCORES): each (query
   head, token) pair computes its row of scores, its softmax and the weighted sum of values in three
   passes over the keys. One row of scores per pair is stored (T x Hq x L floats); in return the
   exponentials are one vectorised loop (kernels/exp.py's expf) instead of one libm call per key inside a
@@ -34,8 +34,7 @@ def attention_decode(out, q, k_cache, v_cache, start, window, scale):
     scores = np.empty((Hq * T, start + T), np.float32)
     # One flat loop over (head, token) pairs: decoding (T = 1) splits over heads.
     for ht in prange(Hq * T):
-        h = ht // T
-        t = ht % T
+        h, t = ht // T, ht % T
         g = h // group
         p = start + t
         lo = max(0, p - window + 1) if window > 0 else 0

@@ -23,8 +23,7 @@ def apply_rope(x, cos, sin):  # x: [T, H, hd] float32, in place; cos, sin: [T, R
     half = cos.shape[1]
     # One flat loop over (token, head) so decoding one token still splits its heads over threads.
     for th in prange(T * H):
-        t = th // H
-        h = th % H
+        t, h = th // H, th % H
         for i in range(half):
             a = x[t, h, i]
             b = x[t, h, i + half]

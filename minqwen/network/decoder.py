@@ -77,7 +77,7 @@ from .weights import AttentionWeights, DeltaNetWeights, MLPWeights, MoEWeights, 
 
 PREFILL_CHUNK = 512  # tokens a forward pass takes at most: bounds activation memory; bigger chunks widen bf16
 # weights for BLAS fewer times
-FEW_QUERY_KEYS = 4096  # (query, key) pairs per head up to which attention_decode beats attention_prefill
+FEW_SCORES = 4096  # query-key pairs a head up to which compiled loops beat BLAS (~15 NumPy calls a kv head)
 KV_CACHE_DTYPES = {"fp32": FP32, "fp16": FP16}
 FP16_MAX = 65504.0  # the largest finite fp16
 L2NORM_EPS = 1e-6  # Gated DeltaNet's q/k normalisation, as transformers' l2norm
@@ -294,10 +294,8 @@ class Decoder:
         apply_rope(k3, cos, sin)
         for s in segments:
             s.cache.store(i, s.start, k3[s.rows], v3[s.rows])
-            # A few queries (decoding: one) stream their keys and values in compiled loops; a longer block
-            # goes through BLAS, whose ~15 NumPy calls per kv head a short prompt does not repay.
-            few = s.n == 1 or s.n * (s.start + s.n) <= FEW_QUERY_KEYS
-            kernel = attention_decode if few else attention_prefill
+            # Few scores (decoding: one query) stream keys and values in compiled loops, more go through BLAS.
+            kernel = attention_decode if s.n < 2 or s.n * (s.start + s.n) <= FEW_SCORES else attention_prefill
             kernel(attn3[s.rows], q3[s.rows], s.cache.k[i], s.cache.v[i], s.start, self.windows[i],
                    self.scale)
         if cfg.family.output_gate:  # attn * sigmoid(gate)
