@@ -57,16 +57,15 @@ from minqwen.kernels.linear import INTEGER_TYPES
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 
 if isa.ISA != "generic":
-    from minqwen.kernels.gemm import matmul_bf16
-    from minqwen.kernels.intdot import matvec_integer
-    from minqwen.kernels.simd import fma, fzeros, hsum, splat
+    from minqwen.kernels.gemm import LANES, PAIRS, matmul_panels
+    from minqwen.kernels.intdot import matmul_integer, matvec_integer
+    from minqwen.kernels.simd import dot_s16, fma, fzeros, hsum, izeros, load, splat, to_float
 
     @pjit
-    def fma_peak(out, steps):  # out: [threads] float32; 12 independent chains of 8-lane FMAs per thread
+    def fma_peak(out, steps):  # out: [threads] float32; 12 independent chains of FMAs per thread
         for t in prange(out.shape[0]):
-            a, b = splat(1.0 + t * 1e-9, 8), splat(0.9999999, 8)
-            c0, c1, c2, c3, c4, c5 = fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8)
-            c6, c7, c8, c9, c10, c11 = fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8), fzeros(8)
+            a, b = splat(1.0 + t * 1e-9, LANES), splat(0.9999999, LANES)
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = fzeros(LANES)
             for _ in range(steps):
                 c0, c1, c2, c3, c4, c5 = fma(a, b, c0), fma(a, b, c1), fma(a, b, c2), fma(a, b, c3), \
                     fma(a, b, c4), fma(a, b, c5)
@@ -75,21 +74,34 @@ if isa.ISA != "generic":
             out[t] = hsum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11)
 
 
-def peak_gflops(repeats):  # the float32 FMA peak of all threads (8-lane vectors), GFLOP/s
+    @pjit
+    def dot_peak(out, pairs, steps):  # 12 independent chains of int16 dot products (intgemm's vectors)
+        for t in prange(out.shape[0]):
+            a = load(pairs, 0, PAIRS)
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = izeros(LANES)
+            for _ in range(steps):
+                c0, c1, c2, c3, c4, c5 = dot_s16(c0, a, a), dot_s16(c1, a, a), dot_s16(c2, a, a), \
+                    dot_s16(c3, a, a), dot_s16(c4, a, a), dot_s16(c5, a, a)
+                c6, c7, c8, c9, c10, c11 = dot_s16(c6, a, a), dot_s16(c7, a, a), dot_s16(c8, a, a), \
+                    dot_s16(c9, a, a), dot_s16(c10, a, a), dot_s16(c11, a, a)
+            out[t] = hsum(to_float(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11))
+
+
+def peak_gflops(repeats, kernel, ops_per_step, *args):  # GFLOP/s (or integer GOP/s) of all threads
     if isa.ISA == "generic":
         return None
     out, steps = np.empty(numba.get_num_threads(), np.float32), 1 << 22
-    fma_peak(out, 1)
+    kernel(out, *args, 1)
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
-        fma_peak(out, steps)
-        best = max(best, out.shape[0] * steps * 12 * 8 * 2 / (time.perf_counter() - t) / 1e9)
+        kernel(out, *args, steps)
+        best = max(best, out.shape[0] * steps * ops_per_step / (time.perf_counter() - t) / 1e9)
     return best
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
-FEW_SHAPES = [(768, 2048), (2048, 768), (4864, 896)]  # a Qwen3-30B-A3B expert's gate/up, down; a dense gate
-FEW_TOKENS = [2, 4, 8, 16, 24, 32]
+FEW_SHAPES = [(768, 2048), (2048, 768), (3072, 1024)]  # Qwen3-30B-A3B expert gate/up, down; Qwen3-0.6B gate
+FEW_TOKENS = [2, 4, 8, 16, 24, 32, 48, 64]
 K_QUANT_SHAPES = [(1024, 1024), (3072, 1024), (1024, 3072), (151936, 1024)]  # Qwen3-0.6B: rows of 256s
 GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13,  # kind: type id
         "q6_k": 14, "iq4_nl": 20, "iq4_xs": 23}
@@ -154,15 +166,21 @@ def matvec_calls(kind) -> dict:
     return {"generic": lambda out, arrays, x: matvec(out, arrays[0], x)}
 
 
-def matmul_calls(kind) -> dict:
+def weight_matrix(kind, arrays, K):  # the arrays of stored_weights as linear() takes them
     if ggml_type(kind):
-        t = ggml_type(kind)
-        return {"generic": lambda out, x, arrays: matmul_ggml(out, x, GgmlMatrix(arrays[0], t, x.shape[1]))}
-    if kind == "fp8":
-        return {"generic": lambda out, x, arrays: matmul_fp8(out, x, Fp8Matrix(*arrays, 128))}
-    calls = {"generic": lambda out, x, arrays: matmul(out, x, arrays[0])}
-    if kind == "bf16" and isa.ISA != "generic":
-        calls[isa.ISA] = lambda out, x, arrays: matmul_bf16(out, x, arrays[0])
+        return GgmlMatrix(arrays[0], ggml_type(kind), K)
+    return Fp8Matrix(*arrays, 128) if kind == "fp8" else arrays[0]
+
+
+def matmul_calls(kind) -> dict:
+    """{path: call(out, x, arrays)}: the generic kernel (tiles for BLAS) and the micro-kernels of gemm.py,
+    float32 and int16 (MINQWEN_PREFILL=int16)"""
+    generic = matmul_ggml if ggml_type(kind) else matmul_fp8 if kind == "fp8" else matmul
+    calls = {"generic": lambda out, x, arrays: generic(out, x, weight_matrix(kind, arrays, x.shape[1]))}
+    if isa.ISA != "generic" and kind != "fp32":
+        for integer in (False, True):
+            calls[isa.ISA + ("-int16" if integer else "")] = lambda out, x, arrays, integer=integer: \
+                matmul_panels(out, x, weight_matrix(kind, arrays, x.shape[1]), integer)
     return calls
 
 
@@ -212,22 +230,35 @@ def bench_matmul(kind, path, call, N, K, T, repeats, rng):
             "GFLOP_s": 2 * T * N * K / dt / 1e9, "GFLOP_s_best": 2 * T * N * K / min(ts) / 1e9}
 
 
-def bench_few(N, K, T, total_bytes, repeats, rng):
-    """A few tokens through bf16 weights read from DRAM (rotated copies): matmul_few, which streams W
-    once, against matmul, which widens W into float32 tiles for BLAS. Where they cross is FEW_TOKENS."""
-    copies = [stored_weights("bf16", N, K, rng)[0]]
-    copies += [copies[0].copy() for _ in range(max(2, -(-total_bytes // copies[0].nbytes)) - 1)]
+def few_calls(kind) -> dict:
+    """{name: call(out, x, w)}: the few-token kernel of kind (bf16: matmul_few, which streams W once; a
+    GGML type: matmul_integer) against the prefill ones (matmul_panels, float and int16, where the CPU has
+    them, else BLAS tiles). Where they cross is linear.py's FEW_TOKENS / INTEGER_TOKENS."""
+    few = {"matmul_few": matmul_few} if kind == "bf16" else {
+        "matmul_integer": lambda out, x, w: matmul_integer(out, w.data, w.ggml_type, x)}
+    if isa.ISA == "generic":
+        return {**few, "blas_tiles": matmul if kind == "bf16" else matmul_ggml}
+    return {**few, "panels": lambda out, x, w: matmul_panels(out, x, w, False),
+            "panels_int16": lambda out, x, w: matmul_panels(out, x, w, True)}
+
+
+def bench_few(kind, N, K, T, total_bytes, repeats, rng):
+    """A few tokens through weights read from DRAM (rotated copies), each kernel of few_calls(kind)"""
+    one = stored_weights(kind, N, K, rng)
+    count = max(2, -(-total_bytes // one[0].nbytes))
+    copies = [one] + [tuple(a.copy() for a in one) for _ in range(count - 1)]
+    matrices = [weight_matrix(kind, arrays, K) for arrays in copies]
     x = rng.standard_normal((T, K)).astype(np.float32)
     out = np.empty((T, N), np.float32)
-    row = {"kernel": "few_bf16", "shape": [N, K], "T": T}
-    for name, kernel in (("matmul_few", matmul_few), ("matmul", matmul)):
-        kernel(out, x, copies[0])  # compile
+    row = {"kernel": f"few_{kind}", "shape": [N, K], "T": T}
+    for name, kernel in few_calls(kind).items():
+        kernel(out, x, matrices[0])  # compile
         sweeps = []
         for _ in range(repeats):
             t = time.perf_counter()
-            for w in copies:
+            for w in matrices:
                 kernel(out, x, w)
-            sweeps.append((time.perf_counter() - t) / len(copies))
+            sweeps.append((time.perf_counter() - t) / len(matrices))
         row[f"{name}_us"] = float(np.median(sweeps)) * 1e6
     return row
 
@@ -279,11 +310,15 @@ def main(argv=None):
           f"{bandwidth['read_GB_s']:.1f} GB/s with {machine['threads']} thread(s) "
           f"(best {bandwidth['read_GB_s_best']:.1f}), {bandwidth['read_GB_s_1_thread']:.1f} GB/s with 1")
 
-    peak = peak_gflops(args.repeats)
+    peak = peak_gflops(args.repeats, fma_peak, 12 * LANES * 2) if isa.ISA != "generic" else None
     bandwidth["fp32_peak_GFLOP_s"] = peak
     if peak:
-        print(f"float32 FMA peak ({machine['threads']} threads, 8 lanes, 12 chains): {peak:.0f} GFLOP/s "
-              "(prefill's ceiling on this path; the GFLOP/s column below is against it)")
+        int16_peak = peak_gflops(args.repeats, dot_peak, 12 * PAIRS * 2, np.ones(PAIRS, np.int16))
+        bandwidth["int16_dot_peak_GOP_s"] = int16_peak
+        print(f"float32 FMA peak ({machine['threads']} threads, {LANES} lanes, 12 chains): {peak:.0f} GFLOP/s"
+              f" (the ceiling of BLAS tiles, path generic, and of the float panels, path {isa.ISA})\n"
+              f"int16 dot peak ({PAIRS} int16 lanes, 12 chains): {int16_peak:.0f} GOP/s (the ceiling of "
+              f"the int16 panels, path {isa.ISA}-int16)")
     results = []
     print(f"\n{'matvec (decode)':16s} {'path':>8s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} "
           f"{'GB/s':>7s} {'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
@@ -308,15 +343,16 @@ def main(argv=None):
                     print(f"{r['kernel']:16s} {path:>8s} {N:>6d}x{K:<5d} {T:4d} {r['ms']:9.2f} "
                           f"{r['GFLOP_s']:8.1f} {r['GFLOP_s_best']:7.1f}", flush=True)
 
-    if "bf16" in kinds:
-        print(f"\n{'few tokens, bf16':18s} {'shape':>12s} {'T':>4s} {'matmul_few us':>14s} "
-              f"{'matmul us':>10s}")
+    for kind in [k for k in ("bf16", "q4_k") if k in kinds and (k == "bf16" or isa.ISA != "generic")]:
+        names = list(few_calls(kind))
+        print(f"\n{'few tokens, ' + kind:18s} {'shape':>12s} {'T':>4s} " + " ".join(f"{n + ' us':>16s}"
+                                                                                for n in names))
         for N, K in FEW_SHAPES[:2] if args.quick else FEW_SHAPES:
             for T in FEW_TOKENS:
-                r = bench_few(N, K, T, total // 4, max(3, args.repeats // 2), rng)
+                r = bench_few(kind, N, K, T, total // 4, max(3, args.repeats // 2), rng)
                 results.append(r)
-                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} {r['matmul_few_us']:14.1f} "
-                      f"{r['matmul_us']:10.1f}", flush=True)
+                print(f"{r['kernel']:18s} {N:>6d}x{K:<5d} {T:4d} " + " ".join(f"{r[n + '_us']:16.1f}"
+                                                                              for n in names), flush=True)
 
     if any(r.get("waits_per_ms", 0) > 0.05 for r in results):
         print("\nWARNING: threads blocked inside parallel regions (waits/ms > 0.05, "

@@ -1,12 +1,14 @@
 """out = x W^T for a weight matrix in any stored format: the one place that picks the product kernel.
 
     stored format        1 token                2 .. FEW_TOKENS      more tokens
-    bf16 / fp16 / fp32   matvec                 matmul_few           matmul (tiles widened for BLAS)
-    fp8 (Fp8Matrix)      matvec_fp8             matmul_fp8           matmul_fp8 (tiles dequantised for BLAS)
-    GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_ggml (tiles dequantised for BLAS)
-                         (intdot.py, avx2 and up, the types in its INTEGER_TYPES; else matvec_ggml, float)
-    With MINQWEN_PREFILL=int16 (isa.py; avx2 and up, K a multiple of 32) every product that would take
-    tiles through BLAS takes intgemm.matmul_int16 (int16 x int16 dot products) instead.
+    bf16 / fp16          matvec                 matmul_few           gemm.matmul_panels
+    fp8 (Fp8Matrix)      matvec_fp8             matmul_panels        matmul_panels
+    GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_panels
+                         (intdot.py, the types in its INTEGER_TYPES; else matvec_ggml, float)
+
+matmul_panels (avx2 and up, K a multiple of 32) multiplies in float32, or on int16 dot products where
+MINQWEN_PREFILL=int16 (isa.py). Without them (the generic path, fp32 weights, other K), tiles of W widened
+or dequantised to float32 go through BLAS (matmul, matmul_fp8, matmul_ggml).
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart inside compiled kernels: one row of W times x, for the
@@ -24,8 +26,8 @@ from .matmul import float_row_dot, matmul, matmul_few, matvec
 
 INTEGER_TYPES = ()  # the GGML types with an integer dot-product decode kernel, where the CPU has them
 if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
+    from .gemm import matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
-    from .intgemm import matmul_int16
 
 FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernel_speed.py
 # "few tokens"): 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2
@@ -41,25 +43,26 @@ def linear(out, x, w):
     # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Fp8Matrix or GgmlMatrix
     """out = x @ w.T  (no bias: the caller adds it)"""
     T, K = x.shape
-    integer_gemm = T > 1 and isa.PREFILL == "int16" and K % 32 == 0 and getattr(w, "dtype", None) != FP32
+    panels = T > 1 and isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32
+    integer = isa.PREFILL == "int16"
     if isinstance(w, Fp8Matrix):
         if T == 1:
             matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows)
         else:
-            matmul_int16(out, np.ascontiguousarray(x), w) if integer_gemm else matmul_fp8(out, x, w)
+            matmul_panels(out, np.ascontiguousarray(x), w, integer) if panels else matmul_fp8(out, x, w)
     elif isinstance(w, GgmlMatrix):
         if w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
             matmul_integer(out, w.data, w.ggml_type, x)
         elif T == 1:
             matvec_ggml(out[0], w.data, w.ggml_type, x[0])
         else:
-            matmul_int16(out, np.ascontiguousarray(x), w) if integer_gemm else matmul_ggml(out, x, w)
+            matmul_panels(out, np.ascontiguousarray(x), w, integer) if panels else matmul_ggml(out, x, w)
     elif T == 1:
         matvec(out[0], w, x[0])
     elif T <= FEW_TOKENS:
         matmul_few(out, x, w)
     else:
-        matmul_int16(out, np.ascontiguousarray(x), w) if integer_gemm else matmul(out, x, w)
+        matmul_panels(out, np.ascontiguousarray(x), w, integer) if panels else matmul(out, x, w)
 
 
 def row_dot(w, r, x):

@@ -1,5 +1,5 @@
 """The kernels of the instruction layer: integer dot-product decode (kernels/intdot.py) and the layer
-itself (kernels/simd.py); the integer prefill (kernels/intgemm.py) has tests/test_kernels_intgemm.py.
+itself (kernels/simd.py); the prefill (kernels/gemm.py) has tests/test_kernels_gemm.py.
 
 Every path the test machine's CPU has runs here against float64 references; the AVX-512 path, which this
 machine may lack, is compiled (never run) for a Zen 4 target in a child process, as is a forced avx2 path,
@@ -180,7 +180,7 @@ def test_unpacking_intrinsics(seed, j):
 PROBE = """
 import numpy as np
 from minqwen.kernels.intdot import matvec_integer
-from minqwen.kernels.intgemm import matmul_int16
+from minqwen.kernels.gemm import matmul_panels
 from numba import njit
 from minqwen.kernels.simd import dot_s16, izeros, load, to_float, hsum
 
@@ -191,8 +191,9 @@ def probe(a, b):
 
 a, b = np.zeros(32, np.int16), np.zeros(32, np.int16)
 matvec_args = (np.empty(2, np.float32), np.zeros((2, 34 * 8), np.uint8), 8, np.zeros(256, np.float32))
-prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16))
-for kernel, args in ((probe, (a, b)), (matvec_integer, matvec_args), (matmul_int16, prefill_args)):
+prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16),
+                True)
+for kernel, args in ((probe, (a, b)), (matvec_integer, matvec_args), (matmul_panels, prefill_args)):
     kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))
 print("".join(probe.inspect_asm().values()))
 """
@@ -214,7 +215,7 @@ def compiled_probe(env, tmp_path) -> str:
 
 def test_avx512_path_compiles_to_vnni(tmp_path):
     """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd
-    (and the integer prefill, on 512-bit vectors there, compiles)."""
+    (and the prefill, on 512-bit vectors there, compiles)."""
     native = compiled_probe({"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": ZEN4}, tmp_path)
     assert native.count("vpdpwssd") == 2 and "vpmaddwd" not in native
 

@@ -1,7 +1,7 @@
-"""The prefill product on integer dot products (kernels/intgemm.py) and the intrinsics it adds to
-kernels/simd.py, against float64 references: every stored format the engine multiplies (bf16, fp16, FP8
-blocks, every GGML type), partial panels and token tiles, a strided output; and the bound that rounding
-both operands to int16 per block of 32 keeps to against the exact product."""
+"""The prefill micro-kernels (kernels/gemm.py) and the intrinsics they add to kernels/simd.py, against
+float64 references: every stored format the engine multiplies (bf16, fp16, FP8 blocks, every GGML type),
+partial panels and token tiles, a strided output; the float kernel to float32 rounding, the int16 one to
+the bound that rounding both operands to int16 per block of 32 keeps to."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,7 +17,15 @@ from minqwen.kernels.simd import abs_max, load, round16, splat32, store
 
 pytestmark = pytest.mark.skipif(isa.ISA == "generic", reason="the CPU has no AVX2: this kernel is never used")
 if isa.ISA != "generic":
-    from minqwen.kernels.intgemm import LANES, LEVELS, PAIRS, TINY, matmul_int16, matmul_int16_reference
+    from minqwen.kernels.gemm import (
+        LANES,
+        LEVELS,
+        PAIRS,
+        TINY,
+        matmul_int16_reference,
+        matmul_panels,
+        matmul_panels_reference,
+    )
 
 seeds = st.integers(0, 2**32 - 1)
 FORMATS = ["bf16", "fp16", "fp8"] + sorted(GGML_BLOCKS)
@@ -35,12 +43,12 @@ def random_matrix(rng, fmt, N, K):  # -> (the stored matrix, W as float32)
     return w, dequantize_ggml(w)
 
 
-@settings(deadline=None, max_examples=60)
-@given(seed=seeds, fmt=st.sampled_from(FORMATS), T=st.sampled_from([1, 5, 6, 7, 13, 130]),
-       N=st.sampled_from([1, 15, 16, 17, 40]), blocks=st.sampled_from([1, 2, 3, 7]), strided=st.booleans())
-def test_matmul_int16_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, strided):
-    """To float rounding against the product of x and W rounded to int16 per block (matmul_int16_reference);
-    against the exact x W^T within what the rounding moves: each operand by half a step of its block."""
+shapes = dict(seed=seeds, fmt=st.sampled_from(FORMATS), T=st.sampled_from([1, 5, 6, 7, 13, 130]),
+              N=st.sampled_from([1, 15, 16, 17, 40]), blocks=st.sampled_from([1, 2, 3, 7]),
+              strided=st.booleans())
+
+
+def prefill(seed, fmt, T, N, blocks, strided, integer):  # -> x, W dequantised, out (and all of it, wide)
     rng = np.random.default_rng(seed)
     K = blocks * (GGML_BLOCKS[fmt][0] if fmt in GGML_BLOCKS else 32)
     w, dense = random_matrix(rng, fmt, N, K)
@@ -48,7 +56,28 @@ def test_matmul_int16_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, st
     x[:, rng.random(K) < 0.1] = 0  # a block may be all zero
     wide = np.full((T, N + 5), np.nan, np.float32)
     out = wide[:, 2:N + 2] if strided else wide[:, :N]
-    matmul_int16(out, x, w)
+    matmul_panels(out, x, w, integer)
+    untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
+    assert np.isnan(untouched).all()  # nothing else written
+    return x, dense, out
+
+
+@settings(deadline=None, max_examples=40)
+@given(**shapes)
+def test_the_float_kernel_is_the_product(seed, fmt, T, N, blocks, strided):
+    """To float32 rounding against x W^T in float64, W dequantised (every format's own tests hold that)."""
+    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, False)
+    terms = np.abs(x.astype(np.float64)) @ np.abs(dense.astype(np.float64)).T
+    diff = np.abs(out - matmul_panels_reference(x, dense))
+    assert diff.max() <= 1e-5 * terms.max(), f"{fmt}: max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+@settings(deadline=None, max_examples=60)
+@given(**shapes)
+def test_the_int16_kernel_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, strided):
+    """To float rounding against the product of x and W rounded to int16 per block (matmul_int16_reference);
+    against the exact x W^T within what the rounding moves: each operand by half a step of its block."""
+    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, True)
     x64, w64 = x.astype(np.float64), dense.astype(np.float64)
     terms = np.abs(x64) @ np.abs(w64).T
     diff = np.abs(out - matmul_int16_reference(x, dense))
@@ -60,8 +89,6 @@ def test_matmul_int16_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, st
     x_moves, w_moves = half_step(x64), half_step(w64)
     bound = x_moves @ np.abs(w64).T + np.abs(x64) @ w_moves.T + x_moves @ w_moves.T
     assert np.all(np.abs(out - x64 @ w64.T) <= bound + 1e-5 * terms.max()), fmt
-    untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
-    assert np.isnan(untouched).all()  # nothing else written
 
 
 @jit

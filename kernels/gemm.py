@@ -1,27 +1,24 @@
-"""Prefill with quantised weights: out = x @ W^T for many tokens, on integer dot products (int16 x int16).
+"""Prefill: out = x @ W^T for many tokens, W in any stored format, on register-blocked micro-kernels.
 
-Prefill reuses each weight T times, so it is bound by arithmetic, and the CPU's integer dot product
-(vpdpwssd: 16-bit pairs summed into int32) does twice the multiply-adds per instruction of a float FMA.
-So both operands are rounded to int16 per block of 32 along k, with one float scale per block:
+Prefill reuses each weight T times, so it is bound by arithmetic: the best a kernel can do is keep the
+vector units busy with operands already in registers. W is taken a panel of LANES rows (the lanes of one
+vector) at a time, dequantised to float32 (kernels/ggml.py, fp8.py, dtypes.py: one kernel serves every
+format) and laid out k by k, and TILE_TOKENS tokens x LANES rows of out stay in registers while k walks:
+
+    float (default)   per k: one load of the panel, then per token one FMA with x[t, k] broadcast
+    int16 (opt-in)    per k-pair: one load, then per token one dot_s16 with (xq[t, k], xq[t, k + 1])
+                      broadcast; per block of 32: per token to_float, times the scales, one FMA
+
+so every weight loaded feeds TILE_TOKENS multiply-adds. Each thread takes whole panels; a panel (LANES K
+4 or 2 bytes) stays in L1 / L2 while every token passes over it. The int16 kernel rounds both operands
+per block of 32 along k,
 
     x[t, k] ~= xd[t, b] xq[t, k],   W[n, k] ~= wd[n, b] wq[n, k],    |xq|, |wq| <= LEVELS  (k in block b)
-    out[t, n] = sum_b xd[t, b] wd[n, b] (sum_{k in b} xq[t, k] wq[n, k])
 
-LEVELS = 8191 is the largest that keeps a block's 32 products in int32 (32 * 8191^2 < 2^31), and moves
-each value by at most 1/16382 of its block's largest: far inside the 2e-3 the GGUF tests hold prefill
-logits to (llama.cpp's int8 activations move them by 1/254). Every stored format is dequantised to
-float32 first (kernels/ggml.py), a panel of rows at a time, so one kernel serves every GGML type, the
-i-quants included.
-
-The panel is LANES rows (the int32 lanes of a vector), rounded and laid out k-pair by k-pair: the word of
-(k, row r) holds wq[r, k] and wq[r, k + 1], so one vector load holds a k-pair of every row. The
-micro-kernel keeps TILE_TOKENS tokens x LANES rows of out in registers and walks k:
-
-    per k-pair:  one load of the panel  ->  per token: splat32 of (xq[t, k], xq[t, k + 1]), one dot_s16
-    per block:   per token: to_float, times the block's scales, one FMA into the float accumulator
-
-so every loaded weight pair feeds TILE_TOKENS dot products. Each thread takes whole panels; the panel
-(LANES K 2 bytes) stays in L1 / L2 while every token passes over it.
+and the CPU's integer dot product (vpdpwssd) does twice the multiply-adds of a float FMA. LEVELS = 8191
+is the largest that keeps a block's 32 products in int32 (32 * 8191^2 < 2^31); it moves each value by at
+most 1/16382 of its block's largest, which the tests' random-weight hybrids amplify past their bars (see
+isa.PREFILL): so it is an option, not the default.
 """
 import numpy as np
 from numba import prange, types
@@ -31,7 +28,7 @@ from .fp8 import Fp8Matrix, dequantize_fp8_rows
 from .ggml import GgmlMatrix, dequantize_ggml_rows
 from .isa import ISA
 from .jit import jit, pjit
-from .matmul import widen_rows
+from .matmul import matmul_reference, widen_rows
 from .simd import (
     abs_max,
     dot_s16,
@@ -42,6 +39,7 @@ from .simd import (
     round16,
     splat,
     splat32,
+    splat_at,
     store,
     to_float,
     transpose32,
@@ -69,17 +67,47 @@ def quantize_blocks(q, d, values):  # q: [K] int16, d: [K/32] float32 (outputs),
 
 
 @jit
-def pack_panel(panel, wd, rows):  # panel: [K * LANES] int16, wd: [K/32, LANES] float32 (out); rows: [R, K]
-    """rows (float32, R <= LANES; the rest of the panel is zero) rounded per block, k-pair by k-pair:
-    panel[(k/2) 2 LANES + 2 r + k % 2] = wq[r, k],  wd[b, r] = its scale"""
-    R, K = rows.shape
-    q, d = np.zeros((LANES, K), np.int16), np.zeros((LANES, K // 32), np.float32)
-    for r in range(R):
+def pack_panel(panel, wd, rows):  # panel: [K LANES] int16, wd: [K/32, LANES] float32 (out); rows: [LANES, K]
+    """rows rounded per block, k-pair by k-pair: panel[(k/2) 2 LANES + 2 r + k % 2] = wq[r, k],
+    wd[b, r] = its scale"""
+    K = rows.shape[1]
+    q, d = np.empty((LANES, K), np.int16), np.empty((LANES, K // 32), np.float32)
+    for r in range(LANES):
         quantize_blocks(q[r], d[r], rows[r])
     wd[:] = d.T
-    pairs, words = q.reshape(-1).view(np.uint32), panel.view(np.uint32)  # a k-pair of a row is one word
-    for c in range(0, K // 2, LANES):  # K / 2 is a multiple of LANES (K of 32)
-        transpose32(words, c * LANES, pairs, c, K // 2, LANES)
+    by_k(panel.view(np.uint32), q.reshape(-1).view(np.uint32), K // 2)  # a k-pair of a row is one word
+
+
+@jit
+def by_k(panel, rows, K):  # panel: [K * LANES] 32-bit words (out), rows: [LANES * K] 32-bit words
+    """panel[k LANES + r] = rows[r K + k]: LANES rows laid out k by k"""
+    for c in range(0, K, LANES):  # K is a multiple of LANES (of 32 weights, or of their 16 pairs)
+        transpose32(panel, c * LANES, rows, c, K, LANES)
+
+
+@jit
+def tile_floats(result, panel, x, t0):  # result: [TILE_TOKENS, LANES] float32 out; x: [T, K] float32
+    """result[i, r] = sum_k x[t0 + i, k] W[r, k]   (i < 6; panel[k LANES + r] = W[r, k])"""
+    K = x.shape[1]
+    flat = x.reshape(-1)
+    f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
+    for k in range(K):
+        w, o = load(panel, k * LANES, LANES), t0 * K + k
+        f0, f1 = fma(splat_at(flat, o, LANES), w, f0), fma(splat_at(flat, o + K, LANES), w, f1)
+        f2, f3 = fma(splat_at(flat, o + 2 * K, LANES), w, f2), fma(splat_at(flat, o + 3 * K, LANES), w, f3)
+        f4, f5 = fma(splat_at(flat, o + 4 * K, LANES), w, f4), fma(splat_at(flat, o + 5 * K, LANES), w, f5)
+    store_tile(result, f0, f1, f2, f3, f4, f5)
+
+
+@jit
+def store_tile(result, f0, f1, f2, f3, f4, f5):  # result: [TILE_TOKENS, LANES] float32
+    out = result.reshape(-1)
+    store(out, 0, f0)
+    store(out, LANES, f1)
+    store(out, 2 * LANES, f2)
+    store(out, 3 * LANES, f3)
+    store(out, 4 * LANES, f4)
+    store(out, 5 * LANES, f5)
 
 
 @jit
@@ -106,13 +134,7 @@ def tile_tokens(result, panel, wd, xq, xd, t0):  # result: [TILE_TOKENS, LANES] 
         f3 = fma(to_float(i3), scales * splat(xd[t0 + 3, b], LANES), f3)
         f4 = fma(to_float(i4), scales * splat(xd[t0 + 4, b], LANES), f4)
         f5 = fma(to_float(i5), scales * splat(xd[t0 + 5, b], LANES), f5)
-    out = result.reshape(-1)
-    store(out, 0, f0)
-    store(out, LANES, f1)
-    store(out, 2 * LANES, f2)
-    store(out, 3 * LANES, f3)
-    store(out, 4 * LANES, f4)
-    store(out, 5 * LANES, f5)
+    store_tile(result, f0, f1, f2, f3, f4, f5)
 
 
 def float32_rows(tile, w, first):
@@ -134,30 +156,41 @@ def _float32_rows(tile, w, first):
 
 
 @pjit
-def matmul_int16(out, x, w):
+def matmul_panels(out, x, w, integer):
     # out: [T, N] float32 (rows may be strided), x: [T, K] float32, K % 32 == 0,
-    # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix
-    """out[t, n] = sum_k x[t, k] W[n, k], both rounded to int16 per block of 32 (see the module docstring)"""
+    # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix; integer: the int16 kernel, else float
+    """out[t, n] = sum_k x[t, k] W[n, k]   (integer: both rounded to int16 per block of 32)"""
     T, K = x.shape
     N = out.shape[1]
     padded = (T + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS  # the last tile's missing tokens are zero
     xq, xd = np.zeros((padded, K), np.int16), np.zeros((padded, K // 32), np.float32)
+    xf = np.zeros((padded if not integer else 0, K), np.float32)
     for t in prange(T):
-        quantize_blocks(xq[t], xd[t], x[t])
+        if integer:
+            quantize_blocks(xq[t], xd[t], x[t])
+        else:
+            xf[t] = x[t]
     for p in prange((N + LANES - 1) // LANES):
         first, rows = LANES * p, min(LANES, N - LANES * p)
-        weights = np.empty((rows, K), np.float32)
-        float32_rows(weights, w, first)
-        panel, wd = np.empty(K * LANES, np.int16), np.empty((K // 32, LANES), np.float32)
-        pack_panel(panel, wd, weights)
+        weights = np.zeros((LANES, K), np.float32)  # rows past N: zero
+        float32_rows(weights[:rows], w, first)
+        panel, wd = np.empty(K * LANES, np.float32), np.empty((K // 32, LANES), np.float32)
+        if integer:
+            pack_panel(panel.view(np.int16)[:K * LANES], wd, weights)
+        else:
+            by_k(panel.view(np.uint32), weights.reshape(-1).view(np.uint32), K)
         result = np.empty((TILE_TOKENS, LANES), np.float32)
         for t0 in range(0, T, TILE_TOKENS):
-            tile_tokens(result, panel, wd, xq, xd, t0)
+            if integer:
+                tile_tokens(result, panel.view(np.int16), wd, xq, xd, t0)
+            else:
+                tile_floats(result, panel, xf, t0)
             out[t0:t0 + TILE_TOKENS, first:first + rows] = result[:min(TILE_TOKENS, T - t0), :rows]
 
 
 def matmul_int16_reference(x, w):  # [T, K] float32, [N, K] float32 (W dequantised) -> [T, N] float64
-    """x @ w.T in float64 of x and w rounded as matmul_int16 rounds them (the scales in float32, as there)"""
+    """x @ w.T in float64 of x and w rounded as matmul_panels' int16 kernel rounds them (the scales in
+    float32, as there)"""
     def rounded(a):  # -> levels, scales per block
         blocks = a.astype(np.float32).reshape(a.shape[0], -1, 32)
         m = np.abs(blocks).max(axis=2, keepdims=True)
@@ -165,3 +198,6 @@ def matmul_int16_reference(x, w):  # [T, K] float32, [N, K] float32 (W dequantis
         inverse = np.divide(LEVELS, m, out=np.zeros_like(m), where=m > 0)
         return (np.rint(blocks * inverse) * (m / LEVELS).astype(np.float64)).reshape(a.shape)
     return rounded(x) @ rounded(w).T
+
+
+matmul_panels_reference = matmul_reference  # the float kernel: x @ W^T in float64 (matmul.py)
