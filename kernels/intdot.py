@@ -44,15 +44,13 @@ AVX-512 AMD EPYC (matrix in cache) from ~23.3 / 22.4 to ~25.9 / 24.3 G weights/s
 against Q4_0 / Q4_K's ~28.6 / 30.7 (the float kernels: ~2.3). Q2_K, Q3_K, MXFP4 and the grid
 i-quants have no kernel here (kernels/ggml.py's float one serves).
 
-Q6_K (every Q4_K_M file's LM head) reads its bits as 16-bit words, not bytes: a word of ql / qh holds an
-even and an odd byte, so a shift and a mask give the levels of the even bytes' (or the odd bytes') low
-(or high) nibbles in 16-bit lanes, with no widening shuffle; the activations are put in that order once per
-token instead (Q6_K_ORDER), its - 32 is an offset the dot starts from (as IQ4's + 127), and on avx512 its
-vectors are 512 bits (WORDS). One core, matrix in L3: ~18 -> ~27 G weights/s (256-bit vectors: ~24).
-Measured so (2-core AVX-512 EPYC, G weights/s of one core, 2048x4096 in L3): Q8_0 32, Q4_0 29, Q4_1 25,
-Q5_0 20, Q5_1 16, Q4_K 31, Q5_K 24, Q6_K 27; one thread streaming a 151936-row LM head from DRAM reads
-0.83 / 0.47 / 0.45 / 0.40 / 0.38 / 0.52 / 0.48 / 0.65 of the read bandwidth: one core alone nearly fills
-it (28-31 GB/s), so there the kernels are compute-bound, and with two cores each needs half that rate.
+Q6_K (every Q4_K_M file's LM head) reads its bits as 16-bit words: a word of ql / qh holds an even and an
+odd byte, so a shift and a mask give 16-bit levels with no widening shuffle, the activations put in that order
+once per token (Q6_K_ORDER); its - 32 is an offset the dot starts from, and on avx512 its vectors are 512 bits
+(WORDS): ~18 -> ~27 G weights/s (256-bit: ~24). Measured (2-core AVX-512 EPYC; one core, 2048x4096 in L3,
+G weights/s): Q8_0 32, Q4_0 29, Q4_1 25, Q5_0 20, Q5_1 16, Q4_K 31, Q5_K 24, Q6_K 27; one thread streaming a
+151936-row LM head from DRAM: 0.83 / 0.47 / 0.45 / 0.40 / 0.38 / 0.52 / 0.48 / 0.65 of the read bandwidth,
+which one core nearly fills alone (28-31 GB/s): compute-bound there, and two cores each need half the rate.
 """
 import numpy as np
 from numba import prange
@@ -110,8 +108,8 @@ EIGHTH = np.float32(0.125)
 # Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
 # j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
 LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
-# where a block's level bits begin, in the types with a minimum term (the others' offsets are folded into
-# centred levels, see _levels)
+# where a block's level bits begin, in the types with a minimum term (the others' constants are folded into
+# centred levels, _levels, or into where their dots start, _offsets)
 LEVEL_BITS_AT = {Q4_1: 4, Q5_1: 4, Q4_K: 16, Q5_K: 16}
 # int16 / float32 lanes of a vector, in the kernels that take the path's width (512 bits on avx512)
 WORDS, FLOATS = (32, 16) if isa.ISA == "avx512" else (16, 8)
