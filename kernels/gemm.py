@@ -1,24 +1,19 @@
 """Prefill: out = x @ W^T for many tokens, W in any stored format, on register-blocked micro-kernels.
 
-Prefill reuses each weight T times, so it is bound by arithmetic: the best a kernel can do is keep the
-vector units busy with operands already in registers. W is taken a panel of LANES rows (the lanes of one
-vector) at a time, dequantised to float32 (kernels/ggml.py, fp8.py, dtypes.py: one kernel serves every
-format) and laid out k by k, and TILE_TOKENS tokens x LANES rows of out stay in registers while k walks:
+Prefill reuses each weight T times, so it is bound by arithmetic: keep the vector units busy with operands
+already in registers. W is taken a panel of LANES rows (one vector's lanes) at a time, dequantised to
+float32 (ggml.py, fp8.py, dtypes.py: one kernel serves every format) and laid out k by k; TILE_TOKENS
+tokens x LANES rows of out stay in registers while k walks, so every weight loaded feeds 6 multiply-adds:
 
     float (default)   per k: one load of the panel, then per token one FMA with x[t, k] broadcast
-    int16 (opt-in)    per k-pair: one load, then per token one dot_s16 with (xq[t, k], xq[t, k + 1])
-                      broadcast; per block of 32: per token to_float, times the scales, one FMA
+    int16 (opt-in)    per k-pair: one load, then per token one dot_s16 with (xq[t, k], xq[t, k + 1]);
+                      per block of 32: per token to_float, times the two scales, one FMA
 
-so every weight loaded feeds TILE_TOKENS multiply-adds. Each thread takes whole panels; a panel (LANES K
-4 or 2 bytes) stays in L1 / L2 while every token passes over it. The int16 kernel rounds both operands
-per block of 32 along k,
-
-    x[t, k] ~= xd[t, b] xq[t, k],   W[n, k] ~= wd[n, b] wq[n, k],    |xq|, |wq| <= LEVELS  (k in block b)
-
-and the CPU's integer dot product (vpdpwssd) does twice the multiply-adds of a float FMA. LEVELS = 8191
-is the largest that keeps a block's 32 products in int32 (32 * 8191^2 < 2^31); it moves each value by at
-most 1/16382 of its block's largest, which the tests' random-weight hybrids amplify past their bars (see
-isa.PREFILL): so it is an option, not the default.
+The int16 kernel rounds both operands per block of 32 along k, x[t, k] ~= xd[t, b] xq[t, k] and
+W[n, k] ~= wd[n, b] wq[n, k] with |xq|, |wq| <= LEVELS, for vpdpwssd's twice the multiply-adds of an FMA.
+LEVELS = 8191 is the most that keeps a block's 32 products in int32 (32 * 8191^2 < 2^31); it moves each
+value by up to 1/16382 of its block's largest, which the tests' random hybrids amplify past their bars
+(isa.PREFILL): an option, not the default. Each thread takes whole panels, which stay in L1 / L2.
 """
 import numpy as np
 from numba import prange, types

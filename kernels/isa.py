@@ -53,11 +53,9 @@ def choose(requested: str | None, features: set[str]) -> str:
 FEATURES = target_features()  # Numba fixes its target when it starts: read once
 ISA = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
 
-# Prefill (several tokens) on int16 dot products (kernels/gemm.py) is opt-in: MINQWEN_PREFILL=int16.
-# Rounding x and W to int16 per block of 32 moved the logits of the tests' random-weight hybrids by up to
-# 3.6e-2 (a Qwen3.5-MoE Q8_0 GGUF, against the 2e-3 the GGUF tests hold prefill to; x alone at decode's
-# int16: 5.6e-3) and 1.3e-2 (bf16 Qwen3-Next, against transformers' 5e-3), so float32 arithmetic stays the
-# default. docs/performance.md measures both.
+# Prefill on int16 dot products (kernels/gemm.py) is opt-in, MINQWEN_PREFILL=int16: its rounding moved the
+# tests' random hybrids' logits by up to 3.6e-2 (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16
+# Qwen3-Next against transformers; bar 5e-3). docs/performance.md measures both prefills.
 PREFILL = os.environ.get("MINQWEN_PREFILL") or "float"
 if PREFILL not in ("float", "int16") or (PREFILL == "int16" and ISA == "generic"):
     raise InstructionPathError(f"MINQWEN_PREFILL={PREFILL!r} is not a prefill this CPU runs "

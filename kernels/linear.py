@@ -29,13 +29,12 @@ if isa.ISA != "generic":  # kernels on the instruction layer: imported only wher
     from .gemm import matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
 
-FEW_TOKENS = 64  # up to this many tokens matmul_few beats widening + BLAS (bench/kernel_speed.py
-# "few tokens"): 48-64-token prompts of the 0.5B shape ran at 232-248 tok/s, against 197-208 through AVX2
-# sgemm; an AVX-512 sgemm (twice as fast) lowers the crossover.
+FEW_TOKENS = 64  # up to this many tokens matmul_few (W streamed once, no panels to pack) beats the float
+# panels: one core, a 768 x 2048 bf16 matrix, 6 tokens 0.26 ms against 0.42, 64 tokens 2.6 against 2.4
 
-# Up to this many tokens (a batch of sequences decoding together) matmul_integer beats dequantising tiles
-# for BLAS: on Zen 3, 2 threads, a 4864 x 896 matrix, Q8_0 / Q4_1: 2 tokens 1.2 / 1.4 ms against 5.4 / 6.2,
-# 16 tokens 2.5 / 4.1 ms against 9.3 / 11.2; at 32 tokens Q4_1 is even
+# Up to this many tokens (a batch of sequences decoding together) matmul_integer beats the panels: 2 threads,
+# Q4_K, 2 tokens 0.6-0.8 ms against 3.5-6 (the panels' packing), 16 tokens 1.4-6 against 2.5-10 (a loaded
+# machine); they are even near 32
 INTEGER_TOKENS = 16
 
 
