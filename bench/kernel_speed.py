@@ -27,6 +27,9 @@ Prefill (matmul, T = 128 / 512) is bound by flops: reported in GFLOP/s. Compile 
 (one warm-up call each); times are medians. Prints a table, then one JSON object per result, and
 last one JSON document with everything.
 """
+# minqwen.environment before NumPy: OpenBLAS's threads must not spin after each call, as in the engine, or
+# they take the cores from the Numba kernel measured next
+import minqwen.environment  # noqa: F401, I001
 import argparse
 import json
 import os
