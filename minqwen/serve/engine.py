@@ -280,12 +280,17 @@ class Engine:
         """`doing` something for `slots` raised `error`: log it, end their jobs with it, and give them fresh
         sequences (a pass cut short may have left a cache half-updated). Other slots go on."""
         jobs = sum(slot.job is not None for slot in slots)
-        print(f"engine: {doing} failed; {jobs} job(s) end with an error", file=self.log, flush=True)
-        traceback.print_exception(error, file=self.log)
+        self._log_failure(f"engine: {doing} failed; {jobs} job(s) end with an error", error)
         for slot in slots:
             if slot.job is not None:
                 self._release(slot, End(None, error=f"{type(error).__name__}: {error}"))
             slot.sequence = self.model.sequence()
+
+    def _log_failure(self, headline: str, error: BaseException):
+        """The headline and the traceback in one write: the connections' threads log their requests to the
+        same stream, and a line of theirs between the two parted the cause from its traceback."""
+        self.log.write(headline + "\n" + "".join(traceback.format_exception(error)))
+        self.log.flush()
 
     def _stop_for_good(self, error: BaseException):
         """The engine thread is ending on `error`: every job ends with it, and so will every later
@@ -297,8 +302,7 @@ class Engine:
             for slot in self.slots:
                 slot.job = None
         # logged before the jobs hear of it: whoever reads the log after their answer finds the cause
-        print(f"engine: stopped for good; {len(jobs)} job(s) end with an error", file=self.log, flush=True)
-        traceback.print_exception(error, file=self.log)
+        self._log_failure(f"engine: stopped for good; {len(jobs)} job(s) end with an error", error)
         for job in jobs:
             job.events.put(End(None, error=f"the engine stopped: {self.failure}"))
 
