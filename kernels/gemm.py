@@ -158,8 +158,9 @@ def matmul_panels(out, x, w, integer):
     T, K = x.shape
     N = out.shape[1]
     padded = (T + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS  # the last tile's missing tokens are zero
-    xq, xd = np.zeros((padded, K), np.int16), np.zeros((padded, K // 32), np.float32)
-    xf = np.zeros((padded if not integer else 0, K), np.float32)
+    quantized, floats = (padded, 0) if integer else (0, padded)  # tokens in the one form the kernel reads
+    xq, xd = np.zeros((quantized, K), np.int16), np.zeros((quantized, K // 32), np.float32)
+    xf = np.zeros((floats, K), np.float32)
     for t in prange(T):
         if integer:
             quantize_blocks(xq[t], xd[t], x[t])

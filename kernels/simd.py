@@ -438,15 +438,19 @@ def hsum(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        x = args[0]
-        while x.type.count > 1:
-            n = x.type.count // 2
-            lo, hi = (builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(ir.IntType(32), n),
-                                                               list(range(s, s + n))))
-                      for s in (0, n))
-            x = builder.fadd(lo, hi)
-        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+        return _halving(builder, args[0], builder.fadd)
     return types.float32(v), codegen
+
+
+def _halving(builder, x, combine):
+    """x's lanes folded in halves by combine(low half, high half) until one lane is left"""
+    while x.type.count > 1:
+        n = x.type.count // 2
+        lo, hi = (builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(ir.IntType(32), n),
+                                                           list(range(s, s + n))))
+                  for s in (0, n))
+        x = combine(lo, hi)
+    return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
 
 
 @intrinsic
@@ -461,10 +465,9 @@ def transpose32(typingctx, dst, dst_off, src, src_off, stride, n):
         count = v.lanes
         first, base, step = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 3, 4))
 
-        def at(array, offset):  # the vector at array[offset]
-            return _address(context, builder, sig.args[2 if array is args[2] else 0], array, types.intp,
-                            offset, v.llvm)
-        rows = [builder.load(at(args[2], builder.add(base, builder.mul(step, ir.Constant(step.type, r)))),
+        def at(i, offset):  # the vector at offset in argument i (0: dst, 2: src)
+            return _address(context, builder, sig.args[i], args[i], types.intp, offset, v.llvm)
+        rows = [builder.load(at(2, builder.add(base, builder.mul(step, ir.Constant(step.type, r)))),
                              align=4) for r in range(count)]
         h = 1
         while h < count:
@@ -476,7 +479,7 @@ def transpose32(typingctx, dst, dst_off, src, src_off, stride, n):
                 rows[i], rows[i + h] = (builder.shuffle_vector(a, b, p) for p in pick)
             h *= 2
         for j, row in enumerate(rows):
-            builder.store(row, at(args[0], builder.add(first, ir.Constant(first.type, count * j))), align=4)
+            builder.store(row, at(0, builder.add(first, ir.Constant(first.type, count * j))), align=4)
         return context.get_dummy_value()
     return types.none(dst, dst_off, src, src_off, stride, n), codegen
 
@@ -488,14 +491,9 @@ def abs_max(typingctx, v):
         return None
 
     def codegen(context, builder, sig, args):
-        x = _call(builder, f"llvm.fabs.v{v.lanes}f32", v.llvm, [args[0]])
-        while x.type.count > 1:
-            n = x.type.count // 2
-            lo, hi = (builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(ir.IntType(32), n),
-                                                               list(range(s, s + n))))
-                      for s in (0, n))
-            x = _call(builder, f"llvm.maxnum.v{n}f32", lo.type, [lo, hi])
-        return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
+        magnitudes = _call(builder, f"llvm.fabs.v{v.lanes}f32", v.llvm, [args[0]])
+        return _halving(builder, magnitudes, lambda lo, hi: _call(
+            builder, f"llvm.maxnum.v{lo.type.count}f32", lo.type, [lo, hi]))
     return types.float32(v), codegen
 
 
