@@ -95,8 +95,9 @@ class Cache:
     token), up to the context length, so a short chat does not reserve memory for 32k positions.
     Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
     causal convolution and one (key_dim, value_dim) matrix per value head. That state cannot be
-    rewound: a hybrid model's sequence can only be extended, restarted, or brought back to the one
-    length where `snapshot()` copied it (the keys and values before that length stay in place)."""
+    rewound: a hybrid model's sequence can only be extended, restarted, brought back to the one
+    length where `snapshot()` copied it (the keys and values before that length stay in place), or to
+    any position since `keep_states()` (speculative decoding: a rejected draft leaves no trace)."""
 
     def __init__(self, config: Config, context_length: int, capacity: int = 256, dtype=FP32):
         self.n_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
@@ -111,6 +112,8 @@ class Cache:
         self.conv = {i: np.zeros(conv_shape, np.float32) for i in self.deltanet_layers}
         self.recurrent = {i: np.zeros(state_shape, np.float32) for i in self.deltanet_layers}
         self.saved: tuple[int, dict, dict] | None = None  # (length, conv, recurrent) from snapshot()
+        self.trail: tuple[int, dict, dict] | None = None  # (length, conv, recurrent), per position since
+        # keep_states(): lists of states, the first at that length
 
     def _allocate(self, capacity: int, dtype):
         shape = (self.n_kv_heads, capacity, self.head_dim)
@@ -132,6 +135,8 @@ class Cache:
         return to its snapshot, if it is not past `length`, or to 0."""
         if length >= self.length or not self.deltanet_layers:
             return min(length, self.length)
+        if self.trail is not None and self.trail[0] <= length:
+            return length
         return self.saved[0] if self.saved is not None and self.saved[0] <= length else 0
 
     def rewind(self, length: int) -> int:
@@ -139,14 +144,29 @@ class Cache:
         kept."""
         length = self.reusable(length)
         if length < self.length and self.deltanet_layers:
-            snapshot = self.saved if self.saved is not None and self.saved[0] == length else None
+            if self.trail is not None and self.trail[0] <= length:
+                start, conv, recurrent = self.trail
+                restored = ({i: c[length - start] for i, c in conv.items()},
+                            {i: r[length - start] for i, r in recurrent.items()})
+            elif self.saved is not None and self.saved[0] == length:
+                restored = self.saved[1:]
+            else:
+                restored = None
             for i in self.deltanet_layers:  # copied, not swapped: the snapshot can be restored again
-                self.conv[i][:] = snapshot[1][i] if snapshot else 0
-                self.recurrent[i][:] = snapshot[2][i] if snapshot else 0
+                self.conv[i][:] = restored[0][i] if restored else 0
+                self.recurrent[i][:] = restored[1][i] if restored else 0
         if self.saved is not None and length < self.saved[0]:
             self.saved = None  # its keys and values before self.saved[0] will be overwritten
-        self.length = length
+        self.length, self.trail = length, None
         return length
+
+    def keep_states(self):
+        """Until the next rewind, remember the DeltaNet state after every new position (a few MB each),
+        so that rewind can return to any of them: speculative decoding's verify pass, whose rejected
+        drafts must leave the state as if never seen. Attention-only models rewind without it."""
+        if self.deltanet_layers:
+            self.trail = (self.length, {i: [c.copy()] for i, c in self.conv.items()},
+                          {i: [r.copy()] for i, r in self.recurrent.items()})
 
     def snapshot(self):
         """Remember the linear-attention state at the current length, so that a later sequence sharing
@@ -221,6 +241,7 @@ class Decoder:
         self.windows = config.windows
         self.ws = Workspace(config, prefill_chunk, weights.fused_deltanet)
         self.last_logits = np.zeros((0, config.vocab_size), np.float32)  # reused: grown to the largest batch
+        self.hidden = self.ws.x[:0]  # the last pass's final normed states (see forward)
 
     def __call__(self, cache: Cache, tokens: np.ndarray, every_token: bool = False) -> np.ndarray:
         """Run one sequence's tokens (int64) at positions cache.length.., in chunks of at most
@@ -231,11 +252,15 @@ class Decoder:
                   for s in range(0, len(tokens), chunk)]
         return np.concatenate(logits) if every_token else logits[-1][0].copy()
 
-    def forward(self, batch: list[tuple[Cache, np.ndarray]], every_token: bool = False) -> np.ndarray:
+    def forward(self, batch: list[tuple[Cache, np.ndarray]], every_token: bool = False,
+                inputs: np.ndarray | None = None) -> np.ndarray:
         """One pass of the network over several sequences' new tokens at once, each at its own positions:
         a prefill chunk, or one token each when decoding a batch (each weight is then read once for all).
         Returns the logits after each sequence's last token (len(batch), vocab) — a view, valid until the
-        next call — or after every token (total tokens, vocab) with every_token."""
+        next call — or after every token (total tokens, vocab) with every_token. `inputs` (total tokens,
+        hidden), if given, enter the first layer instead of the tokens' embeddings (the MTP head's).
+        Afterwards `hidden` holds every token's final normed state, the head's input (a view, as the
+        logits)."""
         segments, row = [], 0
         for cache, tokens in batch:
             cache.reserve(cache.length + len(tokens))
@@ -244,7 +269,10 @@ class Decoder:
         assert 0 < row <= self.ws.rows, "the caller splits batches into workspace-sized chunks"
         ws, cfg, T = self.ws, self.config, row
         x, h, out = ws.x[:T], ws.h[:T], ws.out[:T]
-        embed(x, self.weights.embed_tokens, np.concatenate([tokens for _, tokens in batch]))
+        if inputs is None:
+            embed(x, self.weights.embed_tokens, np.concatenate([tokens for _, tokens in batch]))
+        else:
+            x[:] = inputs
         rotation = [self.rope.cos_sin(s.start, s.n) for s in segments]
         cos, sin = (np.concatenate(tables) for tables in zip(*rotation))
         for i, layer in enumerate(self.weights.layers):
@@ -262,14 +290,15 @@ class Decoder:
             x += out
         for s in segments:
             s.cache.length = s.start + s.n
+        rmsnorm(x, x, self.weights.norm, cfg.rms_norm_eps)
+        self.hidden = x
         if every_token:
             rows, logits = x, np.empty((T, cfg.vocab_size), np.float32)
-        else:  # only each sequence's last token needs the final norm and the head
+        else:  # only each sequence's last token needs the head
             rows = x[[s.rows.stop - 1 for s in segments]]
             if len(self.last_logits) < len(segments):
                 self.last_logits = np.zeros((len(segments), cfg.vocab_size), np.float32)
             logits = self.last_logits[:len(segments)]
-        rmsnorm(rows, rows, self.weights.norm, cfg.rms_norm_eps)
         linear(logits, rows, self.weights.lm_head)
         return logits
 
@@ -327,6 +356,9 @@ class Decoder:
             linear(a, h, w.in_proj_a)
         conv = ws.conv_out[:T]
         for s in segments:  # each sequence's convolution continues from its own last inputs
+            if s.cache.trail is not None:  # the last kernel-1 inputs after each of its new positions
+                inputs, width = np.concatenate([s.cache.conv[i], qkv[s.rows]]), len(s.cache.conv[i])
+                s.cache.trail[1][i] += [inputs[t + 1:t + 1 + width] for t in range(s.n)]
             causal_conv1d(conv[s.rows], s.cache.conv[i], qkv[s.rows], w.conv1d)
         q = conv[:, :key_dim].reshape(T, hk, dk)
         k = conv[:, key_dim:2 * key_dim].reshape(T, hk, dk)
@@ -337,8 +369,13 @@ class Decoder:
         delta_rule_gates(g, beta, a, b, w.A_log, w.dt_bias)
         tiled = cfg.linear_value_head_order == "tiled"  # value heads as the weights store them
         for s in segments:  # token by token, also in prefill: see kernels/deltanet.py
-            r = s.rows
-            gated_delta_rule_recurrent(core[r], s.cache.recurrent[i], q[r], k[r], v[r], g[r], beta[r], tiled)
+            state = s.cache.recurrent[i]
+            # the state after each position, when kept: one call per token, each followed by a copy
+            steps = [slice(t, t + 1) for t in range(s.rows.start, s.rows.stop)] if s.cache.trail else [s.rows]
+            for r in steps:
+                gated_delta_rule_recurrent(core[r], state, q[r], k[r], v[r], g[r], beta[r], tiled)
+                if s.cache.trail is not None:
+                    s.cache.trail[2][i].append(state.copy())
         gated_rmsnorm(core, core, w.norm, z.reshape(T, hv, dv), cfg.rms_norm_eps)
         linear(out, core.reshape(T, hv * dv), w.out_proj)
 
@@ -430,12 +467,20 @@ class Sequence:
         self.tokens, self.reused = self.tokens[:reused], reused
         return reused
 
+    def truncate(self, length: int):
+        """Forget the tokens from `length` on: any of them for attention layers, and for DeltaNet layers
+        those since cache.keep_states() (a rejected speculative draft)."""
+        kept = self.cache.rewind(length)
+        assert kept == length, "a hybrid model's cache rewinds only as far as its kept states"
+        del self.tokens[length:]
+
     @staticmethod
-    def extend_together(batch: list[tuple[Sequence, list[int]]]) -> np.ndarray:
+    def extend_together(batch: list[tuple[Sequence, list[int]]], every_token: bool = False) -> np.ndarray:
         """Several sequences' new tokens (checked, and within the workspace's rows together) in one
         Decoder.forward, each weight read once for all; returns the logits after each one's last token
-        (len(batch), vocab), a view valid until the decoder's next pass."""
-        logits = batch[0][0].decoder.forward([(s.cache, np.asarray(t, np.int64)) for s, t in batch])
+        (len(batch), vocab), or after every token, a view valid until the decoder's next pass."""
+        logits = batch[0][0].decoder.forward([(s.cache, np.asarray(t, np.int64)) for s, t in batch],
+                                             every_token)
         for sequence, tokens in batch:
             sequence.tokens.extend(int(t) for t in tokens)
         return logits
