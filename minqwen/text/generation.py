@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import SamplingError
 from ..kernels.sampling import apply_penalties, sample
 from .reply import Reply
+from .speculative import DRAFT_TOKENS, DraftLength
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Stats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     cached_tokens: int = 0  # prompt tokens whose keys/values were already in the cache
+    drafted: int = 0  # speculative decoding: tokens drafted, and of them accepted
+    accepted: int = 0
 
     def line(self) -> str:
         prefilled = self.prompt_tokens - self.cached_tokens
@@ -90,8 +93,10 @@ class Stats:
         # The first generated token comes from the prefill's logits; decode time covers the rest.
         decode = (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
         cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        rate = f"{self.accepted / self.drafted:.0%}" if self.drafted else ""
+        drafts = f" | drafts: {self.accepted} of {self.drafted} accepted ({rate})" if self.drafted else ""
         return (f"prompt: {self.prompt_tokens} tokens{cached}, prefill {prefill:.1f} tok/s | "
-                f"generated: {self.generated_tokens} tokens, decode {decode:.1f} tok/s")
+                f"generated: {self.generated_tokens} tokens, decode {decode:.1f} tok/s{drafts}")
 
 
 class Sampler:
@@ -138,38 +143,72 @@ class Sampler:
 
 
 def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: GenerationOptions,
-                  eos_ids: list[int], reply: Reply | None = None, stats: Stats | None = None):
+                  eos_ids: list[int], reply: Reply | None = None, stats: Stats | None = None,
+                  drafter=None, most_drafts: int = DRAFT_TOKENS):
     """A generator of (new token id, what it added to `reply`: a Delta, or None without a reply). The reply
     reads each token before it is yielded, and a stop string it finds ends the generation: stop strings
     are matched on its text, so `options.stop` needs a reply made with them. The arguments are checked
     here, at the call; the prompt's ids are checked by the sequence (Sequence.check) when the generator
-    starts."""
+    starts. With a drafter (text/speculative.py), decoding is speculative, drafting at most `most_drafts`
+    tokens a round: the same tokens, in fewer passes."""
+    if isinstance(most_drafts, bool) or not isinstance(most_drafts, int) or most_drafts < 1:
+        raise SamplingError(f"the most tokens to draft must be an integer >= 1, got {most_drafts!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if options.stop and reply is None:
         raise SamplingError("stop strings need the checkpoint's tokenizer")
-    return _generate(sequence, prompt, max_new_tokens, options, eos_ids, reply, stats or Stats())
+    return _generate(sequence, prompt, max_new_tokens, options, eos_ids, reply, stats or Stats(), drafter,
+                     most_drafts)
 
 
 def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_ids, reply: Reply | None,
-              stats: Stats):
+              stats: Stats, drafter, most_drafts: int):
+    """The decode loop, speculative when given a drafter (text/speculative.py): each round runs the last
+    chosen token and its drafts in one pass, and chooses a token after each of them in turn until one
+    differs from its draft."""
     if max_new_tokens == 0:
         return
     stats.prompt_tokens = len(prompt)
     started = time.perf_counter()
-    logits = sequence.reset_to(prompt, room=max_new_tokens)
-    stats.cached_tokens = sequence.reused
+    sequence.check(prompt, 0, room=max_new_tokens)
+    stats.cached_tokens = reused = sequence.rewind_to_reusable_prefix(prompt)
+    chunk = sequence.decoder.ws.rows
+    for start in range(reused, len(prompt), chunk):
+        rows = sequence.extend(prompt[start:start + chunk])[None]
+        if drafter is not None:
+            drafter.observe(start, sequence.decoder.hidden)
     stats.prefill_seconds = time.perf_counter() - started
     sampler = Sampler(options, prompt, sequence.decoder.config.vocab_size, max_new_tokens, eos_ids)
+    length = DraftLength(most_drafts)
+    drafts, hidden = [], None
     started = time.perf_counter()
     while True:
-        token = sampler.next(logits)
-        delta = reply.push(token) if reply is not None else None
-        if reply is not None and reply.stopped:
-            sampler.finish_reason = "stop"
-        stats.generated_tokens = sampler.generated
-        stats.decode_seconds = time.perf_counter() - started
-        yield token, delta
-        if sampler.finish_reason is not None:
-            return
-        logits = sequence.extend([token])
+        accepted = 0
+        for j, logits in enumerate(rows):  # rows[j]: after the last token and the first j drafts
+            token = sampler.next(logits)
+            delta = reply.push(token) if reply is not None else None
+            if reply is not None and reply.stopped:
+                sampler.finish_reason = "stop"
+            stats.generated_tokens = sampler.generated
+            stats.decode_seconds = time.perf_counter() - started
+            yield token, delta
+            if sampler.finish_reason is not None:
+                return
+            if j == len(drafts) or token != drafts[j]:
+                break
+            accepted += 1
+        if drafts:
+            stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + accepted
+            length.update(len(drafts), accepted)
+            sequence.truncate(start + 1 + accepted)  # the rejected drafts leave no trace
+        if drafter is not None and hidden is not None:  # the prefill's states were observed as they came
+            drafter.observe(start, hidden[:accepted + 1])
+        start = len(sequence.tokens)
+        room = max_new_tokens - sampler.generated - 1  # tokens a round may add after this one
+        drafts = drafter.draft([*sequence.tokens, token], min(length.next(), room)) if drafter else []
+        if drafts:
+            sequence.cache.keep_states()
+            rows = sequence.extend([token, *drafts], every_token=True)
+        else:
+            rows = sequence.extend([token])[None]
+        hidden = sequence.decoder.hidden
