@@ -23,6 +23,7 @@ from .loader import load, open_checkpoint
 from .network.weights import IGNORED, TensorSource, load_weights, unread_tensors
 from .text.generation import GenerationOptions, Stats, options_with_defaults, stream_tokens
 from .text.reply import Delta, Reply
+from .text.speculative import DRAFT_TOKENS
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DIM, RESET = "\033[2m", "\033[0m"
@@ -57,12 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     _chat_options(gen)
     gen.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
     _sampling_options(gen)
+    _speculative_options(gen)
     gen.set_defaults(run=_generate)
 
     chat = commands.add_parser("chat", help="multi-turn chat (/reset, /exit)")
     _model_options(chat)
     _chat_options(chat)
     _sampling_options(chat)
+    _speculative_options(chat)
     chat.set_defaults(run=_chat)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
@@ -75,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require `Authorization: Bearer KEY` (default: $MINQWEN_API_KEY, if set)")
     serve.add_argument("--model-name", default=None, help="the model id clients see (default: folder name)")
+    _speculative_options(serve)
     serve.set_defaults(run=_serve)
 
     quantize = commands.add_parser("quantize", help="write an int8 / int4 copy of a checkpoint")
@@ -125,6 +129,20 @@ def _sampling_options(p):
                    help="stop string (repeatable); the text ends before it")
 
 
+def _speculative_options(p):
+    p.add_argument("--speculative", default=None, metavar="ngram|mtp|model:PATH",
+                   help="draft tokens and verify them in one pass (the same output, faster where drafts are "
+                        "right): prompt lookup, the checkpoint's MTP head, or a smaller model with the same "
+                        "tokenizer")
+    p.add_argument("--speculative-tokens", type=int, default=DRAFT_TOKENS,
+                   help=f"the most tokens drafted a step (default {DRAFT_TOKENS}; fewer while drafts miss)")
+
+
+def _drafter(args, model):
+    """A new drafter for one sequence (Model.drafter), or None."""
+    return model.drafter(args.speculative) if args.speculative else None
+
+
 def _load(args):
     return load(args.model, context_length=args.context, quantize=args.quantize, kv_cache=args.kv_cache)
 
@@ -156,12 +174,12 @@ def _generate(args) -> int:
             raise TemplateError("--system/--think need the chat template (drop --no-chat)")
         prompt = tok.encode(args.prompt)
     stats = Stats()
-    _stream_to_stdout(model, model.sequence(), prompt, args, stats, chat)
+    _stream_to_stdout(model, model.sequence(), _drafter(args, model), prompt, args, stats, chat)
     print(stats.line(), file=sys.stderr)
     return 0
 
 
-def _stream_to_stdout(model, sequence, prompt, args, stats, chat: bool) -> Delta:
+def _stream_to_stdout(model, sequence, drafter, prompt, args, stats, chat: bool) -> Delta:
     """Generate, printing the reply as it comes (Printer); returns it whole. Its text ends before a stop
     string (as the OpenAI API's does). A `chat` prompt (the chat template's) has its reasoning told from
     its content by the markers' token ids (Reply); a raw prompt's reply is all content."""
@@ -172,7 +190,8 @@ def _stream_to_stdout(model, sequence, prompt, args, stats, chat: bool) -> Delta
     options = _options(args, model)
     reply = Reply(model.tokenizer, prompt, options.stop, chat=chat)
     printer = Printer(sys.stdout)
-    for _, delta in stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, reply, stats):
+    for _, delta in stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, reply, stats,
+                                  drafter, args.speculative_tokens):
         printer.show(delta)
     printer.show(reply.finish())
     printer.end()
@@ -213,7 +232,7 @@ def _chat(args) -> int:
     tok = _require_tokenizer(model)
     if not tok.has_chat_template:
         raise TemplateError("this checkpoint has no chat template; use `generate --no-chat`")
-    sequence, messages = model.sequence(), []
+    sequence, drafter, messages = model.sequence(), _drafter(args, model), []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     print("minqwen chat — /reset clears the conversation, /exit quits", file=sys.stderr)
@@ -226,13 +245,14 @@ def _chat(args) -> int:
         if user.strip() == "/exit":
             return 0
         if user.strip() == "/reset":
-            sequence, messages = model.sequence(), messages[:1] if args.system else []
+            sequence, drafter = model.sequence(), _drafter(args, model)
+            messages = messages[:1] if args.system else []
             print("(conversation cleared)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": user})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, **_template_kwargs(args))
         stats = Stats()
-        reply = _stream_to_stdout(model, sequence, prompt, args, stats, chat=True)
+        reply = _stream_to_stdout(model, sequence, drafter, prompt, args, stats, chat=True)
         # no reasoning: None, which the template does not see (Tokenizer.apply_chat_template drops it)
         messages.append({"role": "assistant", "content": reply.content.strip(),
                          "reasoning_content": reply.reasoning or None})
@@ -244,7 +264,8 @@ def _serve(args) -> int:
 
     model = _load(args)
     serve(model, args.host, args.port, args.parallel, args.queue,
-          args.api_key or os.environ.get("MINQWEN_API_KEY"), args.model_name)
+          args.api_key or os.environ.get("MINQWEN_API_KEY"), args.model_name, args.speculative,
+          args.speculative_tokens)
     return 0
 
 

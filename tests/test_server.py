@@ -48,9 +48,9 @@ def qwen3(tmp_path_factory):
 
 
 @contextmanager
-def running(model, parallel=4, queue_size=32, api_key=None, max_body=MAX_BODY):
+def running(model, parallel=4, queue_size=32, api_key=None, max_body=MAX_BODY, speculative=None):
     log = io.StringIO()  # the engine's failures and the request lines, in one stream as `serve` has them
-    engine = Engine(model, parallel, queue_size, log=log)
+    engine = Engine(model, parallel, queue_size, log=log, speculative=speculative)
     server = ApiServer(("127.0.0.1", 0), Api(model, engine, "tiny"), api_key, max_body, log)
     engine.start()
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -261,6 +261,37 @@ def test_eight_concurrent_requests_each_get_their_own_answer(qwen25):
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(one, range(8))) == expected
         assert server.api.engine.steps < sum(8 + i for i in range(8))  # slots decoded together
+
+
+def test_speculative_slots_verify_in_the_shared_pass_and_answer_as_plain_decoding(qwen3, tmp_path):
+    """Four slots at once, each with its own drafter (the server's draft model by default, prompt lookup,
+    none) or sampling with a seed: every answer is the library's plain one, the drafts are verified in the
+    passes the slots share, and the log shows how many were accepted."""
+    config = json.loads((qwen3.path / "config.json").read_text())
+    draft = build_checkpoint(tmp_path / "draft", config, "bf16", seed=7, tokenizer="qwen3")
+    ids = [qwen3.tokenizer.encode(f"Story {i}: once upon a time " * (i + 1)) for i in range(5)]
+    fields = [{}, {"speculative": "ngram"}, {"speculative": "none"}, {"speculative": f"model:{draft}"},
+              {"temperature": 0.9, "seed": 3}]
+    expected = [expected_text(qwen3, greedy(qwen3, prompt, 20, **{k: v for k, v in extra.items()
+                                                                   if k != "speculative"}))
+                for prompt, extra in zip(ids, fields)]
+    with running(qwen3, parallel=4, speculative=f"model:{draft}") as server:
+        def one(i):
+            status, _, body = raw(server, "POST", "/v1/completions",
+                                  {"prompt": ids[i], "max_tokens": 20, "temperature": 0, **fields[i]})
+            assert status == 200, body
+            return body["choices"][0]["text"]
+
+        with ThreadPoolExecutor(5) as pool:
+            assert list(pool.map(one, range(5))) == expected
+        log = server.log.getvalue()
+        assert len(re.findall(r"completion=20 drafts=\d+/\d+", log)) >= 2, log  # the draft model's two
+        for value, message in (("mtp", "no MTP head"), ("model:/etc", "speculative must be one of"),
+                               ("lookahead", "speculative must be one of")):
+            status, _, body = raw(server, "POST", "/v1/completions",
+                                  {"prompt": ids[0], "max_tokens": 2, "speculative": value})
+            assert status == 400 and body["error"]["param"] == "speculative", body
+            assert message in body["error"]["message"]
 
 
 BAD = [  # (body, status, param, code): every one gets OpenAI's envelope

@@ -252,12 +252,14 @@ class Decoder:
                   for s in range(0, len(tokens), chunk)]
         return np.concatenate(logits) if every_token else logits[-1][0].copy()
 
-    def forward(self, batch: list[tuple[Cache, np.ndarray]], every_token: bool = False,
+    def forward(self, batch: list[tuple[Cache, np.ndarray]], every_token: bool | list[bool] = False,
                 inputs: np.ndarray | None = None) -> np.ndarray:
         """One pass of the network over several sequences' new tokens at once, each at its own positions:
         a prefill chunk, or one token each when decoding a batch (each weight is then read once for all).
         Returns the logits after each sequence's last token (len(batch), vocab) — a view, valid until the
-        next call — or after every token (total tokens, vocab) with every_token. `inputs` (total tokens,
+        next call — or after every token (total tokens, vocab) with every_token, in an array of their own;
+        with a list, after every token of the sequences it flags and the last of the others, in order (a
+        view; a speculative verify pass beside prefill chunks and plain decode steps). `inputs` (total tokens,
         hidden), if given, enter the first layer instead of the tokens' embeddings (the MTP head's).
         Afterwards `hidden` holds every token's final normed state, the head's input (a view, as the
         logits)."""
@@ -292,13 +294,15 @@ class Decoder:
             s.cache.length = s.start + s.n
         rmsnorm(x, x, self.weights.norm, cfg.rms_norm_eps)
         self.hidden = x
-        if every_token:
+        if every_token is True:
             rows, logits = x, np.empty((T, cfg.vocab_size), np.float32)
-        else:  # only each sequence's last token needs the head
-            rows = x[[s.rows.stop - 1 for s in segments]]
-            if len(self.last_logits) < len(segments):
-                self.last_logits = np.zeros((len(segments), cfg.vocab_size), np.float32)
-            logits = self.last_logits[:len(segments)]
+        else:  # the head runs only on the rows asked for
+            flags = every_token or [False] * len(segments)
+            rows = x[[r for s, every in zip(segments, flags)
+                      for r in range(s.rows.stop - (s.n if every else 1), s.rows.stop)]]
+            if len(self.last_logits) < len(rows):
+                self.last_logits = np.zeros((len(rows), cfg.vocab_size), np.float32)
+            logits = self.last_logits[:len(rows)]
         linear(logits, rows, self.weights.lm_head)
         return logits
 
@@ -475,10 +479,11 @@ class Sequence:
         del self.tokens[length:]
 
     @staticmethod
-    def extend_together(batch: list[tuple[Sequence, list[int]]], every_token: bool = False) -> np.ndarray:
+    def extend_together(batch: list[tuple[Sequence, list[int]]], every_token: list[bool] | None = None
+                        ) -> np.ndarray:
         """Several sequences' new tokens (checked, and within the workspace's rows together) in one
-        Decoder.forward, each weight read once for all; returns the logits after each one's last token
-        (len(batch), vocab), or after every token, a view valid until the decoder's next pass."""
+        Decoder.forward, each weight read once for all; returns the logits after each one's last token,
+        or after every token of those every_token flags (see forward), a view valid until the next pass."""
         logits = batch[0][0].decoder.forward([(s.cache, np.asarray(t, np.int64)) for s, t in batch],
                                              every_token)
         for sequence, tokens in batch:

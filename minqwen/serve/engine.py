@@ -11,6 +11,11 @@
         for each slot whose prompt is in     its own Sampler picks the next token (own generator,
                                              penalties, limits); its Reply turns it into text
 
+Speculative decoding (text/speculative.py), per job: a generating slot brings its last token and the
+tokens its drafter guesses follow it, all verified in the same pass as the other slots' rows; its
+sampler then picks a token after each row while they agree with the drafts, and the slot forgets the
+rejected ones. Each slot keeps its own drafters (their caches follow its sequence) and draft length.
+
 A decode step is bound by reading the weights, and one forward pass reads them once for the whole
 batch: N streams cost little more than one (bench/serve.py). Each slot has its own Cache, which may
 grow to the whole context window: slots never divide the window between them. A hybrid model's slot
@@ -43,10 +48,12 @@ from ..model import Model
 from ..network.decoder import Sequence
 from ..text.generation import Sampler
 from ..text.reply import Delta, Reply
+from ..text.speculative import DRAFT_TOKENS, DraftLength
 
 MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
 # FEW_TOKENS; GGML blocks, int8 / int4 included, up to INTEGER_TOKENS = 16); past it the products go
 # through BLAS, for prefill-sized batches
+MAX_DRAFTS = 15  # tokens a slot may draft a step: with its last token, 16 rows, the integer kernels' batch
 PREFILL_PER_STEP = 256  # prompt tokens a step takes while other slots generate: ~0.5-1 s of prefill on
 # the 0.5B shape, the longest a running stream then waits for a token
 
@@ -78,6 +85,9 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False  # set by Engine.cancel, from the client's thread
     cached_tokens: int = 0  # prompt tokens found in the slot's cache
+    speculative: str | None = None  # the drafter (Model.drafter's names), None: plain decoding
+    drafted: int = 0  # tokens drafted for it, and of them accepted
+    accepted: int = 0
 
 
 class Busy(Exception):
@@ -95,6 +105,10 @@ class Slot:
         self.pending: list[int] = []  # tokens to run next: the rest of the prompt, or the last new token
         self.prefilling = False
         self.used = 0  # the step it was last released at (least recently used slots are taken first)
+        self.drafters: dict[str, object] = {}  # by name, made on first use: their caches follow the sequence
+        self.drafter = None  # the job's
+        self.drafts: list[int] = []  # verified in the pass under way, after pending
+        self.length = DraftLength(DRAFT_TOKENS)
 
     def chunk_limit(self) -> int:
         """Tokens the next prefill chunk may take: up to the snapshot point, for a hybrid model."""
@@ -109,14 +123,20 @@ class Engine:
     `queue_size` more waiting, and refuses the rest (Busy)."""
 
     def __init__(self, model: Model, parallel: int = 4, queue_size: int = 32,
-                 prefill_per_step: int = PREFILL_PER_STEP, log: TextIO | None = None):
+                 prefill_per_step: int = PREFILL_PER_STEP, log: TextIO | None = None,
+                 speculative: str | None = None, most_drafts: int = DRAFT_TOKENS):
         if not 1 <= parallel <= MAX_PARALLEL:
             raise ConfigError(f"parallel must be in [1, {MAX_PARALLEL}], got {parallel}")
+        if not 1 <= most_drafts <= MAX_DRAFTS:
+            raise ConfigError(f"the most tokens to draft must be in [1, {MAX_DRAFTS}], got {most_drafts}")
         if queue_size < 0:
             raise ConfigError(f"the queue size must be >= 0, got {queue_size}")
         self.model, self.rows = model, model.decoder.ws.rows
         self.slots = [Slot(model.sequence()) for _ in range(parallel)]
-        self.queue_size, self.prefill_per_step = queue_size, prefill_per_step
+        self.queue_size, self.prefill_per_step, self.most_drafts = queue_size, prefill_per_step, most_drafts
+        self.speculative = speculative  # the jobs' default drafter (the API's `speculative` field chooses)
+        if speculative:
+            model.drafter(speculative)  # a name it cannot draft with fails here, not in every job
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.running = False
@@ -202,6 +222,10 @@ class Engine:
                 slot.job = job
                 job.cached_tokens = slot.sequence.rewind_to_reusable_prefix(job.prompt)
                 slot.pending, slot.prefilling = job.prompt[job.cached_tokens:], True
+                if job.speculative and job.speculative not in slot.drafters:
+                    slot.drafters[job.speculative] = self.model.drafter(job.speculative)
+                slot.drafter = slot.drafters.get(job.speculative)
+                slot.drafts, slot.length = [], DraftLength(self.most_drafts)
                 if job.snapshot_at == job.cached_tokens:
                     slot.sequence.cache.snapshot()
             except Exception as e:
@@ -220,8 +244,16 @@ class Engine:
                 self._release(slot, End("cancelled"))
         active = [slot for slot in self.slots if slot.job is not None]
         decoding = [slot for slot in active if not slot.prefilling]
-        budget = min(self.prefill_per_step if decoding else self.rows, self.rows - len(decoding))
-        batch = [(slot, slot.pending) for slot in decoding]
+        rows_left = self.rows - len(decoding)
+        for slot in decoding:
+            try:
+                slot.drafts = self._draft(slot, rows_left)
+            except Exception as e:
+                self._fail(e, [slot], "drafting")
+            rows_left -= len(slot.drafts)
+        decoding = [slot for slot in decoding if slot.job is not None]
+        budget = min(self.prefill_per_step if decoding else self.rows, rows_left)
+        batch = [(slot, slot.pending + slot.drafts) for slot in decoding]
         for slot in (s for s in active if s.prefilling):
             n = min(budget, slot.chunk_limit())
             if n > 0:
@@ -229,21 +261,60 @@ class Engine:
                 budget -= n
         if not batch:
             return
+        every_token = [bool(slot.drafts) for slot, _ in batch]  # verify passes: a token after each row
         try:
-            logits = Sequence.extend_together([(slot.sequence, tokens) for slot, tokens in batch])
+            logits = Sequence.extend_together([(s.sequence, tokens) for s, tokens in batch], every_token)
         except Exception as e:
             self._fail(e, [slot for slot, _ in batch], "a forward pass")
             return
         self.steps += 1
-        for (slot, tokens), row in zip(batch, logits):
+        hidden, first_logits, first_row = self.model.decoder.hidden, 0, 0
+        for (slot, tokens), every in zip(batch, every_token):
+            rows = logits[first_logits:first_logits + (len(tokens) if every else 1)]
+            states = hidden[first_row:first_row + len(tokens)]  # for the drafter, which copies them
+            first_logits, first_row = first_logits + len(rows), first_row + len(tokens)
             try:
-                slot.pending = slot.pending[len(tokens):]
+                start = slot.sequence.cache.length - len(tokens)
+                slot.pending = slot.pending[len(tokens) - len(slot.drafts):]
                 if slot.job.snapshot_at == slot.sequence.cache.length and slot.sequence.cache.deltanet_layers:
                     slot.sequence.cache.snapshot()
-                if not slot.pending:
-                    self._next_token(slot, row)
+                if slot.pending:  # a prompt's chunk, not its last
+                    if slot.drafter is not None:
+                        slot.drafter.observe(start, states)
+                    continue
+                prompt_done = slot.prefilling
+                accepted = self._choose(slot, rows, start)
+                if slot.drafter is not None and slot.job is not None:
+                    slot.drafter.observe(start, states if prompt_done else states[:accepted + 1])
             except Exception as e:
                 self._fail(e, [slot], "choosing a job's next token")
+
+    def _draft(self, slot: Slot, rows_left: int) -> list[int]:
+        """The tokens the slot's drafter guesses follow its pending token, at most as many as its draft
+        length, the rows left in the pass and its job's token limit allow."""
+        if slot.drafter is None:
+            return []
+        sampler = slot.job.sampler
+        k = min(slot.length.next(), rows_left, sampler.max_new_tokens - sampler.generated - 1)
+        return slot.drafter.draft([*slot.sequence.tokens, *slot.pending], max(k, 0))
+
+    def _choose(self, slot: Slot, rows: np.ndarray, start: int) -> int:
+        """A token after each row while the tokens chosen agree with the drafts; forget the drafts after the
+        first that does not (Sequence.truncate; the pass ran from position `start`). Returns how many
+        drafts were accepted."""
+        drafts, job = slot.drafts, slot.job
+        accepted = 0
+        for j, logits in enumerate(rows):
+            token = self._next_token(slot, logits)
+            if slot.job is None or j == len(drafts) or token != drafts[j]:
+                break
+            accepted += 1
+        if drafts:
+            job.drafted, job.accepted = job.drafted + len(drafts), job.accepted + accepted
+            slot.length.update(len(drafts), accepted)
+            slot.sequence.truncate(start + 1 + accepted)
+        slot.drafts = []
+        return accepted
 
     def _next_token(self, slot: Slot, logits: np.ndarray):
         job = slot.job

@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import CheckpointError
 from ..model import Model
+from ..text.speculative import DRAFT_TOKENS
 from .engine import End, Engine, Job
 from .openai_api import Api, ApiError, Outcome, Request, Response, invalid
 
@@ -154,8 +155,9 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with self.server.lock:
                 self.server.requests_in_flight -= 1
-        self.counts = (f" prompt={len(request.prompt)} cached={response.job.cached_tokens} "
-                       f"completion={outcome.tokens}")
+        job = response.job
+        self.counts = (f" prompt={len(request.prompt)} cached={job.cached_tokens} completion={outcome.tokens}"
+                       + (f" drafts={job.accepted}/{job.drafted}" if job.drafted else ""))
 
     def events(self, job: Job):
         """The job's events as they come, and None after each POLL_SECONDS without one (a job waiting
@@ -273,12 +275,14 @@ def model_name(path) -> str:
 
 
 def serve(model: Model, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, queue_size: int = 32,
-          api_key: str | None = None, model_id: str | None = None):
+          api_key: str | None = None, model_id: str | None = None, speculative: str | None = None,
+          most_drafts: int = DRAFT_TOKENS):
     """Serve until SIGINT or SIGTERM; then stop taking requests, end the ones in flight with an error,
     and return."""
     if model.tokenizer is None:
         raise CheckpointError(f"{model.path}: serving needs the checkpoint's tokenizer.json")
-    engine = Engine(model, parallel, queue_size, log=sys.stderr)
+    engine = Engine(model, parallel, queue_size, log=sys.stderr, speculative=speculative,
+                    most_drafts=most_drafts)
     server = ApiServer((host, port), Api(model, engine, model_id or model_name(model.path)), api_key)
     engine.start()
     stop = threading.Event()

@@ -222,6 +222,23 @@ class Request:
     tools: list[dict] | None = None
     require_call: str | None = None  # tool_choice "required" (""), or the function named
     snapshot_at: int | None = None
+    speculative: str | None = None  # the drafter (Model.drafter's names), None: plain decoding
+
+
+def speculative_choice(body: dict, model: Model, default: str | None) -> str | None:
+    """minqwen's own `speculative` field: "ngram", "mtp", "none", or the server's --speculative (its default).
+    Only the server's own draft model may be named: a client cannot make it load a file."""
+    value = body.get("speculative")
+    if value is None:
+        return default
+    if value == "mtp" and model.weights.mtp is None:
+        raise invalid("this model has no MTP head to draft with", "speculative")
+    if value in ("ngram", "mtp", default):
+        return value
+    if value == "none":
+        return None
+    choices = ", ".join(f'"{name}"' for name in ("ngram", "mtp", "none", default) if name)
+    raise invalid(f"speculative must be one of {choices}, got {value!r}", "speculative")
 
 
 def chat_request(body: dict, model: Model, engine: Engine) -> Request:
@@ -287,7 +304,8 @@ def generation_request(body: dict, model: Model, engine: Engine, param: str,
         raise invalid(str(e)) from None
     return Request(options=options, max_tokens=max_tokens,
                    ignore_eos=flag(body, "ignore_eos"), stream=flag(body, "stream"),
-                   include_usage=flag(stream_options, "include_usage"), **fields)
+                   include_usage=flag(stream_options, "include_usage"),
+                   speculative=speculative_choice(body, model, engine.speculative), **fields)
 
 
 # ---- responses
@@ -493,7 +511,8 @@ class Api:
         sampler = Sampler(request.options, request.prompt, model.config.vocab_size, request.max_tokens, eos)
         reply = Reply(model.tokenizer, request.prompt, request.options.stop, request.tools, request.chat,
                       request.require_call)
-        job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, client_gone)
+        job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, client_gone,
+                  speculative=request.speculative)
         try:
             self.engine.submit(job)
         except Busy:
