@@ -9,6 +9,7 @@ from .errors import ConfigError
 from .kernels.dtypes import FP16
 from .network.config import Config
 from .network.decoder import KV_CACHE_DTYPES, Cache, Decoder, Sequence
+from .network.mtp import MtpHead
 from .network.weights import Weights
 from .text.generation import GenerationOptions, stream_tokens
 from .text.reply import Reply
@@ -26,7 +27,7 @@ class Model:
         self.context_length = context_length or config.context_window
         self.kv_dtype = KV_CACHE_DTYPES[kv_cache]  # see Cache
         self.decoder = Decoder(config, weights)
-        self.mtp_head = None  # built on first use by drafter("mtp")
+        self.mtp_head: MtpHead | None = None  # built on first use by drafter("mtp")
         self.draft_models: dict[str, Model] = {}  # drafter("model:PATH")'s, loaded once
 
     @property
@@ -70,7 +71,6 @@ class Model:
             if self.weights.mtp is None:
                 raise ConfigError(f"{self.path or 'this checkpoint'} has no MTP head to draft with: "
                                   "use --speculative ngram or model:PATH")
-            from .network.mtp import MtpHead  # TEMP until the head lands
             self.mtp_head = self.mtp_head or MtpHead(self.config, self.weights)
             return MtpDrafter(self.mtp_head, self.mtp_head.cache(self.context_length, self.kv_dtype))
         if isinstance(speculative, str) and speculative.startswith("model:"):

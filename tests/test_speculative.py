@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_mtp import FAMILIES as MTP_FAMILIES
 from test_parity_dense import QWEN3
 from test_parity_hybrid import QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT
 from test_parity_moe import QWEN2_MOE
 
 import minqwen
-from checkpoints import build_checkpoint, chat_checkpoint
+from checkpoints import add_mtp_head, build_checkpoint, chat_checkpoint
 from minqwen.errors import ConfigError, SamplingError
+from minqwen.network.mtp import MtpHead
 from minqwen.text.generation import GenerationOptions, Stats, stream_tokens
 from minqwen.text.speculative import PAUSE_ROUNDS, DraftLength, NgramDrafter, SequenceDrafter
 
@@ -89,6 +91,48 @@ def test_ngram_and_draft_model_drafters_give_plain_greedy(model, tmp_path):
         drafter = SequenceDrafter(draft.sequence(), model.config.vocab_size)
         ours, stats = run(model, prompt, 30, drafter, most=5)
         assert ours == plain and (stats.accepted == stats.drafted) == everything
+
+
+@pytest.fixture(scope="module", params=sorted(MTP_FAMILIES))
+def mtp_model(request, tmp_path_factory):
+    folder = build_checkpoint(tmp_path_factory.mktemp(f"mtp-{request.param}"), MTP_FAMILIES[request.param])
+    add_mtp_head(folder)
+    return minqwen.load(folder)
+
+
+class Recorder:
+    """A drafter's drafts, with the context of each round."""
+
+    def __init__(self, drafter):
+        self.drafter, self.rounds = drafter, []
+
+    def draft(self, context, k):
+        drafts = self.drafter.draft(context, k)
+        self.rounds.append((list(context), drafts))
+        return drafts
+
+    def observe(self, start, hidden):
+        self.drafter.observe(start, hidden)
+
+
+def test_the_mtp_drafter_gives_plain_output_and_drafts_what_the_head_predicts(mtp_model):
+    """Greedy and seeded sampling stay plain decoding's; each round's first draft is what a fresh head,
+    run over the whole context at once, predicts after it: the head's cache follows the model's accepted
+    tokens through every round (the prompt's states, the accepted rows, its own rejected drafts undone)."""
+    model, prompt = mtp_model, prompt_of(mtp_model, 14)
+    plain = model.generate(prompt, 30)
+    drafter = Recorder(model.drafter("mtp"))
+    ours, stats = run(model, prompt, 30, drafter, most=3)
+    assert ours == plain and stats.drafted > 0
+    for context, drafts in drafter.rounds:
+        if drafts:
+            model.sequence().extend(context[:-1])
+            head = MtpHead(model.config, model.weights)
+            logits = head.extend(head.cache(256), model.decoder.hidden.copy(), np.asarray(context[1:]))
+            assert int(np.argmax(logits)) == drafts[0]
+    sampled = model.generate(prompt, 30, temperature=1.0, seed=4)
+    assert model.generate(prompt, 30, temperature=1.0, seed=4, speculative="mtp",
+                          speculative_tokens=2) == sampled
 
 
 CODE = "def area(width, height):\n    if width < 0 or height < 0:\n        raise ValueError('negative')\n" \

@@ -127,12 +127,9 @@ class MtpDrafter:
         self.pending = None
         if self.cache.rewind(start) < start:  # the head missed positions before (a reused prompt prefix)
             return []
-        rows = self.head.rows
-        for s in range(0, len(hidden), rows):
-            logits = self.head.extend(self.cache, hidden[s:s + rows],
-                                      np.asarray(context[start + s + 1:start + s + 1 + rows], np.int64))
-        drafts = [int(np.argmax(logits[-1]))] if k else []
+        logits = self.head.extend(self.cache, hidden, np.asarray(context[start + 1:], np.int64))
+        drafts = [int(np.argmax(logits))] if k else []
         while 0 < len(drafts) < k and self.cache.length < self.cache.context_length:
             logits = self.head.extend(self.cache, self.head.hidden[-1:], np.asarray(drafts[-1:], np.int64))
-            drafts.append(int(np.argmax(logits[-1])))
+            drafts.append(int(np.argmax(logits)))
         return drafts
