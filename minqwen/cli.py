@@ -326,8 +326,9 @@ def _info(args) -> int:
     if weights.mtp:
         mtp = [src.tensors[name] for name in src.read if name.startswith("mtp.")]
         lines.append(("MTP head", f"{len(weights.mtp.layers)} full-attention layer, {len(mtp)} tensors "
-                                  f"({sum(t.nbytes for t in mtp) / 2**30:.2f} GiB): loaded, not run "
-                                  "(a draft model for speculative decoding)"))
+                                  f"({sum(t.nbytes for t in mtp) / 2**30:.2f} GiB): for --speculative mtp"))
+    else:
+        lines.append(("MTP head", "none"))
     for kind, names in unread_tensors(src).items():
         size = sum(src.tensors[name].nbytes for name in names) / 2**30
         if kind in IGNORED.values():

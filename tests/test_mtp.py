@@ -102,7 +102,7 @@ def test_info_says_the_head_is_loaded(checkpoint, capsys):
     folder, written = checkpoint
     assert cli(["info", "--model", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert f"MTP head: 1 full-attention layer, {len(written)} tensors" in out
+    assert f"MTP head: 1 full-attention layer, {len(written)} tensors" in out and "--speculative mtp" in out
     assert "not loaded" not in out and "unexpected" not in out
 
 
@@ -116,8 +116,11 @@ def test_a_config_without_mtp_layers_leaves_the_head_unloaded(checkpoint, tmp_pa
     assert f"not loaded: multi-token prediction head: {len(written)} tensors" in capsys.readouterr().out
 
 
-def test_a_checkpoint_without_the_head_has_none(tmp_path):
-    assert minqwen.load(build_checkpoint(tmp_path, QWEN3_5)).weights.mtp is None  # as save_pretrained writes
+def test_a_checkpoint_without_the_head_has_none(tmp_path, capsys):
+    folder = build_checkpoint(tmp_path, QWEN3_5)
+    assert minqwen.load(folder).weights.mtp is None  # as save_pretrained writes
+    assert cli(["info", "--model", str(folder)]) == 0
+    assert "MTP head: none" in capsys.readouterr().out
 
 
 def test_a_quantised_copy_keeps_the_head(tmp_path):
