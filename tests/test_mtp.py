@@ -368,6 +368,11 @@ def test_the_nextn_block_is_the_mtp_head(gguf_checkpoint):
     assert len(from_gguf.layers) == len(from_folder.layers)  # block_count counts the head: no trunk layer
     assert from_gguf.mtp is not None
     assert_same_head(from_gguf.mtp, from_folder.mtp)
+    models, rng = [minqwen.load(folder), minqwen.load(path)], np.random.default_rng(5)  # and drafts the same
+    hidden, next_tokens = rng.standard_normal((4, models[0].config.hidden_size)), rng.integers(0, 248320, 4)
+    heads = [MtpHead(m.config, m.weights) for m in models]
+    ours, theirs = (head.extend(head.cache(64), hidden, next_tokens, every_token=True) for head in heads)
+    assert relative_error(theirs, ours) <= ROUNDING
 
 
 def test_a_head_converted_apart_is_read_from_beside_the_model(gguf_checkpoint, converter, tmp_path, capsys):
