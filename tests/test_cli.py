@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -116,6 +117,28 @@ def test_cli_sampling_errors_are_one_line(qwen25):
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert (len(result.stderr.strip().splitlines()) == 1
                 and result.stderr.startswith("error: ")), result.stderr
+
+
+def test_speculative_generate_and_chat_give_the_plain_answer(qwen25):
+    """--speculative on the command line: the same text, the drafts' line in the stats (a model drafting for
+    itself accepts every draft), through chat's turns too; what it cannot draft with is one line."""
+    model = minqwen.load(qwen25)
+    prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}])
+    expected = model.tokenizer.decode(model.generate(prompt, max_new_tokens=12), skip_special_tokens=True)
+    common = ["--model", str(qwen25), "--temperature", "0", "--repetition-penalty", "1",
+              "--max-new-tokens", "12"]
+    result = run_cli("generate", *common, "--prompt", "Hello there", "--speculative", f"model:{qwen25}",
+                     "--speculative-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+    assert re.search(r"drafts: (\d+) of \1 accepted \(100%\)$", result.stderr.strip()), result.stderr
+    result = run_cli("chat", *common, "--speculative", "ngram", stdin="Hello there\nAgain\n/exit\n")
+    assert result.returncode == 0 and expected in result.stdout, result.stderr
+    for option, message in ((["--speculative", "mtp"], "has no MTP head"),
+                            (["--speculative", "guess"], "ngram, mtp or model:PATH"),
+                            (["--speculative", "ngram", "--speculative-tokens", "0"], "draft")):
+        result = run_cli("generate", *common, "--prompt", "hi", *option)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
 
 
 def test_prompt_longer_than_context_cli(qwen25):
