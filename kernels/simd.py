@@ -14,8 +14,7 @@ Vectors of 256 bits run on AVX2, of 512 bits on AVX-512; the width comes from th
 kernel source serves both (its `lanes` argument is a compile-time literal). What each intrinsic computes,
 and how (`lanes` = elements of the result):
 
-    load(arr, off, n)        arr[off : off + n] as a vector (any alignment, no bounds check);
-                             store(arr, off, v)
+    load(arr, off, n)        arr[off : off + n] as a vector (any alignment, unchecked); store(arr, off, v)
     splat(x, n), fzeros(n), izeros(n), splat_at(arr, off, n) (= splat(arr[off], n), as one vbroadcastss)
     splat32(arr, off, n)     the int16 pair arr[off : off + 2] in every 32-bit lane (n int16 lanes)
     fp16_splat(arr, off, n)  the fp16 at bytes arr[off : off + 2] as n float32 lanes (vpbroadcastw +
@@ -37,7 +36,7 @@ and how (`lanes` = elements of the result):
                              of a byte vector, and its entry 0 must be 0: a lane's high byte, 0, looks it up
     dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
                              vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
-    round16(v)               float32 lanes -> the nearest integers (ties to even) as int16 lanes
+    round16(v)               float32 lanes -> the nearest integers (ties to even: vcvtps2dq) as int16 lanes
     to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes,
                              a * b multiplies float lanes, v - c subtracts a constant from integer lanes
     abs_max(v)               the largest |lane|
@@ -94,9 +93,11 @@ def _call(builder, name, ret, args):
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
 
-def _address(context, builder, array_type, array, off_type, off, pointee):
-    data = context.make_array(array_type)(context, builder, array).data
-    offset = context.cast(builder, off, off_type, types.intp)
+def _address(context, builder, sig, args, pointee, i=0, offset=None):
+    """a pointee* to element args[i + 1] (or the intp offset given) of the array args[i]"""
+    data = context.make_array(sig.args[i])(context, builder, args[i]).data
+    if offset is None:
+        offset = context.cast(builder, args[i + 1], sig.args[i + 1], types.intp)
     return builder.bitcast(builder.gep(data, [offset]), pointee.as_pointer())
 
 
@@ -130,8 +131,7 @@ def load(typingctx, arr, off, n):
     v = _vector_for(_lanes(n) * arr.dtype.bitwidth, kind, _lanes(n))
 
     def codegen(context, builder, sig, args):
-        return builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1], v.llvm),
-                            align=1)
+        return builder.load(_address(context, builder, sig, args, v.llvm), align=1)
     return v(arr, off, n), codegen
 
 
@@ -141,8 +141,7 @@ def store(typingctx, arr, off, v):
         return None
 
     def codegen(context, builder, sig, args):
-        builder.store(args[2], _address(context, builder, sig.args[0], args[0], sig.args[1], args[1], v.llvm),
-                      align=1)
+        builder.store(args[2], _address(context, builder, sig, args, v.llvm), align=1)
         return context.get_dummy_value()
     return types.none(arr, off, v), codegen
 
@@ -152,8 +151,8 @@ def splat_at(typingctx, arr, off, n):
     v = _vector_for(32 * _lanes(n), "f32", _lanes(n))
 
     def codegen(context, builder, sig, args):
-        address = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.FloatType())
-        return _broadcast(builder, builder.load(address, align=4), v.llvm)
+        scalar = builder.load(_address(context, builder, sig, args, ir.FloatType()), align=4)
+        return _broadcast(builder, scalar, v.llvm)
     return v(arr, off, n), codegen
 
 
@@ -163,8 +162,7 @@ def fp16_splat(typingctx, arr, off, n):
     require("f16c")
 
     def codegen(context, builder, sig, args):
-        bits = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
-                                     ir.IntType(16)), align=1)
+        bits = builder.load(_address(context, builder, sig, args, ir.IntType(16)), align=1)
         halves = builder.bitcast(_broadcast(builder, bits, ir.VectorType(ir.IntType(16), v.lanes)),
                                  ir.VectorType(ir.HalfType(), v.lanes))
         return builder.fpext(halves, v.llvm)
@@ -174,8 +172,7 @@ def fp16_splat(typingctx, arr, off, n):
 @intrinsic
 def u32_at(typingctx, arr, off):
     def codegen(context, builder, sig, args):
-        return builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
-                                     ir.IntType(32)), align=1)
+        return builder.load(_address(context, builder, sig, args, ir.IntType(32)), align=1)
     return types.uint32(arr, off), codegen
 
 
@@ -235,23 +232,21 @@ def words(typingctx, arr, off, stride, n):
         start = context.cast(builder, args[1], sig.args[1], types.intp)
         starts = [start, builder.add(start, context.cast(builder, args[2], sig.args[2], types.intp))]
         sixteen = ir.VectorType(ir.IntType(16), 16)
-        parts = [builder.load(_address(context, builder, sig.args[0], args[0], types.intp, at, sixteen),
-                              align=1) for at in starts[:v.lanes // 16]]
+        parts = [builder.load(_address(context, builder, sig, args, sixteen, offset=at), align=1)
+                 for at in starts[:v.lanes // 16]]
         return parts[0] if v.lanes == 16 else builder.shuffle_vector(
             *parts, ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32))))
     return v(arr, off, stride, n), codegen
 
 
 @intrinsic
-def splat32(typingctx, arr, off, n):
-    """the int16 pair arr[off : off + 2] repeated to n int16 lanes (one vpbroadcastd; a dot_s16 operand)"""
+def splat32(typingctx, arr, off, n):  # one vpbroadcastd: a dot_s16 operand
     if arr.dtype.bitwidth != 16:
         return None
     v = _vector_for(16 * _lanes(n), "i16", _lanes(n))
 
     def codegen(context, builder, sig, args):
-        address = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(32))
-        word = builder.load(address, align=2)
+        word = builder.load(_address(context, builder, sig, args, ir.IntType(32)), align=2)
         pair = _broadcast(builder, word, ir.VectorType(ir.IntType(32), v.lanes // 2))
         return builder.bitcast(pair, v.llvm)
     return v(arr, off, n), codegen
@@ -284,8 +279,7 @@ def bit_words(typingctx, arr, off, value):
     v = _vector_for(256, "i16", 16)
 
     def codegen(context, builder, sig, args):
-        bits = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
-                                     ir.IntType(16)), align=1)
+        bits = builder.load(_address(context, builder, sig, args, ir.IntType(16)), align=1)
         bit = ir.Constant(v.llvm, [ir.Constant(ir.IntType(16), 1 << i) for i in range(16)])
         is_set = builder.icmp_unsigned("!=", builder.and_(_broadcast(builder, bits, v.llvm), bit),
                                        ir.Constant(v.llvm, None))
@@ -351,8 +345,8 @@ def widen16(typingctx, arr, off, signed):
     v = _vector_for(256, "i16", 16)
 
     def codegen(context, builder, sig, args):
-        packed = builder.load(_address(context, builder, sig.args[0], args[0], sig.args[1], args[1],
-                                       ir.VectorType(ir.IntType(8), 16)), align=1)
+        packed = builder.load(_address(context, builder, sig, args, ir.VectorType(ir.IntType(8), 16)),
+                              align=1)
         return (builder.sext if signed.literal_value else builder.zext)(packed, v.llvm)
     return v(arr, off, signed), codegen
 
@@ -367,7 +361,6 @@ def to_float(typingctx, v):
 
 @intrinsic
 def round16(typingctx, v):
-    """float32 lanes rounded to the nearest integer (ties to even: vcvtps2dq), then cut to int16 lanes"""
     if not (isinstance(v, Vector) and v.kind == "f32"):
         return None
     i16 = Vector("i16", v.lanes)
@@ -466,9 +459,9 @@ def transpose32(typingctx, dst, dst_off, src, src_off, stride, n):
         first, base, step = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 3, 4))
 
         def at(i, offset):  # the vector at offset in argument i (0: dst, 2: src)
-            return _address(context, builder, sig.args[i], args[i], types.intp, offset, v.llvm)
-        rows = [builder.load(at(2, builder.add(base, builder.mul(step, ir.Constant(step.type, r)))),
-                             align=4) for r in range(count)]
+            return _address(context, builder, sig, args, v.llvm, i, offset)
+        rows = [builder.load(at(2, builder.add(base, builder.mul(step, ir.Constant(step.type, r)))), align=4)
+                for r in range(count)]
         h = 1
         while h < count:
             for i in (i for i in range(count) if not i & h):
@@ -501,7 +494,7 @@ def abs_max(typingctx, v):
 def prefetch(typingctx, arr, off):
     def codegen(context, builder, sig, args):
         i32 = ir.IntType(32)
-        pointer = _address(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.IntType(8))
+        pointer = _address(context, builder, sig, args, ir.IntType(8))
         # llvm.prefetch(address, read, keep in all levels, data cache)
         _call(builder, "llvm.prefetch.p0", ir.VoidType(), [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3),
                                                           ir.Constant(i32, 1)])
