@@ -16,7 +16,7 @@ from gguf_files import convert_with_llama_cpp, llama_cpp_converter
 import minqwen
 from checkpoints import add_mtp_head, build_checkpoint, relative_error
 from minqwen.cli import main as cli
-from minqwen.errors import CheckpointError, ConfigError
+from minqwen.errors import CheckpointError, ConfigError, UnsupportedModelError
 from minqwen.formats.safetensors import write_quantized_checkpoint
 from minqwen.kernels.activations import sigmoid_gate_reference, sigmoid_reference
 from minqwen.kernels.dtypes import to_float32
@@ -310,6 +310,14 @@ def test_several_sequences_in_one_pass_match_each_alone(head_case):
                           every_token=True)
     assert (a.length, b.length) == (9, 4)
     assert relative_error(logits, together[[5, 6, 7, 8, 3]]) <= ROUNDING
+
+
+def test_a_head_of_two_layers_is_refused(head_case):
+    """vLLM runs a deeper head's layers one per draft step (layers[step % n]), not stacked: none published."""
+    _, model, *_ = head_case
+    deeper = dataclasses.replace(model.weights.mtp, layers=model.weights.mtp.layers * 2)
+    with pytest.raises(UnsupportedModelError, match="MTP head of 2 layers"):
+        MtpHead(model.config, dataclasses.replace(model.weights, mtp=deeper))
 
 
 def test_chained_the_head_reads_its_own_state_one_position_on(head_case):

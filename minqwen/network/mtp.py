@@ -2,13 +2,12 @@
 after next, for speculative decoding. Row i reads the model's final normed state h_i and the token t_{i+1}:
 
     x_i = fc [RMSNorm_e(embed(t_{i+1})) ; RMSNorm_h(h_i)]      (concatenated: embedding first)
-    x = layers(x)                                               full-attention decoder layers, own KV cache
+    x = layer(x)                                                a full-attention decoder layer, own KV cache
     logits_i = lm_head(RMSNorm(x_i))                            a guess at t_{i+2}
 
-As vLLM's qwen3_5_mtp.py / qwen3_next_mtp.py define it (concat order, norms, h after the model's final norm,
-the output normed) and v1/spec_decode/eagle.py runs it (row i at the model's position i; chained, the head's
-normed output returns with its draft one position on). llama.cpp's qwen35 graph_mtp agrees, but puts row i
-at position i + 1: RoPE sees only distances, so the logits are the same.
+As vLLM's qwen3_5_mtp.py / qwen3_next_mtp.py (order, norms, h after the final norm, output normed) and
+v1/spec_decode/eagle.py (row i at position i; chained, the normed output returns with its draft a position on)
+define it; llama.cpp's qwen35 graph_mtp puts row i at i + 1, which RoPE (distances only) cannot tell apart.
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from ..errors import UnsupportedModelError
 from ..kernels.dtypes import FP32
 from ..kernels.embedding import embed
 from ..kernels.linear import linear
@@ -26,12 +26,14 @@ from .weights import Weights
 
 
 class MtpHead:
-    """Its layers run by a Decoder of their own: a config of that many full-attention layers with the model's
-    MLP kind, the head's final norm, the model's embeddings and LM head."""
+    """Its layer run by a Decoder of its own: a config of one full-attention layer with the model's MLP kind,
+    the head's final norm, the model's embeddings and LM head."""
 
     def __init__(self, config: Config, weights: Weights, prefill_chunk: int = PREFILL_CHUNK):
-        self.weights, n, d = weights.mtp, len(weights.mtp.layers), config.hidden_size
-        self.config = dataclasses.replace(config, num_hidden_layers=n, layer_types=["full_attention"] * n,
+        self.weights, d = weights.mtp, config.hidden_size
+        if len(self.weights.layers) != 1:  # vLLM runs deeper ones' layers one per draft step; none published
+            raise UnsupportedModelError(f"an MTP head of {len(self.weights.layers)} layers: minqwen runs one")
+        self.config = dataclasses.replace(config, num_hidden_layers=1, layer_types=["full_attention"],
                                           mlp_only_layers=[], decoder_sparse_step=1)
         self.decoder = Decoder(self.config, dataclasses.replace(
             weights, layers=self.weights.layers, norm=self.weights.norm, mtp=None), prefill_chunk)
