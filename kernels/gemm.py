@@ -97,12 +97,8 @@ def tile_floats(result, panel, x, t0):  # result: [TILE_TOKENS, LANES] float32 o
 @jit
 def store_tile(result, f0, f1, f2, f3, f4, f5):  # result: [TILE_TOKENS, LANES] float32
     out = result.reshape(-1)
-    store(out, 0, f0)
-    store(out, LANES, f1)
-    store(out, 2 * LANES, f2)
-    store(out, 3 * LANES, f3)
-    store(out, 4 * LANES, f4)
-    store(out, 5 * LANES, f5)
+    for i, f in enumerate((f0, f1, f2, f3, f4, f5)):
+        store(out, i * LANES, f)
 
 
 @jit
@@ -114,8 +110,7 @@ def tile_tokens(result, panel, wd, xq, xd, t0):  # result: [TILE_TOKENS, LANES] 
     for b in range(K // 32):
         i0 = i1 = i2 = i3 = i4 = i5 = izeros(LANES)
         for k in range(32 * b, 32 * b + 32, 2):
-            w = load(panel, k * LANES, PAIRS)
-            o = t0 * K + k
+            w, o = load(panel, k * LANES, PAIRS), t0 * K + k
             i0 = dot_s16(i0, w, splat32(x, o, PAIRS))
             i1 = dot_s16(i1, w, splat32(x, o + K, PAIRS))
             i2 = dot_s16(i2, w, splat32(x, o + 2 * K, PAIRS))
