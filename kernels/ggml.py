@@ -29,10 +29,9 @@ of bytes (GGML_BLOCKS); all numbers little-endian, d / m / dmin are fp16. Every 
 nibble(p) of a 32-weight block: low nibble of qs[p] for p < 16, high nibble of qs[p - 16] otherwise.
 The K-quants have 8 sub-blocks of 32 (Q4_K, Q5_K: 6-bit scale and min packed in 12 bytes) or 16 of 16
 (Q2_K, Q3_K: 6-bit signed scales packed in 12 bytes, Q6_K: int8 scales); exact bit positions in `_level`.
-The codebook types look their level up: iq4 / fp4 are 16-entry tables (IQ4_LEVELS; MXFP4_LEVELS, the
-E2M1 values doubled, the scale halved to match), and the i-quants (IQ2_*, IQ3_*: 8 sub-blocks of 32 in
-256) read a row of a grid codebook (kernels/ggml_grids.py) for each group of 8 or 4 weights, with a sign
-bit per weight (`_grid_level`); these levels are no longer small integers but still integers.
+The codebook types look their level up: iq4 / fp4 in 16-entry tables (IQ4_LEVELS, MXFP4_LEVELS), the
+i-quants (IQ2_*, IQ3_*: 8 sub-blocks of 32 in 256) a row of a grid (kernels/ggml_grids.py) per 8 or 4
+weights, with a sign bit per weight (`_grid_level`): no longer small integers, but still integers.
 
 One frame serves every type (`_blocks`): a row is walked 128 weights at a time, as four *columns* of
 32 weights (four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of
@@ -50,16 +49,13 @@ tiles for BLAS), and `ggml_blocks` is the switch over the types. Why this shape 
 A row of 32-weight blocks whose K is not a multiple of 128 ends with a partial step: its missing
 columns repeat the last one (no read leaves the row), with weight 0 in the dot product.
 
-Speed: float math costs ~6 vector operations per 8 weights (extract, widen, convert, two FMAs), so
-decode is compute-bound, far below the read bandwidth: on one Zen 3 core (AVX2) ~5-8 G weights/s for
-Q8_0, ~3.5-4.5 for Q4_0 / Q4_1 / Q4_K / Q6_K, ~2.3-2.8 for Q5_0 / Q5_K, against ~17 for bf16's matvec
-(bench/kernel_speed.py). Integer dot products (kernels/intdot.py, for the types it covers) are the fast
-decode path; these kernels remain the fallback (CPUs without AVX2, the other types) and its reference.
-The codebook types read their levels from tables with byte-indexed loads (gathers), slower than the
-others' bit arithmetic: on one core of an AVX-512 AMD EPYC, where this kernel runs Q4_0 / Q4_K at ~8 G
-weights/s, IQ4_NL / IQ4_XS / MXFP4 run at ~2.2-2.4 and the grid types at ~0.8-1.5 (IQ4_NL / IQ4_XS
-decode on kernels/intdot.py's integer dot products where the CPU has AVX2).
-Prefill dequantises tiles for BLAS at 0.8-1.2x the GFLOP/s of bf16's widened tiles.
+Speed: ~6 vector operations per 8 weights (extract, widen, convert, two FMAs) make decode compute-bound,
+far below the read bandwidth: one Zen 3 core (AVX2) runs ~5-8 G weights/s of Q8_0, ~3.5-4.5 of Q4_0 / Q4_1
+/ Q4_K / Q6_K, ~2.3-2.8 of Q5_0 / Q5_K (bf16's matvec ~17; bench/kernel_speed.py). The codebook types look
+their levels up with byte gathers: on an AVX-512 EPYC core that runs Q4_0 / Q4_K at ~8, IQ4_NL / IQ4_XS /
+MXFP4 run at ~2.2-2.4, the grid types at ~0.8-1.5. kernels/intdot.py's integer dot products are the fast
+decode path for the types it covers; these kernels are the fallback (no AVX2, the other types) and its
+reference. Prefill dequantises tiles for BLAS at 0.8-1.2x the GFLOP/s of bf16's widened tiles.
 """
 from typing import NamedTuple
 
@@ -167,9 +163,7 @@ def _level(row, t, c, h, i):  # the integer level of weight 32c + 16h + i of the
         qs = 2 if t == Q4_0 else 4 if t == Q4_1 else 6 if t == Q5_0 else 8
         level = (_byte(row, o + qs + i) >> (4 * h)) & 15
         if t == Q5_0 or t == Q5_1:  # bit p of the little-endian u32 qh is the fifth bit
-            b = o + 2 if t == Q5_0 else o + 4
-            qh = _byte(row, b) | _byte(row, b + 1) << 8 | _byte(row, b + 2) << 16 | _byte(row, b + 3) << 24
-            level |= 16 if qh & (1 << p) else 0
+            level |= 16 if _u32(row, o + 2 if t == Q5_0 else o + 4) & (1 << p) else 0
         return np.int32(level)
     if t == IQ4_NL:
         return np.int32(IQ4_LEVELS[_u((_byte(row, o + 2 + i) >> (4 * h)) & 15)])
@@ -320,10 +314,8 @@ def _blocks(row, t, x, out):
 
 @jit
 def ggml_blocks(row, ggml_type, x, out):  # _blocks with the type made a compile-time constant
-    """x given: sum_k w[k] x[k] over one row of blocks of ggml_type;  out given: out[k] = w[k]
-
-    The one switch over the types: each branch compiles _blocks for one type (and is the place where
-    a type gets a kernel of its own, e.g. an integer dot product)."""
+    """_blocks for a row of ggml_type: the one switch over the types, each branch compiling _blocks for one
+    type (and the place where a type would get a kernel of its own)"""
     t = ggml_type
     if t == Q8_0:
         return _blocks(row, Q8_0, x, out)
@@ -531,9 +523,6 @@ def _grid_blocks_reference(b, t):  # [N, blocks, bytes] int64 of a grid type -> 
     def fields(x, bits, n):  # [..., m] -> [..., m * n]: n fields of `bits` bits each, lowest first
         return ((x[..., None] >> (bits * np.arange(n))) & ((1 << bits) - 1)).reshape(*x.shape[:-1], -1)
 
-    def halves(x):  # [..., m] bytes -> [..., 2m] nibbles, low first
-        return fields(x, 4, 2)
-
     if t in (IQ2_XXS, IQ3_XXS):  # a u32 per sub-block: 4 x 7 sign indices, a 4-bit scale on top
         if t == IQ2_XXS:  # per sub-block 8 bytes: 4 indices, the u32
             sub = b[..., 2:].reshape(N, nb, 8, 8)
@@ -545,13 +534,13 @@ def _grid_blocks_reference(b, t):  # [N, blocks, bytes] int64 of a grid type -> 
     elif t == IQ2_XS:
         q = b[..., 2:66:2] | b[..., 3:66:2] << 8
         index, signs = q & 511, KSIGNS[q >> 9]
-        scale = np.repeat((0.5 + halves(b[..., 66:74])) * 0.25, 16, axis=-1)
+        scale = np.repeat((0.5 + fields(b[..., 66:74], 4, 2)) * 0.25, 16, axis=-1)  # nibbles, low first
     elif t == IQ2_S:
         index, signs = b[..., 2:34] | fields(b[..., 66:74], 2, 4) << 8, b[..., 34:66]
-        scale = np.repeat((0.5 + halves(b[..., 74:82])) * 0.25, 16, axis=-1)
+        scale = np.repeat((0.5 + fields(b[..., 74:82], 4, 2)) * 0.25, 16, axis=-1)
     else:  # IQ3_S
         index, signs = b[..., 2:66] | fields(b[..., 66:74], 1, 8) << 8, b[..., 74:106]
-        scale = np.repeat(1.0 + 2 * halves(b[..., 106:110]), 32, axis=-1)
+        scale = np.repeat(1.0 + 2 * fields(b[..., 106:110], 4, 2), 32, axis=-1)
     grid = {IQ2_XXS: IQ2_XXS_GRID, IQ2_XS: IQ2_XS_GRID, IQ2_S: IQ2_S_GRID, IQ3_XXS: IQ3_XXS_GRID,
             IQ3_S: IQ3_S_GRID}[t]
     magnitude = grid[index].reshape(N, nb, 256)
