@@ -54,14 +54,8 @@ def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] 
                 for k in range(K):
                     wa, wb = widen(w[n, k]), widen(w[n + 1, k])
                     x0, x1, x2, x3 = x[t, k], x[t + 1, k], x[t + 2, k], x[t + 3, k]
-                    a0 += wa * x0
-                    a1 += wa * x1
-                    a2 += wa * x2
-                    a3 += wa * x3
-                    b0 += wb * x0
-                    b1 += wb * x1
-                    b2 += wb * x2
-                    b3 += wb * x3
+                    a0, a1, a2, a3 = a0 + wa * x0, a1 + wa * x1, a2 + wa * x2, a3 + wa * x3
+                    b0, b1, b2, b3 = b0 + wb * x0, b1 + wb * x1, b2 + wb * x2, b3 + wb * x3
                 out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
                 out[t, n + 1], out[t + 1, n + 1], out[t + 2, n + 1], out[t + 3, n + 1] = b0, b1, b2, b3
             single_from, rows_end = T4, n + 2
@@ -88,11 +82,9 @@ def widen_rows(out_tile, w_rows):  # out_tile: [B, K] float32, w_rows: [B, K] an
 def matmul_tiled(out, x, shape, float32_rows, tile_floats=TILE_FLOATS):
     # out: [T, N] float32, x: [T, K] float32, shape: (N, K) of W; float32_rows(tile, r0, r1) writes rows
     # r0..r1-1 of W, as float32, into tile[:r1 - r0]
-    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1, W in any stored format)
-
-    Prefill reuses each weight T times, so it is bound by flops, not bytes: widen (or dequantise) a
-    block of rows of W into a float32 tile, let BLAS multiply it into the matching columns of out, and
-    move on. Memory stays at one tile (at most 4 MB) whatever the shape of W."""
+    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1, W in any stored format): a block of
+    rows of W widened (or dequantised) into a float32 tile at a time, which BLAS multiplies into the
+    matching columns of out; memory stays at one tile (at most 4 MB) whatever the shape of W."""
     N, K = shape
     rows = max(1, min(N, tile_floats // K))
     tile = np.empty((rows, K), dtype=np.float32)
