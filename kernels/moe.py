@@ -22,9 +22,9 @@ import numpy as np
 from numba import prange
 
 from .activations import silu, silu_reference, swiglu
-from .dtypes import to_float32
 from .jit import jit, pjit
 from .linear import linear, row_dot
+from .matmul import matmul_reference
 
 
 @jit
@@ -89,9 +89,8 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     # atomic reference count (contended when both threads touch the same expert), so we pay it
     # once per block rather than once per row (measured on Qwen3-30B-A3B shapes: 25% faster).
     rows = 32
-    #
     # Region 1: blocks of the k experts' gate and up rows, (expert, block) flattened into one axis
-    # so both threads get work even when k is small. A row writes one element of hidden.
+    # so both threads get work even when k is small.
     f_blocks = (F + rows - 1) // rows
     for jb in prange(k * f_blocks):
         j = jb // f_blocks
@@ -113,9 +112,7 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
 
 def expert_reference(x, gate_w, up_w, down_w):  # [.., D], [F, D], [F, D], [D, F] stored -> [.., D] float64
     """down @ (silu(gate @ x) * (up @ x))  in float64"""
-    g = x.astype(np.float64) @ to_float32(gate_w).astype(np.float64).T
-    u = x.astype(np.float64) @ to_float32(up_w).astype(np.float64).T
-    return (silu_reference(g) * u) @ to_float32(down_w).astype(np.float64).T
+    return matmul_reference(silu_reference(matmul_reference(x, gate_w)) * matmul_reference(x, up_w), down_w)
 
 
 def moe_one_token_reference(x, gate_w, up_w, down_w, experts, weights):  # [D], .., [k], [k] -> [D] float64
@@ -128,11 +125,8 @@ def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
     # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored dtype (stacked array or typed List)
     """out[t] = sum_j weights[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t]))
 
-    Token by token this would read each expert's weights once per token that chose it. Instead we
-    sort the (token, slot) pairs by expert and run each expert once on all of its tokens as matrix
-    products (`linear` widens the weights tile by tile and hands the tiles to BLAS; for an expert
-    with one token it streams them like decode does), then scatter-add the results.
-    """
+    The (token, slot) pairs sorted by expert, each expert runs once on all of its tokens through
+    `linear` (reading its weights once, not once per token that chose it); the results scatter-add."""
     T, k = experts.shape
     E, D = len(gate_w), out.shape[1]
     flat = experts.reshape(-1)
@@ -142,8 +136,7 @@ def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
     n_max = int(np.diff(starts).max())
     # Work buffers sized for the busiest expert; each expert uses their first n rows.
     F = gate_w[0].shape[0]
-    gate = np.empty((n_max, F), dtype=np.float32)
-    up = np.empty((n_max, F), dtype=np.float32)
+    gate, up = np.empty((n_max, F), dtype=np.float32), np.empty((n_max, F), dtype=np.float32)
     y = np.empty((n_max, D), dtype=np.float32)
     out[...] = 0.0
     for e in range(E):
@@ -171,6 +164,5 @@ def moe_by_expert_reference(x, gate_w, up_w, down_w, experts, weights):
 def moe_reference(x, gate_w, up_w, down_w, router_w, top_k, norm_topk_prob):
     # [T, D], .., [E, D] -> [T, D] f64
     """The whole sparse block in float64: router logits, route, experts (no shared expert)."""
-    logits = x.astype(np.float64) @ to_float32(router_w).astype(np.float64).T
-    weights, experts = route_reference(logits, top_k, norm_topk_prob)
+    weights, experts = route_reference(matmul_reference(x, router_w), top_k, norm_topk_prob)
     return moe_by_expert_reference(x, gate_w, up_w, down_w, experts, weights)
