@@ -24,12 +24,6 @@ PATHS = {"generic": set(), "avx2": {"avx2", "fma", "f16c"}}  # path: the CPU fea
 PATHS["avx512"] = PATHS["avx2"] | {"avx512f", "avx512bw", "avx512vl", "avx512vnni"}
 
 
-def target_features() -> set[str]:
-    """The features Numba compiles for: the host's, or NUMBA_CPU_NAME / NUMBA_CPU_FEATURES'."""
-    codegen = cpu_target.target_context.codegen()
-    return {f[1:] for f in codegen._tm_features.split(",") if f.startswith("+")}
-
-
 def usable_paths(features: set[str]) -> list[str]:
     return [path for path, needs in PATHS.items() if needs <= features]
 
@@ -50,7 +44,8 @@ def choose(requested: str | None, features: set[str]) -> str:
     return requested
 
 
-FEATURES = target_features()  # Numba fixes its target when it starts: read once
+_features = cpu_target.target_context.codegen()._tm_features  # Numba fixes its target when it starts
+FEATURES = {f[1:] for f in _features.split(",") if f.startswith("+")}  # the features it compiles for
 ISA = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
 
 # Prefill on int16 dot products (kernels/gemm.py) is opt-in, MINQWEN_PREFILL=int16: its rounding moved the
