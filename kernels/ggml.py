@@ -220,15 +220,13 @@ def _grid_level(row, t, o, u, h, i):  # the signed grid value of weight 32u + 16
 @jit
 def _scale_offset(row, t, c, h):  # (a, f) of the sub-block holding weights 32c + 16h .. +15: w = a level - f
     o, u = _block(t, c)
-    if t == Q8_0:
+    if t == Q8_0 or t == IQ4_NL:
         return _fp16(row, o), np.float32(0.0)
     if t == Q4_0 or t == Q5_0:  # levels centred on 8 resp. 16
         d = _fp16(row, o)
         return d, d * np.float32(8.0 if t == Q4_0 else 16.0)
     if t == Q4_1 or t == Q5_1:
         return _fp16(row, o), -_fp16(row, o + 2)
-    if t == IQ4_NL:
-        return _fp16(row, o), np.float32(0.0)
     if t == MXFP4:
         return E8M0_HALF[_u(_byte(row, o))], np.float32(0.0)
     if t == IQ4_XS:  # 6-bit scale of sub-block u: 4 bits from scales_l[u / 2], 2 from the u16 scales_h
@@ -404,11 +402,11 @@ def _quantize(w, ggml_type, encode) -> GgmlMatrix:  # w: [N, K] float32/float64 
         if not np.isfinite(blocks).all():
             raise ValueError("cannot quantise a matrix with inf or nan weights")
         with np.errstate(divide="ignore", over="ignore"):
-            parts = encode(blocks)  # fp16 numbers, then quants: [n, K/32, bytes] when joined
+            parts = encode(blocks)  # fp16 numbers, then quants
         if not all(np.isfinite(p).all() for p in parts if p.dtype == np.float16):
             raise ValueError("weights too large for fp16 block scales (|w| > ~65000)")
-        data[r0:r0 + rows] = np.concatenate([p.view(np.uint8) for p in parts], axis=-1).reshape(len(blocks),
-                                                                                                -1)
+        joined = np.concatenate([p.view(np.uint8) for p in parts], axis=-1)  # [n, K/32, bytes]
+        data[r0:r0 + rows] = joined.reshape(len(blocks), -1)
     return GgmlMatrix(data, ggml_type, K)
 
 
