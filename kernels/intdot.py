@@ -11,7 +11,7 @@ makes each block's product an integer dot product times two scales: for Q8_0 (w 
 
 and sum q xq is 32 products of 16-bit integers summed in int32 (simd.dot_s16: vpmaddwd, or vpdpwssd
 with VNNI): ~4 instructions per 16 weights where float math needs ~6, and no conversion per weight.
-The formats differ in how q is unpacked (`_levels`: centred on 0 where the format subtracts a constant)
+The formats differ in how q is unpacked (`_levels`; a constant the format subtracts is where the dot starts)
 and in a minimum term from per-block sums of x:
 
     Q8_0   w = d q                    q int8
@@ -39,7 +39,7 @@ make the rest. The kernels use 32-byte vectors: AVX2, and with AVX512-VNNI / AVX
 compiles dot_s16 to vpdpwssd. The IQ4 codebook lives in a register: each nibble looks its level up in
 one vpshufb (simd.lookup16, on the levels + 127 so that the lookup's result is a 16-bit lane as it
 stands). The + 127 is not subtracted per weight: each block's integer dot starts from -127 times its lanes'
-sums of xq (_offsets, once per token; _iq4_dot), which leaves the same int32 sum; that took one core of an
+sums of xq (_offsets, once per token; _dot_from), which leaves the same int32 sum; that took one core of an
 AVX-512 AMD EPYC (matrix in cache) from ~23.3 / 22.4 to ~25.9 / 24.3 G weights/s for IQ4_NL / IQ4_XS,
 against Q4_0 / Q4_K's ~28.6 / 30.7 (the float kernels: ~2.3). Q2_K, Q3_K, MXFP4 and the grid
 i-quants have no kernel here (kernels/ggml.py's float one serves).
@@ -145,7 +145,7 @@ def _dot(low, high, xq, e):  # 32 levels as two int16 vectors, times xq[e:e+32]:
 
 
 @jit
-def _iq4_dot(low, high, xq, e, offset):  # _dot of IQ4 levels + 127 (_iq4_levels), started from their offset
+def _dot_from(low, high, xq, e, offset):  # _dot of levels stored too high, started from their offset
     return dot_s16(dot_s16(load(offset, e // 4, 8), low, load(xq, e, 16)), high, load(xq, e + 16, 16))
 
 
@@ -153,7 +153,8 @@ def _iq4_dot(low, high, xq, e, offset):  # _dot of IQ4 levels + 127 (_iq4_levels
 def _offsets(offset, xq, width, excess):  # offset: [K/4] int32 (output), xq: [K] int16
     """offset[e/4 + l] = -excess (xq[e + 2l] + xq[e + 2l + 1] + xq[e + width + 2l] + xq[e + width + 2l + 1]),
     e = 2 width c: what lane l of the dot of two vectors of `width` int16 lanes (_dot) gains from levels
-    stored `excess` too high (IQ4_TABLE's + 127, Q6_K's + 32): a dot started from it is the levels' exactly"""
+    stored `excess` too high (IQ4_TABLE's + 127, Q4_0's + 8, Q6_K's + 32): a dot started from it is the
+    levels' exactly"""
     for e in range(0, xq.shape[0], 2 * width):
         for lane_ in range(width // 2):
             four = np.int32(xq[e + 2 * lane_]) + np.int32(xq[e + 2 * lane_ + 1])
@@ -175,13 +176,11 @@ def _levels(row, o, t):  # the 32 levels of the block at row[o:] (a 32-weight ty
         return _iq4_levels(row, o + 2)
     packed = widen16(row, o + BLOCK_BYTES[t] - 16, False)  # qs[16]: weights 0-15 low nibbles, 16-31 high
     low, high = field(packed, 0, 15), field(packed, 4, 15)
-    if t == Q4_0:  # d, qs[16]
-        return low - 8, high - 8
-    if t == Q4_1:  # d, m, qs[16]
+    if t == Q4_0 or t == Q4_1:  # d, (m,) qs[16]; Q4_0's - 8 is in the offset its dot starts from
         return low, high
     fifth = o + (2 if t == Q5_0 else 4)  # qh[4]
     fifth_low, fifth_high = bit_words(row, fifth, 16), bit_words(row, fifth + 2, 16)
-    if t == Q5_0:  # d, qh[4], qs[16]
+    if t == Q5_0:  # d, qh[4], qs[16] (its - 16 costs nothing here: bit_words selects from 16 or 0)
         return (low + fifth_low) - 16, (high + fifth_high) - 16
     return low + fifth_low, high + fifth_high  # Q5_1: d, m, qh[4], qs[16]
 
@@ -191,7 +190,8 @@ def _block(acc, mins, row, t, b, xq, xd, eighths, offset):  # (acc, mins) + bloc
     o = BLOCK_BYTES[t] * b
     scale = fp16_splat(row, o, 8) * splat_at(xd, b, 8)  # d xd
     low, high = _levels(row, o, t)
-    product = _iq4_dot(low, high, xq, 32 * b, offset) if t == IQ4_NL else _dot(low, high, xq, 32 * b)
+    offsets = t == IQ4_NL or t == Q4_0
+    product = _dot_from(low, high, xq, 32 * b, offset) if offsets else _dot(low, high, xq, 32 * b)
     acc = fma(to_float(product), scale, acc)
     if t == Q4_1 or t == Q5_1:
         mins = fma(fp16_splat(row, o + 2, 8), splat_at(eighths, b, 8), mins)
@@ -311,8 +311,8 @@ def _matmul_iq4_xs(out, data, xq, xd, offset):  # IQ4_XS: d, scales_h (u16), sca
                     low0, high0 = _iq4_levels(row, o + 8 + 16 * j)
                     low1, high1 = _iq4_levels(row, o + 24 + 16 * j)
                     e = 256 * s + 32 * j
-                    a0 = fma(to_float(_iq4_dot(low0, high0, xq[i], e, offset[i])), lane(ds, j), a0)
-                    a1 = fma(to_float(_iq4_dot(low1, high1, xq[i], e + 32, offset[i])), lane(ds, j + 1), a1)
+                    a0 = fma(to_float(_dot_from(low0, high0, xq[i], e, offset[i])), lane(ds, j), a0)
+                    a1 = fma(to_float(_dot_from(low1, high1, xq[i], e + 32, offset[i])), lane(ds, j + 1), a1)
             out[i, n] = hsum(a0 + a1)
 
 
@@ -327,11 +327,12 @@ def matmul_integer(out, data, ggml_type, x):
     xq = np.empty((T, K), np.int16)
     xd, xsum = np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32)
     t = ggml_type
-    offset = np.empty((T, K // 4 if t == IQ4_NL or t == IQ4_XS or t == Q6_K else 0), np.int32)
+    excess = 127 if t == IQ4_NL or t == IQ4_XS else 8 if t == Q4_0 else 0  # and Q6_K's 32, in its own order
+    offset = np.empty((T, K // 4 if excess or t == Q6_K else 0), np.int32)
     for i in range(T):
         quantize_activations(xq[i], xd[i], xsum[i], x[i])
-        if t == IQ4_NL or t == IQ4_XS:
-            _offsets(offset[i], xq[i], 16, 127)
+        if excess:
+            _offsets(offset[i], xq[i], 16, excess)
         if t == Q6_K:  # into Q6_K_ORDER from a copy (a gather in place allocated twice per super-block)
             natural = xq[i].copy()
             for e in range(K):
