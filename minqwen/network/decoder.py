@@ -13,14 +13,12 @@
         h = RMSNorm(x)
         x = x + MLP(h)                  dense layers: SwiGLU, down(silu(gate h) * up h)
               or SparseMoE(h)           sparse layers: sum of the top-k routed experts' SwiGLUs,
-                                        + sigmoid(shared_expert_gate . h) * a shared SwiGLU
-                                        if the config has one
+                                        + sigmoid(shared_expert_gate . h) * a shared SwiGLU, if any
     logits = lm_head(RMSNorm(x))        lm_head is embed_tokens itself when tied
 
 Where each switch is declared (config.py) and where it acts. weights.py loads the tensors a switch
-implies, and refuses a checkpoint holding one that the config switches off (left unread, it would
-silently change the logits); the decoder tests the switches on the config (`project` adds whichever
-bias was loaded):
+implies and refuses one it switches off (left unread, it would silently change the logits); the
+decoder tests the switches on the config (`project` adds whichever bias was loaded):
 
     switch              declared in                                   acts in
     qk_norm             FAMILIES                                      weights._attention, self_attention
@@ -37,16 +35,12 @@ bias was loaded):
     top-k renormalised  norm_topk_prob (hybrids' default)             route, in sparse_moe
     tied head           tie_word_embeddings                           weights.load_weights
 
-How a checkpoint stores its weights is no switch; weights.py recognises it by tensor name. FP8, int8 /
-int4 and GGML blocks reach the kernels as stored (kernels/dtypes.py), fused experts as per-expert views;
-only Qwen3-Next's fused in_proj_qkvz / in_proj_ba reach the decoder: gated_deltanet takes one product and
-reorders its outputs, in buffers the Workspace allocates for that layout only.
+How a checkpoint stores its weights is no switch (weights.py recognises it by tensor name); of its
+layouts only Qwen3-Next's fused in_proj_qkvz / in_proj_ba reach the decoder (gated_deltanet).
 
-One token's path through the code: Sequence.extend -> Decoder.forward -> embed, then per layer rmsnorm,
-self_attention (or gated_deltanet), rmsnorm, mlp (or sparse_moe), then rmsnorm and linear(lm_head).
-Prefill and decode run the same code: each sequence in a batch brings T new tokens at its own positions
-(T = 1 when decoding). Activation buffers are allocated once (Workspace) for the largest batch and
-sliced, so decoding allocates nothing large per token.
+Prefill and decode run the same code (Sequence.extend -> Decoder.forward): each sequence in a batch
+brings T new tokens at its own positions (T = 1 when decoding), in activation buffers allocated once
+for the largest batch (Workspace) and sliced, so decoding allocates nothing large per token.
 
 bench/decode_profile.py times the kernels by swapping the names imported below for clocked wrappers, so
 the forward pass calls kernels by these module-level names only.
@@ -75,29 +69,24 @@ from .config import Config
 from .rope_frequencies import RotaryTables
 from .weights import AttentionWeights, DeltaNetWeights, MLPWeights, MoEWeights, Weights
 
-PREFILL_CHUNK = 512  # tokens a forward pass takes at most: bounds activation memory; bigger chunks widen bf16
-# weights for BLAS fewer times
+PREFILL_CHUNK = 512  # tokens a pass takes at most: bounds activation memory; bigger widens bf16 less often
 FEW_SCORES = 4096  # query-key pairs a head up to which compiled loops beat BLAS (~15 NumPy calls a kv head)
 KV_CACHE_DTYPES = {"fp32": FP32, "fp16": FP16}
-FP16_MAX = 65504.0  # the largest finite fp16
 L2NORM_EPS = 1e-6  # Gated DeltaNet's q/k normalisation, as transformers' l2norm
 
 
 class Cache:
     """Everything a sequence remembers between forward passes.
 
-    Attention layers: keys and values, (n_kv_heads, capacity, head_dim) each, float32 by default, or
-    fp16 when asked (load(kv_cache="fp16")): half the memory, and half the bytes each decode step reads
-    per context token (Qwen3-0.6B at 2048 tokens: 17 -> 21 tok/s), at a price in exactness: logits
-    move by ~5e-4 of their range (fp32 keys and values match transformers' fp32 to ~1e-6), enough to
-    flip an MoE router's choice now and then. A value beyond fp16's range (65504) turns the cache to
-    float32 rather than to inf. Capacity doubles when a sequence outgrows it (amortised O(1) per
-    token), up to the context length, so a short chat does not reserve memory for 32k positions.
+    Attention layers: keys and values, (n_kv_heads, capacity, head_dim) each, float32, or fp16 when
+    asked (load(kv_cache="fp16")): half the memory and the bytes a decode step reads per context token
+    (Qwen3-0.6B at 2048 tokens: 17 -> 21 tok/s), but logits move by ~5e-4 of their range (fp32 matches
+    transformers' fp32 to ~1e-6), enough to flip an MoE router's choice now and then; a value beyond
+    fp16's range turns the cache to float32 rather than to inf. Capacity doubles when a sequence
+    outgrows it (amortised O(1) per token), up to the context length: a short chat reserves no 32k positions.
     Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
-    causal convolution and one (key_dim, value_dim) matrix per value head. That state cannot be
-    rewound: a hybrid model's sequence can only be extended, restarted, brought back to the one
-    length where `snapshot()` copied it (the keys and values before that length stay in place), or to
-    any position since `keep_states()` (speculative decoding: a rejected draft leaves no trace)."""
+    causal convolution and one (key_dim, value_dim) matrix per value head — which cannot be rewound,
+    only restored where `snapshot()` copied it or at a position since `keep_states()` (see reusable)."""
 
     def __init__(self, config: Config, context_length: int, capacity: int = 256, dtype=FP32):
         self.n_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
@@ -106,14 +95,12 @@ class Cache:
         conv_shape = (config.linear_conv_kernel_dim - 1, config.deltanet_conv_channels)
         state_shape = (config.linear_num_value_heads, config.linear_key_head_dim,
                        config.linear_value_head_dim)
-        self.length = 0  # positions 0..length-1 are cached
-        self.capacity = 0
+        self.length, self.capacity = 0, 0  # positions 0..length-1 are cached, in none allocated yet
         self._allocate(min(capacity, context_length), dtype)
         self.conv = {i: np.zeros(conv_shape, np.float32) for i in self.deltanet_layers}
         self.recurrent = {i: np.zeros(state_shape, np.float32) for i in self.deltanet_layers}
         self.saved: tuple[int, dict, dict] | None = None  # (length, conv, recurrent) from snapshot()
-        self.trail: tuple[int, dict, dict] | None = None  # (length, conv, recurrent), per position since
-        # keep_states(): lists of states, the first at that length
+        self.trail: tuple[int, dict, dict] | None = None  # as saved, lists of states from keep_states() on
 
     def _allocate(self, capacity: int, dtype):
         shape = (self.n_kv_heads, capacity, self.head_dim)
@@ -132,7 +119,7 @@ class Cache:
     def reusable(self, length: int) -> int:
         """How many of the first `length` positions rewind(length) keeps (the reusable prefix): `length`
         itself (at most the cached length), except for a hybrid model asked to go back, which can only
-        return to its snapshot, if it is not past `length`, or to 0."""
+        return to a position since keep_states(), to its snapshot if not past `length`, or to 0."""
         if length >= self.length or not self.deltanet_layers:
             return min(length, self.length)
         if self.trail is not None and self.trail[0] <= length:
@@ -140,18 +127,14 @@ class Cache:
         return self.saved[0] if self.saved is not None and self.saved[0] <= length else 0
 
     def rewind(self, length: int) -> int:
-        """Forget positions from `length` on, as far as the cache can (see reusable); returns the length
-        kept."""
+        """Forget positions from `length` on, as far as the cache can (reusable); returns the length kept."""
         length = self.reusable(length)
         if length < self.length and self.deltanet_layers:
+            restored = self.saved[1:] if self.saved is not None and self.saved[0] == length else None
             if self.trail is not None and self.trail[0] <= length:
                 start, conv, recurrent = self.trail
                 restored = ({i: c[length - start] for i, c in conv.items()},
                             {i: r[length - start] for i, r in recurrent.items()})
-            elif self.saved is not None and self.saved[0] == length:
-                restored = self.saved[1:]
-            else:
-                restored = None
             for i in self.deltanet_layers:  # copied, not swapped: the snapshot can be restored again
                 self.conv[i][:] = restored[0][i] if restored else 0
                 self.recurrent[i][:] = restored[1][i] if restored else 0
@@ -170,16 +153,15 @@ class Cache:
 
     def snapshot(self):
         """Remember the linear-attention state at the current length, so that a later sequence sharing
-        only this prefix (the next turn of a chat whose template re-renders the last reply) can
-        rewind here instead of prefilling from 0. One snapshot; a new one replaces it. Attention-only
-        models need none: their keys and values rewind to any length."""
+        only this prefix (a chat's next turn, whose template re-renders the last reply) can rewind here
+        rather than prefill from 0; a new snapshot replaces it. Attention-only models rewind without one."""
         if self.deltanet_layers:
             self.saved = (self.length, {i: c.copy() for i, c in self.conv.items()},
                           {i: r.copy() for i, r in self.recurrent.items()})
 
     def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray):
         """k, v: (T, n_kv_heads, head_dim) float32 of positions start..start+T-1."""
-        if self.dtype == FP16 and max(np.abs(k).max(), np.abs(v).max()) > FP16_MAX:
+        if self.dtype == FP16 and max(np.abs(k).max(), np.abs(v).max()) > np.finfo(np.float16).max:
             self._allocate(self.capacity, FP32)
         t = k.shape[0]
         self.k[layer][:, start:start + t] = from_float32(k, self.dtype).transpose(1, 0, 2)
@@ -256,13 +238,11 @@ class Decoder:
                 inputs: np.ndarray | None = None) -> np.ndarray:
         """One pass of the network over several sequences' new tokens at once, each at its own positions:
         a prefill chunk, or one token each when decoding a batch (each weight is then read once for all).
-        Returns the logits after each sequence's last token (len(batch), vocab) — a view, valid until the
-        next call — or after every token (total tokens, vocab) with every_token, in an array of their own;
-        with a list, after every token of the sequences it flags and the last of the others, in order (a
-        view; a speculative verify pass beside prefill chunks and plain decode steps). `inputs` (total tokens,
-        hidden), if given, enter the first layer instead of the tokens' embeddings (the MTP head's).
-        Afterwards `hidden` holds every token's final normed state, the head's input (a view, as the
-        logits)."""
+        Returns the logits after each sequence's last token (len(batch), vocab), a view valid until the
+        next call; with every_token, after every token (total tokens, vocab), in an array of their own;
+        with a list of flags (speculative verify passes), after every token of the flagged sequences and
+        the last of the others, in order (a view). `inputs` (total tokens, hidden) enter the first layer
+        instead of the embeddings (the MTP head's). `hidden` keeps the final normed states (a view)."""
         segments, row = [], 0
         for cache, tokens in batch:
             cache.reserve(cache.length + len(tokens))
@@ -392,8 +372,7 @@ class Decoder:
         linear(out, gate, w.down_proj)
 
     def sparse_moe(self, out, h, w: MoEWeights):
-        """out = sum over the token's top-k experts of weight_e * MLP_e(h)
-        (+ sigmoid(g . h) * shared MLP(h))."""
+        """out = sum_{e in the token's top-k} weight_e * MLP_e(h)  (+ sigmoid(g . h) * shared MLP(h))."""
         cfg, ws, T = self.config, self.ws, h.shape[0]
         logits, weights, experts = ws.router_logits[:T], ws.route_weights[:T], ws.route_experts[:T]
         linear(logits, h, w.gate)
@@ -422,9 +401,8 @@ def project(out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray
 
 
 class Sequence:
-    """One token sequence being extended: the decoder that runs it, its cache, and its tokens. Reuses the
-    cached prefix it shares with a new prompt (its reusable prefix), so a chat's history is not prefilled
-    again."""
+    """One token sequence being extended: the decoder that runs it, its cache, and its tokens; reset_to
+    keeps the cached prefix a new prompt shares (its reusable prefix): a chat's history is not prefilled."""
 
     def __init__(self, decoder: Decoder, cache: Cache):
         self.decoder, self.cache = decoder, cache
@@ -432,9 +410,8 @@ class Sequence:
         self.reused = 0  # tokens the last reset_to found already cached (its reusable prefix)
 
     def check(self, tokens, start: int, room: int = 0):
-        """The one validation point: `tokens` are ids inside the vocabulary, and placed at positions
-        start.. they leave `room` more positions in the context window. Raises TokenError or
-        ContextLengthError."""
+        """The one validation point: `tokens` are ids inside the vocabulary that, placed at positions
+        start.., leave `room` more positions in the context window (else TokenError, ContextLengthError)."""
         if len(tokens) == 0:
             raise TokenError("no tokens given: a sequence needs at least one token")
         ids = np.asarray(tokens)
@@ -452,17 +429,18 @@ class Sequence:
     def extend(self, tokens, every_token: bool = False) -> np.ndarray:
         """Append tokens; returns the logits after the last one (vocab,), or after each (T, vocab)."""
         self.check(tokens, start=len(self.tokens))
-        return self._run(tokens, every_token)
+        logits = self.decoder(self.cache, np.asarray(tokens, dtype=np.int64), every_token)
+        self.tokens.extend(int(t) for t in tokens)
+        return logits
 
     def reset_to(self, tokens, room: int = 0) -> np.ndarray:
         """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping its
         reusable prefix; returns the logits after the last token."""
         self.check(tokens, start=0, room=room)
-        return self._run(tokens[self.rewind_to_reusable_prefix(tokens):], every_token=False)
+        return self.extend(tokens[self.rewind_to_reusable_prefix(tokens):])
 
     def reusable_prefix(self, tokens) -> int:
-        """How many leading `tokens` the cache could keep: the prefix they share with the sequence, as far
-        back as the cache can rewind (Cache.reusable)."""
+        """How many leading `tokens` the cache could keep: their common prefix, as far as Cache.reusable."""
         return self.cache.reusable(self.common_prefix(tokens))
 
     def rewind_to_reusable_prefix(self, tokens) -> int:
@@ -490,16 +468,7 @@ class Sequence:
             sequence.tokens.extend(int(t) for t in tokens)
         return logits
 
-    def _run(self, tokens, every_token: bool) -> np.ndarray:
-        logits = self.decoder(self.cache, np.asarray(tokens, dtype=np.int64), every_token)
-        self.tokens.extend(int(t) for t in tokens)
-        return logits
-
     def common_prefix(self, tokens) -> int:
         """How many leading tokens are already cached (at most len(tokens) - 1: one must run for logits)."""
-        n = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            n += 1
-        return min(n, len(tokens) - 1)
+        same = [a == b for a, b in zip(self.tokens, tokens)] + [False]
+        return min(same.index(False), len(tokens) - 1)  # up to the first token that differs
