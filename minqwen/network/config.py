@@ -1,22 +1,15 @@
 """config.json -> Config: one dataclass for every Qwen family, field names exactly as in config.json.
 
 Qwen's families share one skeleton (embed -> N x [norm, mixer, norm, MLP] -> norm -> lm_head) and differ
-in a few switches, each declared here once: a family's own in its FAMILIES row (qk_norm, output_gate,
-zero_centred_norms, the rule for each layer's mixer), the rest as config.json fields (qkv_bias,
-attention_bias, the sliding window, layer_types, the experts, shared_expert_intermediate_size,
-norm_topk_prob, partial_rotary_factor, tie_word_embeddings), some with a family default or fixed value in
-FAMILIES. decoder.py's docstring maps each switch to where it acts. How a checkpoint stores its weights
-(fused experts, Qwen3-Next's fused DeltaNet projections, FP8, int8 / int4, GGML blocks) is no switch:
-weights.py recognises it by tensor name. `Config.from_dict` is a few small steps: unwrap an image-text
-config, bring other spellings to ours (SPELLINGS), resolve the family's defaults and fixed values, build
-the dataclass, validate.
-Sizes derived from the raw fields (per-layer windows, DeltaNet channel counts, rotated dims) are
-properties, computed in one place.
+in a few switches, each declared here once: a family's own in its FAMILIES row, the rest as config.json
+fields, some with a family default or fixed value; decoder.py's docstring maps each to where it acts.
+`Config.from_dict` unwraps an image-text config, brings other spellings to ours (SPELLINGS), applies the
+family's defaults and fixed values, builds the dataclass and validates it. Sizes derived from the raw
+fields (per-layer windows, DeltaNet channel counts, rotated dims) are properties, computed in one place.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -57,11 +50,10 @@ FAMILIES = {
 }
 # Image-text checkpoints of the Qwen3.5 generation: the language model's config sits in `text_config`.
 IMAGE_TEXT = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
-# Other spellings of our fields, as published configs or newer transformers write them -> ours. Where a
-# config has both, the other spelling wins, as in transformers (whose attribute_map reads it first).
-# Other synonyms need no entry: `rope_theta` + `rope_scaling` / `rope_parameters` (and `type` /
-# `rope_type`) meet in _rope; `full_attention_interval` / `layer_types` in _layer_types; `torch_dtype` /
-# `dtype` are not read (tensors carry their own dtype).
+# Other spellings of our fields, as published configs or newer transformers write them -> ours; where a
+# config has both, theirs wins, as in transformers (whose attribute_map reads it first). Synonyms needing
+# no entry: `rope_theta` + `rope_scaling` / `rope_parameters` (and `type` / `rope_type`) meet in _rope,
+# `full_attention_interval` / `layer_types` in _layer_types; `torch_dtype` / `dtype` are not read.
 SPELLINGS = {"num_local_experts": "num_experts"}  # qwen3_moe from transformers >= 5.8
 LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
 
@@ -86,7 +78,7 @@ class Rope:
 @dataclass
 class Config:
     model_type: str
-    vocab_size: int = 0  # these four are required: _check_sizes says which is missing
+    vocab_size: int = 0  # these four are required: from_dict says which is missing
     hidden_size: int = 0
     num_hidden_layers: int = 0
     num_attention_heads: int = 0
@@ -175,8 +167,7 @@ class Config:
 
     @property
     def fp8_block_rows(self) -> int:
-        """Rows per FP8 scale block (0: not an FP8 checkpoint); columns are always 128
-        (_check_quantization)."""
+        """Rows per FP8 scale block (0: not FP8); columns are always 128 (_check_quantization)."""
         q = self.quantization_config
         return q["weight_block_size"][0] if q.get("quant_method") == "fp8" else 0
 
@@ -190,7 +181,7 @@ class Config:
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object")
         raw, has_vision_tower = _text_config(raw)
-        raw = _respell(raw)
+        raw = {**raw, **{ours: raw[theirs] for theirs, ours in SPELLINGS.items() if theirs in raw}}
         model_type = raw.get("model_type")
         if model_type not in FAMILIES:
             supported = ", ".join(list(FAMILIES) + list(IMAGE_TEXT))
@@ -202,11 +193,11 @@ class Config:
         known = {k: v for k, v in raw.items() if k in names and v is not None}
         known["eos_token_id"] = [known["eos_token_id"]] if isinstance(known.get("eos_token_id"), int) \
             else list(known.get("eos_token_id") or [])
-        try:
-            config = cls(**known)
-        except TypeError as e:
-            raise ConfigError(f"config.json: {e}") from None
-        _check_sizes(config)
+        config = cls(**known)
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if type(getattr(config, k)) is not int or getattr(config, k) <= 0]
+        if missing:
+            raise ConfigError(f"config.json lacks a positive integer {', '.join(missing)}")
         config.num_key_value_heads = config.num_key_value_heads or config.num_attention_heads
         config.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
         if not config.use_sliding_window:
@@ -229,18 +220,8 @@ def _text_config(raw: dict) -> tuple[dict, bool]:
     if not isinstance(text, dict):
         raise ConfigError(f"{model_type} config has no text_config object")
     # transformers reads quantization_config at either level; FP8 image-text checkpoints keep it outside.
-    outer = {k: v for k, v in raw.items()
-             if k in ("tie_word_embeddings", "eos_token_id", "quantization_config")}
+    outer = {k: raw[k] for k in ("tie_word_embeddings", "eos_token_id", "quantization_config") if k in raw}
     return {**outer, **text, "model_type": IMAGE_TEXT[model_type]}, "vision_config" in raw
-
-
-def _respell(raw: dict) -> dict:
-    """config.json with SPELLINGS' keys renamed to ours (theirs winning where a config has both)."""
-    ours = dict(raw)
-    for theirs, name in SPELLINGS.items():
-        if theirs in ours:
-            ours[name] = ours.pop(theirs)
-    return ours
 
 
 def _check_quantization(raw: dict):
@@ -261,14 +242,6 @@ def _check_quantization(raw: dict):
         raise UnsupportedModelError(f"{method} quantised checkpoints are not supported (minqwen reads bf16, "
                                     "fp16, fp32, Qwen's FP8 blocks and its own int8/int4: "
                                     "`python -m minqwen quantize`)")
-
-
-def _check_sizes(config: Config):
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in required if isinstance(getattr(config, k), bool)
-               or not isinstance(getattr(config, k), int) or getattr(config, k) <= 0]
-    if missing:
-        raise ConfigError(f"config.json lacks a positive integer {', '.join(missing)}")
 
 
 def _check_shapes(config: Config):
@@ -341,15 +314,13 @@ def _layer_types(config: Config) -> list[str]:
 def read_json(path: Path, error=ConfigError) -> dict:
     """A JSON object from `path`, or `error` naming the file and what is wrong with it."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read ({e})") from None
-    try:
-        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read ({e})") from None
     if not isinstance(value, dict):
         raise error(f"{path}: must hold a JSON object")
     return value
@@ -358,6 +329,3 @@ def read_json(path: Path, error=ConfigError) -> dict:
 def load_config(folder: Path) -> Config:
     return Config.from_dict(read_json(Path(folder) / "config.json"))
 
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

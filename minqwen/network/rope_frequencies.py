@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .config import Config, yarn_mscale
+from .config import Config
 
 
 def inverse_frequencies(config: Config, seq_len: int) -> tuple[np.ndarray, float]:
@@ -37,15 +37,17 @@ def inverse_frequencies(config: Config, seq_len: int) -> tuple[np.ndarray, float
     return _yarn(config, dim, base, exponents)
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def _yarn(config: Config, dim: int, base: float, exponents: np.ndarray) -> tuple[np.ndarray, float]:
-    rope = config.rope
-    factor = rope.factor
+    rope, factor = config.rope, config.rope.factor
     attention_factor = rope.attention_factor
-    if attention_factor is None:
-        if rope.mscale and rope.mscale_all_dim:
-            attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
-        else:
-            attention_factor = yarn_mscale(factor)
+    if attention_factor is None and rope.mscale and rope.mscale_all_dim:
+        attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
+    elif attention_factor is None:
+        attention_factor = yarn_mscale(factor)
     original = rope.original_max_position_embeddings
 
     def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
@@ -78,10 +80,5 @@ class RotaryTables:
         inv_freq, scale = self.inv_freq, self.attention_factor
         if self.config.rope.rope_type == "dynamic":
             inv_freq, scale = inverse_frequencies(self.config, start + count)
-        positions = np.arange(start, start + count, dtype=np.float32)
-        angles = positions[:, None] * inv_freq[None, :]
-        cos, sin = np.cos(angles), np.sin(angles)
-        if scale != 1.0:
-            cos *= np.float32(scale)
-            sin *= np.float32(scale)
-        return cos, sin
+        angles = np.arange(start, start + count, dtype=np.float32)[:, None] * inv_freq[None, :]  # angle(p, i)
+        return np.cos(angles) * np.float32(scale), np.sin(angles) * np.float32(scale)
