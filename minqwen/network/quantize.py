@@ -7,18 +7,16 @@ a weight): kernels/ggml.py holds the formats, and the same kernels run these mod
 What stays in its stored dtype, and why (KEEP, matched against checkpoint tensor names):
 - the embedding table: one row is read per token, so its size costs no time;
 - routers (`mlp.gate`, `shared_expert_gate`): tiny, and a flipped expert choice costs more than it saves;
-- MoE experts: kept as the checkpoint stores them (quantising 100+ GB of experts at every load would
-  take longer than reading them);
+- MoE experts, as stored: quantising 100+ GB of them at every load would take longer than reading them;
 - the DeltaNet convolution (3-D, four taps a channel), and matrices whose input size is not a multiple
   of 32 (no real Qwen model has one).
 The LM head takes at least 8 bits (HEAD_BITS): at 4 bits it was all of int4's loss on the one trained
 model the tests run (SmolLM2-135M: top-1 agreement 0.84 with a 4-bit head, 1.0 with an 8-bit one), as
 llama.cpp's Q4_K_M keeps its output matrix at Q6_K.
 
-Weights already quantised are re-quantised from their dequantised values (FP8 blocks, GGUF blocks).
-`python -m minqwen quantize` writes the same as a checkpoint (checkpoint.write_quantized_checkpoint):
-`X.qweight` (the GGML blocks, uint8 [N, K / 32 * bytes]) instead of `X.weight`, and config.json says
-`"quantization_config": {"quant_method": "minqwen", "bits": ...}`.
+Weights already quantised (FP8 or GGUF blocks) are re-quantised from their dequantised values.
+`python -m minqwen quantize` writes the same blocks as a checkpoint (formats/safetensors.py): `X.qweight`
+for `X.weight`, and `"quantization_config": {"quant_method": "minqwen", "bits": ...}` in config.json.
 """
 from __future__ import annotations
 

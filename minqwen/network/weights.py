@@ -1,12 +1,10 @@
 """Checkpoint tensors -> the model's weights: the one place where tensors are named, checked and grouped.
 
-Matrices stay memory-mapped in their stored dtype (see kernels/dtypes.py), or are quantised as they load
-(`quantize_bits`, see quantize.py); only vectors (norm weights, biases: a few KB each) are widened to
-float32. Every tensor's shape is checked against the config, so a config that disagrees with the
-checkpoint fails at load with the tensor's name, not later with garbage. Which tensors exist follows
-the config's switches (decoder.py maps them), so an optional tensor the config switches off (q/k norms,
-biases, a shared expert) is refused too, not left unread; only how they are stored (FP8, int8 / int4,
-GGML blocks, fused experts, Qwen3-Next's fused DeltaNet projections) is recognised by tensor name.
+Every tensor's shape is checked against the config, so a config that disagrees with the checkpoint
+fails at load with the tensor's name, not later with garbage. Which tensors exist follows the config's
+switches (decoder.py maps them): one the config switches off (q/k norms, biases, a shared expert) is
+refused, not left unread; only how they are stored is recognised by tensor name (TensorSource). Matrices
+stay memory-mapped unless quantised; only vectors (norm weights, biases: a few KB) are widened to float32.
 Field names are the checkpoint's own (`q_proj` holds `self_attn.q_proj.weight`).
 """
 from __future__ import annotations
@@ -76,11 +74,9 @@ class MLPWeights:
 
 @dataclass
 class MoEWeights:
-    """A router picks num_experts_per_tok of num_experts SwiGLU experts per token; Qwen2-MoE, Qwen3-Next
-    and Qwen3.5-MoE add an always-on shared expert scaled by sigmoid(shared_expert_gate . x).
-
-    The experts stay where the checkpoint stores them, memory-mapped: a typed list of per-expert
-    matrices (stacking them would copy the whole model into RAM)."""
+    """A router picks num_experts_per_tok of num_experts SwiGLU experts per token (+ a gated shared expert
+    in some families). The experts stay memory-mapped where the checkpoint stores them: typed lists of
+    per-expert matrices (stacking them would copy the whole model into RAM)."""
 
     gate: np.ndarray  # router (num_experts, hidden)
     gate_projs: List  # numba typed List of (moe_intermediate, hidden), one per expert
@@ -101,14 +97,9 @@ class LayerWeights:
 
 @dataclass
 class MtpWeights:
-    """Multi-token prediction head (Qwen3-Next, Qwen3.5; `mtp.*`): from the trunk's output h_t at
-    position t (after its final norm, as vLLM feeds it) and the embedding e of token t+1, it predicts
-    token t+2 -- a draft for speculative decoding:
-
-        x = fc [RMSNorm_e(e) ; RMSNorm_h(h_t)],   x = layers(x),   logits = lm_head(RMSNorm(x))
-
-    The embedding table and the LM head are the trunk's; each layer is a full-attention decoder layer
-    with the trunk's MLP (dense or experts)."""
+    """Multi-token prediction head (Qwen3-Next, Qwen3.5; `mtp.*`): a draft of the token after next, by
+    the formula in mtp.py. The embedding table and the LM head are the trunk's; each layer is a
+    full-attention decoder layer with the trunk's MLP (dense or experts)."""
 
     fc: np.ndarray  # (hidden, 2 hidden): columns [embedding | hidden state]
     pre_fc_norm_embedding: np.ndarray  # (hidden,) float32, 1 + w like every norm of these families
@@ -220,12 +211,10 @@ def load_weights(config: Config, src: TensorSource) -> Weights:
     embed = src.matrix(lm + "embed_tokens.weight", (v, d))  # never quantised: see quantize.py
     layers = [_layer(config, src, f"{lm}layers.{i}.", config.layer_types[i], config.is_sparse(i))
               for i in range(config.num_hidden_layers)]
-    if config.tie_word_embeddings:  # the head is the embedding table itself, or its quantised copy
-        bits = src.quantize_bits
-        head_quantized = bits and quantizable("lm_head.weight", embed)
-        lm_head = quantize_matrix(embed, bits_for("lm_head.weight", bits)) if head_quantized else embed
-    else:
-        lm_head = src.matrix("lm_head.weight", (v, d))
+    tied = config.tie_word_embeddings  # the head is the embedding table itself, or its quantised copy
+    lm_head = embed if tied else src.matrix("lm_head.weight", (v, d))
+    if tied and src.quantize_bits and quantizable("lm_head.weight", embed):
+        lm_head = quantize_matrix(embed, bits_for("lm_head.weight", src.quantize_bits))
     return Weights(embed_tokens=embed, layers=layers, norm=_norm(config, src, lm + "norm.weight", d),
                    lm_head=lm_head, mtp=_mtp(config, src))
 
@@ -265,8 +254,7 @@ def language_model_prefix(names) -> str:
 
 
 def _norm(config: Config, src: TensorSource, name: str, size: int) -> np.ndarray:
-    """An RMSNorm weight as the kernels use it: x / rms(x) * weight
-    (zero-centred ones: 1 + w, exact in fp32)."""
+    """An RMSNorm weight as the kernels use it: x / rms(x) * weight (zero-centred: 1 + w, exact in fp32)."""
     weight = src.vector(name, size)
     return weight + np.float32(1) if config.family.zero_centred_norms else weight
 
@@ -289,8 +277,7 @@ def _attention(config: Config, src: TensorSource, p: str) -> AttentionWeights:
     qkv_bias = (config.qkv_bias or config.attention_bias, "qkv_bias and attention_bias are false")
     o_bias = (config.attention_bias, "attention_bias is false")
 
-    def bias(name, size, switch):
-        present, why = switch
+    def bias(name, size, present, why):
         return src.vector(p + name + ".bias", size) if present else src.absent(p + name + ".bias", why)
 
     def head_norm(name):
@@ -302,8 +289,8 @@ def _attention(config: Config, src: TensorSource, p: str) -> AttentionWeights:
         k_proj=src.matrix(p + "k_proj.weight", (kv_out, d)),
         v_proj=src.matrix(p + "v_proj.weight", (kv_out, d)),
         o_proj=src.matrix(p + "o_proj.weight", (d, q_out)),
-        q_bias=bias("q_proj", q_out, qkv_bias), k_bias=bias("k_proj", kv_out, qkv_bias),
-        v_bias=bias("v_proj", kv_out, qkv_bias), o_bias=bias("o_proj", d, o_bias),
+        q_bias=bias("q_proj", q_out, *qkv_bias), k_bias=bias("k_proj", kv_out, *qkv_bias),
+        v_bias=bias("v_proj", kv_out, *qkv_bias), o_bias=bias("o_proj", d, *o_bias),
         q_norm=head_norm("q_norm"), k_norm=head_norm("k_norm"))
 
 
