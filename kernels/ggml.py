@@ -165,12 +165,11 @@ def _level(row, t, c, h, i):  # the integer level of weight 32c + 16h + i of the
         if t == Q5_0 or t == Q5_1:  # bit p of the little-endian u32 qh is the fifth bit
             level |= 16 if _u32(row, o + 2 if t == Q5_0 else o + 4) & (1 << p) else 0
         return np.int32(level)
-    if t == IQ4_NL:
-        return np.int32(IQ4_LEVELS[_u((_byte(row, o + 2 + i) >> (4 * h)) & 15)])
+    if t == IQ4_NL or t == IQ4_XS:  # IQ4_XS: sub-block u's 16 bytes of qs as IQ4_NL's
+        qs = o + 2 if t == IQ4_NL else o + 8 + 16 * u
+        return np.int32(IQ4_LEVELS[_u((_byte(row, qs + i) >> (4 * h)) & 15)])
     if t == MXFP4:
         return np.int32(MXFP4_LEVELS[_u((_byte(row, o + 1 + i) >> (4 * h)) & 15)])
-    if t == IQ4_XS:  # sub-block u: its 16 bytes of qs as Q4_0's
-        return np.int32(IQ4_LEVELS[_u((_byte(row, o + 8 + 16 * u + i) >> (4 * h)) & 15)])
     if t == IQ2_XXS or t == IQ2_XS or t == IQ2_S or t == IQ3_XXS or t == IQ3_S:  # the grid codebooks
         return _grid_level(row, t, o, u, h, i)
     if t == Q2_K:
