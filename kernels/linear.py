@@ -11,8 +11,7 @@ MINQWEN_PREFILL=int16 (isa.py). Without them (the generic path, fp32 weights, ot
 or dequantised to float32 go through BLAS (matmul, matmul_fp8, matmul_ggml).
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
-GGUF files. `row_dot` is linear's counterpart inside compiled kernels: one row of W times x, for the
-formats MoE experts come in (the MoE kernel streams the rows of the experts a token chose).
+GGUF files. `row_dot` is linear's counterpart for compiled kernels (MoE streams the rows its tokens chose).
 """
 import numpy as np
 from numba import types
