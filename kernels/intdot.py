@@ -273,11 +273,12 @@ def _matmul_q6_k(out, data, xq, xd16, offset):  # Q6_K: ql[128] (low 4 bits), qh
                     ds = fp16_splat(row, o + 208, FLOATS) * scales * load(xd16[i], 16 * s + 8 * h, FLOATS)
                     qh = words(row, o + 128 + 32 * h, 32, WORDS)
                     for c in range(2):  # ql bytes 32c.. (and the other half's): groups of 32 c and c + 2
-                        ql, high = words(row, o + 64 * h + 32 * c, 64, WORDS), field(qh, 2 * c, 0xFFFF)
+                        ql = words(row, o + 64 * h + 32 * c, 64, WORDS)
                         e = 256 * s + 128 * h + 4 * WORDS * c  # where this part's 4 WORDS weights sit in xq
-                        for k in range(2):  # low / high nibbles (group c + 2k): levels of the even, odd bytes
-                            even = join(field(ql, 4 * k, 15), field(high, 4 * k, 3), 4)
-                            odd = join(field(ql, 8 + 4 * k, 15), field(high, 8 + 4 * k, 3), 4)
+                        for k in range(2):  # low / high nibbles (group c + 2k): the even, odd bytes' levels,
+                            # a word's two at once, then apart (each level alone took 1.06-1.11x the time)
+                            pair = join(field(ql, 4 * k, 0x0F0F), field(qh, 2 * c + 4 * k, 0x0303), 4)
+                            even, odd = field(pair, 0, 0xFF), field(pair, 8, 0xFF)
                             at = e + 2 * WORDS * k
                             p = dot_s16(load(offset[i], at // 4, FLOATS), even, load(xq[i], at, WORDS))
                             p = dot_s16(p, odd, load(xq[i], at + WORDS, WORDS))
