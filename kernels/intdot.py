@@ -153,8 +153,7 @@ def _dot_from(low, high, xq, e, offset):  # _dot of levels stored too high, star
 def _offsets(offset, xq, width, excess):  # offset: [K/4] int32 (output), xq: [K] int16
     """offset[e/4 + l] = -excess (xq[e + 2l] + xq[e + 2l + 1] + xq[e + width + 2l] + xq[e + width + 2l + 1]),
     e = 2 width c: what lane l of the dot of two vectors of `width` int16 lanes (_dot) gains from levels
-    stored `excess` too high (IQ4_TABLE's + 127, Q4_0's + 8, Q6_K's + 32): a dot started from it is the
-    levels' exactly"""
+    stored `excess` too high (IQ4_TABLE's + 127, Q4_0's + 8, Q6_K's + 32): a dot started there is theirs"""
     for e in range(0, xq.shape[0], 2 * width):
         for lane_ in range(width // 2):
             four = np.int32(xq[e + 2 * lane_]) + np.int32(xq[e + 2 * lane_ + 1])
@@ -222,9 +221,8 @@ def _matmul_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]
     """out[i, n] = sum_j d sc_j xd_ij (q_j . xq_ij) - dmin m_j xsum_ij      (j over sub-blocks of 32)"""
     N, size, nb = data.shape[0], BLOCK_BYTES[t], xd.shape[1] // 8
     qs = 48 if t == Q5_K else 16
-    for rows in prange((N + 31) // 32):  # 32 rows at a time, which allocate a place for their scales once:
-        ds = np.empty(16, np.float32)  # a block's d sc_j xd_j go there a block ahead, and the dots broadcast
-        # them from memory (picked from a register, lane(), they took 1.02-1.10x the time)
+    for rows in prange((N + 31) // 32):  # 32 rows at a time, with one place where a block's d sc_j xd_j go a
+        ds = np.empty(16, np.float32)  # block ahead, for the dots to broadcast (lane(): 1.02-1.10x the time)
         for n in range(32 * rows, min(N, 32 * rows + 32)):
             row = data[n]
             for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
