@@ -41,3 +41,8 @@ class SamplingError(MinqwenError):
 
 class TemplateError(MinqwenError):
     """The chat template is missing or failed to render."""
+
+
+class ConstraintError(MinqwenError):
+    """A JSON schema, regular expression or grammar that does not compile, or asks for what the
+    constraint engine cannot enforce (an unsupported schema keyword): never ignored."""

@@ -11,6 +11,7 @@ from .network.config import Config
 from .network.decoder import KV_CACHE_DTYPES, Cache, Decoder, Sequence
 from .network.mtp import MtpHead
 from .network.weights import Weights
+from .text.constraints import Constraint
 from .text.generation import GenerationOptions, stream_tokens
 from .text.reply import Reply
 from .text.speculative import DRAFT_TOKENS, MtpDrafter, NgramDrafter, SequenceDrafter
@@ -44,7 +45,8 @@ class Model:
 
     def generate(self, token_ids, max_new_tokens: int, **options) -> list[int]:
         """The new tokens only, ending with the end-of-turn token or the one that completes a stop string
-        if there is one; options are GenerationOptions' fields (temperature, top_k, ..., seed, stop)."""
+        if there is one; options are GenerationOptions' fields (temperature, top_k, ..., seed, stop,
+        json_schema / regex / grammar: see docs/generation.md)."""
         return list(self.stream(token_ids, max_new_tokens, **options))
 
     def stream(self, token_ids, max_new_tokens: int, speculative: str | None = None,
@@ -56,9 +58,10 @@ class Model:
         reply = None  # without a tokenizer, stream_tokens refuses stop strings
         if options.stop and self.tokenizer is not None:  # matched on all the text, markers included
             reply = Reply(self.tokenizer, prompt, options.stop, chat=False)
+        constraint = Constraint.of(options, self.tokenizer, self.config.vocab_size, self.eos_token_ids)
         drafter = self.drafter(speculative) if speculative else None
         steps = stream_tokens(self.sequence(), prompt, max_new_tokens, options, self.eos_token_ids, reply,
-                              drafter=drafter, most_drafts=speculative_tokens)
+                              drafter=drafter, most_drafts=speculative_tokens, constraint=constraint)
         return (token for token, _ in steps)
 
     def drafter(self, speculative: str):

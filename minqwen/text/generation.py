@@ -1,6 +1,8 @@
 """Autoregressive generation: penalties, sampling, stop conditions, timing.
 
     logits = model(tokens)                        # prefill the prompt, then one token at a time
+    logits = mask(logits)                         # structured output: what a JSON schema, regex or
+                                                  # grammar does not allow next is out (constraints.py)
     logits = penalties(logits, tokens so far)     # repetition (CTRL; prompt + output), frequency and
                                                   # presence (OpenAI; output only)
     next   = sample(logits / T, top-k, top-p, min-p, coin)   # coin ~ U[0,1) from the seeded generator
@@ -20,6 +22,7 @@ import numpy as np
 
 from ..errors import SamplingError
 from ..kernels.sampling import apply_penalties, sample
+from .constraints import Constraint
 from .reply import Reply
 from .speculative import DRAFT_TOKENS, DraftLength
 
@@ -37,6 +40,12 @@ class GenerationOptions:
     presence_penalty: float | None = None  # None or 0 = off
     seed: int | None = None
     stop: list[str] | str | None = None  # stop strings, matched on the decoded text
+    # Structured output, at most one (text/constraints.py): a JSON schema (a dict or JSON text;
+    # {"type": "object"} for any JSON object), a regular expression, a grammar (Lark or GBNF); compiled
+    # against the tokenizer by Constraint.of.
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         def number(name, value, ok, rule):
@@ -100,12 +109,12 @@ class Stats:
 
 
 class Sampler:
-    """One sequence's choice of tokens, one step at a time: `next(logits)` penalises, samples and counts;
-    `finish_reason` becomes "stop" (an end-of-turn token; the caller sets it for a stop string) or
-    "length" (max_new_tokens)."""
+    """One sequence's choice of tokens, one step at a time: `next(logits)` masks what a constraint does not
+    allow (text/constraints.py), penalises, samples and counts; `finish_reason` becomes "stop" (an
+    end-of-turn token; the caller sets it for a stop string) or "length" (max_new_tokens)."""
 
     def __init__(self, options: GenerationOptions, prompt, vocab_size: int, max_new_tokens: int,
-                 eos_ids):
+                 eos_ids, constraint: Constraint | None = None):
         self.options, self.max_new_tokens, self.eos = options, max_new_tokens, set(eos_ids)
         self.rng = np.random.default_rng(options.seed)
         self.probs, self.order = np.empty(vocab_size, np.float32), np.empty(vocab_size, np.int64)
@@ -118,18 +127,24 @@ class Sampler:
         self.generated = 0
         self.forced: list[int] = []  # tokens to take next instead of sampling (a required tool call)
         self.finish_reason: str | None = None
+        self.constrained = constraint.start(list(prompt)) if constraint is not None else None
 
     def next(self, logits: np.ndarray) -> int:
-        """The next token after `logits` (vocab,) float32, which the penalties change in place."""
+        """The next token after `logits` (vocab,) float32, which the mask and the penalties change in
+        place."""
         o = self.options
         if self.forced:
             token = self.forced.pop(0)
         else:
+            if self.constrained is not None:
+                self.constrained.mask(logits)
             if self.penalize:
                 apply_penalties(logits, self.seen_ids, self.counts, o.repetition_penalty or 1.0,
                                 o.frequency_penalty or 0.0, o.presence_penalty or 0.0)
             token = int(sample(self.probs, self.order, logits, o.temperature, o.top_k or 0,
                                1.0 if o.top_p is None else o.top_p, o.min_p or 0.0, self.rng.random()))
+        if self.constrained is not None:
+            self.constrained.consume(token)
         self.generated += 1
         self.counts[token] += 1
         if not self.seen[token]:
@@ -144,25 +159,28 @@ class Sampler:
 
 def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: GenerationOptions,
                   eos_ids: list[int], reply: Reply | None = None, stats: Stats | None = None,
-                  drafter=None, most_drafts: int = DRAFT_TOKENS):
+                  drafter=None, most_drafts: int = DRAFT_TOKENS, constraint: Constraint | None = None):
     """A generator of (new token id, what it added to `reply`: a Delta, or None without a reply). The reply
     reads each token before it is yielded, and a stop string it finds ends the generation: stop strings
     are matched on its text, so `options.stop` needs a reply made with them. The arguments are checked
     here, at the call; the prompt's ids are checked by the sequence (Sequence.check) when the generator
     starts. With a drafter (text/speculative.py), decoding is speculative, drafting at most `most_drafts`
-    tokens a round: the same tokens, in fewer passes."""
+    tokens a round: the same tokens, in fewer passes. A constraint (text/constraints.py, built from
+    `options`' json_schema / regex / grammar) limits the tokens chosen; drafts are verified under it."""
     if isinstance(most_drafts, bool) or not isinstance(most_drafts, int) or most_drafts < 1:
         raise SamplingError(f"the most tokens to draft must be an integer >= 1, got {most_drafts!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if options.stop and reply is None:
         raise SamplingError("stop strings need the checkpoint's tokenizer")
+    if constraint is None and (options.json_schema, options.regex, options.grammar) != (None, None, None):
+        raise SamplingError("json_schema, regex and grammar need their compiled Constraint (Constraint.of)")
     return _generate(sequence, prompt, max_new_tokens, options, eos_ids, reply, stats or Stats(), drafter,
-                     most_drafts)
+                     most_drafts, constraint)
 
 
 def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_ids, reply: Reply | None,
-              stats: Stats, drafter, most_drafts: int):
+              stats: Stats, drafter, most_drafts: int, constraint: Constraint | None):
     """The decode loop, speculative when given a drafter (text/speculative.py): each round runs the last
     chosen token and its drafts in one pass, and chooses a token after each of them in turn until one
     differs from its draft."""
@@ -178,7 +196,8 @@ def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_
         if drafter is not None:
             drafter.observe(start, sequence.decoder.hidden)
     stats.prefill_seconds = time.perf_counter() - started
-    sampler = Sampler(options, prompt, sequence.decoder.config.vocab_size, max_new_tokens, eos_ids)
+    sampler = Sampler(options, prompt, sequence.decoder.config.vocab_size, max_new_tokens, eos_ids,
+                      constraint)
     length = DraftLength(most_drafts)
     drafts, hidden = [], None
     started = time.perf_counter()
