@@ -10,10 +10,11 @@ import os
 import sys
 import warnings
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, MinqwenError, TemplateError
+from .errors import CheckpointError, ConstraintError, MinqwenError, TemplateError
 from .formats.gguf import GGML_TYPES
 from .formats.hub import resolve
 from .formats.safetensors import STORED_NAMES, write_quantized_checkpoint
@@ -21,6 +22,7 @@ from .kernels import isa
 from .kernels.ggml import GgmlMatrix
 from .loader import load, open_checkpoint
 from .network.weights import IGNORED, TensorSource, load_weights, unread_tensors
+from .text.constraints import Constraint
 from .text.generation import GenerationOptions, Stats, options_with_defaults, stream_tokens
 from .text.reply import Delta, Reply
 from .text.speculative import DRAFT_TOKENS
@@ -127,6 +129,13 @@ def _sampling_options(p):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None,
                    help="stop string (repeatable); the text ends before it")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", default=None, metavar="JSON|@FILE",
+                            help="the answer is a JSON document valid under this schema (every turn of a "
+                                 "chat); '{\"type\": \"object\"}' for any JSON object")
+    constraint.add_argument("--grammar-file", default=None, metavar="FILE",
+                            help="the answer follows this grammar (GBNF as llama.cpp writes it, or Lark)")
+    constraint.add_argument("--regex", default=None, help="the answer matches this regular expression")
 
 
 def _speculative_options(p):
@@ -149,8 +158,22 @@ def _load(args):
 
 def _options(args, model) -> GenerationOptions:
     """The sampling options given on the command line; the others from generation_config.json."""
-    given = {f.name: getattr(args, f.name) for f in fields(GenerationOptions)}
+    given = {f.name: getattr(args, f.name, None) for f in fields(GenerationOptions)}
+    given["json_schema"] = _text_or_file(args.json_schema, "--json-schema")
+    if args.grammar_file is not None:
+        given["grammar"] = _text_or_file("@" + args.grammar_file, "--grammar-file")
     return options_with_defaults(given, model.generation_config)
+
+
+def _text_or_file(value: str | None, option: str) -> str | None:
+    """`value`, or the text of the file it names as @FILE."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else e
+        raise ConstraintError(f"{option}: cannot read {value[1:]} ({reason})") from None
 
 
 def _template_kwargs(args) -> dict:
@@ -173,25 +196,28 @@ def _generate(args) -> int:
         if args.system or args.think is not None:
             raise TemplateError("--system/--think need the chat template (drop --no-chat)")
         prompt = tok.encode(args.prompt)
-    stats = Stats()
-    _stream_to_stdout(model, model.sequence(), _drafter(args, model), prompt, args, stats, chat)
+    stats, options = Stats(), _options(args, model)
+    constraint = Constraint.of(options, tok, model.config.vocab_size, model.eos_token_ids, chat)
+    _stream_to_stdout(model, model.sequence(), _drafter(args, model), prompt, args, stats, chat, options,
+                      constraint)
     print(stats.line(), file=sys.stderr)
     return 0
 
 
-def _stream_to_stdout(model, sequence, drafter, prompt, args, stats, chat: bool) -> Delta:
+def _stream_to_stdout(model, sequence, drafter, prompt, args, stats, chat: bool, options: GenerationOptions,
+                      constraint: Constraint | None) -> Delta:
     """Generate, printing the reply as it comes (Printer); returns it whole. Its text ends before a stop
     string (as the OpenAI API's does). A `chat` prompt (the chat template's) has its reasoning told from
-    its content by the markers' token ids (Reply); a raw prompt's reply is all content."""
+    its content by the markers' token ids (Reply); a raw prompt's reply is all content. A constraint
+    (text/constraints.py) holds the reply to a schema, a grammar or a regex."""
     # By default until the end of turn or of the context window (a prompt that fills the window is
     # refused by the sequence: it leaves no room for the one token asked for).
     max_new = (args.max_new_tokens if args.max_new_tokens is not None
                else max(1, model.context_length - len(prompt)))
-    options = _options(args, model)
     reply = Reply(model.tokenizer, prompt, options.stop, chat=chat)
     printer = Printer(sys.stdout)
     for _, delta in stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, reply, stats,
-                                  drafter, args.speculative_tokens):
+                                  drafter, args.speculative_tokens, constraint):
         printer.show(delta)
     printer.show(reply.finish())
     printer.end()
@@ -233,6 +259,8 @@ def _chat(args) -> int:
     if not tok.has_chat_template:
         raise TemplateError("this checkpoint has no chat template; use `generate --no-chat`")
     sequence, drafter, messages = model.sequence(), _drafter(args, model), []
+    options = _options(args, model)  # the same for every turn, and checked before the first
+    constraint = Constraint.of(options, tok, model.config.vocab_size, model.eos_token_ids)
     if args.system:
         messages.append({"role": "system", "content": args.system})
     print("minqwen chat — /reset clears the conversation, /exit quits", file=sys.stderr)
@@ -252,7 +280,7 @@ def _chat(args) -> int:
         messages.append({"role": "user", "content": user})
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, **_template_kwargs(args))
         stats = Stats()
-        reply = _stream_to_stdout(model, sequence, drafter, prompt, args, stats, chat=True)
+        reply = _stream_to_stdout(model, sequence, drafter, prompt, args, stats, True, options, constraint)
         # no reasoning: None, which the template does not see (Tokenizer.apply_chat_template drops it)
         messages.append({"role": "assistant", "content": reply.content.strip(),
                          "reasoning_content": reply.reasoning or None})
