@@ -4,7 +4,7 @@
                             answer's, or, for a generation, the checked Request that Api.start hands to
                             the engine as a Job
         chat                messages -> the chat template -> the engine -> content, reasoning_content,
-                            tool_calls (reply.py)
+                            tool_calls (reply.py); structured outputs (request_constraint)
         completion          a raw prompt (text or token ids) -> text
         models, health, tokenize, detokenize
     chat_request, completion_request    a body -> Request: every field checked against the API's ranges
@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Callable
 
-from ..errors import ContextLengthError, MinqwenError, SamplingError
+from ..errors import ConstraintError, ContextLengthError, MinqwenError, SamplingError
 from ..model import Model
+from ..text.constraints import Constraint, choice_grammar
 from ..text.generation import GenerationOptions, Sampler, options_with_defaults
 from ..text.reply import Reply
 from .engine import Busy, End, Engine, Job, Stopped, Token
@@ -111,15 +112,64 @@ def refuse_unsupported(body: dict):
         raise invalid("n must be 1: one choice per request", "n")
     if body.get("best_of") not in (None, 1):
         raise invalid("best_of must be 1", "best_of")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict)
-                                        or response_format.get("type") != "text"):
-        raise invalid("response_format must be {\"type\": \"text\"}: minqwen does not constrain decoding",
-                      "response_format")
     if body.get("logit_bias"):
         raise invalid("logit_bias is not supported", "logit_bias")
     if body.get("stream_options") is not None and not body.get("stream"):
         raise invalid("stream_options needs stream: true", "stream_options")
+
+
+def constraint_fields(body: dict) -> tuple[str, dict] | None:
+    """(the field, Constraint's keyword arguments) of the one structured-output field the body gives, or
+    None: OpenAI's response_format (json_object, json_schema), llama.cpp's json_schema and grammar (GBNF),
+    vLLM's structured_outputs (json, regex, choice, grammar)."""
+    given = [name for name in ("response_format", "json_schema", "grammar", "structured_outputs")
+             if body.get(name) is not None]
+    if len(given) > 1:
+        raise invalid(f"give one of {' and '.join(given)}: they constrain the same output", given[1])
+    if not given:
+        return None
+    name, value = given[0], body[given[0]]
+    if name == "json_schema":
+        return name, {"json_schema": value}
+    if name == "grammar":
+        return name, {"grammar": value}
+    if name == "response_format":
+        kind = value.get("type") if isinstance(value, dict) else None
+        schema = value.get("json_schema") if isinstance(value, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return name, {"json_schema": {"type": "object"}}
+        if kind == "json_schema" and isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+            return name, {"json_schema": schema["schema"]}
+        raise invalid('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                      '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', name)
+    kinds = ("json", "regex", "choice", "grammar")
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in kinds:
+        raise invalid(f"structured_outputs must be an object with one of {', '.join(kinds)}", name)
+    (kind, spec), = value.items()
+    if kind == "choice":
+        try:
+            return name, {"grammar": choice_grammar(spec)}
+        except ConstraintError as e:
+            raise invalid(f"structured_outputs.{e}", name) from None
+    return name, {{"json": "json_schema"}.get(kind, kind): spec}
+
+
+def request_constraint(body: dict, model: Model, chat: bool) -> Constraint | None:
+    """The request's structured-output constraint, compiled (Constraint); a 400 naming the field if it
+    does not compile or asks for what cannot be enforced."""
+    field = constraint_fields(body)
+    if field is None:
+        return None
+    name, given = field
+    for other in ("ignore_eos", "tool_choice"):
+        if body.get(other) not in (None, False, "auto", "none"):
+            raise invalid(f"{name} cannot be combined with {other} {body[other]!r}", name)
+    try:
+        return Constraint(model.tokenizer, model.config.vocab_size, model.eos_token_ids, chat=chat, **given)
+    except ConstraintError as e:
+        raise invalid(f"{name}: {e}", name) from None
 
 
 def text_content(content, where: str) -> str:
@@ -223,6 +273,7 @@ class Request:
     require_call: str | None = None  # tool_choice "required" (""), or the function named
     snapshot_at: int | None = None
     speculative: str | None = None  # the drafter (Model.drafter's names), None: plain decoding
+    constraint: Constraint | None = None  # structured output (text/constraints.py)
 
 
 def speculative_choice(body: dict, model: Model, default: str | None) -> str | None:
@@ -303,6 +354,7 @@ def generation_request(body: dict, model: Model, engine: Engine, param: str,
     except SamplingError as e:  # what the API's ranges let through and minqwen does not take
         raise invalid(str(e)) from None
     return Request(options=options, max_tokens=max_tokens,
+                   constraint=request_constraint(body, model, fields["chat"]),
                    ignore_eos=flag(body, "ignore_eos"), stream=flag(body, "stream"),
                    include_usage=flag(stream_options, "include_usage"),
                    speculative=speculative_choice(body, model, engine.speculative), **fields)
@@ -508,7 +560,8 @@ class Api:
         """Hand the request to the engine as a Job; its events come back on response.job.events."""
         model = self.model
         eos = [] if request.ignore_eos else model.eos_token_ids
-        sampler = Sampler(request.options, request.prompt, model.config.vocab_size, request.max_tokens, eos)
+        sampler = Sampler(request.options, request.prompt, model.config.vocab_size, request.max_tokens, eos,
+                          request.constraint)
         reply = Reply(model.tokenizer, request.prompt, request.options.stop, request.tools, request.chat,
                       request.require_call)
         job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, client_gone,
