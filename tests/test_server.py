@@ -304,7 +304,7 @@ BAD = [  # (body, status, param, code): every one gets OpenAI's envelope
     ({"messages": USER, "presence_penalty": -2.5}, 400, "presence_penalty", None),
     ({"messages": USER, "max_tokens": 0}, 400, "max_tokens", None),
     ({"messages": USER, "n": 2}, 400, "n", None),
-    ({"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ({"messages": USER, "response_format": {"type": "yaml"}}, 400, "response_format", None),
     ({"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", None),
     ({"messages": USER, "stop": ["ok", ""]}, 400, "stop", None),
     ({"messages": USER, "tools": []}, 400, "tools", None),
