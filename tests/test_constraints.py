@@ -14,7 +14,7 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-from test_server import client, raw, running
+from test_server import client, raw, running, scripted
 
 import minqwen
 from checkpoints import chat_checkpoint
@@ -307,6 +307,27 @@ def test_server_structured_output_fields(qwen25):
         completion = api.completions.create(model="tiny", prompt="Number:", max_tokens=20, temperature=1.0,
                                             extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
         assert re.fullmatch("[0-9]{4}", completion.choices[0].text)
+
+
+def test_server_constrains_the_answer_after_the_thinking(qwen3):
+    """A stand-in decoder writes the script: its thinking (no JSON) goes by unconstrained, its answer
+    after </think> is the schema's; with thinking off, its <think> is masked out from the first token."""
+    messages = [{"role": "user", "content": "JSON please"}]
+    prompt = qwen3.tokenizer.apply_chat_template(messages)
+    script = '<think>\nThe user wants {x, y}: easy.\n</think>{"x": 3, "y": 7}<|im_end|>'
+    body = {"messages": messages, "max_tokens": 60, "temperature": 0, "json_schema": POINT}
+    with scripted(qwen3, prompt, script), running(qwen3) as server:
+        status, _, answer = raw(server, "POST", "/v1/chat/completions", body)
+        message = answer["choices"][0]["message"]
+        assert status == 200 and message["reasoning_content"] == "The user wants {x, y}: easy.", answer
+        assert json.loads(message["content"]) == {"x": 3, "y": 7}
+    off = {**body, "chat_template_kwargs": {"enable_thinking": False}}
+    prompt = qwen3.tokenizer.apply_chat_template(messages, enable_thinking=False)
+    with scripted(qwen3, prompt, script), running(qwen3) as server:
+        status, _, answer = raw(server, "POST", "/v1/chat/completions", off)
+        message = answer["choices"][0]["message"]
+        assert status == 200 and "reasoning_content" not in message, answer
+        jsonschema.validate(json.loads(message["content"]), POINT)
 
 
 def structured(api, kind, value) -> str:
