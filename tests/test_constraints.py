@@ -20,7 +20,7 @@ import minqwen
 from checkpoints import chat_checkpoint
 from minqwen.errors import ConstraintError
 from minqwen.formats.gguf import read_gguf
-from minqwen.text.constraints import MASKED, Constraint
+from minqwen.text.constraints import MASKED, Constraint, llg_tokenizer
 from minqwen.text.generation import GenerationOptions, Sampler, Stats, stream_tokens
 from minqwen.text.speculative import NgramDrafter
 from minqwen.text.tokenizer import Tokenizer
@@ -207,19 +207,25 @@ def test_thinking_stays_outside_the_constraint(qwen3):
 
 
 def test_padded_ids_are_never_allowed_and_every_end_id_ends_a_document(qwen3, qwen_tokenizer_ggufs):
+    """For a folder's tokenizer and a GGUF's: no padded id, no marker token (the Reply would read it as
+    one, not as the text it spells), every end-of-turn id once the document is complete."""
     vocab_size = qwen3.config.vocab_size
     assert vocab_size > qwen3.tokenizer.vocab_size  # Qwen pads the head past the tokenizer
     gguf_tokenizer = Tokenizer.from_gguf(read_gguf(qwen_tokenizer_ggufs["qwen3"]))
     assert gguf_tokenizer.token_to_id("[PAD151669]") == 151669  # the converter's fillers
+    markers = [qwen3.tokenizer.token_to_id(t) for t in ("<think>", "</think>", "<tool_call>", "</tool_call>")]
     for tok in (qwen3.tokenizer, gguf_tokenizer):
-        # A filler's text, "[PAD151669]", would match: it is blocked as a filler.
-        constraint = Constraint(tok, vocab_size, qwen3.eos_token_ids, regex=r"[A-Za-z0-9\[\] ]{1,40}",
+        # A filler's text, "[PAD151669]", would match: it is blocked as a filler. So would the markers'.
+        constraint = Constraint(tok, vocab_size, qwen3.eos_token_ids, regex=r"[A-Za-z0-9_<>/\[\] ]{1,40}",
                                 chat=False)
+        assert llg_tokenizer(tok, vocab_size, constraint.end_ids)[0] is \
+            llg_tokenizer(tok, vocab_size, constraint.end_ids)[0]  # built once per Tokenizer
         state = constraint.start([])
         logits = np.zeros(vocab_size, np.float32)
         state.mask(logits)
         allowed = np.flatnonzero(logits == 0)
         assert len(allowed) > 1000 and allowed.max() < qwen3.tokenizer.vocab_size
+        assert not set(markers) & set(allowed)
         assert (logits[qwen3.tokenizer.vocab_size:] == MASKED).all()
         assert not set(qwen3.eos_token_ids) & set(allowed)  # nothing yet: no document
         for token in tok.encode("just words"):
