@@ -310,6 +310,8 @@ def test_server_structured_output_fields(qwen25):
         jsonschema.validate(json.loads(structured(api, "json", POINT)), POINT)
         assert re.fullmatch("b[0-9]", structured(api, "grammar", 'root ::= "b" [0-9]'))
         assert structured(api, "choice", ["left", "right"]) in ("left", "right")
+        guided = ask_json(api, extra_body={"guided_regex": "[0-9]{3}"}).choices[0].message.content
+        assert re.fullmatch("[0-9]{3}", guided)
         completion = api.completions.create(model="tiny", prompt="Number:", max_tokens=20, temperature=1.0,
                                             extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
         assert re.fullmatch("[0-9]{4}", completion.choices[0].text)
@@ -353,6 +355,7 @@ def structured(api, kind, value) -> str:
     ({"structured_outputs": {"yaml": "a"}}, "structured_outputs"),
     ({"json_schema": POINT, "grammar": 'root ::= "a"'}, "grammar"),
     ({"json_schema": POINT, "ignore_eos": True}, "json_schema"),
+    ({"guided_choice": "left"}, "guided_choice"),
 ])
 def test_server_refuses_what_does_not_compile_with_a_400_naming_the_field(qwen25, body, param):
     with running(qwen25) as server:

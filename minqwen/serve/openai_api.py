@@ -37,6 +37,8 @@ COMPLETION_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MESSAGE_FIELDS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thinking")
 RESERVED_TEMPLATE_NAMES = ("messages", "tools", "documents", "add_generation_prompt")
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",  # vLLM's older names
+          "guided_grammar": "grammar"}
 ENGINE_STOPPED = "the engine stopped on an internal error (see the server's log): restart the server"
 
 
@@ -121,8 +123,9 @@ def refuse_unsupported(body: dict):
 def constraint_fields(body: dict) -> tuple[str, dict] | None:
     """(the field, Constraint's keyword arguments) of the one structured-output field the body gives, or
     None: OpenAI's response_format (json_object, json_schema), llama.cpp's json_schema and grammar (GBNF),
-    vLLM's structured_outputs (json, regex, choice, grammar)."""
-    given = [name for name in ("response_format", "json_schema", "grammar", "structured_outputs")
+    vLLM's structured_outputs (json, regex, choice, grammar) and its older guided_json, guided_regex, ...
+    (taken, not ignored: an ignored one would be unconstrained output)."""
+    given = [name for name in ("response_format", "json_schema", "grammar", "structured_outputs", *GUIDED)
              if body.get(name) is not None]
     if len(given) > 1:
         raise invalid(f"give one of {' and '.join(given)}: they constrain the same output", given[1])
@@ -145,6 +148,8 @@ def constraint_fields(body: dict) -> tuple[str, dict] | None:
         raise invalid('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
                       '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', name)
     kinds = ("json", "regex", "choice", "grammar")
+    if name in GUIDED:
+        value = {GUIDED[name]: value}
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in kinds:
         raise invalid(f"structured_outputs must be an object with one of {', '.join(kinds)}", name)
     (kind, spec), = value.items()
@@ -152,7 +157,7 @@ def constraint_fields(body: dict) -> tuple[str, dict] | None:
         try:
             return name, {"grammar": choice_grammar(spec)}
         except ConstraintError as e:
-            raise invalid(f"structured_outputs.{e}", name) from None
+            raise invalid(f"{name}: {e}", name) from None
     return name, {{"json": "json_schema"}.get(kind, kind): spec}
 
 
