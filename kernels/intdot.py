@@ -122,6 +122,7 @@ WORDS, FLOATS = (32, 16) if isa.ISA == "avx512" else (16, 8)
 # lanes are the other half's): weight 32 (2k + u % 2) + (2 m + p) % 32 + 128 (u // 2 + m // 16)
 _q = np.arange(256)
 _m, _p, _k, _u = _q % WORDS, _q // WORDS % 2, _q // (2 * WORDS) % 2, _q // (4 * WORDS)
+Q5_K_ORDER = _q // 32 * 32 + np.tile(np.r_[0:32:2, 1:32:2], 8)  # each 32 weights' even ones, then the odd
 Q6_K_ORDER = 32 * (2 * _k + _u % 2) + 2 * (_m % 16) + _p + 128 * (_u // 2 + _m // 16)
 
 
@@ -240,15 +241,16 @@ def _matmul_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]
                         prefetch(row, o + line + PREFETCH_BYTES)
                     for c in range(4 if s >= 0 else 0):  # 32 bytes: low nibbles are sub-block 2c, high 2c + 1
                         at = o + qs + 32 * c
-                        first, second = widen16(row, at, False), widen16(row, at + 16, False)
-                        low0, low1 = field(first, 0, 15), field(second, 0, 15)
-                        high0, high1 = field(first, 4, 15), field(second, 4, 15)
-                        if t == Q5_K:  # fifth bits: bit 2c (low) and 2c + 1 (high) of the 32 bytes at 16
-                            fifth0, fifth1 = widen16(row, o + 16, False), widen16(row, o + 32, False)
-                            low0 = join(low0, field(fifth0, 2 * c, 1), 4)
-                            low1 = join(low1, field(fifth1, 2 * c, 1), 4)
-                            high0 = join(high0, field(fifth0, 2 * c + 1, 1), 4)
-                            high1 = join(high1, field(fifth1, 2 * c + 1, 1), 4)
+                        if t == Q5_K:  # fifth bits 2c (low), 2c + 1 (high) of qh; as Q6_K, a word's 2 levels
+                            q, fifth = words(row, at, 0, 16), words(row, o + 16, 0, 16)  # at once: 1.06-1.1x
+                            low = join(field(q, 0, 0x0F0F), field(fifth, 2 * c, 0x0101), 4)
+                            high = join(field(q, 4, 0x0F0F), field(fifth, 2 * c + 1, 0x0101), 4)
+                            low0, low1 = field(low, 0, 0xFF), field(low, 8, 0xFF)  # xq in Q5_K_ORDER
+                            high0, high1 = field(high, 0, 0xFF), field(high, 8, 0xFF)
+                        else:
+                            first, second = widen16(row, at, False), widen16(row, at + 16, False)
+                            low0, low1 = field(first, 0, 15), field(second, 0, 15)
+                            high0, high1 = field(first, 4, 15), field(second, 4, 15)
                         e, j = 256 * s + 64 * c, 8 * (s % 2) + 2 * c
                         a0 = fma(to_float(_dot(low0, low1, xq[i], e)), splat_at(ds, j, 8), a0)
                         a1 = fma(to_float(_dot(high0, high1, xq[i], e + 32)), splat_at(ds, j + 1, 8), a1)
@@ -274,7 +276,7 @@ def _matmul_q6_k(out, data, xq, xd16, offset):  # Q6_K: ql[128] (low 4 bits), qh
                         ql = words(row, o + 64 * h + 32 * c, 64, WORDS)
                         e = 256 * s + 128 * h + 4 * WORDS * c  # where this part's 4 WORDS weights sit in xq
                         for k in range(2):  # low / high nibbles (group c + 2k): the even, odd bytes' levels,
-                            # a word's two at once, then apart (each level alone took 1.06-1.11x the time)
+                            # a word's two at once, then apart (each alone took 1.06-1.11x the time)
                             pair = join(field(ql, 4 * k, 0x0F0F), field(qh, 2 * c + 4 * k, 0x0303), 4)
                             even, odd = field(pair, 0, 0xFF), field(pair, 8, 0xFF)
                             at = e + 2 * WORDS * k
@@ -326,17 +328,16 @@ def matmul_integer(out, data, ggml_type, x):
     xq = np.empty((T, K), np.int16)
     xd, xsum = np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32)
     t = ggml_type
-    excess = 127 if t == IQ4_NL or t == IQ4_XS else 8 if t == Q4_0 else 0  # and Q6_K's 32, in its own order
-    offset = np.empty((T, K // 4 if excess or t == Q6_K else 0), np.int32)
+    excess = 127 if t == IQ4_NL or t == IQ4_XS else 8 if t == Q4_0 else 32 if t == Q6_K else 0
+    offset = np.empty((T, K // 4 if excess else 0), np.int32)
     for i in range(T):
         quantize_activations(xq[i], xd[i], xsum[i], x[i])
-        if excess:
-            _offsets(offset[i], xq[i], 16, excess)
-        if t == Q6_K:  # into Q6_K_ORDER from a copy (a gather in place allocated twice per super-block)
-            natural = xq[i].copy()
+        if t == Q6_K or t == Q5_K:  # into their order from a copy (a gather in place allocated twice per 256)
+            natural, order = xq[i].copy(), Q6_K_ORDER if t == Q6_K else Q5_K_ORDER
             for e in range(K):
-                xq[i, e] = natural[e // 256 * 256 + Q6_K_ORDER[e % 256]]
-            _offsets(offset[i], xq[i], WORDS, 32)
+                xq[i, e] = natural[e // 256 * 256 + order[e % 256]]
+        if excess:  # Q6_K's on its vectors of WORDS lanes, in its order
+            _offsets(offset[i], xq[i], WORDS if t == Q6_K else 16, excess)
     eighths = xsum * EIGHTH  # a block's minimum term goes to all 8 lanes of an accumulator, 1/8 in each
     if t == Q8_0:
         _matmul_blocks(out, data, Q8_0, xq, xd, eighths, offset)
