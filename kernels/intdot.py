@@ -48,8 +48,8 @@ Q6_K (every Q4_K_M file's LM head) reads its bits as 16-bit words: a word of ql 
 odd byte, whose two levels masks build at once and a mask and a shift part (no widening shuffle), the
 activations put in that order once per token (Q6_K_ORDER); its - 32 is an offset the dot starts from, and on
 avx512 its vectors are 512 bits (WORDS): ~18 -> ~30 G weights/s. Measured (2-core AVX-512 EPYC; one core,
-2048x4096 in L3, G weights/s): Q8_0 32, Q4_0 31, Q4_1 25, Q5_0 20, Q5_1 16, Q4_K 35, Q5_K 25, Q6_K 30; one
-thread streaming a 151936-row LM head from DRAM: 0.83 / 0.55 / 0.45 / 0.40 / 0.38 / 0.55 / 0.55 / 0.72 of the
+2048x4096 in L3, G weights/s): Q8_0 32, Q4_0 31, Q4_1 25, Q5_0 20, Q5_1 16, Q4_K 35, Q5_K 28, Q6_K 30; one
+thread streaming a 151936-row LM head from DRAM: 0.83 / 0.55 / 0.45 / 0.40 / 0.38 / 0.55 / 0.56 / 0.72 of the
 read bandwidth, which one core nearly fills alone (28-31 GB/s): compute-bound there, two cores need half each.
 """
 import numpy as np
