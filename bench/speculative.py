@@ -100,9 +100,10 @@ def lookup(rounds: int, new_tokens: int) -> dict:
 
 
 def pass_seconds(model, sequence, rows: int, repeats: int) -> float:
-    """Median seconds of one pass over `rows` new positions after the sequence (logits of each row when
-    more than one, DeltaNet states kept), each forgotten again."""
+    """Median seconds of one pass over `rows` new positions after the sequence (logits of each row and
+    DeltaNet states kept when more than one, as a verify pass does), each forgotten again."""
     start, tokens = len(sequence.tokens), list(range(100, 100 + rows))
+    sequence.cache.snapshot()  # a decode step keeps no states: a hybrid returns to the snapshot
     times = []
     for _ in range(repeats):
         began = time.perf_counter()

@@ -242,8 +242,11 @@ def test_draft_length_adapts_and_pauses():
     assert length.next() == 4
     length.update(4, 4)
     assert length.next() == 4
-    length.update(4, 1)
-    assert length.next() == 2  # one more than the accepted ones
+    length.update(4, 2)
+    assert length.next() == 3  # one more than the accepted ones, no pause: half were kept
+    length.update(3, 1)  # fewer than half: a miss, a pause of one round
+    assert length.next() == 0 and length.next() == 2
+    length.update(2, 2)
     misses = []
     for _ in range(6):  # rejected from the first token, round after round: pauses of 1, 3, 7, 15, 16
         length.update(length.next(), 0)

@@ -34,9 +34,10 @@ PAUSE_ROUNDS = 16  # the longest a drafter that keeps missing sits out, in round
 
 class DraftLength:
     """How many tokens to draft next: the most allowed while drafts are taken whole, one more than the
-    accepted ones when they are not. A draft rejected from its first token costs a pass over more rows
-    for nothing, so after m such rounds in a row drafting pauses for 2^m - 1 rounds (at most
-    PAUSE_ROUNDS): a drafter that never helps (a plain question) costs a few percent at most."""
+    accepted ones when they are not. A pass over k + 1 rows costs more than a decode step (2-3x at
+    k = 3 today, bench/speculative.py), so a round that keeps fewer than half its drafts is a miss: after
+    the m-th miss since drafts were last taken whole, drafting pauses for 2^m - 1 rounds (at most
+    PAUSE_ROUNDS), and a drafter that rarely helps (a plain question) costs a few percent at most."""
 
     def __init__(self, most: int):
         self.most, self.k, self.misses, self.pause = most, most, 0, 0
@@ -50,10 +51,12 @@ class DraftLength:
     def update(self, drafted: int, accepted: int):
         if not drafted:
             return
-        self.misses = 0 if accepted else self.misses + 1
-        self.k = self.most if accepted == drafted else max(1, accepted + 1)
-        if self.misses:
+        if accepted == drafted:
+            self.misses = 0
+        elif 2 * accepted < drafted:
+            self.misses += 1
             self.pause = min(2 ** self.misses - 1, PAUSE_ROUNDS)
+        self.k = self.most if accepted == drafted else max(1, accepted + 1)
 
 
 class NgramDrafter:
