@@ -144,7 +144,8 @@ def _top_p_prefix(e, order, m, target):
             n += 1
         else:
             e[i] = 0.0
-    _sort_by_rank(order, n, e)
+    # by decreasing e, the lower id first among equals: order[:n] is in vocabulary order, the sort stable
+    order[:n] = order[:n][np.argsort(-e[order[:n]], kind="mergesort")]
     keep = n
     before = 0.0
     for j in range(1, n):  # order[0] always stays (transformers' min_tokens_to_keep = 1)
@@ -187,37 +188,6 @@ def _sift_down_min(heap, root, n):
         if heap[child] >= heap[root]:
             return
         heap[root], heap[child] = heap[child], heap[root]
-        root = child
-
-
-@jit
-def _ranks_before(key, a, b):
-    """Token a comes before token b: higher key, or the same key and a lower id."""
-    return key[a] > key[b] or (key[a] == key[b] and a < b)
-
-
-@jit
-def _sort_by_rank(order, n, key):
-    """Heapsort order[:n] in place by decreasing key[order[j]], lower id first among equals."""
-    # The heap keeps the token that comes last at its root, which then moves to the end.
-    for root in range(n // 2 - 1, -1, -1):
-        _sift_down_rank(order, root, n, key)
-    for end in range(n - 1, 0, -1):
-        order[0], order[end] = order[end], order[0]
-        _sift_down_rank(order, 0, end, key)
-
-
-@jit
-def _sift_down_rank(order, root, n, key):
-    while True:
-        child = 2 * root + 1
-        if child >= n:
-            return
-        if child + 1 < n and _ranks_before(key, order[child], order[child + 1]):
-            child += 1
-        if not _ranks_before(key, order[root], order[child]):
-            return
-        order[root], order[child] = order[child], order[root]
         root = child
 
 
