@@ -13,9 +13,9 @@ from .errors import ConfigError, ContextLengthError
 from .formats.gguf import read_gguf
 from .formats.gguf_names import gguf_config, gguf_tensors, mtp_file_beside
 from .formats.hub import resolve
-from .formats.safetensors import read_tensors
+from .formats.safetensors import load_config, read_json, read_tensors
 from .model import Model
-from .network.config import Config, load_config, read_json
+from .network.config import Config
 from .network.decoder import KV_CACHE_DTYPES
 from .network.quantize import BITS
 from .network.weights import TensorSource, load_weights

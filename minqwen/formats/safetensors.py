@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, quoted
 from ..kernels.dtypes import BF16, FP16, FP32
-from ..network.config import load_config, read_json
+from ..network.config import Config
 from ..network.quantize import BLOCK, bits_for, quantizable, quantize_matrix
 from ..network.weights import language_model_prefix
 
@@ -369,3 +369,24 @@ def write_quantized_checkpoint(folder: Path, out: Path, bits: int):
     for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
         if (folder / extra).exists():
             shutil.copy(folder / extra, out / extra)
+
+
+def read_json(path: Path, error=ConfigError) -> dict:
+    """A JSON object from `path`, or `error` naming the file and what is wrong with it."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: must hold a JSON object")
+    return value
+
+
+def load_config(folder: Path) -> Config:
+    """A Hugging Face folder's config.json as a Config."""
+    return Config.from_dict(read_json(Path(folder) / "config.json"))
+

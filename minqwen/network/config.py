@@ -9,9 +9,7 @@ fields (per-layer windows, DeltaNet channel counts, rotated dims) are properties
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from ..errors import ConfigError, UnsupportedModelError
 
@@ -309,23 +307,3 @@ def _layer_types(config: Config) -> list[str]:
                 for i in range(n)]
     # window_from: the layers from max_window_layers on slide
     return ["sliding_attention" if i >= config.max_window_layers else "full_attention" for i in range(n)]
-
-
-def read_json(path: Path, error=ConfigError) -> dict:
-    """A JSON object from `path`, or `error` naming the file and what is wrong with it."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read ({e})") from None
-    if not isinstance(value, dict):
-        raise error(f"{path}: must hold a JSON object")
-    return value
-
-
-def load_config(folder: Path) -> Config:
-    return Config.from_dict(read_json(Path(folder) / "config.json"))
-
