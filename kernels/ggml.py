@@ -49,13 +49,9 @@ tiles for BLAS), and `ggml_blocks` is the switch over the types. Why this shape 
 A row of 32-weight blocks whose K is not a multiple of 128 ends with a partial step: its missing
 columns repeat the last one (no read leaves the row), with weight 0 in the dot product.
 
-Speed: ~6 vector operations per 8 weights (extract, widen, convert, two FMAs) make decode compute-bound,
-far below the read bandwidth: one Zen 3 core (AVX2) runs ~5-8 G weights/s of Q8_0, ~3.5-4.5 of Q4_0 / Q4_1
-/ Q4_K / Q6_K, ~2.3-2.8 of Q5_0 / Q5_K (bf16's matvec ~17; bench/kernel_speed.py). The codebook types look
-their levels up with byte gathers: on an AVX-512 EPYC core that runs Q4_0 / Q4_K at ~8, IQ4_NL / IQ4_XS /
-MXFP4 run at ~2.2-2.4, the grid types at ~0.8-1.5. kernels/intdot.py's integer dot products are the fast
-decode path for the types it covers; these kernels are the fallback (no AVX2, the other types) and its
-reference. Prefill dequantises tiles for BLAS at 0.8-1.2x the GFLOP/s of bf16's widened tiles.
+Speed: ~6 vector operations per 8 weights make these kernels compute-bound, far below the read bandwidth
+(docs/performance.md has the rates); kernels/intdot.py's integer dot products are the fast decode path for
+the types it covers, these the fallback (no AVX2, the other types) and its reference.
 """
 from typing import NamedTuple
 

@@ -39,18 +39,13 @@ alone left ~25% of one core's bandwidth unused) make the rest. The kernels use 3
 AVX512-VNNI / AVX-VNNI the same code compiles dot_s16 to vpdpwssd. The IQ4 codebook lives in a register: each
 nibble looks its level up in one vpshufb (simd.lookup16, on the levels + 127 so that the lookup's result is a
 16-bit lane as it stands). The + 127 is not subtracted per weight: each block's integer dot starts from -127
-times its lanes' sums of xq (_offsets, once per token; _dot_from), which leaves the same int32 sum; that took
-one core of an AVX-512 AMD EPYC (matrix in cache) from ~23.3 / 22.4 to ~25.9 / 24.3 G weights/s for IQ4_NL /
-IQ4_XS, against Q4_0 / Q4_K's ~28.6 / 30.7 (the float kernels: ~2.3). Q2_K, Q3_K, MXFP4 and the grid i-quants
-have no kernel here (kernels/ggml.py's float one serves).
+times its lanes' sums of xq (_offsets, once per token; _dot_from), which leaves the same int32 sum. Q2_K,
+Q3_K, MXFP4 and the grid i-quants have no kernel here (kernels/ggml.py's float one serves).
 
 Q6_K (every Q4_K_M file's LM head) reads its bits as 16-bit words: a word of ql / qh holds an even and an
 odd byte, whose two levels masks build at once and a mask and a shift part (no widening shuffle), the
 activations put in that order once per token (Q6_K_ORDER); its - 32 is an offset the dot starts from, and on
-avx512 its vectors are 512 bits (WORDS): ~18 -> ~30 G weights/s. Measured (2-core AVX-512 EPYC; one core,
-2048x4096 in L3, G weights/s): Q8_0 32, Q4_0 31, Q4_1 25, Q5_0 20, Q5_1 16, Q4_K 35, Q5_K 28, Q6_K 30; one
-thread streaming a 151936-row LM head from DRAM: 0.83 / 0.55 / 0.45 / 0.40 / 0.38 / 0.55 / 0.56 / 0.72 of the
-read bandwidth, which one core nearly fills alone (28-31 GB/s): compute-bound there, two cores need half each.
+avx512 its vectors are 512 bits (WORDS). The rates of each type: docs/performance.md.
 """
 import numpy as np
 from numba import prange

@@ -129,7 +129,6 @@ def load(typingctx, arr, off, n):
     kind = {1: "i8", 2: "i16",
             4: "i32" if isinstance(arr.dtype, types.Integer) else "f32"}[arr.dtype.bitwidth // 8]
     v = _vector_for(_lanes(n) * arr.dtype.bitwidth, kind, _lanes(n))
-
     def codegen(context, builder, sig, args):
         return builder.load(_address(context, builder, sig, args, v.llvm), align=1)
     return v(arr, off, n), codegen
@@ -139,7 +138,6 @@ def load(typingctx, arr, off, n):
 def store(typingctx, arr, off, v):
     if not isinstance(v, Vector):
         return None
-
     def codegen(context, builder, sig, args):
         builder.store(args[2], _address(context, builder, sig, args, v.llvm), align=1)
         return context.get_dummy_value()
@@ -149,7 +147,6 @@ def store(typingctx, arr, off, v):
 @intrinsic
 def splat_at(typingctx, arr, off, n):
     v = _vector_for(32 * _lanes(n), "f32", _lanes(n))
-
     def codegen(context, builder, sig, args):
         scalar = builder.load(_address(context, builder, sig, args, ir.FloatType()), align=4)
         return _broadcast(builder, scalar, v.llvm)
@@ -160,7 +157,6 @@ def splat_at(typingctx, arr, off, n):
 def fp16_splat(typingctx, arr, off, n):
     v = _vector_for(32 * _lanes(n), "f32", _lanes(n))
     require("f16c")
-
     def codegen(context, builder, sig, args):
         bits = builder.load(_address(context, builder, sig, args, ir.IntType(16)), align=1)
         halves = builder.bitcast(_broadcast(builder, bits, ir.VectorType(ir.IntType(16), v.lanes)),
@@ -181,7 +177,6 @@ def bytes_of(typingctx, w0, w1):
     if not (isinstance(w0, types.Integer) and isinstance(w1, types.Integer)):
         return None
     v = _vector_for(64, "i8", 8)
-
     def codegen(context, builder, sig, args):
         words = ir.Constant(ir.VectorType(ir.IntType(32), 2), ir.Undefined)
         for i, (word, word_type) in enumerate(zip(args, sig.args)):
@@ -196,7 +191,6 @@ def bytes_to_float(typingctx, v, signed):
     if not (isinstance(v, Vector) and v.kind == "i8" and isinstance(signed, types.BooleanLiteral)):
         return None
     f = _vector_for(32 * v.lanes, "f32", v.lanes)
-
     def codegen(context, builder, sig, args):
         extend = builder.sext if signed.literal_value else builder.zext
         return builder.sitofp(extend(args[0], ir.VectorType(ir.IntType(32), v.lanes)), f.llvm)
@@ -208,7 +202,6 @@ def _picker(name, pattern):  # lane i of the result is v[j + pattern(i)]: one vp
         if not (isinstance(v, Vector) and v.kind == "f32" and v.lanes in (8, 16)
                 and isinstance(j, types.Integer)):
             return None
-
         def codegen(context, builder, sig, args):
             index = context.cast(builder, args[1], sig.args[1], types.int32)
             i32s = ir.VectorType(ir.IntType(32), v.lanes)
@@ -227,7 +220,6 @@ lane, quads = _picker("lane", lambda i: 0), _picker("quads", lambda i: i // 8 * 
 @intrinsic
 def words(typingctx, arr, off, stride, n):
     v = _vector_for(16 * _lanes(n), "i16", _lanes(n))
-
     def codegen(context, builder, sig, args):
         start = context.cast(builder, args[1], sig.args[1], types.intp)
         starts = [start, builder.add(start, context.cast(builder, args[2], sig.args[2], types.intp))]
@@ -244,7 +236,6 @@ def splat32(typingctx, arr, off, n):  # one vpbroadcastd: a dot_s16 operand
     if arr.dtype.bitwidth != 16:
         return None
     v = _vector_for(16 * _lanes(n), "i16", _lanes(n))
-
     def codegen(context, builder, sig, args):
         word = builder.load(_address(context, builder, sig, args, ir.IntType(32)), align=2)
         pair = _broadcast(builder, word, ir.VectorType(ir.IntType(32), v.lanes // 2))
@@ -255,7 +246,6 @@ def splat32(typingctx, arr, off, n):  # one vpbroadcastd: a dot_s16 operand
 @intrinsic
 def splat(typingctx, x, n):
     v = _vector_for(32 * _lanes(n), "f32", _lanes(n))
-
     def codegen(context, builder, sig, args):
         return _broadcast(builder, context.cast(builder, args[0], sig.args[0], types.float32), v.llvm)
     return v(x, n), codegen
@@ -277,7 +267,6 @@ def bit_words(typingctx, arr, off, value):
     if not isinstance(value, types.IntegerLiteral):
         return None
     v = _vector_for(256, "i16", 16)
-
     def codegen(context, builder, sig, args):
         bits = builder.load(_address(context, builder, sig, args, ir.IntType(16)), align=1)
         bit = ir.Constant(v.llvm, [ir.Constant(ir.IntType(16), 1 << i) for i in range(16)])
@@ -291,7 +280,6 @@ def bit_words(typingctx, arr, off, value):
 def field(typingctx, v, shift, mask):
     if not (isinstance(v, Vector) and v.kind in ("i8", "i16")):
         return None
-
     def codegen(context, builder, sig, args):
         shift_, mask_ = (_broadcast(builder, builder.trunc(a, v.llvm.element), v.llvm) for a in args[1:])
         return builder.and_(builder.lshr(args[0], shift_), mask_)
@@ -303,7 +291,6 @@ def join(typingctx, low, high, shift):
     if not (isinstance(low, Vector) and low.kind in ("i8", "i16") and low == high
             and isinstance(shift, types.IntegerLiteral)):
         return None
-
     def codegen(context, builder, sig, args):
         return builder.or_(args[0], builder.shl(args[1], _constant(low.llvm, shift.literal_value)))
     return low(low, high, shift), codegen
@@ -314,7 +301,6 @@ def lookup16(typingctx, table, index):
     if not (isinstance(table, Vector) and table.kind == "i8" and isinstance(index, Vector)
             and index.kind == "i16" and table.lanes == 2 * index.lanes):
         return None
-
     def codegen(context, builder, sig, args):
         name = "llvm.x86.avx512.pshuf.b.512" if table.lanes == 64 else "llvm.x86.avx2.pshuf.b"
         found = _call(builder, name, table.llvm, [args[0], builder.bitcast(args[1], table.llvm)])
@@ -327,7 +313,6 @@ def dot_s16(typingctx, acc, a, b):
     if not (isinstance(acc, Vector) and acc.kind == "i32" and a == b and a.kind == "i16"
             and a.lanes == 2 * acc.lanes):
         return None
-
     def codegen(context, builder, sig, args):
         bits = 16 * a.lanes
         if bits in isa.VNNI_BITS:  # one instruction: vpdpwssd (the path decides, not the CPU: isa.py)
@@ -343,7 +328,6 @@ def widen16(typingctx, arr, off, signed):
     if not isinstance(signed, types.BooleanLiteral):
         return None
     v = _vector_for(256, "i16", 16)
-
     def codegen(context, builder, sig, args):
         packed = builder.load(_address(context, builder, sig, args, ir.VectorType(ir.IntType(8), 16)),
                               align=1)
@@ -364,7 +348,6 @@ def round16(typingctx, v):
     if not (isinstance(v, Vector) and v.kind == "f32"):
         return None
     i16 = Vector("i16", v.lanes)
-
     def codegen(context, builder, sig, args):
         name = "llvm.x86.avx512.mask.cvtps2dq.512" if v.lanes == 16 else "llvm.x86.avx.cvt.ps2dq.256"
         i32 = ir.VectorType(ir.IntType(32), v.lanes)
@@ -429,7 +412,6 @@ def hsum(typingctx, v):
     """the sum of the lanes, in a fixed order (halves added until one lane is left)"""
     if not (isinstance(v, Vector) and v.kind == "f32"):
         return None
-
     def codegen(context, builder, sig, args):
         return _halving(builder, args[0], builder.fadd)
     return types.float32(v), codegen
@@ -453,7 +435,6 @@ def transpose32(typingctx, dst, dst_off, src, src_off, stride, n):
     if not (dst.dtype.bitwidth == src.dtype.bitwidth == 32 and _lanes(n) in (8, 16)):
         return None
     v = _vector_for(32 * _lanes(n), "i32", _lanes(n))
-
     def codegen(context, builder, sig, args):
         count = v.lanes
         first, base, step = (context.cast(builder, args[i], sig.args[i], types.intp) for i in (1, 3, 4))
@@ -482,7 +463,6 @@ def abs_max(typingctx, v):
     """the largest |lane| (halves compared until one lane is left: no chain of scalar compares)"""
     if not (isinstance(v, Vector) and v.kind == "f32"):
         return None
-
     def codegen(context, builder, sig, args):
         magnitudes = _call(builder, f"llvm.fabs.v{v.lanes}f32", v.llvm, [args[0]])
         return _halving(builder, magnitudes, lambda lo, hi: _call(
