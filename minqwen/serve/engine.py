@@ -48,7 +48,7 @@ from ..model import Model
 from ..network.decoder import Sequence
 from ..text.generation import Sampler
 from ..text.reply import Delta, Reply
-from ..text.speculative import DRAFT_TOKENS, DraftLength
+from ..text.speculative import DRAFT_TOKENS, DraftLength, settle
 
 MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
 # FEW_TOKENS; GGML blocks, int8 / int4 included, up to INTEGER_TOKENS = 16); past it the products go
@@ -108,7 +108,7 @@ class Slot:
         self.drafters: dict[str, object] = {}  # by name, made on first use: their caches follow the sequence
         self.drafter = None  # the job's
         self.drafts: list[int] = []  # verified in the pass under way, after pending
-        self.length = DraftLength(DRAFT_TOKENS)
+        self.length: DraftLength | None = None  # the job's, set when it is admitted
 
     def chunk_limit(self) -> int:
         """Tokens the next prefill chunk may take: up to the snapshot point, for a hybrid model."""
@@ -296,7 +296,7 @@ class Engine:
             return []
         sampler = slot.job.sampler
         k = min(slot.length.next(), rows_left, sampler.max_new_tokens - sampler.generated - 1)
-        return slot.drafter.draft([*slot.sequence.tokens, *slot.pending], max(k, 0))
+        return slot.drafter.draft([*slot.sequence.tokens, *slot.pending], k)
 
     def _choose(self, slot: Slot, rows: np.ndarray, start: int) -> int:
         """A token after each row while the tokens chosen agree with the drafts; forget the drafts after the
@@ -310,9 +310,7 @@ class Engine:
                 break
             accepted += 1
         if drafts:
-            job.drafted, job.accepted = job.drafted + len(drafts), job.accepted + accepted
-            slot.length.update(len(drafts), accepted)
-            slot.sequence.truncate(start + 1 + accepted)
+            settle(slot.sequence, slot.length, job, len(drafts), accepted, start)
         slot.drafts = []
         return accepted
 

@@ -24,7 +24,7 @@ from ..errors import SamplingError
 from ..kernels.sampling import apply_penalties, sample
 from .constraints import Constraint
 from .reply import Reply
-from .speculative import DRAFT_TOKENS, DraftLength
+from .speculative import DRAFT_TOKENS, DraftLength, settle
 
 
 @dataclass
@@ -217,9 +217,7 @@ def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_
                 break
             accepted += 1
         if drafts:
-            stats.drafted, stats.accepted = stats.drafted + len(drafts), stats.accepted + accepted
-            length.update(len(drafts), accepted)
-            sequence.truncate(start + 1 + accepted)  # the rejected drafts leave no trace
+            settle(sequence, length, stats, len(drafts), accepted, start)
         if drafter is not None and hidden is not None:  # the prefill's states were observed as they came
             drafter.observe(start, hidden[:accepted + 1])
         start = len(sequence.tokens)

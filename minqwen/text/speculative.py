@@ -59,6 +59,15 @@ class DraftLength:
         self.k = self.most if accepted == drafted else max(1, accepted + 1)
 
 
+def settle(sequence, length: DraftLength, tally, drafted: int, accepted: int, start: int):
+    """After a verify pass that ran the last token and `drafted` drafts from position `start`, of which the
+    first `accepted` were kept: count them in `tally` (its .drafted and .accepted: the stats line's, a
+    server job's), adapt the draft length, and forget the rejected drafts (Sequence.truncate)."""
+    tally.drafted, tally.accepted = tally.drafted + drafted, tally.accepted + accepted
+    length.update(drafted, accepted)
+    sequence.truncate(start + 1 + accepted)
+
+
 class NgramDrafter:
     """Prompt lookup: find the longest n-gram (n from `longest` down to `shortest`) that ends the context
     and occurred before in it; propose the tokens that followed its latest earlier occurrence. No model;
