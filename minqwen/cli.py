@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require `Authorization: Bearer KEY` (default: $MINQWEN_API_KEY, if set)")
     serve.add_argument("--model-name", default=None, help="the model id clients see (default: folder name)")
+    _reasoning_budget_option(serve, " (every request's default; its thinking_budget_tokens chooses)")
     _speculative_options(serve)
     serve.set_defaults(run=_serve)
 
@@ -112,6 +113,13 @@ def _chat_options(p):
     think.add_argument("--think", dest="think", action="store_true", default=None,
                        help="Qwen3: enable thinking")
     think.add_argument("--no-think", dest="think", action="store_false", help="Qwen3: disable thinking")
+    _reasoning_budget_option(p, "")
+
+
+def _reasoning_budget_option(p, help_end: str):
+    p.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
+                   help="thinking tokens before the end of thinking is forced (Qwen's closing sentence, then "
+                        f"</think>): -1 no limit (default), 0 none{help_end}")
 
 
 def _sampling_options(p):
@@ -193,8 +201,8 @@ def _generate(args) -> int:
         prompt = tok.apply_chat_template(_messages(args, args.prompt), add_generation_prompt=True,
                                          **_template_kwargs(args))
     else:
-        if args.system or args.think is not None:
-            raise TemplateError("--system/--think need the chat template (drop --no-chat)")
+        if args.system or args.think is not None or args.reasoning_budget != -1:
+            raise TemplateError("--system/--think/--reasoning-budget need the chat template (drop --no-chat)")
         prompt = tok.encode(args.prompt)
     stats, options = Stats(), _options(args, model)
     constraint = Constraint.of(options, tok, model.config.vocab_size, model.eos_token_ids, chat)
@@ -214,7 +222,7 @@ def _stream_to_stdout(model, sequence, drafter, prompt, args, stats, chat: bool,
     # refused by the sequence: it leaves no room for the one token asked for).
     max_new = (args.max_new_tokens if args.max_new_tokens is not None
                else max(1, model.context_length - len(prompt)))
-    reply = Reply(model.tokenizer, prompt, options.stop, chat=chat)
+    reply = Reply(model.tokenizer, prompt, options.stop, chat=chat, reasoning_budget=options.reasoning_budget)
     printer = Printer(sys.stdout)
     for _, delta in stream_tokens(sequence, prompt, max_new, options, model.eos_token_ids, reply, stats,
                                   drafter, args.speculative_tokens, constraint):
@@ -290,10 +298,11 @@ def _chat(args) -> int:
 def _serve(args) -> int:
     from .serve.http_server import serve  # the HTTP server loads only for this command
 
+    budget = GenerationOptions(reasoning_budget=args.reasoning_budget).reasoning_budget  # checked
     model = _load(args)
     serve(model, args.host, args.port, args.parallel, args.queue,
           args.api_key or os.environ.get("MINQWEN_API_KEY"), args.model_name, args.speculative,
-          args.speculative_tokens)
+          args.speculative_tokens, budget)
     return 0
 
 

@@ -46,7 +46,7 @@ class Model:
     def generate(self, token_ids, max_new_tokens: int, **options) -> list[int]:
         """The new tokens only, ending with the end-of-turn token or the one that completes a stop string
         if there is one; options are GenerationOptions' fields (temperature, top_k, ..., seed, stop,
-        json_schema / regex / grammar: see docs/generation.md)."""
+        json_schema / regex / grammar, reasoning_budget: see docs/generation.md)."""
         return list(self.stream(token_ids, max_new_tokens, **options))
 
     def stream(self, token_ids, max_new_tokens: int, speculative: str | None = None,
@@ -55,9 +55,13 @@ class Model:
         "mtp", "model:PATH"; see `drafter`) drafts up to `speculative_tokens` tokens a step and verifies
         them in one pass: the same tokens, faster where the drafts are right."""
         prompt, options = list(token_ids), GenerationOptions(**options)
-        reply = None  # without a tokenizer, stream_tokens refuses stop strings
-        if options.stop and self.tokenizer is not None:  # matched on all the text, markers included
-            reply = Reply(self.tokenizer, prompt, options.stop, chat=False)
+        reply = None  # without a tokenizer, stream_tokens refuses stop strings and a reasoning budget
+        # Stop strings alone are matched on all the text, markers included; a reasoning budget reads the
+        # prompt as a chat prompt, whose markers say where the thinking is (and stop strings skip them).
+        thinking = options.reasoning_budget >= 0
+        if (options.stop or thinking) and self.tokenizer is not None:
+            reply = Reply(self.tokenizer, prompt, options.stop, chat=thinking,
+                          reasoning_budget=options.reasoning_budget)
         constraint = Constraint.of(options, self.tokenizer, self.config.vocab_size, self.eos_token_ids)
         drafter = self.drafter(speculative) if speculative else None
         steps = stream_tokens(self.sequence(), prompt, max_new_tokens, options, self.eos_token_ids, reply,

@@ -276,14 +276,15 @@ def model_name(path) -> str:
 
 def serve(model: Model, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, queue_size: int = 32,
           api_key: str | None = None, model_id: str | None = None, speculative: str | None = None,
-          most_drafts: int = DRAFT_TOKENS):
+          most_drafts: int = DRAFT_TOKENS, reasoning_budget: int = -1):
     """Serve until SIGINT or SIGTERM; then stop taking requests, end the ones in flight with an error,
     and return."""
     if model.tokenizer is None:
         raise CheckpointError(f"{model.path}: serving needs the checkpoint's tokenizer.json")
     engine = Engine(model, parallel, queue_size, log=sys.stderr, speculative=speculative,
                     most_drafts=most_drafts)
-    server = ApiServer((host, port), Api(model, engine, model_id or model_name(model.path)), api_key)
+    api = Api(model, engine, model_id or model_name(model.path), reasoning_budget)
+    server = ApiServer((host, port), api, api_key)
     engine.start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -39,6 +39,7 @@ MESSAGE_FIELDS = ("name", "tool_call_id", "reasoning_content", "reasoning", "thi
 RESERVED_TEMPLATE_NAMES = ("messages", "tools", "documents", "add_generation_prompt")
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",  # vLLM's older names
           "guided_grammar": "grammar"}
+THINKING_BUDGETS = ("thinking_budget_tokens", "thinking_token_budget")  # llama.cpp's name, vLLM's
 ENGINE_STOPPED = "the engine stopped on an internal error (see the server's log): restart the server"
 
 
@@ -89,7 +90,7 @@ def flag(body: dict, name: str) -> bool:
     return value
 
 
-def sampling_options(body: dict, generation_config: dict) -> GenerationOptions:
+def sampling_options(body: dict, generation_config: dict, reasoning_budget: int = -1) -> GenerationOptions:
     """The sampling fields in the OpenAI API's ranges; those not given from generation_config.json."""
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop
@@ -104,7 +105,7 @@ def sampling_options(body: dict, generation_config: dict) -> GenerationOptions:
                  frequency_penalty=number(body, "frequency_penalty", -2, 2),
                  presence_penalty=number(body, "presence_penalty", -2, 2),
                  seed=None if seed == -1 else seed,  # -1: a random seed (llama.cpp's spelling)
-                 stop=stops)
+                 stop=stops, reasoning_budget=reasoning_budget)
     return options_with_defaults(given, generation_config)
 
 
@@ -297,7 +298,16 @@ def speculative_choice(body: dict, model: Model, default: str | None) -> str | N
     raise invalid(f"speculative must be one of {choices}, got {value!r}", "speculative")
 
 
-def chat_request(body: dict, model: Model, engine: Engine) -> Request:
+def thinking_budget(body: dict, default: int) -> int:
+    """The request's thinking budget in tokens (-1: no limit), under llama.cpp's or vLLM's name; the
+    server's --reasoning-budget if it gives none."""
+    given = [name for name in THINKING_BUDGETS if body.get(name) is not None]
+    if len(given) > 1:
+        raise invalid(f"give one of {' and '.join(given)}: they set the same budget", given[1])
+    return integer(body, given[0], -1) if given else default
+
+
+def chat_request(body: dict, model: Model, engine: Engine, reasoning_budget: int = -1) -> Request:
     refuse_unsupported(body)
     tok = model.tokenizer
     if not tok.has_chat_template:
@@ -317,7 +327,8 @@ def chat_request(body: dict, model: Model, engine: Engine) -> Request:
     snapshot_at = max((i for i, t in enumerate(prompt) if t == header), default=0) or None
     return generation_request(body, model, engine, chat=True, prompt=prompt, param="messages",
                               top_logprobs=(top or 0) if logprobs else None, tools=tools,
-                              require_call=require_call, snapshot_at=snapshot_at)
+                              require_call=require_call, snapshot_at=snapshot_at,
+                              reasoning_budget=thinking_budget(body, reasoning_budget))
 
 
 def completion_request(body: dict, model: Model, engine: Engine) -> Request:
@@ -338,7 +349,8 @@ def completion_request(body: dict, model: Model, engine: Engine) -> Request:
 
 
 def generation_request(body: dict, model: Model, engine: Engine, param: str,
-                       default_max_tokens: int | None = None, **fields) -> Request:
+                       default_max_tokens: int | None = None, reasoning_budget: int = -1,
+                       **fields) -> Request:
     """The fields both endpoints share; the prompt and max_tokens checked against the context window."""
     prompt = fields["prompt"]
     max_tokens = integer(body, "max_completion_tokens", 1)
@@ -355,7 +367,7 @@ def generation_request(body: dict, model: Model, engine: Engine, param: str,
     if not isinstance(stream_options, dict):
         raise invalid("stream_options must be an object", "stream_options")
     try:
-        options = sampling_options(body, model.generation_config)
+        options = sampling_options(body, model.generation_config, reasoning_budget)
     except SamplingError as e:  # what the API's ranges let through and minqwen does not take
         raise invalid(str(e)) from None
     return Request(options=options, max_tokens=max_tokens,
@@ -509,8 +521,9 @@ class Api:
     returns the answer's JSON body, or, for the two generation endpoints, the checked Request for
     `start`; errors are raised as ApiError."""
 
-    def __init__(self, model: Model, engine: Engine, model_id: str):
+    def __init__(self, model: Model, engine: Engine, model_id: str, reasoning_budget: int = -1):
         self.model, self.engine, self.model_id = model, engine, model_id
+        self.reasoning_budget = reasoning_budget  # every chat request's, unless it gives its own
         self.created = int(time.time())
 
     def health(self, body: dict, path: str) -> dict:
@@ -556,7 +569,7 @@ class Api:
         return {"prompt": text, "content": text}  # vLLM's name and llama.cpp's
 
     def chat(self, body: dict, path: str) -> Request:
-        return chat_request(body, self.model, self.engine)
+        return chat_request(body, self.model, self.engine, self.reasoning_budget)
 
     def completion(self, body: dict, path: str) -> Request:
         return completion_request(body, self.model, self.engine)
@@ -568,7 +581,7 @@ class Api:
         sampler = Sampler(request.options, request.prompt, model.config.vocab_size, request.max_tokens, eos,
                           request.constraint)
         reply = Reply(model.tokenizer, request.prompt, request.options.stop, request.tools, request.chat,
-                      request.require_call)
+                      request.require_call, reasoning_budget=request.options.reasoning_budget)
         job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, client_gone,
                   speculative=request.speculative)
         try:

@@ -46,6 +46,9 @@ class GenerationOptions:
     json_schema: dict | str | None = None
     regex: str | None = None
     grammar: str | None = None
+    # Thinking tokens before the end of thinking is forced (Reply.forced_end_of_thinking): -1 (or None) no
+    # limit, 0 none. The prompt is read as a chat prompt, whose markers say where thinking is.
+    reasoning_budget: int | None = -1
 
     def __post_init__(self):
         def number(name, value, ok, rule):
@@ -70,6 +73,11 @@ class GenerationOptions:
             raise SamplingError("stop strings must be non-empty strings")
         if self.temperature is None:
             self.temperature = 0.0
+        if self.reasoning_budget is None:
+            self.reasoning_budget = -1
+        number("reasoning_budget", self.reasoning_budget, lambda v: v >= -1 and int(v) == v,
+               "an integer >= -1 (-1: no limit)")
+        self.reasoning_budget = int(self.reasoning_budget)
 
 
 def options_with_defaults(given: dict, generation_config: dict) -> GenerationOptions:
@@ -125,7 +133,7 @@ class Sampler:
         self.seen[np.asarray(prompt, dtype=np.int64)] = True
         self.seen_ids = np.flatnonzero(self.seen)
         self.generated = 0
-        self.forced: list[int] = []  # tokens to take next instead of sampling (a required tool call)
+        self.forced: list[int] = []  # tokens to take next instead of sampling (Reply.forced)
         self.finish_reason: str | None = None
         self.constrained = constraint.start(list(prompt)) if constraint is not None else None
 
@@ -162,7 +170,9 @@ def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: Gen
                   drafter=None, most_drafts: int = DRAFT_TOKENS, constraint: Constraint | None = None):
     """A generator of (new token id, what it added to `reply`: a Delta, or None without a reply). The reply
     reads each token before it is yielded, and a stop string it finds ends the generation: stop strings
-    are matched on its text, so `options.stop` needs a reply made with them. The arguments are checked
+    are matched on its text, so `options.stop` needs a reply made with them, and the tokens the reply
+    needs next are taken before sampling (Reply.forced: the end of thinking past `options.reasoning_budget`,
+    which needs a reply made with it). The arguments are checked
     here, at the call; the prompt's ids are checked by the sequence (Sequence.check) when the generator
     starts. With a drafter (text/speculative.py), decoding is speculative, drafting at most `most_drafts`
     tokens a round: the same tokens, in fewer passes. A constraint (text/constraints.py, built from
@@ -173,6 +183,8 @@ def stream_tokens(sequence, prompt: list[int], max_new_tokens: int, options: Gen
         raise SamplingError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if options.stop and reply is None:
         raise SamplingError("stop strings need the checkpoint's tokenizer")
+    if options.reasoning_budget >= 0 and reply is None:
+        raise SamplingError("a reasoning budget needs the checkpoint's tokenizer")
     if constraint is None and (options.json_schema, options.regex, options.grammar) != (None, None, None):
         raise SamplingError("json_schema, regex and grammar need their compiled Constraint (Constraint.of)")
     return _generate(sequence, prompt, max_new_tokens, options, eos_ids, reply, stats or Stats(), drafter,
@@ -204,6 +216,8 @@ def _generate(sequence, prompt, max_new_tokens, options: GenerationOptions, eos_
     while True:
         accepted = 0
         for j, logits in enumerate(rows):  # rows[j]: after the last token and the first j drafts
+            if reply is not None:  # tokens the reply needs next: the end of thinking past its budget
+                sampler.forced += reply.forced()
             token = sampler.next(logits)
             delta = reply.push(token) if reply is not None else None
             if reply is not None and reply.stopped:

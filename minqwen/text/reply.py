@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass, field
 
 REASONING, CONTENT, CALL = "reasoning", "content", "call"
+THINKING_CUT_SHORT = ("Considering the limited time by the user, I have to give the solution based on the "
+                      "thinking directly now.")
 STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")
 
 
@@ -100,7 +102,7 @@ class Reply:
     the text as content, markers and newlines included."""
 
     def __init__(self, tokenizer, prompt: list[int], stop: list[str], tools: list[dict] | None = None,
-                 chat: bool = True, require_call: str | None = None):
+                 chat: bool = True, require_call: str | None = None, reasoning_budget: int = -1):
         self.tokenizer = tokenizer
         self.text = StopStrings(stop, tokenizer.stream_decoder(skip_special_tokens=True))
         self.markers = Markers.of(tokenizer) if chat else Markers()
@@ -112,14 +114,19 @@ class Reply:
         self.trail = ""  # newlines at the end of the segment so far: layout if a marker follows
         self.call: list[str] = []  # text of the open tool call
         self.reasoning_tokens = 0  # generated inside <think> ... </think>, the closing tag included
+        self.reasoning_budget = reasoning_budget  # thinking tokens before the end is forced; -1: no limit
         self.tool_calls: list[dict] = []
         # "" (any function) or a function's name: the answer must open with a call; None: it may
         self.require_call = require_call if tools and self.markers.tool_call is not None else None
 
     def forced(self) -> list[int]:
-        """Tokens that must come next, once: where a required call's answer begins (the first token, or
+        """Tokens that must come next, once: the end of thinking once the thinking budget is spent
+        (forced_end_of_thinking); where a required call's answer begins (the first token, or
         after </think>), "<tool_call>" and, for a named function, the call's text up to its arguments,
         in the form the chat template teaches (Qwen3.5's XML, else hermes JSON)."""
+        if self.state == REASONING and 0 <= self.reasoning_budget <= self.reasoning_tokens:
+            self.reasoning_budget = -1
+            return self.forced_end_of_thinking()
         if self.require_call is None or self.state != CONTENT:
             return []
         name, self.require_call = self.require_call, None
@@ -130,6 +137,16 @@ class Reply:
             opening = f'{{"name": {json.dumps(name)}, "arguments": '
         after_think = self.tokenizer.encode("\n\n") if self.reasoning_tokens else []
         return after_think + [self.markers.tool_call] + self.tokenizer.encode("\n" + opening)
+
+    def forced_end_of_thinking(self) -> list[int]:
+        """Qwen's recommended end of thinking cut short by a budget (its thinking-budget guide): a blank
+        line, "Considering the limited time by the user, I have to give the solution based on the thinking
+        directly now.", then </think> on a line of its own, as the templates render reasoning. With nothing
+        thought yet (a budget of 0) there is nothing to base the answer on: only the newline and </think>
+        of an empty block. What follows </think> is the model's (or the constraint's): a JSON answer may
+        not start with the template's blank line."""
+        closing = (f"\n\n{THINKING_CUT_SHORT}\n" if self.reasoning_tokens else "\n")
+        return self.tokenizer.encode(closing) + [self.markers.end_think]
 
     @property
     def stopped(self) -> bool:
