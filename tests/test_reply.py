@@ -191,29 +191,6 @@ def test_completions_keep_everything_as_text(tokenizers):
     assert "".join(pieces) == text
 
 
-def test_a_required_call_is_forced_where_the_answer_begins(tokenizers):
-    """tool_choice "required" or named: "<tool_call>" (and the named function's opening) is forced as
-    the first token of the answer: at once, or after </think> (with the newlines Qwen writes there)."""
-    qwen3, qwen35 = tokenizers["qwen3"], tokenizers["qwen3.5"]
-
-    def required(tok, name):
-        return Reply(tok, tok.apply_chat_template(USER, tools=[WEATHER]), [], [WEATHER], require_call=name)
-
-    reply = required(qwen3, "get_weather")
-    assert qwen3.decode(reply.forced()) == '<tool_call>\n{"name": "get_weather", "arguments": '
-    assert reply.forced() == []  # once
-    assert qwen3.decode(required(qwen3, "").forced()) == "<tool_call>\n"
-    reply = required(qwen35, "get_weather")
-    assert reply.forced() == []  # still thinking
-    for token in qwen35.encode("Use the tool.\n</think>"):
-        reply.push(token)
-    assert qwen35.decode(reply.forced()) == "\n\n<tool_call>\n<function=get_weather>\n"
-    reply = required(qwen35, "")
-    for token in qwen35.encode("Calling.\n<tool_call>\n<function=get_weather>\n</function>\n</tool_call>"):
-        reply.push(token)
-    assert reply.forced() == []  # it called by itself
-
-
 def test_parse_tool_call_rejects_what_is_not_a_call():
     assert parse_tool_call('{"arguments": {}}', []) is None  # no name
     assert parse_tool_call('{"name": "{{ name }}", "arguments": {}}', []) is None  # unrendered template

@@ -489,25 +489,6 @@ def test_reasoning_and_hermes_tool_calls_through_the_server(qwen3):
         assert status == 200, body
 
 
-def test_a_named_tool_choice_forces_the_call(qwen3):
-    """The script writes nonsense where the call must open: only forcing "<tool_call>" and the function's
-    opening there makes its continuation (the arguments) a call."""
-    tok = qwen3.tokenizer
-    prompt = tok.apply_chat_template(USER, tools=[WEATHER], enable_thinking=False)
-    opening = tok.encode('<tool_call>\n{"name": "get_weather", "arguments": ')
-    nonsense = tok.encode(" zebra")[:1] * len(opening)
-    script = nonsense + tok.encode('{"city": "Oslo"}}\n</tool_call><|im_end|>')
-    choice = {"type": "function", "function": {"name": "get_weather"}}
-    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
-    with scripted(qwen3, prompt, script), running(qwen3) as server:
-        api = client(server)
-        reply = chat(api, USER, tools=[WEATHER], tool_choice=choice, extra_body=no_thinking)
-        call = reply.choices[0].message.tool_calls[0]
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
-        free = chat(api, USER, tools=[WEATHER], extra_body=no_thinking)
-        assert free.choices[0].message.tool_calls is None  # "auto": the nonsense stays text
-
-
 @pytest.fixture(scope="module")
 def qwen35(tmp_path_factory):
     """A tiny hybrid (Gated DeltaNet) Qwen3.5 with the real Qwen3.5 tokenizer and template."""

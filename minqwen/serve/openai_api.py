@@ -162,19 +162,33 @@ def constraint_fields(body: dict) -> tuple[str, dict] | None:
     return name, {{"json": "json_schema"}.get(kind, kind): spec}
 
 
-def request_constraint(body: dict, model: Model, chat: bool) -> Constraint | None:
-    """The request's structured-output constraint, compiled (Constraint); a 400 naming the field if it
-    does not compile or asks for what cannot be enforced."""
+def request_constraint(body: dict, model: Model, chat: bool, tools: list[dict] | None = None,
+                       require_call: str | None = None) -> Constraint | None:
+    """The request's constraint, compiled (Constraint): its structured-output field, and its tools' calls
+    (`require_call` as chat_tools gives it; with "auto", a text answer follows the structured-output field
+    if there is one). A 400 naming the field (or the tool) if it does not compile or asks for what cannot
+    be enforced."""
     field = constraint_fields(body)
-    if field is None:
+    if tools and model.tokenizer.token_to_id("<tool_call>") is None:  # no call to constrain, nor to parse
+        if require_call is not None:
+            raise invalid("this model's vocabulary has no <tool_call> token: it cannot be made to call",
+                          "tool_choice")
+        tools = None
+    if field is None and not tools:
         return None
-    name, given = field
-    for other in ("ignore_eos", "tool_choice"):
+    name, given = field or ("tools", {})
+    for other in ("ignore_eos", "tool_choice") if field is not None else ():  # a call has no document
         if body.get(other) not in (None, False, "auto", "none"):
             raise invalid(f"{name} cannot be combined with {other} {body[other]!r}", name)
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise invalid(f"parallel_tool_calls must be true or false, got {parallel!r}", "parallel_tool_calls")
     try:
-        return Constraint(model.tokenizer, model.config.vocab_size, model.eos_token_ids, chat=chat, **given)
+        return Constraint(model.tokenizer, model.config.vocab_size, model.eos_token_ids, chat=chat,
+                          tools=tools, call=require_call, parallel=parallel, **given)
     except ConstraintError as e:
+        if str(e).startswith("tools:"):
+            raise invalid(str(e), "tools") from None
         raise invalid(f"{name}: {e}", name) from None
 
 
@@ -276,7 +290,6 @@ class Request:
     include_usage: bool = False
     top_logprobs: int | None = None  # None: no logprobs
     tools: list[dict] | None = None
-    require_call: str | None = None  # tool_choice "required" (""), or the function named
     snapshot_at: int | None = None
     speculative: str | None = None  # the drafter (Model.drafter's names), None: plain decoding
     constraint: Constraint | None = None  # structured output (text/constraints.py)
@@ -350,8 +363,9 @@ def completion_request(body: dict, model: Model, engine: Engine) -> Request:
 
 def generation_request(body: dict, model: Model, engine: Engine, param: str,
                        default_max_tokens: int | None = None, reasoning_budget: int = -1,
-                       **fields) -> Request:
-    """The fields both endpoints share; the prompt and max_tokens checked against the context window."""
+                       require_call: str | None = None, **fields) -> Request:
+    """The fields both endpoints share; the prompt and max_tokens checked against the context window;
+    the constraint (request_constraint), with the call the tools' `require_call` asks for."""
     prompt = fields["prompt"]
     max_tokens = integer(body, "max_completion_tokens", 1)
     max_tokens = integer(body, "max_tokens", 1) if max_tokens is None else max_tokens
@@ -370,8 +384,8 @@ def generation_request(body: dict, model: Model, engine: Engine, param: str,
         options = sampling_options(body, model.generation_config, reasoning_budget)
     except SamplingError as e:  # what the API's ranges let through and minqwen does not take
         raise invalid(str(e)) from None
-    return Request(options=options, max_tokens=max_tokens,
-                   constraint=request_constraint(body, model, fields["chat"]),
+    constraint = request_constraint(body, model, fields["chat"], fields.get("tools"), require_call)
+    return Request(options=options, max_tokens=max_tokens, constraint=constraint,
                    ignore_eos=flag(body, "ignore_eos"), stream=flag(body, "stream"),
                    include_usage=flag(stream_options, "include_usage"),
                    speculative=speculative_choice(body, model, engine.speculative), **fields)
@@ -581,7 +595,7 @@ class Api:
         sampler = Sampler(request.options, request.prompt, model.config.vocab_size, request.max_tokens, eos,
                           request.constraint)
         reply = Reply(model.tokenizer, request.prompt, request.options.stop, request.tools, request.chat,
-                      request.require_call, reasoning_budget=request.options.reasoning_budget)
+                      reasoning_budget=request.options.reasoning_budget)
         job = Job(request.prompt, sampler, reply, request.top_logprobs, request.snapshot_at, client_gone,
                   speculative=request.speculative)
         try:

@@ -17,11 +17,10 @@ exact, and text that merely spells "<think>" (in code, say) stays text:
                                    typed by the tool's JSON schema (a number, a list, ...)
 
 A <tool_call> inside reasoning ends the reasoning (Qwen3.5 sometimes calls before closing </think>). A
-call that does not parse is returned as content, tags and all, rather than lost. A call can be required
-(the API's tool_choice "required", or a named function) without constraining every token: since
-<tool_call> is one token, the reply asks for it (and for the call's opening text naming the function)
-to be forced where the answer begins — `forced()`, which the engine hands to the Sampler. Newlines next to a
-marker are layout (the templates strip them when they render a reply back into a prompt): dropped.
+call that does not parse is returned as content, tags and all, rather than lost (a required or named
+call, and any call once <tool_call> opens it, is held to the tools' schemas by the constraint:
+text/constraints.py, tool_call_grammar). Newlines next to a marker are layout (the templates strip them
+when they render a reply back into a prompt): dropped.
 Stop strings apply to all the text (StopStrings); no stop string spans a marker.
 """
 from __future__ import annotations
@@ -102,7 +101,7 @@ class Reply:
     the text as content, markers and newlines included."""
 
     def __init__(self, tokenizer, prompt: list[int], stop: list[str], tools: list[dict] | None = None,
-                 chat: bool = True, require_call: str | None = None, reasoning_budget: int = -1):
+                 chat: bool = True, reasoning_budget: int = -1):
         self.tokenizer = tokenizer
         self.text = StopStrings(stop, tokenizer.stream_decoder(skip_special_tokens=True))
         self.markers = Markers.of(tokenizer) if chat else Markers()
@@ -116,27 +115,14 @@ class Reply:
         self.reasoning_tokens = 0  # generated inside <think> ... </think>, the closing tag included
         self.reasoning_budget = reasoning_budget  # thinking tokens before the end is forced; -1: no limit
         self.tool_calls: list[dict] = []
-        # "" (any function) or a function's name: the answer must open with a call; None: it may
-        self.require_call = require_call if tools and self.markers.tool_call is not None else None
 
     def forced(self) -> list[int]:
         """Tokens that must come next, once: the end of thinking once the thinking budget is spent
-        (forced_end_of_thinking); where a required call's answer begins (the first token, or
-        after </think>), "<tool_call>" and, for a named function, the call's text up to its arguments,
-        in the form the chat template teaches (Qwen3.5's XML, else hermes JSON)."""
+        (forced_end_of_thinking)."""
         if self.state == REASONING and 0 <= self.reasoning_budget <= self.reasoning_tokens:
             self.reasoning_budget = -1
             return self.forced_end_of_thinking()
-        if self.require_call is None or self.state != CONTENT:
-            return []
-        name, self.require_call = self.require_call, None
-        opening = ""
-        if name and "<function=" in (self.tokenizer.chat_template or ""):
-            opening = f"<function={name}>\n"
-        elif name:
-            opening = f'{{"name": {json.dumps(name)}, "arguments": '
-        after_think = self.tokenizer.encode("\n\n") if self.reasoning_tokens else []
-        return after_think + [self.markers.tool_call] + self.tokenizer.encode("\n" + opening)
+        return []
 
     def forced_end_of_thinking(self) -> list[int]:
         """Qwen's recommended end of thinking cut short by a budget (its thinking-budget guide): a blank
@@ -164,7 +150,6 @@ class Reply:
             pass  # a stray repeat of the marker of the state we are in
         elif token == m.tool_call and state != CALL and self.tools:
             self._end_segment(delta, CALL)
-            self.require_call = None  # the model called of its own accord
         elif token == m.end_tool_call and state == CALL:
             self._end_segment(delta, CONTENT)
             self._close_call(delta, "</tool_call>")
@@ -265,16 +250,22 @@ def _xml_call(body: str, tools: list[dict]) -> dict | None:
     return {"name": name.group(1), "arguments": json.dumps(arguments, ensure_ascii=False, default=str)}
 
 
+def value_types(schema: dict) -> tuple[list[str], str]:
+    """The types a parameter's schema names (its "type", or its anyOf options'), lower case, and the
+    one its text is read as: the first that is not null, else string."""
+    types = schema.get("type") or [option.get("type") for option in schema.get("anyOf", [])
+                                   if isinstance(option, dict)]
+    types = [str(t).lower() for t in ([types] if isinstance(types, str) else types) if t]
+    return types, next((t for t in types if t != "null"), "string")
+
+
 def typed(value: str, schema: dict | None):
     """A parameter's text as the JSON type of its schema (vLLM's qwen3_coder rules): a string for a
     parameter the schema does not list, or a string type; null, integer, number, boolean as they say;
     objects, arrays and anything else as JSON, else a Python literal, else the text itself."""
     if not isinstance(schema, dict):
         return value
-    types = schema.get("type") or [option.get("type") for option in schema.get("anyOf", [])
-                                   if isinstance(option, dict)]
-    types = [str(t).lower() for t in ([types] if isinstance(types, str) else types) if t]
-    kind = next((t for t in types if t != "null"), "string")
+    types, kind = value_types(schema)
     if value.strip().lower() in ("null", "none") and ("null" in types or kind not in STRING_TYPES):
         return None
     if kind in STRING_TYPES:
