@@ -148,9 +148,10 @@ def run_cli(*args):
                           timeout=300)
 
 
-def test_cli_generate_ends_thinking_at_the_budget(folders):
+def test_cli_generate_and_chat_end_thinking_at_the_budget(folders):
     """A random model never closes its thinking itself: with the prompt opening <think>, the CLI shows its
-    first N tokens of thought, the sentence, </think> and an answer, as the library gives them."""
+    first N tokens of thought, the sentence, </think> and an answer, as the library gives them; chat does
+    so on every turn."""
     model = minqwen.load(folders["opened"])
     prompt = model.tokenizer.apply_chat_template(USER)
     tokens = model.generate(prompt, 40, reasoning_budget=3)
@@ -163,6 +164,10 @@ def test_cli_generate_ends_thinking_at_the_budget(folders):
     reasoning = reasoning.strip("\n")
     assert result.stdout.startswith(f"<think>\n{reasoning}\n</think>\n")
     assert reasoning.endswith(THINKING_CUT_SHORT)
+    chat = subprocess.run([sys.executable, "-m", "minqwen", "chat", "--model", str(folders["opened"]),
+                           "--max-new-tokens", "30", "--reasoning-budget", "2"], input="one\ntwo\n",
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0 and chat.stdout.count(f"{THINKING_CUT_SHORT}\n</think>") == 2, chat.stderr
     for bad in (["generate", "--prompt", "x", "--reasoning-budget", "-2"],
                 ["generate", "--prompt", "x", "--no-chat", "--reasoning-budget", "2"],
                 ["serve", "--reasoning-budget", "-5"]):
