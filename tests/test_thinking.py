@@ -129,6 +129,24 @@ def test_the_server_ends_thinking_at_the_requests_budget_or_its_own(qwen3):
         jsonschema.validate(json.loads(message["content"]), POINT)
 
 
+def test_a_required_tool_call_follows_the_forced_end_of_thinking(qwen3):
+    """tool_choice "required" is a constraint too: after the forced </think> the answer is a call whose
+    arguments validate, though the stand-in writes prose there."""
+    clock = {"type": "function", "function": {"name": "clock", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}}
+    prompt = qwen3.tokenizer.apply_chat_template(USER, tools=[clock])
+    written, _ = script(qwen3, False, 3, "Just prose, no call.")
+    body = {"messages": USER, "max_tokens": 100, "temperature": 0, "tools": [clock],
+            "tool_choice": "required", "thinking_budget_tokens": 3}
+    with scripted(qwen3, prompt, written), running(qwen3) as server:
+        status, _, answer = raw(server, "POST", "/v1/chat/completions", body)
+    message = answer["choices"][0]["message"]
+    assert status == 200 and message["reasoning_content"].endswith(THINKING_CUT_SHORT), answer
+    call = message["tool_calls"][0]["function"]
+    assert call["name"] == "clock" and json.loads(call["arguments"])["zone"] in ("UTC", "CET")
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"thinking_budget_tokens": -2}, "thinking_budget_tokens"),
     ({"thinking_budget_tokens": 1.5}, "thinking_budget_tokens"),
