@@ -161,6 +161,13 @@ def test_a_budget_that_is_not_an_integer_from_minus_one_is_a_400(qwen3, fields, 
         assert status == 400 and answer["error"]["param"] == param, answer
 
 
+@pytest.mark.parametrize("field", ["thinking_budget_tokens", "thinking_token_budget"])
+def test_a_budget_for_a_raw_prompt_is_a_400_not_ignored(qwen3, field):
+    with running(qwen3) as server:
+        status, _, answer = raw(server, "POST", "/v1/completions", {"prompt": "Hi", field: 8})
+        assert status == 400 and answer["error"]["param"] == field, answer
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "minqwen", *args], capture_output=True, text=True,
                           timeout=300)

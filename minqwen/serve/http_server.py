@@ -35,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..errors import CheckpointError
 from ..model import Model
+from ..text.constraints import llg_tokenizer
 from ..text.speculative import DRAFT_TOKENS
 from .engine import End, Engine, Job
 from .openai_api import Api, ApiError, Outcome, Request, Response, invalid
@@ -286,6 +287,11 @@ def serve(model: Model, host: str = "127.0.0.1", port: int = 8080, parallel: int
     api = Api(model, engine, model_id or model_name(model.path), reasoning_budget)
     server = ApiServer((host, port), api, api_key)
     engine.start()
+    # llguidance's view of the vocabulary takes a second or two to build: build it now, not in the first
+    # request that asks for structured output or sends tools
+    threading.Thread(target=llg_tokenizer, args=(model.tokenizer, model.config.vocab_size,
+                                                 tuple(sorted(set(model.eos_token_ids)))),
+                     name="minqwen-llguidance", daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -349,6 +349,9 @@ def completion_request(body: dict, model: Model, engine: Engine) -> Request:
     for name in ("echo", "suffix"):
         if body.get(name):
             raise invalid(f"{name} is not supported", name)
+    for name in THINKING_BUDGETS:  # a raw prompt has no chat template to say where thinking is
+        if body.get(name) is not None:
+            raise invalid(f"{name} needs /v1/chat/completions", name)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
