@@ -261,6 +261,8 @@ class Constraint:
         tool_call_grammar."""
         self.markers = Markers.of(tokenizer) if chat else Markers()
         self.turn_start = tokenizer.token_to_id("<|im_start|>") if chat else None
+        # the blank line a model writes after </think> (one token in Qwen's vocabularies)
+        self.blank = [ids[0] for ids in map(tokenizer.encode, ("\n", "\n\n")) if len(ids) == 1]
         self.tools, self.what, answer = bool(tools), "tools", None
         if (json_schema, regex, grammar) != (None, None, None) or not tools:
             self.what, answer = grammar_of(json_schema, regex, grammar)
@@ -321,6 +323,7 @@ class ConstrainedSequence:
         self.think, self.end_think = constraint.markers.think, constraint.markers.end_think
         # A call ends the thinking, as Reply reads it (Qwen3.5 sometimes calls before </think>)
         self.call = constraint.markers.tool_call if constraint.tools else None
+        self.blank, self.after_think = constraint.blank, False
         opened, closed = _last_index(prompt, self.think), _last_index(prompt, self.end_think)
         # As Reply reads it: the prompt leaves the model inside <think> ... (Qwen3.5's templates)
         self.thinking = self.end_think is not None and opened > closed
@@ -342,15 +345,21 @@ class ConstrainedSequence:
         allowed[self.padded] = False
         if self.may_think:
             allowed[self.think] = True
+        if self.after_think:  # the model's own layout, which the answer's constraint need not allow
+            allowed[self.blank] = True
         np.copyto(logits, MASKED, where=~allowed)
 
     def consume(self, token: int):
         """Move past `token`: thinking tokens pass by the constraint, the others must be ones it allows."""
         may_think, self.may_think = self.may_think, False
+        after_think, self.after_think = self.after_think, False
         if self.thinking and token == self.call:
             self.thinking = False
         if self.thinking:
             self.thinking = token != self.end_think
+            self.after_think = not self.thinking
+        elif after_think and token in self.blank:
+            pass  # Reply drops it too: newlines next to a marker are layout
         elif may_think and token == self.think:
             self.thinking = True
         elif token not in self.end_ids and not self.matcher.consume_token(token):
