@@ -61,7 +61,7 @@ from minqwen.kernels.matmul import matmul, matmul_few, matvec
 
 if isa.ISA != "generic":
     from minqwen.kernels.gemm import LANES, PAIRS, matmul_panels
-    from minqwen.kernels.intdot import matmul_integer, matvec_integer
+    from minqwen.kernels.intdot import matmul_integer
     from minqwen.kernels.simd import dot_s16, fma, fzeros, hsum, izeros, load, splat, to_float
 
     @pjit
@@ -162,7 +162,7 @@ def matvec_calls(kind) -> dict:
         t = ggml_type(kind)
         calls = {"generic": lambda out, arrays, x: matvec_ggml(out, arrays[0], t, x)}
         if t in INTEGER_TYPES:
-            calls[isa.ISA] = lambda out, arrays, x: matvec_integer(out, arrays[0], t, x)
+            calls[isa.ISA] = lambda out, arrays, x: matmul_integer(out[None], arrays[0], t, x[None])
         return calls
     if kind == "fp8":
         return {"generic": lambda out, arrays, x: matvec_fp8(out, *arrays, x, 128)}

@@ -31,16 +31,15 @@ the two best first tokens of an answer (logits 25.33 and 25.24) and so greedy de
 1/65534 leaves the logits within 1e-4 of exact x. It costs one widening per 16 weights.
 
 Everything stays in vector registers: a block's fp16 scale is broadcast and converted in one step
-(simd.fp16_splat; a scalar conversion writes part of a register and tied each block to the accumulator,
-1.35-1.6x slower), a K-quant super-block's eight 6-bit scales are unpacked with 32-bit word masks and
-converted as one vector (stored a block ahead, whence the dots broadcast them), and the minimum terms are
-accumulated in their own vector. Two accumulators and a software prefetch 2 KB ahead (the hardware prefetcher
-alone left ~25% of one core's bandwidth unused) make the rest. The kernels use 32-byte vectors: AVX2, and with
-AVX512-VNNI / AVX-VNNI the same code compiles dot_s16 to vpdpwssd. The IQ4 codebook lives in a register: each
-nibble looks its level up in one vpshufb (simd.lookup16, on the levels + 127 so that the lookup's result is a
-16-bit lane as it stands). The + 127 is not subtracted per weight: each block's integer dot starts from -127
-times its lanes' sums of xq (_offsets, once per token; _dot_from), which leaves the same int32 sum. Q2_K,
-Q3_K, MXFP4 and the grid i-quants have no kernel here (kernels/ggml.py's float one serves).
+(simd.fp16_splat; a scalar conversion tied each block to its sum, 1.35-1.6x slower), a K-quant super-block's
+eight 6-bit scales are unpacked with 32-bit word masks and converted as one vector, and a prefetch 2 KB ahead
+adds what the hardware prefetcher left (~25% of one core's bandwidth). A few tokens (a verify pass, a batch)
+go four at a time (_in_fours): each part of a row is unpacked once, into registers, and dotted with each of
+them, into two sums per token. The kernels use 32-byte vectors: AVX2, and with AVX512-VNNI / AVX-VNNI dot_s16
+is vpdpwssd. The IQ4 codebook lives in a register: each nibble looks its level up in one vpshufb
+(simd.lookup16, on the levels + 127 so that the result is a 16-bit lane as it stands); the + 127 is not
+subtracted per weight: each block's dot starts from -127 times its lanes' sums of xq (_offsets, once per
+token; _dot's start). Q2_K, Q3_K, MXFP4 and the grid i-quants have none here (ggml.py's float kernel serves).
 
 Q6_K (every Q4_K_M file's LM head) reads its bits as 16-bit words: a word of ql / qh holds an even and an
 odd byte, whose two levels masks build at once and a mask and a shift part (no widening shuffle), the
@@ -66,7 +65,7 @@ from .ggml import (
     Q8_0,
     dequantize_ggml_reference,
 )
-from .jit import jit, pjit
+from .jit import ijit, jit, pjit
 from .simd import (
     abs_max,
     bit_words,
@@ -103,7 +102,6 @@ PREFETCH_BYTES = 2048
 # xd = m / 32767 and 1 / xd as fastmath computes them (m times the constant 1 / 32767, 32767 / m), written so
 # that the reference does the same float32 steps and x / xd rounds there as here (ties included)
 INT16_MAX, INT16_STEP = np.float32(32767.0), np.float32(1.0 / 32767.0)
-EIGHTH = np.float32(0.125)
 # Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
 # j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
 LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
@@ -136,13 +134,8 @@ def quantize_activations(xq, xd, xsum, x):
 
 
 @jit
-def _dot(low, high, xq, e):  # 32 levels as two int16 vectors, times xq[e:e+32]: 8 int32 lanes
-    return dot_s16(dot_s16(izeros(8), low, load(xq, e, 16)), high, load(xq, e + 16, 16))
-
-
-@jit
-def _dot_from(low, high, xq, e, offset):  # _dot of levels stored too high, started from their offset
-    return dot_s16(dot_s16(load(offset, e // 4, 8), low, load(xq, e, 16)), high, load(xq, e + 16, 16))
+def _dot(start, low, high, xq, e):  # start + 32 levels (two int16 vectors) times xq[e:e+32]: 8 int32 lanes
+    return dot_s16(dot_s16(start, low, load(xq, e, 16)), high, load(xq, e + 16, 16))
 
 
 @jit
@@ -181,107 +174,136 @@ def _levels(row, o, t):  # the 32 levels of the block at row[o:] (a 32-weight ty
 
 
 @jit
-def _block(acc, mins, row, t, b, xq, xd, eighths, offset):  # (acc, mins) + block b's product (lane-spread)
-    o = BLOCK_BYTES[t] * b
-    scale = fp16_splat(row, o, 8) * splat_at(xd, b, 8)  # d xd
-    low, high = _levels(row, o, t)
-    offsets = t == IQ4_NL or t == Q4_0
-    product = _dot_from(low, high, xq, 32 * b, offset) if offsets else _dot(low, high, xq, 32 * b)
-    acc = fma(to_float(product), scale, acc)
-    if t == Q4_1 or t == Q5_1:
-        mins = fma(fp16_splat(row, o + 2, 8), splat_at(eighths, b, 8), mins)
-    return acc, mins
+def _block_part(a, t, xq, xd, eighths, offset, c, levels, d, m):  # a + block c's (flat: B i + b) product
+    start = load(offset, 8 * c, 8) if t == IQ4_NL or t == Q4_0 else izeros(8)  # levels stored too high
+    a = fma(to_float(_dot(start, levels[0], levels[1], xq, 32 * c)), d * splat_at(xd, c, 8), a)  # d xd
+    return fma(m, splat_at(eighths, c, 8), a) if t == Q4_1 or t == Q5_1 else a
+
+
+@ijit
+def _block_tokens(out, row, n, args, i, g):  # tokens i .. i + g - 1 (g <= 4) of row n
+    t, xq, xd, eighths, offset = args
+    a0 = a1 = b0 = b1 = c0 = c1 = d0 = d1 = fzeros(8)  # each token's sums of even and of odd blocks
+    i1, i2, i3, B = min(i + 1, i + g - 1), min(i + 2, i + g - 1), min(i + 3, i + g - 1), xd.shape[1]
+    for b in range(B):
+        o = BLOCK_BYTES[t] * b
+        if b % 2 == 0:
+            prefetch(row, o + PREFETCH_BYTES)
+        levels, d, m = _levels(row, o, t), fp16_splat(row, o, 8), fp16_splat(row, o + 2, 8)
+        a0 = _block_part(a0, t, xq, xd, eighths, offset, B * i + b, levels, d, m)
+        b0 = _block_part(b0, t, xq, xd, eighths, offset, B * i1 + b, levels, d, m) if g > 1 else b0
+        c0 = _block_part(c0, t, xq, xd, eighths, offset, B * i2 + b, levels, d, m) if g > 2 else c0
+        d0 = _block_part(d0, t, xq, xd, eighths, offset, B * i3 + b, levels, d, m) if g > 3 else d0
+        a0, a1, b0, b1, c0, c1, d0, d1 = a1, a0, b1, b0, c1, c0, d1, d0  # the next block into the other sums
+    out[i3, n], out[i2, n], out[i1, n], out[i, n] = hsum(d0 + d1), hsum(c0 + c1), hsum(b0 + b1), hsum(a0 + a1)
+
+
+@ijit
+def _in_fours(tokens, out, data, n, T, args):  # tokens(out, row n, n, args, i, g): T tokens four at a time,
+    for i in range(0, T - T % 4, 4):  # the rest two and one at a time (each g compiles its own code; a
+        tokens(out, data[n], n, args, i, 4)  # kernel's tokens past g are i + g - 1, whose sum it writes last)
+    if T % 4 > 1:
+        tokens(out, data[n], n, args, T - T % 4, 2)
+    if T % 2:
+        tokens(out, data[n], n, args, T - 1, 1)
 
 
 @pjit
 def _matmul_blocks(out, data, t, xq, xd, eighths, offset):  # t: a 32-weight type; eighths: xsum / 8
     """out[i, n] = sum_b d_b xd_ib (q_b . xq_ib)  [+ m_b xsum_ib]     (b over blocks of 32)"""
-    nb = xd.shape[1]
-    for n in prange(data.shape[0]):
-        row = data[n]
-        for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
-            a0, a1, m0, m1 = fzeros(8), fzeros(8), fzeros(8), fzeros(8)
-            b = 0
-            while b + 2 <= nb:
-                prefetch(row, BLOCK_BYTES[t] * b + PREFETCH_BYTES)
-                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], eighths[i], offset[i])
-                a1, m1 = _block(a1, m1, row, t, b + 1, xq[i], xd[i], eighths[i], offset[i])
-                b += 2
-            if b < nb:
-                a0, m0 = _block(a0, m0, row, t, b, xq[i], xd[i], eighths[i], offset[i])
-            out[i, n] = hsum((a0 + a1) + (m0 + m1))
+    for n in prange(data.shape[0]):  # the row is read from memory once
+        _in_fours(_block_tokens, out, data, n, xq.shape[0], (t, xq, xd, eighths, offset))
+
+
+@jit
+def _k_part(a, b, xq, f, levels, ds, j):  # (a, b) + the dots of sub-blocks j, j + 1 with xq (flat) from f
+    a = fma(to_float(_dot(izeros(8), levels[0], levels[1], xq, f)), lane(ds, j), a)  # levels: low0, low1,
+    return a, fma(to_float(_dot(izeros(8), levels[2], levels[3], xq, f + 32)), lane(ds, j + 1), b)  # high0, 1
+
+
+@ijit
+def _k_tokens(out, row, n, args, i, g):  # tokens i .. i + g - 1 (g <= 4) of row n
+    t, xq, xd, negated = args  # negated: -xsum
+    a0 = a1 = b0 = b1 = c0 = c1 = d0 = d1 = fzeros(8)  # each token's two sums (a0.. with the minimum terms)
+    i1, i2, i3 = min(i + 1, i + g - 1), min(i + 2, i + g - 1), min(i + 3, i + g - 1)
+    size, qs, K, B = BLOCK_BYTES[t], 48 if t == Q5_K else 16, xq.shape[1], xd.shape[1]
+    for s in range(B // 8):
+        o = size * s
+        for line in range(0, size, 64):
+            prefetch(row, o + line + PREFETCH_BYTES)
+        w0, w1, w2 = u32_at(row, o + 4), u32_at(row, o + 8), u32_at(row, o + 12)
+        scales = bytes_to_float(bytes_of(w0 & LOW6, (w2 & LOW4) | ((w0 >> 2) & TOP2)), False)
+        ms = bytes_to_float(bytes_of(w1 & LOW6, (w2 >> 4 & LOW4) | (w1 >> 2 & TOP2)), False)
+        scales, ms = fp16_splat(row, o, 8) * scales, fp16_splat(row, o + 2, 8) * ms
+        ds0, ds1 = scales * load(xd, B * i + 8 * s, 8), scales * load(xd, B * i1 + 8 * s, 8)  # d sc_j xd_j
+        ds2, ds3 = scales * load(xd, B * i2 + 8 * s, 8), scales * load(xd, B * i3 + 8 * s, 8)
+        a0, b0 = fma(ms, load(negated, B * i + 8 * s, 8), a0), fma(ms, load(negated, B * i1 + 8 * s, 8), b0)
+        c0, d0 = fma(ms, load(negated, B * i2 + 8 * s, 8), c0), fma(ms, load(negated, B * i3 + 8 * s, 8), d0)
+        for c in range(4):  # 32 bytes: low nibbles are sub-block 2c, high 2c + 1
+            at, e = o + qs + 32 * c, 256 * s + 64 * c
+            if t == Q5_K:  # fifth bits 2c (low), 2c + 1 (high) of qh; as Q6_K, a word's 2 levels
+                q, fifth = words(row, at, 0, 16), words(row, o + 16, 0, 16)  # at once: 1.06-1.1x
+                low = join(field(q, 0, 0x0F0F), field(fifth, 2 * c, 0x0101), 4)
+                high = join(field(q, 4, 0x0F0F), field(fifth, 2 * c + 1, 0x0101), 4)
+                levels = (field(low, 0, 255), field(low, 8, 255), field(high, 0, 255), field(high, 8, 255))
+            else:  # Q4_K (Q5_K's levels above come in Q5_K_ORDER, as its xq does)
+                one, two = widen16(row, at, False), widen16(row, at + 16, False)  # bytes 0-15, 16-31
+                levels = (field(one, 0, 15), field(two, 0, 15), field(one, 4, 15), field(two, 4, 15))
+            a0, a1 = _k_part(a0, a1, xq, K * i + e, levels, ds0, 2 * c)
+            b0, b1 = _k_part(b0, b1, xq, K * i1 + e, levels, ds1, 2 * c) if g > 1 else (b0, b1)
+            c0, c1 = _k_part(c0, c1, xq, K * i2 + e, levels, ds2, 2 * c) if g > 2 else (c0, c1)
+            d0, d1 = _k_part(d0, d1, xq, K * i3 + e, levels, ds3, 2 * c) if g > 3 else (d0, d1)
+    out[i3, n], out[i2, n], out[i1, n], out[i, n] = hsum(d0 + d1), hsum(c0 + c1), hsum(b0 + b1), hsum(a0 + a1)
 
 
 @pjit
-def _matmul_k(out, data, t, xq, xd, xsum):  # Q4_K (d, dmin, scales[12], qs[128]) or Q5_K (.. qh[32], qs[128])
+def _matmul_k(out, data, t, xq, xd, negated):  # Q4_K: d, dmin, scales[12], qs[128]; Q5_K: .. qh[32], qs[128]
     """out[i, n] = sum_j d sc_j xd_ij (q_j . xq_ij) - dmin m_j xsum_ij      (j over sub-blocks of 32)"""
-    N, size, nb = data.shape[0], BLOCK_BYTES[t], xd.shape[1] // 8
-    qs = 48 if t == Q5_K else 16
-    for rows in prange((N + 31) // 32):  # 32 rows at a time, with one place where a block's d sc_j xd_j go a
-        ds = np.empty(16, np.float32)  # block ahead, for the dots to broadcast (lane(): 1.02-1.10x the time)
-        for n in range(32 * rows, min(N, 32 * rows + 32)):
-            row = data[n]
-            for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
-                a0, a1, mins = fzeros(8), fzeros(8), fzeros(8)
-                for s in range(-1, nb):  # block s + 1's scales, block s's dots
-                    o = size * (s + 1)
-                    if s + 1 < nb:
-                        w0, w1, w2 = u32_at(row, o + 4), u32_at(row, o + 8), u32_at(row, o + 12)
-                        scales = bytes_to_float(bytes_of(w0 & LOW6, (w2 & LOW4) | ((w0 >> 2) & TOP2)), False)
-                        ms = bytes_to_float(bytes_of(w1 & LOW6, (w2 >> 4 & LOW4) | (w1 >> 2 & TOP2)), False)
-                        store(ds, 8 - 8 * (s % 2), fp16_splat(row, o, 8) * scales * load(xd[i], 8 * s + 8, 8))
-                        mins = fma(fp16_splat(row, o + 2, 8) * ms, load(xsum[i], 8 * s + 8, 8), mins)
-                    o -= size
-                    for line in range(0, size, 64):
-                        prefetch(row, o + line + PREFETCH_BYTES)
-                    for c in range(4 if s >= 0 else 0):  # 32 bytes: low nibbles are sub-block 2c, high 2c + 1
-                        at = o + qs + 32 * c
-                        if t == Q5_K:  # fifth bits 2c (low), 2c + 1 (high) of qh; as Q6_K, a word's 2 levels
-                            q, fifth = words(row, at, 0, 16), words(row, o + 16, 0, 16)  # at once: 1.06-1.1x
-                            low = join(field(q, 0, 0x0F0F), field(fifth, 2 * c, 0x0101), 4)
-                            high = join(field(q, 4, 0x0F0F), field(fifth, 2 * c + 1, 0x0101), 4)
-                            low0, low1 = field(low, 0, 0xFF), field(low, 8, 0xFF)  # xq in Q5_K_ORDER
-                            high0, high1 = field(high, 0, 0xFF), field(high, 8, 0xFF)
-                        else:
-                            first, second = widen16(row, at, False), widen16(row, at + 16, False)
-                            low0, low1 = field(first, 0, 15), field(second, 0, 15)
-                            high0, high1 = field(first, 4, 15), field(second, 4, 15)
-                        e, j = 256 * s + 64 * c, 8 * (s % 2) + 2 * c
-                        a0 = fma(to_float(_dot(low0, low1, xq[i], e)), splat_at(ds, j, 8), a0)
-                        a1 = fma(to_float(_dot(high0, high1, xq[i], e + 32)), splat_at(ds, j + 1, 8), a1)
-                out[i, n] = hsum(a0 + a1) - hsum(mins)
+    for n in prange(data.shape[0]):
+        _in_fours(_k_tokens, out, data, n, xq.shape[0], (t, xq, xd, negated))
+
+
+@jit
+def _q6_k_part(a, b, xq, offset, f, ds, levels):  # (a, b) + the levels' dot with xq (flat) from f, scaled
+    even, odd, k, j = levels  # k = 0 / 1: the low / high nibbles, summed in a / b; j: their scales in ds
+    p = dot_s16(load(offset, f // 4, FLOATS), even, load(xq, f, WORDS))
+    p = fma(to_float(dot_s16(p, odd, load(xq, f + WORDS, WORDS))), quads(ds, j), a if k == 0 else b)
+    return (p, b) if k == 0 else (a, p)
+
+
+@ijit
+def _q6_k_tokens(out, row, n, args, i, g):  # tokens i .. i + g - 1 (g <= 4) of row n
+    xq, xd16, offset = args
+    a0 = a1 = b0 = b1 = c0 = c1 = d0 = d1 = fzeros(FLOATS)  # each token's two sums in registers
+    i1, i2, i3, K = min(i + 1, i + g - 1), min(i + 2, i + g - 1), min(i + 3, i + g - 1), xq.shape[1]
+    for s in range(xd16.shape[1] // 16):
+        o = BLOCK_BYTES[Q6_K] * s
+        for line in range(0, BLOCK_BYTES[Q6_K], 64):
+            prefetch(row, o + line + PREFETCH_BYTES)
+        for h in range(0, 2, WORDS // 16):  # half h: ql[64h:], qh[32h:], sub-blocks 8h..; 32 WORDS: 2
+            dsc = fp16_splat(row, o + 208, FLOATS) * bytes_to_float(load(row, o + 192 + 8 * h, FLOATS), True)
+            qh, x = words(row, o + 128 + 32 * h, 32, WORDS), 16 * s + 8 * h
+            ds0, ds1 = dsc * load(xd16[i], x, FLOATS), dsc * load(xd16[i1], x, FLOATS)  # d sc_g xd_g
+            ds2, ds3 = dsc * load(xd16[i2], x, FLOATS), dsc * load(xd16[i3], x, FLOATS)
+            for c in range(2):  # ql bytes 32c.. (and the other half's): groups of 32 c and c + 2
+                ql = words(row, o + 64 * h + 32 * c, 64, WORDS)
+                e = 256 * s + 128 * h + 4 * WORDS * c  # where this part's 4 WORDS weights sit in xq
+                for k in range(2):  # low / high nibbles (group c + 2k): the even, odd bytes' levels,
+                    at = e + 2 * WORDS * k  # a word's two at once, then apart (each alone: 1.06-1.11x)
+                    pair = join(field(ql, 4 * k, 0x0F0F), field(qh, 2 * c + 4 * k, 0x0303), 4)
+                    levels = (field(pair, 0, 0xFF), field(pair, 8, 0xFF), k, 2 * c + 4 * k)
+                    a0, a1 = _q6_k_part(a0, a1, xq, offset, K * i + at, ds0, levels)
+                    b0, b1 = _q6_k_part(b0, b1, xq, offset, K * i1 + at, ds1, levels) if g > 1 else (b0, b1)
+                    c0, c1 = _q6_k_part(c0, c1, xq, offset, K * i2 + at, ds2, levels) if g > 2 else (c0, c1)
+                    d0, d1 = _q6_k_part(d0, d1, xq, offset, K * i3 + at, ds3, levels) if g > 3 else (d0, d1)
+    out[i3, n], out[i2, n], out[i1, n], out[i, n] = hsum(d0 + d1), hsum(c0 + c1), hsum(b0 + b1), hsum(a0 + a1)
 
 
 @pjit
 def _matmul_q6_k(out, data, xq, xd16, offset):  # Q6_K: ql[128] (low 4 bits), qh[64] (high 2), int8 sc[16], d
     """out[i, n] = sum_g d sc_g xd_ig (q_g - 32) . xq_ig      (g over sub-blocks of 16; xq in Q6_K_ORDER)"""
     for n in prange(data.shape[0]):
-        row = data[n]
-        for i in range(xq.shape[0]):  # tokens: the row is read from memory once, then from the cache
-            a0, a1 = fzeros(FLOATS), fzeros(FLOATS)
-            for s in range(xd16.shape[1] // 16):
-                o = BLOCK_BYTES[Q6_K] * s
-                for line in range(0, BLOCK_BYTES[Q6_K], 64):
-                    prefetch(row, o + line + PREFETCH_BYTES)
-                for h in range(0, 2, WORDS // 16):  # half h: ql[64h:], qh[32h:], sub-blocks 8h..; 32 WORDS: 2
-                    scales = bytes_to_float(load(row, o + 192 + 8 * h, FLOATS), True)
-                    ds = fp16_splat(row, o + 208, FLOATS) * scales * load(xd16[i], 16 * s + 8 * h, FLOATS)
-                    qh = words(row, o + 128 + 32 * h, 32, WORDS)
-                    for c in range(2):  # ql bytes 32c.. (and the other half's): groups of 32 c and c + 2
-                        ql = words(row, o + 64 * h + 32 * c, 64, WORDS)
-                        e = 256 * s + 128 * h + 4 * WORDS * c  # where this part's 4 WORDS weights sit in xq
-                        for k in range(2):  # low / high nibbles (group c + 2k): the even, odd bytes' levels,
-                            # a word's two at once, then apart (each alone took 1.06-1.11x the time)
-                            pair = join(field(ql, 4 * k, 0x0F0F), field(qh, 2 * c + 4 * k, 0x0303), 4)
-                            even, odd = field(pair, 0, 0xFF), field(pair, 8, 0xFF)
-                            at = e + 2 * WORDS * k
-                            p = dot_s16(load(offset[i], at // 4, FLOATS), even, load(xq[i], at, WORDS))
-                            p = dot_s16(p, odd, load(xq[i], at + WORDS, WORDS))
-                            if k == 0:
-                                a0 = fma(to_float(p), quads(ds, 2 * c), a0)
-                            else:
-                                a1 = fma(to_float(p), quads(ds, 4 + 2 * c), a1)
-            out[i, n] = hsum(a0 + a1)
+        _in_fours(_q6_k_tokens, out, data, n, xq.shape[0], (xq, xd16, offset))
 
 
 @pjit
@@ -307,8 +329,9 @@ def _matmul_iq4_xs(out, data, xq, xd, offset):  # IQ4_XS: d, scales_h (u16), sca
                     low0, high0 = _iq4_levels(row, o + 8 + 16 * j)
                     low1, high1 = _iq4_levels(row, o + 24 + 16 * j)
                     e = 256 * s + 32 * j
-                    a0 = fma(to_float(_dot_from(low0, high0, xq[i], e, offset[i])), lane(ds, j), a0)
-                    a1 = fma(to_float(_dot_from(low1, high1, xq[i], e + 32, offset[i])), lane(ds, j + 1), a1)
+                    start0, start1 = load(offset[i], e // 4, 8), load(offset[i], e // 4 + 8, 8)  # + 127's
+                    a0 = fma(to_float(_dot(start0, low0, high0, xq[i], e)), lane(ds, j), a0)
+                    a1 = fma(to_float(_dot(start1, low1, high1, xq[i], e + 32)), lane(ds, j + 1), a1)
             out[i, n] = hsum(a0 + a1)
 
 
@@ -333,7 +356,7 @@ def matmul_integer(out, data, ggml_type, x):
                 xq[i, e] = natural[e // 256 * 256 + order[e % 256]]
         if excess:  # Q6_K's on its vectors of WORDS lanes, in its order
             _offsets(offset[i], xq[i], WORDS if t == Q6_K else 16, excess)
-    eighths = xsum * EIGHTH  # a block's minimum term goes to all 8 lanes of an accumulator, 1/8 in each
+    eighths = xsum * np.float32(0.125)  # a block's minimum term goes to all 8 lanes of a sum, 1/8 in each
     if t == Q8_0:
         _matmul_blocks(out, data, Q8_0, xq, xd, eighths, offset)
     elif t == Q4_0:
@@ -345,21 +368,15 @@ def matmul_integer(out, data, ggml_type, x):
     elif t == Q5_1:
         _matmul_blocks(out, data, Q5_1, xq, xd, eighths, offset)
     elif t == Q4_K:
-        _matmul_k(out, data, Q4_K, xq, xd, xsum)
+        _matmul_k(out, data, Q4_K, xq, xd, -xsum)
     elif t == Q5_K:
-        _matmul_k(out, data, Q5_K, xq, xd, xsum)
+        _matmul_k(out, data, Q5_K, xq, xd, -xsum)
     elif t == IQ4_NL:
         _matmul_blocks(out, data, IQ4_NL, xq, xd, eighths, offset)
     elif t == IQ4_XS:
         _matmul_iq4_xs(out, data, xq, xd, offset)
-    else:
-        _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16), offset)  # xd of each 16 weights
-
-
-@jit
-def matvec_integer(out, data, ggml_type, x):  # out: [N] float32, x: [K] float32
-    """out[n] = sum_k w[n, k] x[k]: matmul_integer for one token"""
-    matmul_integer(out.reshape(1, out.shape[0]), data, ggml_type, x.reshape(1, x.shape[0]))
+    else:  # Q6_K: xd of each 16 weights
+        _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16), offset)
 
 
 def matmul_integer_reference(data, ggml_type, x):  # [N, bytes] uint8, [T, K] float32 -> [T, N] float64

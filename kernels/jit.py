@@ -22,3 +22,4 @@ FLAGS = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")
 
 jit = numba.njit(**FLAGS)
 pjit = numba.njit(parallel=True, **FLAGS)
+ijit = numba.njit(inline="always", **FLAGS)  # inlined where it is called: a constant argument specialises it

@@ -47,7 +47,6 @@ if isa.ISA != "generic":  # imported only where the CPU has the instructions, as
         LEVEL_BITS_AT,
         matmul_integer,
         matmul_integer_reference,
-        matvec_integer,
     )
 
 seeds = st.integers(0, 2**32 - 1)
@@ -83,7 +82,7 @@ def minimum_term(kind, data, K):
 @given(seed=seeds, N=st.sampled_from([1, 5, 33]), blocks=st.sampled_from([1, 3]), T=st.integers(2, 6),
        kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]))
 def test_a_few_tokens_at_once_are_each_token_alone(seed, N, blocks, T, kind):
-    """matmul_integer (a batch decoding together) gives each token what matvec_integer gives it alone, to
+    """matmul_integer (a batch decoding together) gives each token what it gives that token alone, to
     float rounding (the same operations; each compiled variant may fuse a multiply-add differently)."""
     rng = np.random.default_rng(seed)
     K = blocks * GGML_BLOCKS[kind][0]
@@ -93,7 +92,7 @@ def test_a_few_tokens_at_once_are_each_token_alone(seed, N, blocks, T, kind):
     matmul_integer(together[:, 1:N + 1], data, int(kind), x)
     alone = np.empty(N, np.float32)
     for i in range(T):
-        matvec_integer(alone, data, int(kind), x[i])
+        matmul_integer(alone.reshape(1, N), data, int(kind), x[i:i + 1])
         np.testing.assert_allclose(together[i, 1:N + 1], alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
     assert np.isnan(together[:, 0]).all() and np.isnan(together[:, N + 1:]).all()
 
@@ -179,7 +178,7 @@ def test_unpacking_intrinsics(seed, j):
 
 PROBE = """
 import numpy as np
-from minqwen.kernels.intdot import matvec_integer
+from minqwen.kernels.intdot import matmul_integer
 from minqwen.kernels.gemm import matmul_panels
 from numba import njit
 from minqwen.kernels.simd import dot_s16, izeros, load, to_float, hsum
@@ -190,10 +189,11 @@ def probe(a, b):
                                  load(b, 16, 16))))
 
 a, b = np.zeros(32, np.int16), np.zeros(32, np.int16)
-matvec_args = (np.empty(2, np.float32), np.zeros((2, 34 * 8), np.uint8), 8, np.zeros(256, np.float32))
+matvec_args = (np.empty((1, 2), np.float32), np.zeros((2, 34 * 8), np.uint8), 8,
+               np.zeros((1, 256), np.float32))
 prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16),
                 True)
-for kernel, args in ((probe, (a, b)), (matvec_integer, matvec_args), (matmul_panels, prefill_args)):
+for kernel, args in ((probe, (a, b)), (matmul_integer, matvec_args), (matmul_panels, prefill_args)):
     kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))
 print("".join(probe.inspect_asm().values()))
 """
