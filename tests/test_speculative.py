@@ -255,8 +255,14 @@ def test_draft_length_adapts_and_pauses():
             pause += 1
         misses.append(pause)
     assert misses == [1, 3, 7, 15, PAUSE_ROUNDS, PAUSE_ROUNDS]
-    length.update(1, 1)
+    length.update(1, 1)  # taken whole: twice the drafts, one miss earned back (the next miss pauses 16)
+    assert length.next() == 2
+    length.update(2, 2)
     assert length.next() == 4
+    for _ in range(4):  # four more rounds taken whole: six misses earned back in all
+        length.update(4, 4)
+    length.update(length.next(), 0)
+    assert [length.next() for _ in range(2)] == [0, 1]  # a first miss again: a pause of one round
 
 
 def test_ngram_drafter_proposes_what_followed_the_latest_occurrence():

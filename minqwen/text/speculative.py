@@ -34,10 +34,11 @@ PAUSE_ROUNDS = 16  # the longest a drafter that keeps missing sits out, in round
 
 class DraftLength:
     """How many tokens to draft next: the most allowed while drafts are taken whole, one more than the
-    accepted ones when they are not. A pass over k + 1 rows costs more than a decode step (2-3x at
-    k = 3 today, bench/speculative.py), so a round that keeps fewer than half its drafts is a miss: after
-    the m-th miss since drafts were last taken whole, drafting pauses for 2^m - 1 rounds (at most
-    PAUSE_ROUNDS), and a drafter that rarely helps (a plain question) costs a few percent at most."""
+    accepted ones when they are not, twice as many again after a round taken whole. A pass over k + 1 rows
+    costs more than a decode step (1.6-2.2x at k = 3 today, bench/speculative.py), so a round that keeps
+    fewer than half its drafts is a miss: after the m-th miss (less one for each round taken whole),
+    drafting pauses for 2^m - 1 rounds (at most PAUSE_ROUNDS), and a drafter that rarely helps (a plain
+    question, where a lucky round must not restart it at full length) costs a few percent at most."""
 
     def __init__(self, most: int):
         self.most, self.k, self.misses, self.pause = most, most, 0, 0
@@ -51,12 +52,14 @@ class DraftLength:
     def update(self, drafted: int, accepted: int):
         if not drafted:
             return
-        if accepted == drafted:
-            self.misses = 0
-        elif 2 * accepted < drafted:
+        if accepted == drafted:  # one round taken whole earns back one miss and twice the drafts
+            self.misses = max(0, self.misses - 1)
+            self.k = min(self.most, 2 * self.k)
+        else:
+            self.k = accepted + 1
+        if 2 * accepted < drafted:
             self.misses += 1
             self.pause = min(2 ** self.misses - 1, PAUSE_ROUNDS)
-        self.k = self.most if accepted == drafted else max(1, accepted + 1)
 
 
 def settle(sequence, length: DraftLength, tally, drafted: int, accepted: int, start: int):
