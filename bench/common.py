@@ -11,6 +11,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.jit import pjit
 
@@ -170,3 +171,17 @@ def warn_if_workqueue():
 def report(name: str, results: dict):
     """The bench's last stdout line: one JSON document with everything."""
     print(json.dumps({"bench": name, "machine": machine(), **results}))
+
+
+def report_between_bandwidths(name: str, measure):
+    """Sample the read bandwidth, print the machine's line (CPU, kernel path, bandwidth), run `measure()`
+    (-> the results), sample again and report the results with the kernel path and the median bandwidth
+    of the whole stretch: the figures and the bandwidth they ran at come from one run."""
+    bandwidth = Bandwidth()
+    for _ in range(3):
+        bandwidth.sample()
+    print(f"{machine()['cpu']}, kernels {isa.ISA}, read bandwidth {bandwidth.median:.1f} GB/s", flush=True)
+    results = measure()
+    for _ in range(3):
+        bandwidth.sample()
+    report(name, {"isa": isa.ISA, "read_gb_s": bandwidth.median, **results})

@@ -28,8 +28,7 @@ from speculative import pass_seconds, prompted, tests_module
 
 import minqwen
 from checkpoints import bench_checkpoint
-from common import Bandwidth, machine, report
-from minqwen.kernels import isa
+from common import report_between_bandwidths
 from minqwen.text.constraints import Constraint, llg_tokenizer
 
 ADDRESS = {"type": "object", "properties": {
@@ -167,19 +166,10 @@ def main():
     parser.add_argument("--work", default="~/.cache/minqwen-bench", help="where checkpoints are built")
     parser.add_argument("--parts", default="mask,compile")
     args = parser.parse_args()
-    bandwidth = Bandwidth()
-    for _ in range(3):
-        bandwidth.sample()
-    print(f"{machine()['cpu']}, kernels {isa.ISA}, read bandwidth {bandwidth.median:.1f} GB/s", flush=True)
     parts, work, repeats = args.parts.split(","), Path(args.work).expanduser(), 3 if args.quick else 9
-    results = {}
-    if "mask" in parts:
-        results["mask"] = mask(work, repeats)
-    if "compile" in parts:
-        results["compile"] = compiling(work, repeats)
-    for _ in range(3):
-        bandwidth.sample()
-    report("constraints", {"isa": isa.ISA, "read_gb_s": bandwidth.median, **results})
+    measures = {"mask": lambda: mask(work, repeats), "compile": lambda: compiling(work, repeats)}
+    report_between_bandwidths("constraints", lambda: {name: measure() for name, measure in measures.items()
+                                                      if name in parts})
 
 
 if __name__ == "__main__":

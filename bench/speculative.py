@@ -29,8 +29,7 @@ import numpy as np
 
 import minqwen
 from checkpoints import bench_checkpoint
-from common import Bandwidth, machine, report
-from minqwen.kernels import isa
+from common import report_between_bandwidths
 from minqwen.text.generation import GenerationOptions, Stats, stream_tokens
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -200,21 +199,11 @@ def main():
     parser.add_argument("--work", default="~/.cache/minqwen-bench", help="where checkpoints are built")
     parser.add_argument("--parts", default="lookup,verify,mtp")
     args = parser.parse_args()
-    bandwidth = Bandwidth()
-    for _ in range(3):
-        bandwidth.sample()
-    print(f"{machine()['cpu']}, kernels {isa.ISA}, read bandwidth {bandwidth.median:.1f} GB/s", flush=True)
     parts, work, repeats = args.parts.split(","), Path(args.work).expanduser(), 3 if args.quick else 7
-    results = {}
-    if "lookup" in parts:
-        results["lookup"] = lookup(1 if args.quick else 3, 120 if args.quick else 300)
-    if "verify" in parts:
-        results["verify"] = verify(work, repeats)
-    if "mtp" in parts:
-        results["mtp"] = mtp(work, repeats)
-    for _ in range(3):
-        bandwidth.sample()
-    report("speculative", {"isa": isa.ISA, "read_gb_s": bandwidth.median, **results})
+    measures = {"lookup": lambda: lookup(1 if args.quick else 3, 120 if args.quick else 300),
+                "verify": lambda: verify(work, repeats), "mtp": lambda: mtp(work, repeats)}
+    report_between_bandwidths("speculative", lambda: {name: measure() for name, measure in measures.items()
+                                                      if name in parts})
 
 
 if __name__ == "__main__":
