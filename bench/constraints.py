@@ -142,7 +142,7 @@ def compiling(work: Path, repeats: int) -> dict:
         model = load()
         tok, vocab, ends = model.tokenizer, model.config.vocab_size, model.eos_token_ids
         began = time.perf_counter()
-        llg_tokenizer(tok, vocab, tuple(sorted(set(ends))))
+        llg_tokenizer(tok, vocab, ends)
         built = 1e3 * (time.perf_counter() - began)
         schema = compile_ms(lambda: Constraint(tok, vocab, ends, json_schema=TYPICAL), repeats)
         logits = np.zeros(vocab, np.float32)  # llguidance builds parts of its lexer lazily, at first use

@@ -289,9 +289,8 @@ def serve(model: Model, host: str = "127.0.0.1", port: int = 8080, parallel: int
     engine.start()
     # llguidance's view of the vocabulary takes a second or two to build: build it now, not in the first
     # request that asks for structured output or sends tools
-    threading.Thread(target=llg_tokenizer, args=(model.tokenizer, model.config.vocab_size,
-                                                 tuple(sorted(set(model.eos_token_ids)))),
-                     name="minqwen-llguidance", daemon=True).start()
+    vocabulary = (model.tokenizer, model.config.vocab_size, model.eos_token_ids)
+    threading.Thread(target=llg_tokenizer, args=vocabulary, name="minqwen-llguidance", daemon=True).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -56,17 +56,16 @@ _llg_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _llg_lock = threading.Lock()
 
 
-def llg_tokenizer(tokenizer, vocab_size: int, end_ids: tuple[int, ...]) -> tuple[llguidance.LLTokenizer,
-                                                                                   np.ndarray]:
+def llg_tokenizer(tokenizer, vocab_size: int, end_ids) -> tuple[llguidance.LLTokenizer, np.ndarray]:
     """llguidance's view of `tokenizer` (its tokenizers backend as tokenizer.json text: the same for a
     folder's and for a GGUF's vocabulary), `vocab_size` ids wide, ending at `end_ids`; and the ids of a
     GGUF's "[PAD<id>]" fillers. Built once per Tokenizer object (about a second for Qwen's 151k tokens)."""
-    key = (vocab_size, end_ids)
+    key = (vocab_size, tuple(sorted(set(end_ids))))
     with _llg_lock:
         built = _llg_tokenizers.setdefault(tokenizer, {})
         if key not in built:
             llg = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
-                                         eos_token=list(end_ids) or None)
+                                         eos_token=list(key[1]) or None)
             padded = [i for piece, i in tokenizer.backend.get_vocab().items() if piece == f"[PAD{i}]"]
             built[key] = llg, np.array(sorted(padded), dtype=np.int64)
         return built[key]
