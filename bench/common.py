@@ -1,4 +1,5 @@
-"""What every bench shares: the machine's read bandwidth, random bf16 weights, timing, the report."""
+"""What every bench shares: the machine's read bandwidth and arithmetic peaks, random bf16 weights, timing,
+the report."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,59 @@ from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.jit import pjit
 
 GIB = 1 << 30
+
+if isa.ISA != "generic":
+    from minqwen.kernels.gemm import LANES, PAIRS
+    from minqwen.kernels.simd import dot_s16, fma, fzeros, hsum, izeros, load, splat, to_float
+
+    @pjit
+    def _fma_chains(out, steps):  # out: [threads] float32; 12 independent chains of FMAs per thread
+        for t in prange(out.shape[0]):
+            a, b = splat(1.0 + t * 1e-9, LANES), splat(0.9999999, LANES)
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = fzeros(LANES)
+            for _ in range(steps):
+                c0, c1, c2, c3, c4, c5 = fma(a, b, c0), fma(a, b, c1), fma(a, b, c2), fma(a, b, c3), \
+                    fma(a, b, c4), fma(a, b, c5)
+                c6, c7, c8, c9, c10, c11 = fma(a, b, c6), fma(a, b, c7), fma(a, b, c8), fma(a, b, c9), \
+                    fma(a, b, c10), fma(a, b, c11)
+            out[t] = hsum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11)
+
+    @pjit
+    def _dot_chains(out, pairs, steps):  # 12 independent chains of int16 dot products (intgemm's vectors)
+        for t in prange(out.shape[0]):
+            a = load(pairs, 0, PAIRS)
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = izeros(LANES)
+            for _ in range(steps):
+                c0, c1, c2, c3, c4, c5 = dot_s16(c0, a, a), dot_s16(c1, a, a), dot_s16(c2, a, a), \
+                    dot_s16(c3, a, a), dot_s16(c4, a, a), dot_s16(c5, a, a)
+                c6, c7, c8, c9, c10, c11 = dot_s16(c6, a, a), dot_s16(c7, a, a), dot_s16(c8, a, a), \
+                    dot_s16(c9, a, a), dot_s16(c10, a, a), dot_s16(c11, a, a)
+            out[t] = hsum(to_float(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11))
+
+
+def _peak(repeats: int, kernel, ops_per_step: int, *args) -> float:  # the best of `repeats` runs
+    out, steps = np.empty(numba.get_num_threads(), np.float32), 1 << 22
+    kernel(out, *args, 1)  # compile, start the threads
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        kernel(out, *args, steps)
+        best = max(best, out.shape[0] * steps * ops_per_step / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def fp32_fma_peak(repeats: int = 7) -> float | None:
+    """GFLOP/s of float32 FMAs (2 flops each) on all Numba threads, 12 independent chains of full vectors
+    per thread: the ceiling of any float32 matrix product here (BLAS tiles, the float panels). The best
+    of `repeats` runs (other processes only ever lower it); None on the generic path (no vectors)."""
+    return None if isa.ISA == "generic" else _peak(repeats, _fma_chains, 12 * LANES * 2)
+
+
+def int16_dot_peak(repeats: int = 7) -> float | None:
+    """GOP/s of int16 dot products (vpdpwssd / vpmaddwd: a multiply and an add per int16 pair) on all
+    Numba threads, measured as fp32_fma_peak: the ceiling of the int16 panels."""
+    return None if isa.ISA == "generic" else _peak(repeats, _dot_chains, 12 * PAIRS * 2,
+                                                  np.ones(PAIRS, np.int16))
 
 
 @pjit

@@ -43,7 +43,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from common import cpu_flags, cpu_model
+from common import cpu_flags, cpu_model, fp32_fma_peak, int16_dot_peak
 from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.fp8 import Fp8Matrix, matmul_fp8, matvec_fp8
@@ -62,45 +62,6 @@ from minqwen.kernels.matmul import matmul, matmul_few, matvec
 if isa.ISA != "generic":
     from minqwen.kernels.gemm import LANES, PAIRS, matmul_panels
     from minqwen.kernels.intdot import matmul_integer
-    from minqwen.kernels.simd import dot_s16, fma, fzeros, hsum, izeros, load, splat, to_float
-
-    @pjit
-    def fma_peak(out, steps):  # out: [threads] float32; 12 independent chains of FMAs per thread
-        for t in prange(out.shape[0]):
-            a, b = splat(1.0 + t * 1e-9, LANES), splat(0.9999999, LANES)
-            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = fzeros(LANES)
-            for _ in range(steps):
-                c0, c1, c2, c3, c4, c5 = fma(a, b, c0), fma(a, b, c1), fma(a, b, c2), fma(a, b, c3), \
-                    fma(a, b, c4), fma(a, b, c5)
-                c6, c7, c8, c9, c10, c11 = fma(a, b, c6), fma(a, b, c7), fma(a, b, c8), fma(a, b, c9), \
-                    fma(a, b, c10), fma(a, b, c11)
-            out[t] = hsum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11)
-
-
-    @pjit
-    def dot_peak(out, pairs, steps):  # 12 independent chains of int16 dot products (intgemm's vectors)
-        for t in prange(out.shape[0]):
-            a = load(pairs, 0, PAIRS)
-            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = izeros(LANES)
-            for _ in range(steps):
-                c0, c1, c2, c3, c4, c5 = dot_s16(c0, a, a), dot_s16(c1, a, a), dot_s16(c2, a, a), \
-                    dot_s16(c3, a, a), dot_s16(c4, a, a), dot_s16(c5, a, a)
-                c6, c7, c8, c9, c10, c11 = dot_s16(c6, a, a), dot_s16(c7, a, a), dot_s16(c8, a, a), \
-                    dot_s16(c9, a, a), dot_s16(c10, a, a), dot_s16(c11, a, a)
-            out[t] = hsum(to_float(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11))
-
-
-def peak_gflops(repeats, kernel, ops_per_step, *args):  # GFLOP/s (or integer GOP/s) of all threads
-    if isa.ISA == "generic":
-        return None
-    out, steps = np.empty(numba.get_num_threads(), np.float32), 1 << 22
-    kernel(out, *args, 1)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        kernel(out, *args, steps)
-        best = max(best, out.shape[0] * steps * ops_per_step / (time.perf_counter() - t) / 1e9)
-    return best
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
 FEW_SHAPES = [(768, 2048), (2048, 768), (3072, 1024)]  # Qwen3-30B-A3B expert gate/up, down; Qwen3-0.6B gate
@@ -313,10 +274,10 @@ def main(argv=None):
           f"{bandwidth['read_GB_s']:.1f} GB/s with {machine['threads']} thread(s) "
           f"(best {bandwidth['read_GB_s_best']:.1f}), {bandwidth['read_GB_s_1_thread']:.1f} GB/s with 1")
 
-    peak = peak_gflops(args.repeats, fma_peak, 12 * LANES * 2) if isa.ISA != "generic" else None
+    peak = fp32_fma_peak(args.repeats)
     bandwidth["fp32_peak_GFLOP_s"] = peak
     if peak:
-        int16_peak = peak_gflops(args.repeats, dot_peak, 12 * PAIRS * 2, np.ones(PAIRS, np.int16))
+        int16_peak = int16_dot_peak(args.repeats)
         bandwidth["int16_dot_peak_GOP_s"] = int16_peak
         print(f"float32 FMA peak ({machine['threads']} threads, {LANES} lanes, 12 chains): {peak:.0f} GFLOP/s"
               f" (the ceiling of BLAS tiles, path generic, and of the float panels, path {isa.ISA})\n"
