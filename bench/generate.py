@@ -20,11 +20,11 @@ thread pool, memory or crash can touch another's. What is timed, the same way fo
 One warm-up is not timed (the longest prompt plus 8 steps: JIT compiles, page faults, buffers; for
 transformers, which compiles nothing, 32 tokens); the figures are medians over --repeats x --rounds.
 - minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step; minqwen-q8_0,
-  -q4_0, -q4_k_m and -q6_k load the very GGUF files llama.cpp runs (the "same file" ratio column).
+  -q4_0, -q4_k_m, -q5_k_m and -q6_k load the very GGUF files llama.cpp runs (the "same file" ratio column).
 - transformers (bf16, torch CPU): `model.generate(do_sample=False, min_new_tokens=max_new_tokens=new)`,
   timed by a logits processor that stamps the clock as each token's logits arrive: prefill = the first
   stamp (a forward over the prompt, logits of its last position only), decode = first to last stamp.
-- llama.cpp (llama-cpp-python; GGUF bf16, Q8_0, Q4_0, Q4_K_M, Q6_K converted by llama.cpp's own
+- llama.cpp (llama-cpp-python; GGUF bf16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K converted by llama.cpp's own
   convert_hf_to_gguf.py and llama_model_quantize, cached under --work): `llm.eval(prompt)`, then
   `llm.eval([token])` per step with the argmax of the last logits; n_batch = n_ubatch = 512,
   n_threads = n_threads_batch = --threads.
@@ -34,6 +34,12 @@ and after the engines; the median sample) divided by the bytes of weights one de
 counted from what the engine loaded: every matrix and vector once, lm_head included (a tied lm_head is
 the embedding table), an untied embedding table not (one row per token), nor the KV cache (a few MB);
 MoE experts at num_experts_per_tok / num_experts of their bytes (what one token reads of them).
+
+Prefill's arithmetic: GFLOP/s = 2 x the multiply-adds of one prompt's matrix products (prefill_flops: every
+layer's projections and MLP for each token, attention's QK^T and PV over the causal triangle, the LM head
+for the last token only) / prefill time, and that as a fraction of this machine's float32 FMA peak on the
+same threads (common.fp32_fma_peak, sampled with the bandwidth; the best sample): the ceiling of a prefill
+that multiplies in float32, as minqwen's does by default, but not of one on integer dot products.
 
 The last stdout line is one JSON document with everything (also written to --out).
 """
@@ -60,15 +66,17 @@ import numpy as np
 
 import minqwen
 from checkpoints import SHAPES, bench_checkpoint, converter_options
-from common import Bandwidth, machine, warn_if_slow_blas, warn_if_workqueue
+from common import Bandwidth, fp32_fma_peak, int16_dot_peak, machine, warn_if_slow_blas, warn_if_workqueue
+from minqwen.network.config import Config
 
 ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "minqwen-q8_0", "minqwen-q4_0", "minqwen-q4_k_m",
-           "minqwen-q6_k", "transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0",
-           "llama.cpp-q4_k_m", "llama.cpp-q6_k")
+           "minqwen-q5_k_m", "minqwen-q6_k", "transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0",
+           "llama.cpp-q4_0", "llama.cpp-q4_k_m", "llama.cpp-q5_k_m", "llama.cpp-q6_k")
 SAME_FILE = "llama.cpp, same file"  # minqwen on a GGUF file against llama.cpp on that file
 BASELINES = ("transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0", SAME_FILE)  # the ratio columns
-# llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_K_M, _Q6_K
-GGUF_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q6_k": 18}
+# llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_K_M, _Q5_K_M, _Q6_K
+GGUF_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+PREFILL_GOAL = 1.2  # issue 19: minqwen's prefill >= 1.2x llama.cpp's on the same file
 WARMUP_STEPS = 8
 WARMUP_PROMPT = 32  # tokens of transformers' warm-up prompt (see time_transformers)
 PROMPT_VOCAB = 151643  # random prompts use ordinary tokens only (the special tokens start here)
@@ -237,6 +245,33 @@ def gguf_decode_bytes(gguf: Path, source: Path) -> int:
     return int(cached.read_text())
 
 
+# ---- prefill's arithmetic ----
+
+def prefill_flops(config: Config, length: int) -> int:
+    """2 x the multiply-adds of the matrix products in one prefill of `length` tokens:
+    - per token and layer, the projections (attention q [with its output gate], k, v, o; DeltaNet
+      in_proj_qkv, z, b, a and out_proj) and the MLP (SwiGLU gate, up, down; an MoE layer's router, its
+      num_experts_per_tok experts, the shared expert and its gate);
+    - per attention layer and head, QK^T and PV: head_dim multiply-adds for each query-key pair of the
+      causal triangle, sum_t min(t + 1, window) pairs (length (length + 1) / 2 without a window);
+    - the LM head for the last token only.
+    Not counted (not matrix products; a few % of these shapes): DeltaNet's recurrence and convolution,
+    norms, RoPE, softmax, the activation."""
+    c, d = config, config.hidden_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attention = d * (q * (2 if c.family.output_gate else 1) + 2 * kv) + q * d
+    deltanet = (d * (c.deltanet_conv_channels + c.deltanet_value_dim + 2 * c.linear_num_value_heads)
+                + c.deltanet_value_dim * d)
+    shared = c.shared_expert_intermediate_size
+    sparse = d * c.num_experts + 3 * d * (c.num_experts_per_tok * c.moe_intermediate_size + shared) \
+        + (d if shared else 0)
+    per_token = sum((deltanet if kind == "linear_attention" else attention)
+                    + (sparse if c.is_sparse(i) else 3 * d * c.intermediate_size)
+                    for i, kind in enumerate(c.layer_types))
+    pairs = sum(sum(min(t + 1, c.windows[i] or length) for t in range(length)) for i in c.attention_layers)
+    return 2 * (per_token * length + 2 * c.num_attention_heads * c.head_dim * pairs + d * c.vocab_size)
+
+
 # ---- one engine on one checkpoint, in its own process ----
 
 def measure(engine: str, folder: Path, prompts: list[list[int]], new: int, threads: int, repeats: int,
@@ -394,11 +429,22 @@ def run(args) -> dict:
     # Sampled now, between engines and at the end. The median is what the engines ran with: on a shared
     # VM single samples swing both ways (37-73 GB/s seen within one run here), so the best one is not
     # the machine but a moment when its neighbours were idle (it is reported too).
-    bandwidth = Bandwidth(1.0)
-    for _ in range(3):
+    # The float32 FMA and int16 dot peaks are sampled with it; their best samples are the machine's (a
+    # peak that other processes can only lower): the ceilings of a float32 and an int16 prefill.
+    bandwidth, peaks, int16_peaks = Bandwidth(1.0), [], []
+
+    def sample():
         bandwidth.sample()
+        peaks.append(fp32_fma_peak(3))
+        int16_peaks.append(int16_dot_peak(3))
+
+    for _ in range(3):
+        sample()
     print(f"read bandwidth: {bandwidth.median:.1f} GB/s (Numba prange sum over 1 GiB, "
           f"{args.threads} threads, threading layer {numba.threading_layer()})", flush=True)
+    if peaks[0] is not None:
+        print(f"float32 FMA peak: {max(peaks):.0f} GFLOP/s, int16 dot peak {max(int16_peaks):.0f} GOP/s "
+              f"({args.threads} threads; bench/common.py)", flush=True)
     warn_if_workqueue()
     warn_if_slow_blas()
     lengths = [int(n) for n in args.prompts.split(",")]
@@ -418,6 +464,7 @@ def run(args) -> dict:
         engines = [e for e in engines if not e.startswith("llama.cpp")]
     for shape in args.shapes.split(","):
         folder = bench_checkpoint(args.work, shape)
+        config = Config.from_dict(json.loads((folder / "config.json").read_text()))
         ggufs, source = {}, None
         if any(map(needs_gguf, engines)):
             try:
@@ -455,7 +502,7 @@ def run(args) -> dict:
                     print(f"  prompt {length}: prefill {length / statistics.median(prefill):.1f} tok/s, "
                           f"decode {(args.new - 1) / statistics.median(decode):.2f} tok/s", flush=True)
                 print(f"  ({time.perf_counter() - start:.0f} s with loading)", flush=True)
-                bandwidth.sample()
+                sample()
         for (engine, length), times in collected.items():
             if engine in failed:
                 continue
@@ -463,15 +510,21 @@ def run(args) -> dict:
                          "prefill_tok_s": length / statistics.median(times["prefill_s"]),
                          "decode_tok_s": (args.new - 1) / statistics.median(times["decode_s"]),
                          "decode_bytes_per_token": times["decode_bytes"], "prefill_s": times["prefill_s"],
-                         "decode_s": times["decode_s"], **times["info"]})
+                         "decode_s": times["decode_s"], **times["info"],
+                         "prefill_GFLOP": prefill_flops(config, length) / 1e9})
     for _ in range(3):
-        bandwidth.sample()
+        sample()
+    peak = max(peaks) if peaks[0] is not None else None
     for row in rows:
         row["decode_limit_tok_s"] = bandwidth.median * 1e9 / row["decode_bytes_per_token"]
         row["of_limit"] = row["decode_tok_s"] / row["decode_limit_tok_s"]
+        row["prefill_GFLOP_s"] = row["prefill_GFLOP"] * row["prefill_tok_s"] / row["prompt"]
+        row["prefill_of_fp32_peak"] = row["prefill_GFLOP_s"] / peak if peak else None
     add_ratios(rows)
     return {"read_bandwidth_GBps": bandwidth.median, "read_bandwidth_best_GBps": bandwidth.best,
-            "read_bandwidth_samples": len(bandwidth.samples), "threads": args.threads, "new_tokens": args.new,
+            "read_bandwidth_samples": len(bandwidth.samples), "fp32_fma_peak_GFLOP_s": peak,
+            "fp32_fma_peak_samples": peaks, "int16_dot_peak_GOP_s": max(int16_peaks) if peak else None,
+            "threads": args.threads, "new_tokens": args.new,
             "repeats": args.repeats, "rounds": args.rounds, "prompts": lengths, "versions": versions(),
             "skipped": skipped, "rows": rows}
 
@@ -482,11 +535,16 @@ def needs_gguf(engine: str) -> bool:
 
 def add_ratios(rows: list[dict]):
     """row["vs"][baseline] = (prefill ratio, decode ratio) against the baseline's row of the same shape
-    and prompt (> 1: faster than the baseline); SAME_FILE: a minqwen GGUF row against llama.cpp's."""
+    and prompt (> 1: faster than the baseline); SAME_FILE: a minqwen GGUF row against llama.cpp's.
+    A minqwen row with a llama.cpp row of its kind (the same GGUF file, or bf16) also gets
+    row["fp32_peak_for_goal"]: the fraction of the float32 FMA peak a prefill GOAL x llama.cpp's needs."""
     by_key = {(r["engine"], r["shape"], r["prompt"]): r for r in rows}
     for r in rows:
         r["vs"] = {}
         family, kind = r["engine"].split("-")
+        peer = by_key.get((f"llama.cpp-{kind}", r["shape"], r["prompt"]))
+        if family == "minqwen" and peer is not None and peer["prefill_of_fp32_peak"] is not None:
+            r["fp32_peak_for_goal"] = PREFILL_GOAL * peer["prefill_of_fp32_peak"]
         for baseline in BASELINES:
             against = baseline
             if baseline == SAME_FILE:
@@ -513,8 +571,30 @@ def print_table(results: dict):
         print(f"{r['engine']:18} {r['shape']:{width}} {r['prompt']:6d} {r['prefill_tok_s']:8.1f} "
               f"{r['decode_tok_s']:7.2f} {r['decode_bytes_per_token'] / 1e6:7.0f} "
               f"{r['decode_limit_tok_s']:6.1f} {r['of_limit']:6.0%}{ratios}")
+    print_prefill_arithmetic(results, width)
     for s in results["skipped"]:
         print(f"skipped: {s['engine']} on {s['shape']}: {s['reason']}")
+
+
+def print_prefill_arithmetic(results: dict, width: int):
+    """Each prefill's GFLOP/s against the float32 FMA peak measured in the same run, and for a minqwen row
+    with a llama.cpp peer, the fraction of that peak PREFILL_GOAL x the peer's speed would take."""
+    peak = results["fp32_fma_peak_GFLOP_s"]
+    if peak is None:
+        return
+    print("\nprefill arithmetic: GFLOP = 2 x the multiply-adds of a prompt's matrix products (prefill_flops);"
+          f" float32 FMA peak {peak:.0f} GFLOP/s on {results['threads']} threads (best of "
+          f"{len(results['fp32_fma_peak_samples'])} samples in this run), int16 dot peak "
+          f"{results['int16_dot_peak_GOP_s']:.0f} GOP/s")
+    header = (f"{'engine':18} {'shape':{width}} {'prompt':>6} {'GFLOP':>6} {'GFLOP/s':>8} "
+              f"{'of fp32 peak':>12}  {PREFILL_GOAL}x llama.cpp (same kind) needs")
+    print(header)
+    print("-" * len(header))
+    for r in results["rows"]:
+        goal = (f"{r['fp32_peak_for_goal']:.2f} of the peak (llama.cpp at "
+                f"{r['fp32_peak_for_goal'] / PREFILL_GOAL:.2f})" if "fp32_peak_for_goal" in r else "-")
+        print(f"{r['engine']:18} {r['shape']:{width}} {r['prompt']:6d} {r['prefill_GFLOP']:6.1f} "
+              f"{r['prefill_GFLOP_s']:8.1f} {r['prefill_of_fp32_peak']:12.2f}  {goal}")
 
 
 def versions() -> dict:
