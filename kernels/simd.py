@@ -37,8 +37,8 @@ and how (`lanes` = elements of the result):
     dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
                              vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
     round16(v)               float32 lanes -> the nearest integers (ties to even: vcvtps2dq) as int16 lanes
-    to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes,
-                             a * b multiplies float lanes, v - c subtracts a constant from integer lanes
+    to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes, a * b
+                             multiplies float lanes (floats as written: ORDERED), v - c subtracts a constant
     abs_max(v)               the largest |lane|
     transpose32(dst, o, src, o2, stride, n)  an n x n block of 32-bit words transposed (n = 8 or 16)
     prefetch(arr, off)       prefetcht0 of arr[off]'s cache line (never faults)
@@ -58,6 +58,8 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic, models, overload, register_model
 
 from . import isa
+
+ORDERED = ("nnan", "ninf", "nsz", "arcp", "afn")  # fastmath's flags but reassoc and contract: see _lanewise
 
 
 class Vector(types.Type):
@@ -366,28 +368,26 @@ def fma(typingctx, a, b, c):
 
 
 @intrinsic
-def _add(typingctx, a, b):
+def _lanewise(typingctx, a, b, op):  # a + b or a * b (op "+", "*") lane by lane; float lanes with ORDERED's
+    if not isinstance(op, types.StringLiteral):  # flags: fastmath's let LLVM regroup a * b * c where a
+        return None  # product has one use (compiled for one token, not for four) and so round it otherwise
     def codegen(context, builder, sig, args):
-        return (builder.fadd if a.kind == "f32" else builder.add)(*args)
-    return a(a, b), codegen
+        float_op = builder.fadd if op.literal_value == "+" else builder.fmul
+        return float_op(*args[:2], flags=ORDERED) if a.kind == "f32" else builder.add(*args[:2])
+    return a(a, b, op), codegen
 
 
 @overload(operator.add)
 def _vector_add(a, b):
     if isinstance(a, Vector) and a == b:
-        return lambda a, b: _add(a, b)
+        return lambda a, b: _lanewise(a, b, "+")
     return None
-
-
-@intrinsic
-def _mul(typingctx, a, b):
-    return a(a, b), lambda context, builder, sig, args: builder.fmul(*args)
 
 
 @overload(operator.mul)
 def _vector_mul(a, b):
     if isinstance(a, Vector) and a == b and a.kind == "f32":
-        return lambda a, b: _mul(a, b)
+        return lambda a, b: _lanewise(a, b, "*")
     return None
 
 
@@ -413,7 +413,7 @@ def hsum(typingctx, v):
     if not (isinstance(v, Vector) and v.kind == "f32"):
         return None
     def codegen(context, builder, sig, args):
-        return _halving(builder, args[0], builder.fadd)
+        return _halving(builder, args[0], lambda lo, hi: builder.fadd(lo, hi, flags=ORDERED))
     return types.float32(v), codegen
 
 
