@@ -38,33 +38,33 @@ def matvec(out, w, x):  # out: [N] float32, w: [N, K] bf16/fp16/fp32 bits, x: [K
 
 @pjit
 def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] bf16/fp16/fp32 bits
-    """out[t, n] = sum_k x[t,k] w[n,k]    (for a few tokens T; the same product as matmul, whose
-    matmul_reference is its reference too)"""
-    T, K = x.shape
-    N = w.shape[0]
-    T4 = T - T % 4
-    for pair in prange((N + 1) // 2):  # each thread streams its own rows of W once, as in matvec
-        n = 2 * pair
-        single_from, rows_end = 0, n + 1  # an odd last row takes every token one at a time
-        if n + 1 < N:
-            # Two rows by four tokens: each widened weight feeds four FMAs and each x element two,
-            # in eight accumulators; both rows (a few KB) stay in L1 for the next four tokens.
-            for t in range(0, T4, 4):
-                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-                for k in range(K):
-                    wa, wb = widen(w[n, k]), widen(w[n + 1, k])
-                    x0, x1, x2, x3 = x[t, k], x[t + 1, k], x[t + 2, k], x[t + 3, k]
-                    a0, a1, a2, a3 = a0 + wa * x0, a1 + wa * x1, a2 + wa * x2, a3 + wa * x3
-                    b0, b1, b2, b3 = b0 + wb * x0, b1 + wb * x1, b2 + wb * x2, b3 + wb * x3
-                out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = a0, a1, a2, a3
-                out[t, n + 1], out[t + 1, n + 1], out[t + 2, n + 1], out[t + 3, n + 1] = b0, b1, b2, b3
-            single_from, rows_end = T4, n + 2
-        for m in range(n, rows_end):  # the last T % 4 tokens
-            for t in range(single_from, T):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += widen(w[m, k]) * x[t, k]
-                out[t, m] = acc
+    """out[t, n] = sum_k x[t,k] w[n,k]    (for a few tokens T; matmul_reference is its reference)"""
+    (T, K), N = x.shape, w.shape[0]
+    Q, T4 = N // 4, T - T % 4
+    for i in prange(Q + N % 4):  # each thread streams its own rows of W once, as in matvec
+        # Rows a quarter of W apart: four sequential streams the hardware prefetcher follows (neighbouring
+        # rows, interleaved in each 4 KB page, left it waiting on DRAM); past Q, a row left over, four times.
+        a, step = i + 3 * Q * (i >= Q), Q * (i < Q)
+        b, c, d = a + step, a + 2 * step, a + 3 * step
+        for t in range(0, T4, 4):  # by four tokens: each widened weight feeds four FMAs, each x element four
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = np.float32(0.0)
+            for k in range(K):
+                wa, wb, wc, wd = widen(w[a, k]), widen(w[b, k]), widen(w[c, k]), widen(w[d, k])
+                x0, x1, x2, x3 = x[t, k], x[t + 1, k], x[t + 2, k], x[t + 3, k]
+                a0, a1, a2, a3 = a0 + wa * x0, a1 + wa * x1, a2 + wa * x2, a3 + wa * x3
+                b0, b1, b2, b3 = b0 + wb * x0, b1 + wb * x1, b2 + wb * x2, b3 + wb * x3
+                c0, c1, c2, c3 = c0 + wc * x0, c1 + wc * x1, c2 + wc * x2, c3 + wc * x3
+                d0, d1, d2, d3 = d0 + wd * x0, d1 + wd * x1, d2 + wd * x2, d3 + wd * x3
+            out[t, a], out[t + 1, a], out[t + 2, a], out[t + 3, a] = a0, a1, a2, a3
+            out[t, b], out[t + 1, b], out[t + 2, b], out[t + 3, b] = b0, b1, b2, b3
+            out[t, c], out[t + 1, c], out[t + 2, c], out[t + 3, c] = c0, c1, c2, c3
+            out[t, d], out[t + 1, d], out[t + 2, d], out[t + 3, d] = d0, d1, d2, d3
+        for t in range(T4, T):  # the last T % 4 tokens, one at a time (the rows are in cache after the first)
+            a0 = b0 = c0 = d0 = np.float32(0.0)
+            for k in range(K):
+                a0, b0 = a0 + widen(w[a, k]) * x[t, k], b0 + widen(w[b, k]) * x[t, k]
+                c0, d0 = c0 + widen(w[c, k]) * x[t, k], d0 + widen(w[d, k]) * x[t, k]
+            out[t, a], out[t, b], out[t, c], out[t, d] = a0, b0, c0, d0
 
 
 @jit
