@@ -7,9 +7,8 @@ Qwen3 also normalises every query and key head before RoPE; the caller reshapes 
 import math
 
 import numpy as np
-from numba import prange
 
-from .jit import jit, pjit
+from .jit import jit
 
 
 @jit
@@ -23,11 +22,11 @@ def sum_of_squares(v):  # v: [D] float32 -> float32
     return ss
 
 
-@pjit
+@jit  # one thread: decoding, its work (a row, a token's heads) costs less than a parallel region's start
 def rmsnorm(out, x, weight, eps):  # out, x: [N, D] float32 (out may be x), weight: [D]
     """out[n] = x[n] / sqrt(mean(x[n]**2) + eps) * weight"""
     N, D = x.shape
-    for n in prange(N):
+    for n in range(N):
         inv_rms = np.float32(1.0 / math.sqrt(sum_of_squares(x[n]) / D + eps))
         # Reading x[n, d] before writing out[n, d] keeps the in-place call (out is x) correct.
         for d in range(D):

@@ -7,12 +7,11 @@ layout gives fluent-looking garbage, which only a parity test catches.) With par
 (R < hd) the dims from R on carry no position information and are left as they are.
 """
 import numpy as np
-from numba import prange
 
-from .jit import pjit
+from .jit import jit
 
 
-@pjit
+@jit  # one thread: decoding, its work (a token's heads) costs less than a parallel region's start
 def apply_rope(x, cos, sin):  # x: [T, H, hd] float32, in place; cos, sin: [T, R/2] float32
     """For i < R/2, with a = x[t,h,i] and b = x[t,h,i+R/2]:
 
@@ -21,14 +20,12 @@ def apply_rope(x, cos, sin):  # x: [T, H, hd] float32, in place; cos, sin: [T, R
     """
     T, H, _ = x.shape
     half = cos.shape[1]
-    # One flat loop over (token, head) so decoding one token still splits its heads over threads.
-    for th in prange(T * H):
-        t, h = th // H, th % H
-        for i in range(half):
-            a = x[t, h, i]
-            b = x[t, h, i + half]
-            x[t, h, i] = a * cos[t, i] - b * sin[t, i]
-            x[t, h, i + half] = b * cos[t, i] + a * sin[t, i]
+    for t in range(T):
+        for h in range(H):
+            for i in range(half):
+                a, b = x[t, h, i], x[t, h, i + half]
+                x[t, h, i] = a * cos[t, i] - b * sin[t, i]
+                x[t, h, i + half] = b * cos[t, i] + a * sin[t, i]
 
 
 def apply_rope_reference(x, cos, sin):  # [T, H, hd] -> [T, H, hd] float64 (a new array)
