@@ -4,7 +4,10 @@
 
 lookup   prompt lookup (`--speculative ngram`) on the real SmolLM2-135M-Instruct (the Q4_1 GGUF the tests
          fetch), greedy: a code edit (rename a parameter of a 20-line function, return the whole code) and a
-         plain question; decode tok/s plain and speculative, interleaved, and the drafts accepted.
+         plain question; decode tok/s plain and speculative, interleaved, and the drafts accepted. Twice:
+         with the weights as stored (Q4_1, the head Q8_0), and the same model with every matrix dequantised
+         and rounded to bf16 in memory, where a verify pass costs less against a step; for each, the cost
+         of a pass over 1, 5 and 9 positions (a step, and verifying 4 or 8 drafts).
 verify   what checking drafts costs: a pass over k + 1 = 4 positions (the last token and 3 drafts, every
          row's logits, DeltaNet states kept) against one decode step, after a 128-token prompt, on the
          Qwen3-0.6B shape in bf16, int8 (`quantize="int8"`) and llama.cpp's Q4_K_M of it.
@@ -19,6 +22,7 @@ The speeds are ratios within this run; the last stdout line is the JSON report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import shutil
 import sys
@@ -30,6 +34,8 @@ import numpy as np
 import minqwen
 from checkpoints import bench_checkpoint
 from common import report_between_bandwidths
+from minqwen.kernels.dtypes import BF16, from_float32
+from minqwen.kernels.ggml import GgmlMatrix, dequantize_ggml
 from minqwen.text.generation import GenerationOptions, Stats, stream_tokens
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -77,24 +83,58 @@ def decode_speed(model, prompt, n, drafter) -> tuple[float, Stats]:
     return (stats.generated_tokens - 1) / stats.decode_seconds, stats
 
 
-def lookup(rounds: int, new_tokens: int) -> dict:
-    model = minqwen.load(tests_module("gguf_files").smollm2_path())
+def widened_to_bf16(model):
+    """The model with each GGML matrix replaced by its dequantised values rounded to bf16 (the tied
+    embedding and LM head stay one array)."""
+    widened = {}
+
+    def widen(weights):
+        for field in dataclasses.fields(weights):
+            value = getattr(weights, field.name)
+            if isinstance(value, GgmlMatrix):
+                if id(value) not in widened:
+                    widened[id(value)] = from_float32(dequantize_ggml(value), BF16)
+                setattr(weights, field.name, widened[id(value)])
+            elif dataclasses.is_dataclass(value):
+                widen(value)
+            elif isinstance(value, list):
+                for item in value:
+                    widen(item)
+
+    widen(model.weights)
+    return model
+
+
+def lookup(rounds: int, new_tokens: int, repeats: int) -> dict:
+    path = tests_module("gguf_files").smollm2_path()
     results = {}
-    for name, text in (("code_edit", CODE_EDIT), ("question", QUESTION)):
-        prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-        decode_speed(model, prompt, 8, None)  # compiled, warm
-        plain, ours = [], []
-        for _ in range(rounds):  # interleaved: the machine's drift hits both alike
-            plain.append(decode_speed(model, prompt, new_tokens, None)[0])
-            speed, stats = decode_speed(model, prompt, new_tokens, model.drafter("ngram"))
-            ours.append(speed)
-        results[name] = {"prompt_tokens": len(prompt), "generated": stats.generated_tokens,
-                         "plain_tok_s": float(np.median(plain)), "ngram_tok_s": float(np.median(ours)),
-                         "ratio": float(np.median(ours) / np.median(plain)),
-                         "drafted": stats.drafted, "accepted": stats.accepted}
-        print(f"lookup {name}: plain {results[name]['plain_tok_s']:.1f} tok/s, ngram "
-              f"{results[name]['ngram_tok_s']:.1f} tok/s = {results[name]['ratio']:.2f}x "
-              f"({stats.accepted} of {stats.drafted} drafts accepted)", flush=True)
+    for kind in ("q4_1", "bf16"):
+        model = minqwen.load(path) if kind == "q4_1" else widened_to_bf16(minqwen.load(path))
+        sequence = prompted(model)
+        pass_seconds(model, sequence, 9, 2)  # compiled, warm
+        passes = {rows: 1e3 * pass_seconds(model, sequence, rows, repeats) for rows in (1, 5, 9)}
+        print(f"lookup {kind}: a pass over 1 / 5 / 9 positions "
+              + " / ".join(f"{ms:.1f}" for ms in passes.values()) + " ms = 1 / "
+              + " / ".join(f"{ms / passes[1]:.2f}" for ms in list(passes.values())[1:]) + "x", flush=True)
+        measured = {"pass_ms": passes}  # Q4_1's at the top level (the keys it had), bf16's under "bf16"
+        for name, text in (("code_edit", CODE_EDIT), ("question", QUESTION)):
+            prompt = model.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+            decode_speed(model, prompt, 8, None)  # compiled, warm
+            plain, ours = [], []
+            for _ in range(rounds):  # interleaved: the machine's drift hits both alike
+                plain.append(decode_speed(model, prompt, new_tokens, None)[0])
+                speed, stats = decode_speed(model, prompt, new_tokens, model.drafter("ngram"))
+                ours.append(speed)
+            plain, ours = float(np.median(plain)), float(np.median(ours))
+            measured[name] = {"prompt_tokens": len(prompt), "generated": stats.generated_tokens,
+                              "plain_tok_s": plain, "ngram_tok_s": ours, "ratio": ours / plain,
+                              "drafted": stats.drafted, "accepted": stats.accepted}
+            print(f"lookup {kind} {name}: plain {plain:.1f} tok/s, ngram {ours:.1f} tok/s = "
+                  f"{ours / plain:.2f}x ({stats.accepted} of {stats.drafted} drafts accepted)", flush=True)
+        if kind == "q4_1":
+            results.update(measured)
+        else:
+            results[kind] = measured
     return results
 
 
@@ -200,7 +240,7 @@ def main():
     parser.add_argument("--parts", default="lookup,verify,mtp")
     args = parser.parse_args()
     parts, work, repeats = args.parts.split(","), Path(args.work).expanduser(), 3 if args.quick else 7
-    measures = {"lookup": lambda: lookup(1 if args.quick else 3, 120 if args.quick else 300),
+    measures = {"lookup": lambda: lookup(1 if args.quick else 3, 120 if args.quick else 300, repeats),
                 "verify": lambda: verify(work, repeats), "mtp": lambda: mtp(work, repeats)}
     report_between_bandwidths("speculative", lambda: {name: measure() for name, measure in measures.items()
                                                       if name in parts})
