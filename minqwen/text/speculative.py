@@ -35,7 +35,7 @@ PAUSE_ROUNDS = 16  # the longest a drafter that keeps missing sits out, in round
 class DraftLength:
     """How many tokens to draft next: the most allowed while drafts are taken whole, one more than the
     accepted ones when they are not, twice as many again after a round taken whole. A pass over k + 1 rows
-    costs more than a decode step (1.6-2.2x at k = 3 today, bench/speculative.py), so a round that keeps
+    costs more than a decode step (1.2-2.5x at k = 3 today, bench/speculative.py), so a round that keeps
     fewer than half its drafts is a miss: after the m-th miss (less one for each round taken whole),
     drafting pauses for 2^m - 1 rounds (at most PAUSE_ROUNDS), and a drafter that rarely helps (a plain
     question, where a lucky round must not restart it at full length) costs a few percent at most."""
