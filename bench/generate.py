@@ -67,6 +67,7 @@ import numpy as np
 import minqwen
 from checkpoints import SHAPES, bench_checkpoint, converter_options
 from common import Bandwidth, fp32_fma_peak, int16_dot_peak, machine, warn_if_slow_blas, warn_if_workqueue
+from minqwen.formats.safetensors import load_config
 from minqwen.network.config import Config
 
 ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "minqwen-q8_0", "minqwen-q4_0", "minqwen-q4_k_m",
@@ -464,7 +465,7 @@ def run(args) -> dict:
         engines = [e for e in engines if not e.startswith("llama.cpp")]
     for shape in args.shapes.split(","):
         folder = bench_checkpoint(args.work, shape)
-        config = Config.from_dict(json.loads((folder / "config.json").read_text()))
+        config = load_config(folder)
         ggufs, source = {}, None
         if any(map(needs_gguf, engines)):
             try:
