@@ -36,6 +36,8 @@ and how (`lanes` = elements of the result):
                              of a byte vector, and its entry 0 must be 0: a lane's high byte, 0, looks it up
     dot_s16(acc, a, b)       acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], int16 lanes summed in int32:
                              vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
+    dot_u8s8(acc, a, b)      acc[i] + sum_j<4 a[4i+j] b[4i+j], a's bytes unsigned, b's signed, in int32:
+                             vpdpbusd, on the widths isa.VNNI_BITS has (vpmaddubsw, its stand-in, saturates)
     round16(v)               float32 lanes -> the nearest integers (ties to even: vcvtps2dq) as int16 lanes
     to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes, a * b
                              multiplies float lanes (floats as written: ORDERED), v - c subtracts a constant
@@ -323,6 +325,17 @@ def dot_s16(typingctx, acc, a, b):
                       acc.llvm, list(args[1:]))
         return builder.add(args[0], pairs)
     return acc(acc, a, b), codegen
+
+
+@intrinsic
+def dot_u8s8(typingctx, acc, a, b):
+    if not (isinstance(acc, Vector) and acc.kind == "i32" and a == b and a.kind == "i8"
+            and a.lanes == 4 * acc.lanes):
+        return None
+    if 8 * a.lanes not in isa.VNNI_BITS:
+        raise errors.TypingError(f"dot_u8s8 on {8 * a.lanes} bits needs VNNI on the {isa.ISA} path")
+    return acc(acc, a, b), lambda context, builder, sig, args: _call(
+        builder, f"llvm.x86.avx512.vpdpbusd.{8 * a.lanes}", acc.llvm, list(args))
 
 
 @intrinsic

@@ -15,6 +15,7 @@ from gguf.constants import GGMLQuantizationType as GGML
 from gguf.quants import dequantize, quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba.core import errors
 
 from minqwen.kernels import isa
 from minqwen.kernels.ggml import GGML_BLOCKS
@@ -24,6 +25,7 @@ from minqwen.kernels.simd import (
     bytes_of,
     bytes_to_float,
     dot_s16,
+    dot_u8s8,
     field,
     fp16_splat,
     hsum,
@@ -144,6 +146,36 @@ def test_vector_intrinsics():
     pairs = packed.view(np.uint16).astype(np.int64)  # the 16-bit words of the packed bytes
     assert four_bit == (pairs & 15) @ wide[:16] + (pairs >> 12) @ wide[16:]
     assert six_bit == ((pairs >> 4) & 15 | ((pairs >> 8) & 3) << 4) @ wide[:16]
+
+
+@jit
+def byte_dot_256(out, unsigned, signed):
+    store(out, 0, dot_u8s8(izeros(8), load(unsigned, 0, 32), load(signed, 0, 32)))
+
+
+@jit
+def byte_dot_512(out, unsigned, signed):
+    store(out, 0, dot_u8s8(load(out, 0, 16), load(unsigned, 0, 64), load(signed, 0, 64)))
+
+
+@given(seed=seeds)
+def test_byte_dot_products(seed):
+    """dot_u8s8 sums four products of an unsigned and a signed byte per int32 lane, at the extremes too,
+    on each width the path has VNNI for; on the others it refuses to compile"""
+    rng = np.random.default_rng(seed)
+    unsigned = rng.choice(np.array([0, 1, 127, 128, 255]), 64).astype(np.uint8)
+    signed = rng.choice(np.array([-128, -127, -1, 0, 1, 127]), 64).astype(np.int8)
+    quads = (unsigned.astype(np.int64) * signed).reshape(16, 4).sum(axis=1)
+    start = rng.integers(-2**20, 2**20, 16).astype(np.int32)
+    for bits, kernel in ((256, byte_dot_256), (512, byte_dot_512)):
+        out = start.copy() if bits == 512 else np.zeros(16, np.int32)
+        if bits not in isa.VNNI_BITS:
+            with pytest.raises(errors.TypingError, match="needs VNNI"):
+                kernel(out, unsigned, signed)
+            continue
+        kernel(out, unsigned, signed)
+        expected = start + quads if bits == 512 else np.r_[quads[:8], np.zeros(8, np.int64)]
+        assert np.array_equal(out, expected)
 
 
 @jit
