@@ -8,8 +8,10 @@ transformers and llama.cpp, in one run, on the same checkpoints, prompts and thr
 
 Checkpoints: random bf16 weights with the real shapes of Qwen2.5-0.5B-Instruct and Qwen3-0.6B, and
 on request (--shapes qwen3.5-35b-a3b-8layers-64experts, 5.8 GB) Qwen3.5-35B-A3B's shape with 8 of its 40
-layers and 64 of its 256 experts, built once under --work (bench/checkpoints.py). Prompts: random token
-ids, no chat template.
+layers and 64 of its 256 experts, built once under --work (bench/checkpoints.py). --shapes smollm2-135m is
+the one trained model reachable offline, as published: the Q4_1 GGUF the tests fetch, which only the -q4_1
+engines run (the small model of issue 19's item 4, whose fixed costs per layer and call weigh most).
+Prompts: random token ids, no chat template.
 
 Every engine gets --threads threads (numba.set_num_threads, torch.set_num_threads, llama.cpp's
 n_threads, and OPENBLAS/OMP/MKL_NUM_THREADS for BLAS) and runs in a fresh process, so no engine's
@@ -20,11 +22,12 @@ thread pool, memory or crash can touch another's. What is timed, the same way fo
 One warm-up is not timed (the longest prompt plus 8 steps: JIT compiles, page faults, buffers; for
 transformers, which compiles nothing, 32 tokens); the figures are medians over --repeats x --rounds.
 - minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step; minqwen-q8_0,
-  -q4_0, -q4_k_m, -q5_k_m and -q6_k load the very GGUF files llama.cpp runs (the "same file" ratio column).
+  -q4_0, -q4_1, -q4_k_m, -q5_k_m and -q6_k load the very GGUF files llama.cpp runs (the "same file" ratio
+  column).
 - transformers (bf16, torch CPU): `model.generate(do_sample=False, min_new_tokens=max_new_tokens=new)`,
   timed by a logits processor that stamps the clock as each token's logits arrive: prefill = the first
   stamp (a forward over the prompt, logits of its last position only), decode = first to last stamp.
-- llama.cpp (llama-cpp-python; GGUF bf16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K converted by llama.cpp's own
+- llama.cpp (llama-cpp-python; GGUF bf16, Q8_0, Q4_0, Q4_1, Q4_K_M, Q5_K_M, Q6_K converted by llama.cpp's own
   convert_hf_to_gguf.py and llama_model_quantize, cached under --work): `llm.eval(prompt)`, then
   `llm.eval([token])` per step with the argmax of the last logits; n_batch = n_ubatch = 512,
   n_threads = n_threads_batch = --threads.
@@ -63,20 +66,24 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from speculative import tests_module
 
 import minqwen
 from checkpoints import SHAPES, bench_checkpoint, converter_options
 from common import Bandwidth, fp32_fma_peak, int16_dot_peak, machine, warn_if_slow_blas, warn_if_workqueue
 from minqwen.formats.safetensors import load_config
+from minqwen.loader import open_checkpoint
 from minqwen.network.config import Config
 
-ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "minqwen-q8_0", "minqwen-q4_0", "minqwen-q4_k_m",
-           "minqwen-q5_k_m", "minqwen-q6_k", "transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0",
-           "llama.cpp-q4_0", "llama.cpp-q4_k_m", "llama.cpp-q5_k_m", "llama.cpp-q6_k")
+ENGINES = ("minqwen-bf16", "minqwen-int8", "minqwen-int4", "minqwen-q8_0", "minqwen-q4_0", "minqwen-q4_1",
+           "minqwen-q4_k_m", "minqwen-q5_k_m", "minqwen-q6_k", "transformers-bf16", "llama.cpp-bf16",
+           "llama.cpp-q8_0", "llama.cpp-q4_0", "llama.cpp-q4_1", "llama.cpp-q4_k_m", "llama.cpp-q5_k_m",
+           "llama.cpp-q6_k")
 SAME_FILE = "llama.cpp, same file"  # minqwen on a GGUF file against llama.cpp on that file
 BASELINES = ("transformers-bf16", "llama.cpp-bf16", "llama.cpp-q8_0", SAME_FILE)  # the ratio columns
-# llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_K_M, _Q5_K_M, _Q6_K
-GGUF_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+# llama.h's LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_0, _Q4_1, _Q4_K_M, _Q5_K_M, _Q6_K
+GGUF_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+TRAINED = "smollm2-135m"  # --shapes: SmolLM2-135M-Instruct as published, a Q4_1 GGUF (tests/gguf_files.py)
 PREFILL_GOAL = 1.2  # issue 19: minqwen's prefill >= 1.2x llama.cpp's on the same file
 WARMUP_STEPS = 8
 WARMUP_PROMPT = 32  # tokens of transformers' warm-up prompt (see time_transformers)
@@ -449,7 +456,6 @@ def run(args) -> dict:
     warn_if_workqueue()
     warn_if_slow_blas()
     lengths = [int(n) for n in args.prompts.split(",")]
-    prompts = [np.random.default_rng(n).integers(0, PROMPT_VOCAB, size=n).tolist() for n in lengths]
     engines = [e for e in ENGINES
                if any(e == want or e.split("-")[0] == want for want in args.engines.split(","))]
     skipped, rows = [], []
@@ -464,10 +470,20 @@ def run(args) -> dict:
             skip(engine, "all", "llama-cpp-python is not installed (see bench/README.md)")
         engines = [e for e in engines if not e.startswith("llama.cpp")]
     for shape in args.shapes.split(","):
-        folder = bench_checkpoint(args.work, shape)
-        config = load_config(folder)
-        ggufs, source = {}, None
-        if any(map(needs_gguf, engines)):
+        ggufs, source, shape_engines = {}, None, engines
+        if shape == TRAINED:
+            folder, ggufs = None, {"q4_1": tests_module("gguf_files").smollm2_path()}
+            config = open_checkpoint(ggufs["q4_1"]).config
+            shape_engines = [e for e in engines if e.endswith("-q4_1")]
+            others = sorted(set(engines) - set(shape_engines))
+            if others:
+                skip(", ".join(others), shape, "the trained SmolLM2 is published as Q4_1 only")
+            if llama_version is not None:  # its gguf-py reads the file's tensor sizes
+                source = llama_cpp_source(args.work, llama_version, args.llama_cpp_src)
+        else:
+            folder = bench_checkpoint(args.work, shape)
+            config = load_config(folder)
+        if shape != TRAINED and any(map(needs_gguf, engines)):
             try:
                 if llama_version is None:
                     raise Skip("llama-cpp-python (its converter and quantiser) is not installed")
@@ -477,11 +493,13 @@ def run(args) -> dict:
             except Skip as why:
                 for engine in [e for e in engines if needs_gguf(e)]:
                     skip(engine, shape, str(why))
+        vocabulary = min(PROMPT_VOCAB, config.vocab_size)
+        prompts = [np.random.default_rng(n).integers(0, vocabulary, size=n).tolist() for n in lengths]
         # Rounds: every engine in turn, then again. A shared VM's speed drifts over minutes (its
         # neighbours come and go), so interleaving puts the same drift into every engine's median.
         collected, failed = {}, set()
         for round_ in range(args.rounds):
-            for engine in engines:
+            for engine in shape_engines:
                 if (needs_gguf(engine) and not ggufs) or engine in failed:
                     continue
                 print(f"{engine} on {shape}, round {round_ + 1} of {args.rounds} ...", flush=True)
@@ -614,7 +632,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen3-0.6b",  # the scaled 35B-A3B on request
-                        help=f"any of {', '.join(SHAPES)}")
+                        help=f"any of {', '.join(SHAPES)}, {TRAINED}")
     parser.add_argument("--prompts", default="128,512", help="prompt lengths in tokens")
     parser.add_argument("--new", type=int, default=64, help="tokens generated per prompt (>= 2)")
     parser.add_argument("--threads", type=int, default=2)
@@ -632,9 +650,9 @@ def main():
     args.work = args.work.expanduser()
     if args.new < 2 or args.repeats < 1 or args.rounds < 1 or args.threads < 1:
         parser.error("--new must be >= 2, --repeats, --rounds and --threads >= 1")
-    unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
+    unknown = [s for s in args.shapes.split(",") if s not in SHAPES and s != TRAINED]
     if unknown:
-        parser.error(f"unknown shape {unknown[0]!r}: choose from {', '.join(SHAPES)}")
+        parser.error(f"unknown shape {unknown[0]!r}: choose from {', '.join(SHAPES)}, {TRAINED}")
     families = {e.split("-")[0] for e in ENGINES}
     unknown = [e for e in args.engines.split(",") if e not in ENGINES and e not in families]
     if unknown:
