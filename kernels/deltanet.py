@@ -26,12 +26,8 @@ order matters only where a value head meets its key head: gated_delta_rule_recur
 `tiled`, and the weights run as stored.
 
 Prefill runs the same recurrence as decode, token by token. GPUs prefill with the chunked (WY / UT
-transform) form instead, which turns the recurrence into matrix products over blocks of 64 tokens. Written
-as plain loops here it did as many flops as the recurrence and was never faster: measured on a 2-core
-Zen 3 for Qwen3.5-27B / Qwen3.5-35B-A3B shapes (Hk = 16, Hv = 48 / 32, Dk = Dv = 128), the chunked form
-took 0.84-1.10x the recurrence's time up to 16 tokens and 1.07-1.30x from 32 tokens on (512 tokens:
-160 vs 171 ms, 106 vs 135 ms). So only the recurrence is kept; a chunked form would have to run its
-products through BLAS to pay off.
+transform) form, matrix products over blocks of 64 tokens; written as plain loops it did as many flops and
+was never faster here (docs/performance.md), so only the recurrence is kept.
 
 Semantics follow transformers' torch_recurrent_gated_delta_rule (and torch_chunk_gated_delta_rule)
 with use_qk_l2norm_in_kernel=False: l2norm is its own kernel here, applied to q and k before the
@@ -45,9 +41,7 @@ from .dtypes import widen
 from .jit import jit, pjit
 from .norm import sum_of_squares
 
-# ---------------------------------------------------------------------------------------------------
-# Short causal convolution over time
-
+# ---------------------------------------------------- short causal convolution over time ----
 
 @pjit
 def causal_conv1d(out, conv_state, x, weight):  # [T, C], [K-1, C] (in/out), [T, C], [C, K]
@@ -67,26 +61,17 @@ def causal_conv1d(out, conv_state, x, weight):  # [T, C], [K-1, C] (in/out), [T,
             out[t, c] = 0.0
         for j in range(K):
             s = t - keep + j  # time index of the input tap j reads; < 0 means "from before this call"
-            if s >= 0:
-                for c in range(C):
-                    out[t, c] += widen(weight[c, j]) * x[s, c]
-            else:
-                for c in range(C):
-                    out[t, c] += widen(weight[c, j]) * conv_state[keep + s, c]
+            row = x[s] if s >= 0 else conv_state[keep + s]
+            for c in range(C):
+                out[t, c] += widen(weight[c, j]) * row[c]
         for c in range(C):
             out[t, c] = silu(out[t, c])
-    # The state is read by every token above, so it is updated only after the parallel loop.
-    if T >= keep:
-        for r in range(keep):
-            for c in range(C):
-                conv_state[r, c] = x[T - keep + r, c]
-    else:
-        for r in range(keep - T):  # shift the older rows up; ascending r reads ahead of where it writes
-            for c in range(C):
-                conv_state[r, c] = conv_state[r + T, c]
-        for r in range(T):
-            for c in range(C):
-                conv_state[keep - T + r, c] = x[r, c]
+    # The state is read by every token above, so it is updated only after the parallel loop: row r takes
+    # xx's row T + r, from x or (T < K-1) an older state row, which ascending r reads before overwriting.
+    for r in range(keep):
+        s = T - keep + r
+        for c in range(C):
+            conv_state[r, c] = x[s, c] if s >= 0 else conv_state[r + T, c]
 
 
 def causal_conv1d_reference(conv_state, x, weight):  # [K-1, C], [T, C], [C, K] -> out [T, C], state [K-1, C]
@@ -101,9 +86,7 @@ def causal_conv1d_reference(conv_state, x, weight):  # [K-1, C], [T, C], [C, K] 
     return silu_reference(y), xx[len(xx) - (K - 1):]
 
 
-# ---------------------------------------------------------------------------------------------------
-# L2 normalisation of q and k
-
+# ----------------------------------------------------------- L2 normalisation of q and k ----
 
 @jit
 def l2norm(out, x, eps):  # [T, H, D] <- [T, H, D]; out may be x (in place)
@@ -126,9 +109,7 @@ def l2norm_reference(x, eps):  # [T, H, D] -> [T, H, D]
     return x / np.sqrt((x * x).sum(-1, keepdims=True) + eps)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Per-token forget gate g (log space) and write strength beta
-
+# --------------------------- per-token forget gate g (log space) and write strength beta ----
 
 @jit
 def delta_rule_gates(g, beta, a, b, A_log, dt_bias):  # [T, Hv], [T, Hv] <- [T, Hv], [T, Hv], [Hv], [Hv]
@@ -151,13 +132,10 @@ def delta_rule_gates(g, beta, a, b, A_log, dt_bias):  # [T, Hv], [T, Hv] <- [T, 
 def delta_rule_gates_reference(a, b, A_log, dt_bias):  # -> g [T, Hv], beta [T, Hv]
     x = np.asarray(a, np.float64) + np.asarray(dt_bias, np.float64)
     g = -np.exp(np.asarray(A_log, np.float64)) * np.logaddexp(0.0, x)
-    beta = sigmoid_reference(b)
-    return g, beta
+    return g, sigmoid_reference(b)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The gated delta rule, token by token
-
+# -------------------------------------------------- the gated delta rule, token by token ----
 
 @pjit
 def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
@@ -214,9 +192,7 @@ def gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled):
     for h in range(Hv):
         j = key_head[h]
         for t in range(T):
-            qt = np.asarray(q[t, j], np.float64)
-            kt = np.asarray(k[t, j], np.float64)
-            vt = np.asarray(v[t, h], np.float64)
+            qt, kt, vt = (np.asarray(a, np.float64) for a in (q[t, j], k[t, j], v[t, h]))
             S[h] *= np.exp(np.float64(g[t, h]))
             delta = np.float64(beta[t, h]) * (vt - S[h].T @ kt)
             S[h] += np.outer(kt, delta)
@@ -224,9 +200,7 @@ def gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled):
     return out, S
 
 
-# ---------------------------------------------------------------------------------------------------
-# Output norm of the linear-attention layer, gated by z
-
+# --------------------------------- output norm of the linear-attention layer, gated by z ----
 
 @pjit
 def gated_rmsnorm(out, x, weight, z, eps):  # [T, H, D] <- [T, H, D], [D], [T, H, D]; out may be x
