@@ -310,43 +310,26 @@ def ggml_blocks(row, ggml_type, x, out):  # _blocks with the type made a compile
     """_blocks for a row of ggml_type: the one switch over the types, each branch compiling _blocks for one
     type (and the place where a type would get a kernel of its own)"""
     t = ggml_type
-    if t == Q8_0:
-        return _blocks(row, Q8_0, x, out)
-    if t == Q4_0:
-        return _blocks(row, Q4_0, x, out)
-    if t == Q4_1:
-        return _blocks(row, Q4_1, x, out)
-    if t == Q5_0:
-        return _blocks(row, Q5_0, x, out)
-    if t == Q5_1:
-        return _blocks(row, Q5_1, x, out)
-    if t == Q2_K:
-        return _blocks(row, Q2_K, x, out)
-    if t == Q3_K:
-        return _blocks(row, Q3_K, x, out)
-    if t == Q4_K:
-        return _blocks(row, Q4_K, x, out)
-    if t == Q5_K:
-        return _blocks(row, Q5_K, x, out)
-    if t == Q6_K:
-        return _blocks(row, Q6_K, x, out)
-    if t == IQ4_NL:
-        return _blocks(row, IQ4_NL, x, out)
-    if t == IQ4_XS:
-        return _blocks(row, IQ4_XS, x, out)
-    if t == MXFP4:
-        return _blocks(row, MXFP4, x, out)
-    if t == IQ2_XXS:
-        return _blocks(row, IQ2_XXS, x, out)
-    if t == IQ2_XS:
-        return _blocks(row, IQ2_XS, x, out)
-    if t == IQ2_S:
-        return _blocks(row, IQ2_S, x, out)
-    if t == IQ3_XXS:
-        return _blocks(row, IQ3_XXS, x, out)
-    if t == IQ3_S:
-        return _blocks(row, IQ3_S, x, out)
-    raise ValueError("not a GGML block type")
+    if not 0 <= t < len(BLOCK_BYTES) or BLOCK_BYTES[t] == 0:
+        raise ValueError("not a GGML block type")
+    return (_blocks(row, Q8_0, x, out) if t == Q8_0
+            else _blocks(row, Q4_0, x, out) if t == Q4_0
+            else _blocks(row, Q4_1, x, out) if t == Q4_1
+            else _blocks(row, Q5_0, x, out) if t == Q5_0
+            else _blocks(row, Q5_1, x, out) if t == Q5_1
+            else _blocks(row, Q2_K, x, out) if t == Q2_K
+            else _blocks(row, Q3_K, x, out) if t == Q3_K
+            else _blocks(row, Q4_K, x, out) if t == Q4_K
+            else _blocks(row, Q5_K, x, out) if t == Q5_K
+            else _blocks(row, Q6_K, x, out) if t == Q6_K
+            else _blocks(row, IQ4_NL, x, out) if t == IQ4_NL
+            else _blocks(row, IQ4_XS, x, out) if t == IQ4_XS
+            else _blocks(row, MXFP4, x, out) if t == MXFP4
+            else _blocks(row, IQ2_XXS, x, out) if t == IQ2_XXS
+            else _blocks(row, IQ2_XS, x, out) if t == IQ2_XS
+            else _blocks(row, IQ2_S, x, out) if t == IQ2_S
+            else _blocks(row, IQ3_XXS, x, out) if t == IQ3_XXS
+            else _blocks(row, IQ3_S, x, out))
 
 
 @jit
@@ -405,30 +388,26 @@ def _quantize(w, ggml_type, encode) -> GgmlMatrix:  # w: [N, K] float32/float64 
     return GgmlMatrix(data, ggml_type, K)
 
 
-def _q8_0_blocks(blocks):  # [n, nb, 32] float32 -> d fp16 [n, nb, 1], q int8 [n, nb, 32]
-    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
-    scaled = blocks * np.where(d == 0, np.float32(0), np.float32(1) / d)
-    magnitude = np.abs(scaled)  # roundf: halves away from zero
-    q = np.sign(scaled) * (np.floor(magnitude) + (magnitude - np.floor(magnitude) >= 0.5))
-    return d.astype(np.float16), q.astype(np.int8)
-
-
-def _q4_1_blocks(blocks):  # [n, nb, 32] float32 -> d, m fp16 [n, nb, 1], qs uint8 [n, nb, 16]
-    lo, hi = blocks.min(axis=-1, keepdims=True), blocks.max(axis=-1, keepdims=True)
-    d = (hi - lo) / np.float32(15)
-    q = np.trunc((blocks - lo) * np.where(d == 0, np.float32(0), np.float32(1) / d) + np.float32(0.5))
-    q = np.clip(q, 0, 15).astype(np.uint8)
-    return d.astype(np.float16), lo.astype(np.float16), q[..., :16] | (q[..., 16:] << 4)
-
-
 def quantize_q8_0(w) -> GgmlMatrix:  # w: [N, K] float32/float64 or bf16/fp16 bits, K % 32 == 0
     """d = max|block| / 127,  q = round(w / d)  (halves away from zero)"""
-    return _quantize(w, Q8_0, _q8_0_blocks)
+    def encode(blocks):  # [n, nb, 32] float32 -> d fp16 [n, nb, 1], q int8 [n, nb, 32]
+        d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+        scaled = blocks * np.where(d == 0, np.float32(0), np.float32(1) / d)
+        magnitude = np.abs(scaled)  # roundf: halves away from zero
+        q = np.sign(scaled) * (np.floor(magnitude) + (magnitude - np.floor(magnitude) >= 0.5))
+        return d.astype(np.float16), q.astype(np.int8)
+    return _quantize(w, Q8_0, encode)
 
 
 def quantize_q4_1(w) -> GgmlMatrix:  # w: [N, K] float32/float64 or bf16/fp16 bits, K % 32 == 0
     """m = min(block),  d = (max - m) / 15,  q = trunc((w - m) / d + 1/2) clipped to 0..15"""
-    return _quantize(w, Q4_1, _q4_1_blocks)
+    def encode(blocks):  # [n, nb, 32] float32 -> d, m fp16 [n, nb, 1], qs uint8 [n, nb, 16]
+        lo, hi = blocks.min(axis=-1, keepdims=True), blocks.max(axis=-1, keepdims=True)
+        d = (hi - lo) / np.float32(15)
+        q = np.trunc((blocks - lo) * np.where(d == 0, np.float32(0), np.float32(1) / d) + np.float32(0.5))
+        q = np.clip(q, 0, 15).astype(np.uint8)
+        return d.astype(np.float16), lo.astype(np.float16), q[..., :16] | (q[..., 16:] << 4)
+    return _quantize(w, Q4_1, encode)
 
 
 # ---------------------------------------------------------------------------- references ----
