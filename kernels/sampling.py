@@ -71,21 +71,16 @@ def sample(probs, order, logits, temperature, top_k, top_p, min_p, coin):
     inv_t = np.float32(1.0 / temperature)
 
     # top-k: the k-th largest logit (temperature > 0 does not change the order). probs[:k] is
-    # the heap's scratch space; it is overwritten below.
+    # the heap's scratch space, holding the k largest logits; it is overwritten below.
     use_top_k = 0 < top_k < V
-    if use_top_k:
-        kth = _kth_largest(logits, top_k, probs)
-        lmax = probs[:top_k].max()  # the heap holds the k largest logits
-    else:
-        kth = np.float32(0.0)  # unused
-        lmax = logits.max()
+    kth = _kth_largest(logits, top_k, probs) if use_top_k else np.float32(0.0)  # unused without top-k
+    lmax = probs[:top_k].max() if use_top_k else logits.max()
 
     # One pass over the vocabulary: e_i = exp(z_i - z_max) = p_i / max p, its total over the
     # top-k survivors (top-p's normaliser), and the ids that also pass min-p (e_i >= min_p)
     # collected into order[:m] in vocabulary order, with e_i in probs[i].
     min_e = min(min_p, 1.0)  # e <= 1, so min_p > 1 would remove even the most likely token
-    Z = 0.0
-    m = 0
+    Z, m = 0.0, 0
     for i in range(V):
         probs[i] = 0.0
         if use_top_k and logits[i] < kth:
@@ -105,8 +100,7 @@ def sample(probs, order, logits, temperature, top_k, top_p, min_p, coin):
     for j in range(m):
         S += probs[order[j]]
     inv_S = 1.0 / S
-    cum = 0.0
-    chosen = -1
+    cum, chosen = 0.0, -1
     for j in range(m):
         i = order[j]
         q = probs[i] * inv_S
