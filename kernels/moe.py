@@ -59,11 +59,7 @@ def route(weights_out, experts_out, router_logits, top_k, norm_topk_prob):
             weights_out[t, j] = np.float32(math.exp(logits[best] - m)) / s
             prev = best
         if norm_topk_prob:
-            total = np.float32(0.0)
-            for j in range(top_k):
-                total += weights_out[t, j]
-            for j in range(top_k):
-                weights_out[t, j] /= total
+            weights_out[t, :top_k] /= weights_out[t, :top_k].sum()
 
 
 def route_reference(router_logits, top_k, norm_topk_prob):  # [T, E] -> [T, k] float64, [T, k] int64
@@ -102,8 +98,7 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     # rows of out and no reduction across threads is needed.
     for db in prange((D + rows - 1) // rows):
         d0, d1 = db * rows, min(db * rows + rows, D)
-        for d in range(d0, d1):
-            out[d] = 0.0
+        out[d0:d1] = 0.0
         for j in range(k):
             down = down_w[experts[j]]
             for d in range(d0, d1):
