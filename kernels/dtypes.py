@@ -23,10 +23,9 @@ FP32 = np.dtype(np.float32)
 
 
 @intrinsic
-def _bf16_bits_to_f32(typingctx, bits):
+def float_from_bits(typingctx, bits):  # uint32 -> the float32 with those bits
     def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
+        return builder.bitcast(args[0], ir.FloatType())
     return types.float32(bits), codegen
 
 
@@ -45,7 +44,7 @@ def widen(value):
 @overload(widen, inline="always")
 def _widen(value):
     if value == types.uint16:
-        return lambda value: _bf16_bits_to_f32(value)
+        return lambda value: float_from_bits(np.uint32(np.uint32(value) << 16))
     if value == types.int16:
         return lambda value: _f16_bits_to_f32(value)
     if isinstance(value, types.Float):

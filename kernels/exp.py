@@ -14,22 +14,13 @@ float32 has no normal result: below -87 the result is 0, above 88 it saturates a
 1 + e**-x and x / (1 + e**-x) stay finite (fastmath assumes there is no inf).
 """
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
+from .dtypes import float_from_bits
 from .jit import jit
 
 LN2_HIGH, LN2_LOW = np.float32(0.693145751953125), np.float32(1.428606765330187e-06)  # ln2 = high + low
 LOG2_E = np.float32(1.4426950408889634)
 EXP_MIN, EXP_MAX = np.float32(-87.0), np.float32(88.0)
-
-
-@intrinsic
-def _float_from_bits(typingctx, bits):  # uint32 -> the float32 with those bits
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(bits), codegen
 
 
 @jit
@@ -46,7 +37,7 @@ def expf(x):  # x: float32
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    e = p * _float_from_bits(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    e = p * float_from_bits(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
     return e if x >= EXP_MIN else np.float32(0.0)
 
 
