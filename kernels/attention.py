@@ -29,8 +29,7 @@ def attention_decode(out, q, k_cache, v_cache, start, window, scale):
         s_j = scale * q[t,h] . k[g,j]       for lo <= j <= p,  lo = max(0, p - window + 1)
         out[t,h] = sum_j softmax(s)_j v[g,j]                   (window <= 0: lo = 0)
     """
-    T, Hq, hd = q.shape
-    Hkv = k_cache.shape[0]
+    (T, Hq, hd), Hkv = q.shape, k_cache.shape[0]
     group = Hq // Hkv  # query heads sharing one kv head
     scores = np.empty((Hkv * T, group, start + T), np.float32)
     for gt in prange(Hkv * T):  # decoding (T = 1) splits over kv heads
@@ -65,8 +64,7 @@ def attention_prefill(out, q, k_cache, v_cache, start, window, scale, block=QUER
         S = scale * Q_g K_g^T   (masked: j <= p, and j > p - window with a window)
         out = softmax_rows(S) V_g
     where Q_g stacks the block's queries of the G = Hq / Hkv heads that share kv head g."""
-    T, Hq, hd = q.shape
-    Hkv = k_cache.shape[0]
+    (T, Hq, hd), Hkv = q.shape, k_cache.shape[0]
     group = Hq // Hkv
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
@@ -91,8 +89,7 @@ def attention_prefill(out, q, k_cache, v_cache, start, window, scale, block=QUER
 
 
 def attention_reference(q, k_cache, v_cache, start, window, scale):  # -> [T, Hq, hd] float64
-    T, Hq, hd = q.shape
-    Hkv = k_cache.shape[0]
+    (T, Hq, _), Hkv = q.shape, k_cache.shape[0]
     L = start + T
     k = np.repeat(to_float32(k_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)  # [Hq, L, hd]
     v = np.repeat(to_float32(v_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)

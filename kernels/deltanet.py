@@ -53,12 +53,10 @@ def causal_conv1d(out, conv_state, x, weight):  # [T, C], [K-1, C] (in/out), [T,
     chunk, then single tokens) gives the same outputs. No bias: Qwen3-Next/3.5 conv1d has bias=False.
     out must not alias x or conv_state.
     """
-    T, C = x.shape
-    K = weight.shape[1]
+    (T, C), K = x.shape, weight.shape[1]
     keep = K - 1
     for t in prange(T):
-        for c in range(C):
-            out[t, c] = 0.0
+        out[t] = 0.0
         for j in range(K):
             s = t - keep + j  # time index of the input tap j reads; < 0 means "from before this call"
             row = x[s] if s >= 0 else conv_state[keep + s]
@@ -150,8 +148,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
 
     q and k are expected l2-normalised (see l2norm). out must not alias the inputs.
     """
-    T, Hk, Dk = k.shape
-    Hv, Dv = v.shape[1], v.shape[2]
+    (T, Hk, Dk), (Hv, Dv) = k.shape, v.shape[1:]
     group = Hv // Hk
     scale = np.float32(1.0 / np.sqrt(Dk))
     for h in prange(Hv):
@@ -161,8 +158,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
         for t in range(T):
             decay = np.exp(g[t, h])
             # Pass 1 over S: forget, and read what S already stores for k_t (S^T k_t, into delta).
-            for e in range(Dv):
-                delta[e] = 0.0
+            delta[:] = 0.0
             for i in range(Dk):
                 ki = k[t, j, i]
                 for e in range(Dv):
@@ -172,8 +168,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
             for e in range(Dv):
                 delta[e] = (v[t, h, e] - delta[e]) * bt
             # Pass 2: write the correction along k_t, and read the updated state at q_t.
-            for e in range(Dv):
-                out[t, h, e] = 0.0
+            out[t, h] = 0.0
             for i in range(Dk):
                 ki = k[t, j, i]
                 qi = q[t, j, i] * scale
@@ -184,8 +179,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
 
 def gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled):
     # -> out [T, Hv, Dv], final state [Hv, Dk, Dv], float64; the literal recurrence
-    T, Hk, Dk = k.shape
-    Hv = v.shape[1]
+    (T, Hk, Dk), Hv = k.shape, v.shape[1]
     key_head = np.tile(np.arange(Hk), Hv // Hk) if tiled else np.repeat(np.arange(Hk), Hv // Hk)
     S = np.array(state, dtype=np.float64)
     out = np.zeros(v.shape)

@@ -79,8 +79,7 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     # out: [D] f32, hidden: [k, F] f32 scratch, x: [D] f32, experts: [k] i64, weights: [k] f32,
     # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored format (stacked array or typed List)
     """hidden[j] = silu(gate[e_j] @ x) * (up[e_j] @ x);   out = sum_j weights[j] * down[e_j] @ hidden[j]"""
-    k, F = hidden.shape
-    D = x.shape[0]
+    (k, F), D = hidden.shape, x.shape[0]
     # Work items are blocks of 32 rows: taking an expert's matrix out of a typed List costs an
     # atomic reference count (contended when both threads touch the same expert), so we pay it
     # once per block rather than once per row (measured on Qwen3-30B-A3B shapes: 25% faster).
@@ -122,8 +121,7 @@ def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
 
     The (token, slot) pairs sorted by expert, each expert runs once on all of its tokens through
     `linear` (reading its weights once, not once per token that chose it); the results scatter-add."""
-    T, k = experts.shape
-    E, D = len(gate_w), out.shape[1]
+    k, E, D = experts.shape[1], len(gate_w), out.shape[1]
     flat = experts.reshape(-1)
     order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert
     starts = np.zeros(E + 1, dtype=np.int64)
