@@ -18,8 +18,7 @@ def apply_rope(x, cos, sin):  # x: [T, H, hd] float32, in place; cos, sin: [T, R
         x[t,h,i]       = a cos[t,i] - b sin[t,i]
         x[t,h,i+R/2]   = b cos[t,i] + a sin[t,i]
     """
-    T, H, _ = x.shape
-    half = cos.shape[1]
+    (T, H, _), half = x.shape, cos.shape[1]
     for t in range(T):
         for h in range(H):
             for i in range(half):
@@ -31,7 +30,6 @@ def apply_rope(x, cos, sin):  # x: [T, H, hd] float32, in place; cos, sin: [T, R
 def apply_rope_reference(x, cos, sin):  # [T, H, hd] -> [T, H, hd] float64 (a new array)
     x = x.astype(np.float64)
     half = cos.shape[1]
-    c = cos.astype(np.float64)[:, None, :]
-    s = sin.astype(np.float64)[:, None, :]
+    c, s = cos.astype(np.float64)[:, None, :], sin.astype(np.float64)[:, None, :]
     a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return np.concatenate([a * c - b * s, b * c + a * s, rest], axis=-1)

@@ -5,10 +5,9 @@ transformers applies, in this order (generation/utils.py, logits_process.py):
     repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> multinomial draw
 
 `apply_penalties` is the first step (plus the OpenAI API's frequency and presence penalties), `sample`
-the rest.
-The random draw is a number `coin` in [0, 1) made by the caller's seeded NumPy generator (as in
-llama2.c): Numba has its own generator that Python-side seeding does not reach, and a coin makes
-the kernel a pure function, so the same seed gives the same tokens.
+the rest. The random draw is a number `coin` in [0, 1) made by the caller's seeded NumPy generator (as in
+llama2.c): Numba has its own generator that Python-side seeding does not reach, and a coin makes the
+kernel a pure function, so the same seed gives the same tokens.
 
 top-k, top-p and min-p each keep a *prefix* of the tokens sorted by decreasing probability, so
 `sample` never sorts the whole vocabulary unless top-p really needs it: top-k is a partial
@@ -140,8 +139,7 @@ def _top_p_prefix(e, order, m, target):
             e[i] = 0.0
     # by decreasing e, the lower id first among equals: order[:n] is in vocabulary order, the sort stable
     order[:n] = order[:n][np.argsort(-e[order[:n]], kind="mergesort")]
-    keep = n
-    before = 0.0
+    keep, before = n, 0.0
     for j in range(1, n):  # order[0] always stays (transformers' min_tokens_to_keep = 1)
         before += e[order[j - 1]]
         if before >= target:
