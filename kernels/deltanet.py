@@ -73,11 +73,10 @@ def causal_conv1d(out, conv_state, x, weight):  # [T, C], [K-1, C] (in/out), [T,
 
 
 def causal_conv1d_reference(conv_state, x, weight):  # [K-1, C], [T, C], [C, K] -> out [T, C], state [K-1, C]
-    K = weight.shape[1]
+    (T, C), K = x.shape, weight.shape[1]
     xx = np.concatenate([conv_state, x]).astype(np.float64)
     w = np.asarray(weight, dtype=np.float64)
-    T = x.shape[0]
-    y = np.zeros((T, x.shape[1]))
+    y = np.zeros((T, C))
     for t in range(T):
         for j in range(K):
             y[t] += w[:, j] * xx[t + j]
@@ -170,8 +169,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
             # Pass 2: write the correction along k_t, and read the updated state at q_t.
             out[t, h] = 0.0
             for i in range(Dk):
-                ki = k[t, j, i]
-                qi = q[t, j, i] * scale
+                ki, qi = k[t, j, i], q[t, j, i] * scale
                 for e in range(Dv):
                     S[i, e] += ki * delta[e]
                     out[t, h, e] += S[i, e] * qi

@@ -12,9 +12,8 @@ def embed_rows(out, table, ids):  # out: [T, D] float32, table: [V, D] bf16/fp16
     T, D = out.shape
     # Serial: a row copy is a few KB, less work than waking the threads.
     for t in range(T):
-        row = ids[t]
         for d in range(D):
-            out[t, d] = widen(table[row, d])
+            out[t, d] = widen(table[ids[t], d])
 
 
 def embed(out, table, ids):  # table: an array, or GGML blocks (GGUF files quantise their embeddings)

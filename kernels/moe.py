@@ -88,8 +88,7 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     # so both threads get work even when k is small.
     f_blocks = (F + rows - 1) // rows
     for jb in prange(k * f_blocks):
-        j = jb // f_blocks
-        r0 = (jb % f_blocks) * rows
+        j, r0 = jb // f_blocks, (jb % f_blocks) * rows
         gate, up = gate_w[experts[j]], up_w[experts[j]]
         for r in range(r0, min(r0 + rows, F)):
             hidden[j, r] = silu(row_dot(gate, r, x)) * row_dot(up, r, x)
