@@ -447,14 +447,12 @@ def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K]
             hmask = b[..., :32]
             high = np.stack([(hmask[..., None, :] >> (4 * n + np.arange(4)[:, None])) & 1 for n in range(2)],
                             axis=-3).reshape(N, -1, 256)
-            s = b[..., 96:108]
-            v = np.arange(16)
+            s, v = b[..., 96:108], np.arange(16)
             low = np.where(v < 8, s[..., v % 8] & 15, s[..., v % 8] >> 4)
             sc = (low | ((s[..., 8 + v % 4] >> (2 * (v // 4))) & 3) << 4) - 32
             w = fp16(108) * per_sub(sc, 16) * (level - 4 * (1 - high))
     elif t in (Q4_K, Q5_K):  # 8 sub-blocks of 32: qs[32g + l] low nibble -> 64g + l, high -> 64g + 32 + l
-        s = b[..., 4:16]
-        j = np.arange(8)
+        s, j = b[..., 4:16], np.arange(8)
         first, second, third = s[..., j % 4], s[..., 4 + j % 4], s[..., 8 + j % 4]  # the 3 rows of 4 bytes
         sc = np.where(j < 4, first & 63, (third & 15) | ((first >> 6) << 4))
         m = np.where(j < 4, second & 63, (third >> 4) | ((second >> 6) << 4))
