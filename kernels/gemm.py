@@ -7,13 +7,16 @@ tokens x LANES rows of out stay in registers while k walks, so every weight load
 
     float (default)   per k: one load of the panel, then per token one FMA with x[t, k] broadcast
     int16 (opt-in)    per k-pair: one load, then per token one dot_s16 with (xq[t, k], xq[t, k + 1]);
-                      per block of 32: per token to_float, times the two scales, one FMA
+    int8 (opt-in)     per k-quad: one load, then per token one dot_u8s8 with xq[t, k : k + 4] + OFFSET;
+                      both per block of 32: per token to_float, times the two scales, one FMA
 
-The int16 kernel rounds both operands per block of 32 along k, x[t, k] ~= xd[t, b] xq[t, k] and
-W[n, k] ~= wd[n, b] wq[n, k] with |xq|, |wq| <= LEVELS, for vpdpwssd's twice the multiply-adds of an FMA.
-LEVELS = 8191 is the most that keeps a block's 32 products in int32 (32 * 8191^2 < 2^31); it moves each
-value by up to 1/16382 of its block's largest, which the tests' random hybrids amplify past their bars
-(isa.PREFILL): an option, not the default. Each thread takes whole panels, which stay in L1 / L2.
+The integer kernels round both operands per block of 32 along k, x[t, k] ~= xd[t, b] xq[t, k] and
+W[n, k] ~= wd[n, b] wq[n, k] with |xq|, |wq| <= levels: INT16_LEVELS = 8191, the most that keeps a block's
+32 products in int32 (32 * 8191^2 < 2^31), for vpdpwssd's 2x an FMA's multiply-adds; INT8_LEVELS = 127
+(llama.cpp's q8_0 activations) for vpdpbusd's 4x. vpdpbusd takes x's bytes unsigned: x is stored xq + OFFSET,
+and each block's sums start at wsum = -OFFSET sum_k wq[n, k] (per row, when the panel is packed). Each value
+moves by up to 1/16382 (int16) or 1/254 (int8) of its block's largest, which the tests' random hybrids
+amplify past their bars (isa.PREFILL): options, not the default. Each thread takes whole panels (L1 / L2).
 """
 import numpy as np
 from numba import prange, types
@@ -27,9 +30,9 @@ from .matmul import matmul_reference, widen_rows
 from .simd import (
     abs_max,
     dot_s16,
+    dot_u8s8,
     fma,
     fzeros,
-    izeros,
     load,
     round16,
     splat,
@@ -41,36 +44,43 @@ from .simd import (
 )
 
 LANES = 16 if ISA == "avx512" else 8  # rows of a panel: the int32 lanes of one vector
-PAIRS = 2 * LANES  # its int16 lanes (Numba takes a global as a compile-time constant, not an expression)
+PAIRS, QUADS = 2 * LANES, 4 * LANES  # its int16, int8 lanes (a global is a constant to Numba, 2 * LANES not)
 TILE_TOKENS = 6
-LEVELS = np.float32(8191.0)
+XTYPES = {"float": np.float32, "int16": np.int16, "int8": np.uint8}  # isa.PREFILL: the type x takes
+INT16_LEVELS, INT8_LEVELS = np.float32(8191.0), np.float32(127.0)
+OFFSET = 128  # int8 x is stored as unsigned bytes xq + OFFSET, vpdpbusd's unsigned operand
 TINY = np.float32(2.0**-100)  # a block whose largest |value| is below this rounds to zero: LEVELS / max
 # would overflow float32 (and max / LEVELS be subnormal) near 2^-113; its products, < 2^-100 |x|, are noise
 
 
 @jit
-def quantize_blocks(q, d, values):  # q: [K] int16, d: [K/32] float32 (outputs), values: [K] float32
-    """d[b] = max|values in block b| / LEVELS,  q = round(values / d)   (0 and 0 below TINY)"""
+def quantize_blocks(d, values, levels):  # d: [K/32] float32 (output), values: [K] float32 -> q: [K] int16
+    """d[b] = max|values in block b| / levels,  q = round(values / d)   (0 and 0 below TINY)"""
+    q = np.empty(values.shape[0], np.int16)
     for b in range(values.shape[0] // 32):
         m = np.float32(0.0)
         for i in range(32 * b, 32 * b + 32, LANES):
             m = max(m, abs_max(load(values, i, LANES)))
-        d[b] = m / LEVELS if m >= TINY else np.float32(0.0)
-        inverse = splat(LEVELS / m if m >= TINY else np.float32(0.0), LANES)
+        d[b] = m / levels if m >= TINY else np.float32(0.0)
+        inverse = splat(levels / m if m >= TINY else np.float32(0.0), LANES)
         for i in range(32 * b, 32 * b + 32, LANES):
             store(q, i, round16(load(values, i, LANES) * inverse))
+    return q
 
 
 @jit
-def pack_panel(panel, wd, rows):  # panel: [K LANES] int16, wd: [K/32, LANES] float32 (out); rows: [LANES, K]
-    """rows rounded per block, k-pair by k-pair: panel[(k/2) 2 LANES + 2 r + k % 2] = wq[r, k],
-    wd[b, r] = its scale"""
+def pack_panel(panel, wd, wsum, rows, levels):
+    # panel: [>= K LANES] int16 or (int8 bytes) uint8, wd / wsum: [K/32, LANES] float32 / int32 (out);
+    # rows: [LANES, K] float32
+    """rows rounded per block, a word (k-pair or k-quad) at a time: panel[k LANES + s r + k % s] = wq[r, k]
+    (s = 4 / itemsize), wd[b, r] = its scale, wsum[b, r] = -OFFSET sum_{k in b} wq[r, k] (int8)"""
     K = rows.shape[1]
-    q, d = np.empty((LANES, K), np.int16), np.empty((LANES, K // 32), np.float32)
+    q = np.zeros((LANES, (K + 63) // 64 * 64), np.int16)  # words in whole LANES x LANES blocks (by_k)
     for r in range(LANES):
-        quantize_blocks(q[r], d[r], rows[r])
-    wd[:] = d.T
-    by_k(panel.view(np.uint32), q.reshape(-1).view(np.uint32), K // 2)  # a k-pair of a row is one word
+        q[r, :K] = quantize_blocks(wd[:, r], rows[r], levels)
+    wsum[:] = -(OFFSET if panel.itemsize == 1 else 0) * q.reshape(LANES, -1, 32).sum(axis=2)[:, :K // 32].T
+    words = q.astype(panel.dtype).reshape(-1).view(np.uint32)  # int8 levels: their two's complement bytes
+    by_k(panel.view(np.uint32), words, words.size // LANES)
 
 
 @jit
@@ -101,30 +111,38 @@ def store_tile(result, f0, f1, f2, f3, f4, f5):  # result: [TILE_TOKENS, LANES] 
         store(out, i * LANES, f)
 
 
-@jit
-def tile_tokens(result, panel, wd, xq, xd, t0):  # result: [TILE_TOKENS, LANES] float32 out; xq: [T, K] int16
-    """result[i, r] = sum_b xd[t0 + i, b] wd[b, r] sum_{k in b} xq[t0 + i, k] wq[r, k]   (i < 6)"""
-    K = xq.shape[1]
-    x = xq.reshape(-1)
-    f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
-    for b in range(K // 32):
-        i0 = i1 = i2 = i3 = i4 = i5 = izeros(LANES)
-        for k in range(32 * b, 32 * b + 32, 2):
-            w, o = load(panel, k * LANES, PAIRS), t0 * K + k
-            i0 = dot_s16(i0, w, splat32(x, o, PAIRS))
-            i1 = dot_s16(i1, w, splat32(x, o + K, PAIRS))
-            i2 = dot_s16(i2, w, splat32(x, o + 2 * K, PAIRS))
-            i3 = dot_s16(i3, w, splat32(x, o + 3 * K, PAIRS))
-            i4 = dot_s16(i4, w, splat32(x, o + 4 * K, PAIRS))
-            i5 = dot_s16(i5, w, splat32(x, o + 5 * K, PAIRS))
-        scales = load(wd, b * LANES, LANES)
-        f0 = fma(to_float(i0), scales * splat(xd[t0, b], LANES), f0)
-        f1 = fma(to_float(i1), scales * splat(xd[t0 + 1, b], LANES), f1)
-        f2 = fma(to_float(i2), scales * splat(xd[t0 + 2, b], LANES), f2)
-        f3 = fma(to_float(i3), scales * splat(xd[t0 + 3, b], LANES), f3)
-        f4 = fma(to_float(i4), scales * splat(xd[t0 + 4, b], LANES), f4)
-        f5 = fma(to_float(i5), scales * splat(xd[t0 + 5, b], LANES), f5)
-    store_tile(result, f0, f1, f2, f3, f4, f5)
+def tile_tokens(result, panel, wd, wsum, xs, xd, t0):  # result: [TILE_TOKENS, LANES] float32 out; xs: [T, K]
+    """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6): tile_floats, or tile_integers for xs int16 or
+    uint8 (int8 + OFFSET)"""
+
+
+@overload(tile_tokens, inline="always")
+def _tile_tokens(result, panel, wd, wsum, xs, xd, t0):
+    if xs.dtype == types.float32:
+        return lambda result, panel, wd, wsum, xs, xd, t0: tile_floats(result, panel, xs, t0)
+    lanes, dot = (PAIRS, dot_s16) if xs.dtype.bitwidth == 16 else (QUADS, dot_u8s8)  # constants to Numba
+
+    def tile_integers(result, panel, wd, wsum, xs, xd, t0):
+        """result[i, r] = sum_b xd[t0 + i, b] wd[b, r] (wsum[b, r] + sum_{k in b} xs[t0 + i, k] wq[r, k])"""
+        K = xs.shape[1]
+        x = xs.reshape(-1)
+        f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
+        for b in range(K // 32):
+            i0 = i1 = i2 = i3 = i4 = i5 = load(wsum, b * LANES, LANES)
+            for k in range(32 * b, 32 * b + 32, lanes // LANES):  # a word of each row: a k-pair or k-quad
+                w, o = load(panel, k * LANES, lanes), t0 * K + k  # dot: x first, vpdpbusd's unsigned bytes
+                i0, i1 = dot(i0, splat32(x, o, lanes), w), dot(i1, splat32(x, o + K, lanes), w)
+                i2, i3 = dot(i2, splat32(x, o + 2 * K, lanes), w), dot(i3, splat32(x, o + 3 * K, lanes), w)
+                i4, i5 = dot(i4, splat32(x, o + 4 * K, lanes), w), dot(i5, splat32(x, o + 5 * K, lanes), w)
+            scales = load(wd, b * LANES, LANES)
+            f0 = fma(to_float(i0), scales * splat(xd[t0, b], LANES), f0)
+            f1 = fma(to_float(i1), scales * splat(xd[t0 + 1, b], LANES), f1)
+            f2 = fma(to_float(i2), scales * splat(xd[t0 + 2, b], LANES), f2)
+            f3 = fma(to_float(i3), scales * splat(xd[t0 + 3, b], LANES), f3)
+            f4 = fma(to_float(i4), scales * splat(xd[t0 + 4, b], LANES), f4)
+            f5 = fma(to_float(i5), scales * splat(xd[t0 + 5, b], LANES), f5)
+        store_tile(result, f0, f1, f2, f3, f4, f5)
+    return tile_integers
 
 
 def float32_rows(tile, w, first):
@@ -146,48 +164,45 @@ def _float32_rows(tile, w, first):
 
 
 @pjit
-def matmul_panels(out, x, w, integer):
+def matmul_panels(out, x, w, xtype):
     # out: [T, N] float32 (rows may be strided), x: [T, K] float32, K % 32 == 0,
-    # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix; integer: the int16 kernel, else float
-    """out[t, n] = sum_k x[t, k] W[n, k]   (integer: both rounded to int16 per block of 32)"""
+    # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix; xtype: XTYPES[isa.PREFILL]
+    """out[t, n] = sum_k x[t, k] W[n, k]   (xtype int16 / uint8: both rounded to int16 / int8 per block)"""
     T, K = x.shape
     N = out.shape[1]
     padded = (T + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS  # the last tile's missing tokens are zero
-    quantized, floats = (padded, 0) if integer else (0, padded)  # tokens in the one form the kernel reads
-    xq, xd = np.zeros((quantized, K), np.int16), np.zeros((quantized, K // 32), np.float32)
-    xf = np.zeros((floats, K), np.float32)
+    xs, xd = np.zeros((padded, K), xtype), np.zeros((padded, K // 32), np.float32)  # x as the kernel reads it
+    levels = INT16_LEVELS if xs.itemsize == 2 else INT8_LEVELS
     for t in prange(T):
-        if integer:
-            quantize_blocks(xq[t], xd[t], x[t])
+        if xs.itemsize == 4:
+            xs[t] = x[t]
         else:
-            xf[t] = x[t]
+            xs[t] = quantize_blocks(xd[t], x[t], levels) + (OFFSET if xs.itemsize == 1 else 0)
     for p in prange((N + LANES - 1) // LANES):
         first, rows = LANES * p, min(LANES, N - LANES * p)
         weights = np.zeros((LANES, K), np.float32)  # rows past N: zero
         float32_rows(weights[:rows], w, first)
-        panel, wd = np.empty(K * LANES, np.float32), np.empty((K // 32, LANES), np.float32)
-        if integer:
-            pack_panel(panel.view(np.int16)[:K * LANES], wd, weights)
-        else:
+        panel = np.empty(K * LANES, np.float32).view(xtype)
+        wd, wsum = np.empty((K // 32, LANES), np.float32), np.empty((K // 32, LANES), np.int32)
+        if xs.itemsize == 4:
             by_k(panel.view(np.uint32), weights.reshape(-1).view(np.uint32), K)
+        else:
+            pack_panel(panel, wd, wsum, weights, levels)
         result = np.empty((TILE_TOKENS, LANES), np.float32)
         for t0 in range(0, T, TILE_TOKENS):
-            if integer:
-                tile_tokens(result, panel.view(np.int16), wd, xq, xd, t0)
-            else:
-                tile_floats(result, panel, xf, t0)
+            tile_tokens(result, panel, wd, wsum, xs, xd, t0)
             out[t0:t0 + TILE_TOKENS, first:first + rows] = result[:min(TILE_TOKENS, T - t0), :rows]
 
 
-def matmul_int16_reference(x, w):  # [T, K] float32, [N, K] float32 (W dequantised) -> [T, N] float64
-    """x @ w.T in float64 of x and w rounded as matmul_panels' int16 kernel rounds them (the scales in
-    float32, as there)"""
+def matmul_integer_reference(x, w, levels):  # [T, K], [N, K] float32 (W dequantised) -> [T, N] float64
+    """x @ w.T in float64 of x and w rounded to levels per block of 32 as matmul_panels' integer kernels round
+    them (the scales in float32, as there)"""
     def rounded(a):  # -> levels, scales per block
         blocks = a.astype(np.float32).reshape(a.shape[0], -1, 32)
         m = np.abs(blocks).max(axis=2, keepdims=True)
         m[m < TINY] = 0
-        inverse = np.divide(LEVELS, m, out=np.zeros_like(m), where=m > 0)
-        return (np.rint(blocks * inverse) * (m / LEVELS).astype(np.float64)).reshape(a.shape)
+        inverse = np.divide(np.float32(levels), m, out=np.zeros_like(m), where=m > 0)
+        return (np.rint(blocks * inverse) * (m / np.float32(levels)).astype(np.float64)).reshape(a.shape)
     return rounded(x) @ rounded(w).T
 
 

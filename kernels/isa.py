@@ -48,16 +48,18 @@ _features = cpu_target.target_context.codegen()._tm_features  # Numba fixes its 
 FEATURES = {f[1:] for f in _features.split(",") if f.startswith("+")}  # the features it compiles for
 ISA = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
 
-# Prefill on int16 dot products (kernels/gemm.py) is opt-in, MINQWEN_PREFILL=int16: its rounding moved the
-# tests' random hybrids' logits by up to 3.6e-2 (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16
-# Qwen3-Next against transformers; bar 5e-3). docs/performance.md measures both prefills.
-PREFILL = os.environ.get("MINQWEN_PREFILL") or "float"
-if PREFILL not in ("float", "int16") or (PREFILL == "int16" and ISA == "generic"):
-    raise InstructionPathError(f"MINQWEN_PREFILL={PREFILL!r} is not a prefill this CPU runs "
-                               f"({'float' if ISA == 'generic' else 'float, int16'})")
-
 # The widths (bits) of the vectors whose integer dot products (simd.dot_s16) are one vpdpwssd: AVX512-VNNI's
 # on the avx512 path; on the avx2 path AVX-VNNI's (256 bits only), which Intel's CPUs since Alder Lake have
 # without AVX-512. Elsewhere a dot product is vpmaddwd + vpaddd (which LLVM itself fuses into vpdpwssd if
 # the target has VNNI: that is why a forced avx2 also narrows the target, see minqwen/environment.py).
 VNNI_BITS = {"avx512": (256, 512), "avx2": (256,) if "avxvnni" in FEATURES else ()}.get(ISA, ())
+
+# Prefill on integer dot products (kernels/gemm.py) is opt-in, MINQWEN_PREFILL=int16 (vpdpwssd), or int8
+# (vpdpbusd) where the prefill's width has VNNI: int16 moved the tests' random hybrids' logits by up to 3.6e-2
+# (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16 Qwen3-Next against transformers; bar 5e-3), int8 more.
+PREFILL = os.environ.get("MINQWEN_PREFILL") or "float"
+PREFILLS = ["float"] + ["int16"] * (ISA != "generic")  # the prefills this CPU runs
+PREFILLS += ["int8"] * ({"avx512": 512}.get(ISA, 256) in VNNI_BITS)
+if PREFILL not in PREFILLS:
+    raise InstructionPathError(f"MINQWEN_PREFILL={PREFILL!r} is not a prefill this CPU runs "
+                               f"({', '.join(PREFILLS)})")

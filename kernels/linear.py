@@ -6,9 +6,9 @@
     GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_panels
                          (intdot.py, the types in its INTEGER_TYPES; else matvec_ggml, float)
 
-matmul_panels (avx2 and up, K a multiple of 32) multiplies in float32, or on int16 dot products where
-MINQWEN_PREFILL=int16 (isa.py). Without them (the generic path, fp32 weights, other K), tiles of W widened
-or dequantised to float32 go through BLAS (matmul, matmul_fp8, matmul_ggml).
+matmul_panels (avx2 and up, K a multiple of 32) multiplies in float32, or on int16 / int8 dot products
+where MINQWEN_PREFILL=int16 / int8 (isa.py). Without them (the generic path, fp32 weights, other K), tiles
+of W widened or dequantised to float32 go through BLAS (matmul, matmul_fp8, matmul_ggml).
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart for compiled kernels (MoE streams the rows its tokens chose).
@@ -25,7 +25,7 @@ from .matmul import float_row_dot, matmul, matmul_few, matvec
 
 INTEGER_TYPES = ()  # the GGML types with an integer dot-product decode kernel, where the CPU has them
 if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
-    from .gemm import matmul_panels
+    from .gemm import XTYPES, matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
 
 FEW_TOKENS = 64  # up to this many tokens matmul_few (W streamed once, no panels to pack) beats the float
@@ -42,25 +42,25 @@ def linear(out, x, w):
     """out = x @ w.T  (no bias: the caller adds it)"""
     T, K = x.shape
     panels = T > 1 and isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32
-    integer = isa.PREFILL == "int16"
+    xtype = XTYPES[isa.PREFILL] if panels else None  # the type the panels round x to
     if isinstance(w, Fp8Matrix):
         if T == 1:
             matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows)
         else:
-            matmul_panels(out, np.ascontiguousarray(x), w, integer) if panels else matmul_fp8(out, x, w)
+            matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul_fp8(out, x, w)
     elif isinstance(w, GgmlMatrix):
         if w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
             matmul_integer(out, w.data, w.ggml_type, x)
         elif T == 1:
             matvec_ggml(out[0], w.data, w.ggml_type, x[0])
         else:
-            matmul_panels(out, np.ascontiguousarray(x), w, integer) if panels else matmul_ggml(out, x, w)
+            matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul_ggml(out, x, w)
     elif T == 1:
         matvec(out[0], w, x[0])
     elif T <= FEW_TOKENS:
         matmul_few(out, x, w)
     else:
-        matmul_panels(out, np.ascontiguousarray(x), w, integer) if panels else matmul(out, x, w)
+        matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul(out, x, w)
 
 
 def row_dot(w, r, x):

@@ -16,7 +16,7 @@ and how (`lanes` = elements of the result):
 
     load(arr, off, n)        arr[off : off + n] as a vector (any alignment, unchecked); store(arr, off, v)
     splat(x, n), fzeros(n), izeros(n), splat_at(arr, off, n) (= splat(arr[off], n), as one vbroadcastss)
-    splat32(arr, off, n)     the int16 pair arr[off : off + 2] in every 32-bit lane (n int16 lanes)
+    splat32(arr, off, n)     the int16 pair or byte quad at arr[off:] in every 32-bit lane (n lanes of arr's)
     fp16_splat(arr, off, n)  the fp16 at bytes arr[off : off + 2] as n float32 lanes (vpbroadcastw +
                              vcvtph2ps: no partial register write to tie it to earlier work)
     u32_at(arr, off)         the little-endian uint32 at bytes arr[off : off + 4] (a scalar)
@@ -236,13 +236,13 @@ def words(typingctx, arr, off, stride, n):
 
 
 @intrinsic
-def splat32(typingctx, arr, off, n):  # one vpbroadcastd: a dot_s16 operand
-    if arr.dtype.bitwidth != 16:
+def splat32(typingctx, arr, off, n):  # one vpbroadcastd: a dot_s16 or dot_u8s8 operand
+    if arr.dtype.bitwidth not in (8, 16):
         return None
-    v = _vector_for(16 * _lanes(n), "i16", _lanes(n))
+    v = _vector_for(arr.dtype.bitwidth * _lanes(n), f"i{arr.dtype.bitwidth}", _lanes(n))
     def codegen(context, builder, sig, args):
-        word = builder.load(_address(context, builder, sig, args, ir.IntType(32)), align=2)
-        pair = _broadcast(builder, word, ir.VectorType(ir.IntType(32), v.lanes // 2))
+        word = builder.load(_address(context, builder, sig, args, ir.IntType(32)), align=1)
+        pair = _broadcast(builder, word, ir.VectorType(ir.IntType(32), v.lanes * arr.dtype.bitwidth // 32))
         return builder.bitcast(pair, v.llvm)
     return v(arr, off, n), codegen
 

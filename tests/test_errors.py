@@ -154,8 +154,8 @@ UNUSABLE_PATHS = {
     "a path the CPU lacks": ({"MINQWEN_ISA": "avx512", **AVX2_TARGET},
                              "MINQWEN_ISA=avx512 needs avx512bw, avx512f, avx512vl, avx512vnni, which this "
                              "CPU (as Numba targets it) lacks (paths this CPU runs: generic, avx2)"),
-    "no prefill": ({"MINQWEN_PREFILL": "int8"},
-                   "MINQWEN_PREFILL='int8' is not a prefill this CPU runs (float"),
+    "no prefill": ({"MINQWEN_PREFILL": "int4"},
+                   "MINQWEN_PREFILL='int4' is not a prefill this CPU runs (float"),
 }
 LOAD = """
 import sys, minqwen

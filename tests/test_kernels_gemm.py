@@ -1,7 +1,7 @@
 """The prefill micro-kernels (kernels/gemm.py) and the intrinsics they add to kernels/simd.py, against
 float64 references: every stored format the engine multiplies (bf16, fp16, FP8 blocks, every GGML type),
-partial panels and token tiles, a strided output; the float kernel to float32 rounding, the int16 one to
-the bound that rounding both operands to int16 per block of 32 keeps to."""
+partial panels and token tiles, a strided output; the float kernel to float32 rounding, the int16 and int8
+ones to the product of both operands rounded as they round them, and to the bound that rounding keeps to."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,11 +18,15 @@ from minqwen.kernels.simd import abs_max, load, round16, splat32, store
 pytestmark = pytest.mark.skipif(isa.ISA == "generic", reason="the CPU has no AVX2: this kernel is never used")
 if isa.ISA != "generic":
     from minqwen.kernels.gemm import (
+        INT8_LEVELS,
+        INT16_LEVELS,
         LANES,
-        LEVELS,
+        OFFSET,
         PAIRS,
+        QUADS,
         TINY,
-        matmul_int16_reference,
+        XTYPES,
+        matmul_integer_reference,
         matmul_panels,
         matmul_panels_reference,
     )
@@ -48,7 +52,7 @@ shapes = dict(seed=seeds, fmt=st.sampled_from(FORMATS), T=st.sampled_from([1, 5,
               strided=st.booleans())
 
 
-def prefill(seed, fmt, T, N, blocks, strided, integer):  # -> x, W dequantised, out (and all of it, wide)
+def prefill(seed, fmt, T, N, blocks, strided, mode):  # -> x, W dequantised, out (and all of it, wide)
     rng = np.random.default_rng(seed)
     K = blocks * (GGML_BLOCKS[fmt][0] if fmt in GGML_BLOCKS else 32)
     w, dense = random_matrix(rng, fmt, N, K)
@@ -56,7 +60,7 @@ def prefill(seed, fmt, T, N, blocks, strided, integer):  # -> x, W dequantised, 
     x[:, rng.random(K) < 0.1] = 0  # a block may be all zero
     wide = np.full((T, N + 5), np.nan, np.float32)
     out = wide[:, 2:N + 2] if strided else wide[:, :N]
-    matmul_panels(out, x, w, integer)
+    matmul_panels(out, x, w, XTYPES[mode])
     untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
     assert np.isnan(untouched).all()  # nothing else written
     return x, dense, out
@@ -66,36 +70,78 @@ def prefill(seed, fmt, T, N, blocks, strided, integer):  # -> x, W dequantised, 
 @given(**shapes)
 def test_the_float_kernel_is_the_product(seed, fmt, T, N, blocks, strided):
     """To float32 rounding against x W^T in float64, W dequantised (every format's own tests hold that)."""
-    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, False)
+    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, "float")
     terms = np.abs(x.astype(np.float64)) @ np.abs(dense.astype(np.float64)).T
     diff = np.abs(out - matmul_panels_reference(x, dense))
     assert diff.max() <= 1e-5 * terms.max(), f"{fmt}: max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
 
 
+INTEGER_PREFILLS = {"int16": INT16_LEVELS, "int8": INT8_LEVELS}
+RUNS = [p for p in INTEGER_PREFILLS if p in isa.PREFILLS]  # int8 needs VNNI at the prefill's width
+
+
+def half_step(a, levels):  # half the rounding step of each element's block (all of it, where it rounds to 0)
+    m = np.abs(a).reshape(a.shape[0], -1, 32).max(axis=2)
+    return np.repeat(np.where(m < TINY, m, m / (2 * levels)), 32, axis=1)
+
+
+@pytest.mark.parametrize("mode", RUNS)
 @settings(deadline=None, max_examples=60)
 @given(**shapes)
-def test_the_int16_kernel_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, strided):
-    """To float rounding against the product of x and W rounded to int16 per block (matmul_int16_reference);
-    against the exact x W^T within what the rounding moves: each operand by half a step of its block."""
-    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, True)
+def test_the_integer_kernels_are_the_product_of_both_rounded(mode, seed, fmt, T, N, blocks, strided):
+    """To float rounding against the product of x and W rounded to int16 / int8 per block
+    (matmul_integer_reference); against the exact x W^T within what the rounding moves: each operand by half
+    a step of its block."""
+    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, mode)
+    levels = INTEGER_PREFILLS[mode]
     x64, w64 = x.astype(np.float64), dense.astype(np.float64)
     terms = np.abs(x64) @ np.abs(w64).T
-    diff = np.abs(out - matmul_int16_reference(x, dense))
+    diff = np.abs(out - matmul_integer_reference(x, dense, levels))
     assert diff.max() <= 1e-5 * terms.max(), f"{fmt}: max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
-
-    def half_step(a):  # half the rounding step of each element's block (all of it, where it rounds to 0)
-        m = np.abs(a).reshape(a.shape[0], -1, 32).max(axis=2)
-        return np.repeat(np.where(m < TINY, m, m / (2 * LEVELS)), 32, axis=1)
-    x_moves, w_moves = half_step(x64), half_step(w64)
+    x_moves, w_moves = half_step(x64, levels), half_step(w64, levels)
     bound = x_moves @ np.abs(w64).T + np.abs(x64) @ w_moves.T + x_moves @ w_moves.T
     assert np.all(np.abs(out - x64 @ w64.T) <= bound + 1e-5 * terms.max()), fmt
 
 
+def extreme_rows(rng, rows, K):  # row i: blocks of kind i % 8
+    a = rng.standard_normal((rows, K)).astype(np.float32)
+    signs = np.where(rng.random(K) < 0.5, -1, 1).astype(np.float32)
+    for i in range(rows):
+        a[i] = [0 * signs,  # all zero
+                a[i] * (TINY / 8),  # below TINY: rounds to zero
+                TINY * signs,  # at TINY: every value the block's largest, +-levels
+                a[i] * np.float32(1e15),  # large (products near 1e32)
+                np.where(np.arange(K) % 32 == 5, -3.0, 0),  # one value among zeros
+                rng.integers(-127, 128, K) * np.float32(0.5),  # int8 levels exactly, steps of 0.5
+                np.where(np.arange(K) % 32 == 0, 127, np.arange(K) % 32 - 15.5),  # int8: ties (d = 1)
+                a[i]][i % 8]
+    return a
+
+
+@pytest.mark.parametrize("mode", RUNS)
+def test_the_integer_kernels_at_the_extremes(mode):
+    """Rows of blocks all zero, below TINY (rounded to zero), at TINY, of large values, one value among zeros,
+    on int8's levels, rounding to ties, every pairing of them in x and W: the reference to float rounding,
+    products below float32's range (TINY^2) aside (the int8 kernel's + OFFSET and its start at
+    -OFFSET sum wq cancel exactly, whatever the levels)."""
+    rng = np.random.default_rng(7)
+    K, T, N = 4 * 32, 13, 2 * LANES + 3
+    x, w = extreme_rows(rng, T, K), extreme_rows(rng, N, K)
+    out = np.full((T, N), np.nan, np.float32)
+    matmul_panels(out, x, w, XTYPES[mode])
+    terms = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    diff = np.abs(out - matmul_integer_reference(x, w, INTEGER_PREFILLS[mode]))
+    worst = np.unravel_index(np.argmax(diff / (terms + 1e-35)), diff.shape)
+    assert np.all(diff <= 1e-5 * terms + 1e-35), f"kinds {worst[0] % 8}, {worst[1] % 8}"
+
+
 @jit
-def intrinsic_ops(values, pairs, out16):  # round16 and abs_max of a vector of values; splat32 of pairs[2:4]
+def intrinsic_ops(values, pairs, quads, out16, out8):
+    # round16 and abs_max of a vector of values; splat32 of pairs[2:4] and of quads[4:8]
     v = load(values, 0, LANES)
     store(out16, 0, round16(v))
     store(out16, LANES, splat32(pairs, 2, PAIRS))
+    store(out8, 0, splat32(quads, 4, QUADS))
     return abs_max(v)
 
 
@@ -103,17 +149,21 @@ def intrinsic_ops(values, pairs, out16):  # round16 and abs_max of a vector of v
 @given(seed=seeds)
 def test_round16_abs_max_and_splat32(seed):
     """round16 rounds to the nearest integer with ties to even (np.rint), abs_max is max|v|, splat32 repeats
-    one int16 pair in every 32-bit lane."""
+    one int16 pair, or four bytes, in every 32-bit lane."""
     rng = np.random.default_rng(seed)
     values = (rng.standard_normal(LANES) * 1000).astype(np.float32)
     values[: LANES // 4] = rng.integers(-100, 100, LANES // 4) + 0.5  # ties
     pairs = rng.integers(-32768, 32768, 4).astype(np.int16)
-    out16 = np.zeros(3 * LANES, np.int16)
-    assert intrinsic_ops(values, pairs, out16) == np.abs(values).max()
+    quads = rng.integers(0, 256, 9).astype(np.uint8)
+    out16, out8 = np.zeros(3 * LANES, np.int16), np.zeros(QUADS, np.uint8)
+    assert intrinsic_ops(values, pairs, quads, out16, out8) == np.abs(values).max()
     np.testing.assert_array_equal(out16[:LANES], np.rint(values).astype(np.int16))
     np.testing.assert_array_equal(out16[LANES:3 * LANES], np.tile(pairs[2:4], LANES))
+    np.testing.assert_array_equal(out8, np.tile(quads[4:8], LANES))
 
 
 def test_levels_keep_a_blocks_products_in_int32():
-    """32 products of two extreme levels, the most a block's dot product sums in one int32 lane."""
-    assert 32 * int(LEVELS) ** 2 < 2**31
+    """32 products of two extreme levels, the most a block's dot product sums in one int32 lane (int8: x's
+    bytes + OFFSET, up to 255, and the start at -OFFSET sum wq)."""
+    assert 32 * int(INT16_LEVELS) ** 2 < 2**31
+    assert 32 * 255 * int(INT8_LEVELS) + OFFSET * 32 * int(INT8_LEVELS) < 2**31

@@ -225,7 +225,7 @@ a, b = np.zeros(32, np.int16), np.zeros(32, np.int16)
 matvec_args = (np.empty((1, 2), np.float32), np.zeros((2, 34 * 8), np.uint8), 8,
                np.zeros((1, 256), np.float32))
 prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16),
-                True)
+                np.int16)
 for kernel, args in ((probe, (a, b)), (matmul_integer, matvec_args), (matmul_panels, prefill_args)):
     kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))
 print("".join(probe.inspect_asm().values()))
