@@ -93,10 +93,9 @@ def l2norm(out, x, eps):  # [T, H, D] <- [T, H, D]; out may be x (in place)
     l2norm do; the model uses eps = 1e-6. Serial: a few flops per element, less than waking threads.
     """
     T, H, D = x.shape
-    eps32 = np.float32(eps)
     for t in range(T):
         for h in range(H):
-            inv = np.float32(1.0) / np.sqrt(sum_of_squares(x[t, h]) + eps32)
+            inv = np.float32(1.0) / np.sqrt(sum_of_squares(x[t, h]) + np.float32(eps))
             for d in range(D):
                 out[t, h, d] = x[t, h, d] * inv
 
@@ -202,10 +201,9 @@ def gated_rmsnorm(out, x, weight, z, eps):  # [T, H, D] <- [T, H, D], [D], [T, H
     the zero-centred (1 + w) of the other RMSNorms of these models. The norm is per head (D = Dv).
     """
     T, H, D = x.shape
-    eps32 = np.float32(eps)
     for t in prange(T):
         for h in range(H):
-            inv = np.float32(1.0) / np.sqrt(sum_of_squares(x[t, h]) / np.float32(D) + eps32)
+            inv = np.float32(1.0) / np.sqrt(sum_of_squares(x[t, h]) / np.float32(D) + np.float32(eps))
             for d in range(D):
                 out[t, h, d] = x[t, h, d] * inv * widen(weight[d]) * silu(z[t, h, d])
 

@@ -145,8 +145,7 @@ def _top_p_prefix(e, order, m, target):
         if before >= target:
             keep = j
             break
-    for j in range(keep, n):
-        e[order[j]] = 0.0
+    e[order[keep:n]] = 0.0
     order[:keep].sort()  # back to vocabulary order for the draw
     return keep
 
@@ -156,8 +155,7 @@ def _kth_largest(x, k, heap):  # x: [V], heap: [>= k] scratch
     """The k-th largest value of x, counting repeated values (torch.topk(x, k).values[-1])."""
     # A min-heap of the k largest values seen so far: most values lose against its root in one
     # comparison, so this is one pass over x, not a sort.
-    for i in range(k):
-        heap[i] = x[i]
+    heap[:k] = x[:k]
     for root in range(k // 2 - 1, -1, -1):
         _sift_down_min(heap, root, k)
     smallest = heap[0]  # a local, so the hot loop keeps it in a register
