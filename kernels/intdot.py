@@ -1,20 +1,21 @@
 """Decode products of GGML-quantised weights on the CPU's integer dot products (one token, or a few).
 
 The block formats store a row of W as small integers q with float scales per block (GGML's layouts, see
-kernels/ggml.py). Rounding x to int16 per block of 32 too,
+kernels/ggml.py). Rounding x per block of 32 too, to int16 (L = 32767) or int8 (L = 127, opt-in),
 
-    xq = round(x / xd),  xd = max|x in block| / 32767          (x moves by at most xd / 2)
+    xq = round(x / xd),  xd = max|x in block| / L          (x moves by at most xd / 2)
 
 makes each block's product an integer dot product times two scales: for Q8_0 (w = d q)
 
     sum_i w_i x_i  ~=  d xd sum_i q_i xq_i
 
-and sum q xq is 32 products of 16-bit integers summed in int32 (simd.dot_s16: vpmaddwd, or vpdpwssd
-with VNNI): ~4 instructions per 16 weights where float math needs ~6, and no conversion per weight.
-The formats differ in how q is unpacked (`_levels`; a constant the format subtracts is where the dot starts)
-and in a minimum term from per-block sums of x:
+and sum q xq is products of integers summed in int32 (`_dot`): int16 pairs (simd.dot_s16: vpmaddwd, or
+vpdpwssd with VNNI; ~4 instructions per 16 weights where float math needs ~6, no conversion per weight), or
+int8 quads (dot_u8s8: one vpdpbusd per 32 weights, unsigned bytes times signed ones: the weights' levels are
+the unsigned operand). The formats differ in how q is unpacked (`_levels`; a constant the format stores
+the levels above by is where the dot starts, _offsets) and in a minimum term from per-block sums of x:
 
-    Q8_0   w = d q                    q int8
+    Q8_0   w = d q                    q int8 (for int8 xq stored + 128 as vpdpbusd reads it)
     Q4_0   w = d (q - 8)              q 4-bit
     Q5_0   w = d (q - 16)             q 4-bit + a fifth bit from 32 bits per block
     Q4_1   w = d q + m                q 4-bit                          term  m sum(x)
@@ -25,10 +26,12 @@ and in a minimum term from per-block sums of x:
     IQ4_NL w = d iq4[q]               q 4-bit indexing a 16-entry codebook (kernels/ggml.py's IQ4_LEVELS)
     IQ4_XS w = d (sc_j - 32) iq4[q]   as IQ4_NL, 8 sub-blocks of 32 with 6-bit scales
 
-Why int16 activations, not llama.cpp's int8 (Q8): rounding x to int8 moves each product by up to
-1/254 of its terms, and on the one trained model the tests run (SmolLM2-135M) that was enough to swap
+Why int16 activations by default, not llama.cpp's int8 (Q8): rounding x to int8 moves each product by up
+to 1/254 of its terms, and on the one trained model the tests run (SmolLM2-135M) that was enough to swap
 the two best first tokens of an answer (logits 25.33 and 25.24) and so greedy decoding's text; int16's
-1/65534 leaves the logits within 1e-4 of exact x. It costs one widening per 16 weights.
+1/65534 leaves the logits within 1e-4 of exact x. But at one token the int16 kernels are bound by their
+own instructions, not by memory, so MINQWEN_DECODE=int8 (kernels/isa.py: where the path has 256-bit VNNI)
+offers int8 for every type here, at the rates docs/performance.md gives.
 
 Everything stays in vector registers: a block's fp16 scale is broadcast and converted in one step
 (simd.fp16_splat; a scalar conversion tied each block to its sum, 1.35-1.6x slower), a K-quant super-block's
@@ -41,13 +44,15 @@ is vpdpwssd. The IQ4 codebook lives in a register: each nibble looks its level u
 subtracted per weight: each block's dot starts from -127 times its lanes' sums of xq (_offsets, once per
 token; _dot's start). Q2_K, Q3_K, MXFP4 and the grid i-quants have none here (ggml.py's float kernel serves).
 
-Q6_K (every Q4_K_M file's LM head) reads its bits as 16-bit words: a word of ql / qh holds an even and an
-odd byte, whose two levels masks build at once and a mask and a shift part (no widening shuffle), the
-activations put in that order once per token (Q6_K_ORDER); its - 32 is an offset the dot starts from, and on
-avx512 its vectors are 512 bits (WORDS). The rates of each type: docs/performance.md.
+The K-quants read their bits as 16-bit words: a word holds an even and an odd byte, whose two levels masks
+build at once (no widening shuffle); int16 dots the even bytes' levels, then the odd ones' (int8 the bytes
+as they are), with xq put in that order once per token (ORDERS). The 32-weight types' int16 levels are two
+widened vectors; for int8, bytes (Q8_0 as loaded, the others' weights l and 16 + l in a word). Q6_K (every
+Q4_K_M file's LM head) runs on 512-bit vectors on avx512 (WORDS).
 """
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 from . import isa
 from .ggml import (
@@ -67,11 +72,14 @@ from .ggml import (
 )
 from .jit import ijit, jit, pjit
 from .simd import (
+    Vector,
     abs_max,
+    as_bytes,
     bit_words,
     bytes_of,
     bytes_to_float,
     dot_s16,
+    dot_u8s8,
     field,
     fma,
     fp16_splat,
@@ -99,9 +107,9 @@ INTEGER_TYPES = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
 IQ4_TABLE = np.tile(IQ4_LEVELS.astype(np.int16) + 127, 2).astype(np.uint8)
 # measured on Zen 3, one core: 1-4 KB ahead brings 0.85-0.98 of the bandwidth, 256 B nothing
 PREFETCH_BYTES = 2048
-# xd = m / 32767 and 1 / xd as fastmath computes them (m times the constant 1 / 32767, 32767 / m), written so
-# that the reference does the same float32 steps and x / xd rounds there as here (ties included)
-INT16_MAX, INT16_STEP = np.float32(32767.0), np.float32(1.0 / 32767.0)
+# the largest |xq| L and 1 / L: xd = m / L and 1 / xd as fastmath computes them (m times the constant 1 / L,
+# L / m), written so that the reference does the same float32 steps and x / xd rounds there as here (ties too)
+INT8, INT16 = (np.float32(127.0), np.float32(1.0 / 127.0)), (np.float32(32767.0), np.float32(1.0 / 32767.0))
 # Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
 # j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
 LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
@@ -115,38 +123,70 @@ WORDS, FLOATS = (32, 16) if isa.ISA == "avx512" else (16, 8)
 # lanes are the other half's): weight 32 (2k + u % 2) + (2 m + p) % 32 + 128 (u // 2 + m // 16)
 _q = np.arange(256)
 _m, _p, _k, _u = _q % WORDS, _q // WORDS % 2, _q // (2 * WORDS) % 2, _q // (4 * WORDS)
-Q5_K_ORDER = _q // 32 * 32 + np.tile(np.r_[0:32:2, 1:32:2], 8)  # each 32 weights' even ones, then the odd
+EVEN_ODD = _q // 32 * 32 + np.tile(np.r_[0:32:2, 1:32:2], 8)  # each 32 weights' even ones, then the odd
 Q6_K_ORDER = 32 * (2 * _k + _u % 2) + 2 * (_m % 16) + _p + 128 * (_u // 2 + _m // 16)
+_r16, _rw = _q % 32, _q % (2 * WORDS)  # int8 dots the bytes where int16 dots n even ones, then n odd
+ORDERS = np.array([[_q, _q - _r16 + _r16 % 2 * 16 + _r16 // 2], [_q, _q],  # [32-weight types, Q8_0, K-quants,
+                   [EVEN_ODD, _q], [Q6_K_ORDER, Q6_K_ORDER[_q - _rw + _rw % 2 * WORDS + _rw // 2]]])  # Q6_K]
+REORDERED = (ORDERS != _q).any(axis=2)  # whether xq is put in ORDERS' order
 
 
 @jit
 def quantize_activations(xq, xd, xsum, x):
-    # xq: [K] int16, xd, xsum: [K/32] float32 (outputs), x: [K] float32
-    """xd[b] = max|x in block b| / 32767,  xq = round(x / xd),  xsum[b] = sum of block b of x"""
+    # xq: [K] int16 or int8, xd, xsum: [K/32] float32 (outputs), x: [K] float32
+    """xd[b] = max|x in block b| / L,  xq = round(x / xd),  xsum[b] = sum of block b of x  (L: INT16, INT8)"""
+    top, step = INT8 if xq.itemsize == 1 else INT16
     for b in range(x.shape[0] // 32):  # vectors (round16 rounds ties to even, as round did): 2-4x the loop
         m, total = np.float32(0.0), fzeros(FLOATS)
         for i in range(32 * b, 32 * b + 32, FLOATS):
             m, total = max(m, abs_max(load(x, i, FLOATS))), total + load(x, i, FLOATS)
-        inverse = splat(INT16_MAX / m if m > 0 else np.float32(0.0), FLOATS)
+        inverse = splat(top / m if m > 0 else np.float32(0.0), FLOATS)
         for i in range(32 * b, 32 * b + 32, FLOATS):
             store(xq, i, round16(load(x, i, FLOATS) * inverse))
-        xd[b], xsum[b] = m * INT16_STEP, hsum(total)
+        xd[b], xsum[b] = m * step, hsum(total)
+
+
+def _dot(start, levels, xq, e):
+    """start + levels . xq[e:] in int32 lanes. levels: two int16 vectors of n levels each (weights 0-15 and
+    16-31 of 32), or one whose int16 lanes hold two levels, in the low and the high byte (int16 xq: the low
+    bytes' n, then the high bytes'), or (int8 xq only) one vector of byte levels. With int8 xq (in the
+    order of the bytes) all are bytes (0..255) of one vector: one vpdpbusd; with int16 xq two vpdpwssd"""
+
+
+@overload(_dot)
+def _dot_for(start, levels, xq, e):
+    paired, int8 = isinstance(levels, Vector), xq.dtype.bitwidth == 8
+    n = levels.lanes if paired else levels.dtype.lanes  # a compile-time constant (the lambdas' free
+    if paired and levels.kind == "i8":  # variables are; expressions in them are not)
+        return lambda start, levels, xq, e: dot_u8s8(start, levels, load(xq, e, n))
+    if paired and int8:
+        return lambda start, levels, xq, e: _dot(start, as_bytes(levels), xq, e)
+    if paired:
+        return lambda start, levels, xq, e: _dot(start, (field(levels, 0, 255), field(levels, 8, 255)), xq, e)
+    if int8:
+        return lambda start, levels, xq, e: _dot(start, join(levels[0], levels[1], 8), xq, e)
+    return lambda start, levels, xq, e: dot_s16(dot_s16(start, levels[0], load(xq, e, n)), levels[1],
+                                                load(xq, e + n, n))
 
 
 @jit
-def _dot(start, low, high, xq, e):  # start + 32 levels (two int16 vectors) times xq[e:e+32]: 8 int32 lanes
-    return dot_s16(dot_s16(start, low, load(xq, e, 16)), high, load(xq, e + 16, 16))
+def _excess(t, xq):  # how far above their levels t stores them, with xq's width (_offsets)
+    return (127 if t == IQ4_NL or t == IQ4_XS else 8 if t == Q4_0 else 16 if t == Q5_0 else 32 if t == Q6_K
+            else 128 if t == Q8_0 and np.iinfo(xq.dtype).bits == 8 else 0)  # (as _offsets' s)
 
 
 @jit
-def _offsets(offset, xq, width, excess):  # offset: [K/4] int32 (output), xq: [K] int16
-    """offset[e/4 + l] = -excess (xq[e + 2l] + xq[e + 2l + 1] + xq[e + width + 2l] + xq[e + width + 2l + 1]),
-    e = 2 width c: what lane l of the dot of two vectors of `width` int16 lanes (_dot) gains from levels
-    stored `excess` too high (IQ4_TABLE's + 127, Q4_0's + 8, Q6_K's + 32): a dot started there is theirs"""
-    for e in range(0, xq.shape[0], 2 * width):
-        for lane_ in range(width // 2):
-            four = np.int32(xq[e + 2 * lane_]) + np.int32(xq[e + 2 * lane_ + 1])
-            four += np.int32(xq[e + width + 2 * lane_]) + np.int32(xq[e + width + 2 * lane_ + 1])
+def _offsets(offset, xq, lanes, excess):  # offset: [K/4] int32 (output), xq: [K] int16 or int8
+    """offset[e/4 + l] = -excess sum_{j<4} xq[e + (j // s) s lanes + s l + j % s]  (s = 4 / xq's bytes,
+    e = 4 lanes c): what lane l of a dot into `lanes` int32 lanes (_dot) gains from levels stored `excess` too
+    high (IQ4_TABLE's + 127, Q4_0's + 8, Q5_0's + 16, Q6_K's + 32, Q8_0's + 128 for int8): a dot started
+    there is theirs"""
+    s = 32 // np.iinfo(xq.dtype).bits  # 2 / 4 xq in a lane (a compile-time constant, as xq.itemsize is not)
+    for e in range(0, xq.shape[0], 4 * lanes):
+        for lane_ in range(lanes):
+            four = np.int32(0)
+            for j in range(4):
+                four += np.int32(xq[e + j // s * s * lanes + s * lane_ + j % s])
             offset[e // 4 + lane_] = -excess * four
 
 
@@ -156,8 +196,31 @@ def _iq4_levels(row, o):  # the 32 IQ4 levels + 127 of the 16 bytes of nibbles a
     return lookup16(table, field(packed, 0, 15)), lookup16(table, field(packed, 4, 15))
 
 
+def _levels(row, o, t, xq):
+    """the 32 levels of the block at row[o:] (a 32-weight type t): for int16 xq two int16 vectors (weights
+    0-15, 16-31); for int8 xq bytes, in xq's order (ORDERS): Q8_0's q + 128 as stored, the others' weights
+    l, 16 + l at bytes 2l, 2l + 1 (Q4_0 / Q4_1: a byte's two nibbles moved into a word's two bytes)"""
+
+
+@overload(_levels)
+def _levels_for(row, o, t, xq):
+    return (lambda row, o, t, xq: _byte_levels(row, o, t)) if xq.dtype.bitwidth == 8 else (
+        lambda row, o, t, xq: _word_levels(row, o, t))
+
+
 @jit
-def _levels(row, o, t):  # the 32 levels of the block at row[o:] (a 32-weight type) as two int16 vectors
+def _byte_levels(row, o, t):
+    if t == Q8_0:
+        return load(row, o + 2, 32) - 128
+    if t == Q4_0 or t == Q4_1:
+        packed = widen16(row, o + BLOCK_BYTES[t] - 16, False)
+        return as_bytes(field(join(packed, packed, 4), 0, 0x0F0F))
+    low, high = _word_levels(row, o, t)
+    return as_bytes(join(low, high, 8))
+
+
+@jit
+def _word_levels(row, o, t):
     if t == Q8_0:  # d, qs[32]
         return widen16(row, o + 2, True), widen16(row, o + 18, True)
     if t == IQ4_NL:  # d, qs[16]: the nibbles index the codebook
@@ -166,17 +229,14 @@ def _levels(row, o, t):  # the 32 levels of the block at row[o:] (a 32-weight ty
     low, high = field(packed, 0, 15), field(packed, 4, 15)
     if t == Q4_0 or t == Q4_1:  # d, (m,) qs[16]; Q4_0's - 8 is in the offset its dot starts from
         return low, high
-    fifth = o + (2 if t == Q5_0 else 4)  # qh[4]
-    fifth_low, fifth_high = bit_words(row, fifth, 16), bit_words(row, fifth + 2, 16)
-    if t == Q5_0:  # d, qh[4], qs[16] (its - 16 costs nothing here: bit_words selects from 16 or 0)
-        return (low + fifth_low) - 16, (high + fifth_high) - 16
-    return low + fifth_low, high + fifth_high  # Q5_1: d, m, qh[4], qs[16]
+    fifth = o + (2 if t == Q5_0 else 4)  # Q5_0: d, qh[4], qs[16] (its - 16 in the offset); Q5_1: d, m, qh, qs
+    return low + bit_words(row, fifth, 16), high + bit_words(row, fifth + 2, 16)
 
 
 @jit
 def _block_part(a, t, xq, xd, eighths, offset, c, levels, d, m):  # a + block c's (flat: B i + b) product
-    start = load(offset, 8 * c, 8) if t == IQ4_NL or t == Q4_0 else izeros(8)  # levels stored too high
-    a = fma(to_float(_dot(start, levels[0], levels[1], xq, 32 * c)), d * splat_at(xd, c, 8), a)  # d xd
+    start = load(offset, 8 * c, 8) if _excess(t, xq) else izeros(8)  # levels stored too high
+    a = fma(to_float(_dot(start, levels, xq, 32 * c)), d * splat_at(xd, c, 8), a)  # d xd
     return fma(m, splat_at(eighths, c, 8), a) if t == Q4_1 or t == Q5_1 else a
 
 
@@ -189,7 +249,7 @@ def _block_tokens(out, row, n, args, i, g):  # tokens i .. i + g - 1 (g <= 4) of
         o = BLOCK_BYTES[t] * b
         if b % 2 == 0:
             prefetch(row, o + PREFETCH_BYTES)
-        levels, d, m = _levels(row, o, t), fp16_splat(row, o, 8), fp16_splat(row, o + 2, 8)
+        levels, d, m = _levels(row, o, t, xq), fp16_splat(row, o, 8), fp16_splat(row, o + 2, 8)
         a0 = _block_part(a0, t, xq, xd, eighths, offset, B * i + b, levels, d, m)
         b0 = _block_part(b0, t, xq, xd, eighths, offset, B * i1 + b, levels, d, m) if g > 1 else b0
         c0 = _block_part(c0, t, xq, xd, eighths, offset, B * i2 + b, levels, d, m) if g > 2 else c0
@@ -217,8 +277,8 @@ def _matmul_blocks(out, data, t, xq, xd, eighths, offset):  # t: a 32-weight typ
 
 @jit
 def _k_part(a, b, xq, f, levels, ds, j):  # (a, b) + the dots of sub-blocks j, j + 1 with xq (flat) from f
-    a = fma(to_float(_dot(izeros(8), levels[0], levels[1], xq, f)), lane(ds, j), a)  # levels: low0, low1,
-    return a, fma(to_float(_dot(izeros(8), levels[2], levels[3], xq, f + 32)), lane(ds, j + 1), b)  # high0, 1
+    a = fma(to_float(_dot(izeros(8), levels[0], xq, f)), lane(ds, j), a)
+    return a, fma(to_float(_dot(izeros(8), levels[1], xq, f + 32)), lane(ds, j + 1), b)
 
 
 @ijit
@@ -239,16 +299,13 @@ def _k_tokens(out, row, n, args, i, g):  # tokens i .. i + g - 1 (g <= 4) of row
         ds2, ds3 = scales * load(xd, B * i2 + 8 * s, 8), scales * load(xd, B * i3 + 8 * s, 8)
         a0, b0 = fma(ms, load(negated, B * i + 8 * s, 8), a0), fma(ms, load(negated, B * i1 + 8 * s, 8), b0)
         c0, d0 = fma(ms, load(negated, B * i2 + 8 * s, 8), c0), fma(ms, load(negated, B * i3 + 8 * s, 8), d0)
-        for c in range(4):  # 32 bytes: low nibbles are sub-block 2c, high 2c + 1
-            at, e = o + qs + 32 * c, 256 * s + 64 * c
-            if t == Q5_K:  # fifth bits 2c (low), 2c + 1 (high) of qh; as Q6_K, a word's 2 levels
-                q, fifth = words(row, at, 0, 16), words(row, o + 16, 0, 16)  # at once: 1.06-1.1x
-                low = join(field(q, 0, 0x0F0F), field(fifth, 2 * c, 0x0101), 4)
-                high = join(field(q, 4, 0x0F0F), field(fifth, 2 * c + 1, 0x0101), 4)
-                levels = (field(low, 0, 255), field(low, 8, 255), field(high, 0, 255), field(high, 8, 255))
-            else:  # Q4_K (Q5_K's levels above come in Q5_K_ORDER, as its xq does)
-                one, two = widen16(row, at, False), widen16(row, at + 16, False)  # bytes 0-15, 16-31
-                levels = (field(one, 0, 15), field(two, 0, 15), field(one, 4, 15), field(two, 4, 15))
+        for c in range(4):  # 32 bytes: low nibbles are sub-block 2c, high 2c + 1; as Q6_K, a word's 2 levels
+            q, e = words(row, o + qs + 32 * c, 0, 16), 256 * s + 64 * c  # at once (Q5_K: 1.06-1.1x)
+            levels = (field(q, 0, 0x0F0F), field(q, 4, 0x0F0F))
+            if t == Q5_K:  # fifth bits 2c (low), 2c + 1 (high) of qh
+                fifth = words(row, o + 16, 0, 16)
+                levels = (join(levels[0], field(fifth, 2 * c, 0x0101), 4),
+                          join(levels[1], field(fifth, 2 * c + 1, 0x0101), 4))
             a0, a1 = _k_part(a0, a1, xq, K * i + e, levels, ds0, 2 * c)
             b0, b1 = _k_part(b0, b1, xq, K * i1 + e, levels, ds1, 2 * c) if g > 1 else (b0, b1)
             c0, c1 = _k_part(c0, c1, xq, K * i2 + e, levels, ds2, 2 * c) if g > 2 else (c0, c1)
@@ -265,9 +322,8 @@ def _matmul_k(out, data, t, xq, xd, negated):  # Q4_K: d, dmin, scales[12], qs[1
 
 @jit
 def _q6_k_part(a, b, xq, offset, f, ds, levels):  # (a, b) + the levels' dot with xq (flat) from f, scaled
-    even, odd, k, j = levels  # k = 0 / 1: the low / high nibbles, summed in a / b; j: their scales in ds
-    p = dot_s16(load(offset, f // 4, FLOATS), even, load(xq, f, WORDS))
-    p = fma(to_float(dot_s16(p, odd, load(xq, f + WORDS, WORDS))), quads(ds, j), a if k == 0 else b)
+    pair, k, j = levels  # k = 0 / 1: the low / high nibbles, summed in a / b; j: their scales in ds
+    p = fma(to_float(_dot(load(offset, f // 4, FLOATS), pair, xq, f)), quads(ds, j), a if k == 0 else b)
     return (p, b) if k == 0 else (a, p)
 
 
@@ -289,9 +345,9 @@ def _q6_k_tokens(out, row, n, args, i, g):  # tokens i .. i + g - 1 (g <= 4) of 
                 ql = words(row, o + 64 * h + 32 * c, 64, WORDS)
                 e = 256 * s + 128 * h + 4 * WORDS * c  # where this part's 4 WORDS weights sit in xq
                 for k in range(2):  # low / high nibbles (group c + 2k): the even, odd bytes' levels,
-                    at = e + 2 * WORDS * k  # a word's two at once, then apart (each alone: 1.06-1.11x)
+                    at = e + 2 * WORDS * k  # a word's two at once, apart for int16 (each alone: 1.06-1.11x)
                     pair = join(field(ql, 4 * k, 0x0F0F), field(qh, 2 * c + 4 * k, 0x0303), 4)
-                    levels = (field(pair, 0, 0xFF), field(pair, 8, 0xFF), k, 2 * c + 4 * k)
+                    levels = (pair, k, 2 * c + 4 * k)
                     a0, a1 = _q6_k_part(a0, a1, xq, offset, K * i + at, ds0, levels)
                     b0, b1 = _q6_k_part(b0, b1, xq, offset, K * i1 + at, ds1, levels) if g > 1 else (b0, b1)
                     c0, c1 = _q6_k_part(c0, c1, xq, offset, K * i2 + at, ds2, levels) if g > 2 else (c0, c1)
@@ -330,32 +386,33 @@ def _matmul_iq4_xs(out, data, xq, xd, offset):  # IQ4_XS: d, scales_h (u16), sca
                     low1, high1 = _iq4_levels(row, o + 24 + 16 * j)
                     e = 256 * s + 32 * j
                     start0, start1 = load(offset[i], e // 4, 8), load(offset[i], e // 4 + 8, 8)  # + 127's
-                    a0 = fma(to_float(_dot(start0, low0, high0, xq[i], e)), lane(ds, j), a0)
-                    a1 = fma(to_float(_dot(start1, low1, high1, xq[i], e + 32)), lane(ds, j + 1), a1)
+                    a0 = fma(to_float(_dot(start0, (low0, high0), xq[i], e)), lane(ds, j), a0)
+                    a1 = fma(to_float(_dot(start1, (low1, high1), xq[i], e + 32)), lane(ds, j + 1), a1)
             out[i, n] = hsum(a0 + a1)
 
 
 @jit
-def matmul_integer(out, data, ggml_type, x):
-    # out: [T, N] float32, data: [N, bytes] uint8 blocks of ggml_type (in INTEGER_TYPES), x: [T, K] float32
-    """out[i, n] = sum_k w[n, k] x[i, k] on integer dot products, x rounded to int16 per block of 32: one
-    token (decode) or a few (a batch of sequences decoding together), each row of W read from memory once
-    for all of them. The one switch over the types: each branch compiles one type's kernel."""
+def matmul_integer(out, data, ggml_type, x, activations):
+    # out: [T, N] float32, data: [N, bytes] uint8 blocks of ggml_type (in INTEGER_TYPES), x: [T, K] float32,
+    # activations: np.dtype(np.int16) or (where isa.VNNI_BITS has 256: vpdpbusd) np.dtype(np.int8)
+    """out[i, n] = sum_k w[n, k] x[i, k] on integer dot products, x rounded to `activations` per block of 32:
+    one token (decode) or a few (a batch of sequences decoding together), each row of W read from memory
+    once for all of them. The one switch over the types: each branch compiles one type's kernel."""
     T, K = x.shape
     x = np.ascontiguousarray(x)  # quantize_activations loads its rows as vectors
-    xq = np.empty((T, K), np.int16)
+    xq = np.empty((T, K), activations)
     xd, xsum = np.empty((T, K // 32), np.float32), np.empty((T, K // 32), np.float32)
-    t = ggml_type
-    excess = 127 if t == IQ4_NL or t == IQ4_XS else 8 if t == Q4_0 else 32 if t == Q6_K else 0
+    t, int8 = ggml_type, int(xq.itemsize == 1)
+    kind, excess = 3 if t == Q6_K else 2 if t == Q4_K or t == Q5_K else int(t == Q8_0), _excess(t, xq)
     offset = np.empty((T, K // 4 if excess else 0), np.int32)
     for i in range(T):
         quantize_activations(xq[i], xd[i], xsum[i], x[i])
-        if t == Q6_K or t == Q5_K:  # into their order from a copy (a gather in place allocated twice per 256)
-            natural, order = xq[i].copy(), Q6_K_ORDER if t == Q6_K else Q5_K_ORDER
+        if REORDERED[kind, int8]:  # into its order from a copy (a gather in place allocated twice per 256)
+            natural, order = xq[i].copy(), ORDERS[kind, int8]
             for e in range(K):
                 xq[i, e] = natural[e // 256 * 256 + order[e % 256]]
-        if excess:  # Q6_K's on its vectors of WORDS lanes, in its order
-            _offsets(offset[i], xq[i], WORDS if t == Q6_K else 16, excess)
+        if excess:  # Q6_K's on its vectors of WORDS int16 lanes, in its order
+            _offsets(offset[i], xq[i], WORDS // 2 if t == Q6_K else 8, excess)
     eighths = xsum * np.float32(0.125)  # a block's minimum term goes to all 8 lanes of a sum, 1/8 in each
     if t == Q8_0:
         _matmul_blocks(out, data, Q8_0, xq, xd, eighths, offset)
@@ -379,7 +436,7 @@ def matmul_integer(out, data, ggml_type, x):
         _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16), offset)
 
 
-def matmul_integer_reference(data, ggml_type, x):  # [N, bytes] uint8, [T, K] float32 -> [T, N] float64
+def matmul_integer_reference(data, ggml_type, x, activations):  # [N, bytes] uint8, [T, K] float32 -> [T, N]
     """matmul_integer's math in float64: x rounded as quantize_activations rounds it (xd and x / xd in
     float32, as there, so that the same elements round the same way) times the weights' level terms, plus
     their minimum terms (the part of w that does not scale with the level: Q4_1 / Q5_1's m, Q4_K / Q5_K's
@@ -388,7 +445,8 @@ def matmul_integer_reference(data, ggml_type, x):  # [N, bytes] uint8, [T, K] fl
     T, K = x.shape
     blocks = x.reshape(T, K // 32, 32)
     m = np.abs(blocks).max(axis=2, keepdims=True)
-    xd, inverse = m * INT16_STEP, np.divide(INT16_MAX, m, out=np.zeros_like(m), where=m > 0)
+    top, step = INT8 if activations == np.int8 else INT16
+    xd, inverse = m * step, np.divide(top, m, out=np.zeros_like(m), where=m > 0)
     x_rounded = (np.round(blocks * inverse) * xd.astype(np.float64)).reshape(T, K)
     w = dequantize_ggml_reference(data, ggml_type, K)
     minimum = np.zeros_like(w)

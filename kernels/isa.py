@@ -63,3 +63,10 @@ PREFILLS += ["int8"] * ({"avx512": 512}.get(ISA, 256) in VNNI_BITS)
 if PREFILL not in PREFILLS:
     raise InstructionPathError(f"MINQWEN_PREFILL={PREFILL!r} is not a prefill this CPU runs "
                                f"({', '.join(PREFILLS)})")
+
+# Decode on int8 activations (vpdpbusd, kernels/intdot.py) is opt-in, MINQWEN_DECODE=int8, where the path has
+# 256-bit VNNI: int16's steps are 258x finer (why int16 is the default: intdot.py's docstring).
+DECODE = os.environ.get("MINQWEN_DECODE") or "int16"
+if DECODE not in ("int16", "int8") or (DECODE == "int8" and 256 not in VNNI_BITS):
+    raise InstructionPathError(f"MINQWEN_DECODE={DECODE!r} is not a decode this CPU runs "
+                               f"({'int16, int8' if 256 in VNNI_BITS else 'int16'})")

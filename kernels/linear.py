@@ -50,7 +50,7 @@ def linear(out, x, w):
             matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul_fp8(out, x, w)
     elif isinstance(w, GgmlMatrix):
         if w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
-            matmul_integer(out, w.data, w.ggml_type, x)
+            matmul_integer(out, w.data, w.ggml_type, x, np.dtype(isa.DECODE))
         elif T == 1:
             matvec_ggml(out[0], w.data, w.ggml_type, x[0])
         else:

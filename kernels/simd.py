@@ -30,6 +30,7 @@ and how (`lanes` = elements of the result):
                              `value` where the bit is set, 0 elsewhere (bit i -> lane i)
     field(v, shift, mask)    (v >> shift) & mask, per byte or 16-bit lane: nibbles and 2-bit fields
     widen16(arr, off, signed)  the 16 bytes at arr[off] as 16-bit lanes (one vpmovzxbw / vpmovsxbw)
+    as_bytes(v)              int16 lanes' bits as byte lanes (each lane's low byte first)
     join(low, high, shift)   low | high << shift, per byte or 16-bit lane
     lookup16(table, index)   table[index] per 16-bit lane (index 0..15): a 16-entry codebook in a register
                              (one vpshufb). The table is 16 unsigned bytes repeated in each 128-bit half
@@ -139,11 +140,13 @@ def load(typingctx, arr, off, n):
 
 
 @intrinsic
-def store(typingctx, arr, off, v):
+def store(typingctx, arr, off, v):  # int16 lanes into a byte array: their low bytes (int8 activations)
     if not isinstance(v, Vector):
         return None
+    stored = Vector("i8", v.lanes) if v.kind == "i16" and arr.dtype.bitwidth == 8 else v
     def codegen(context, builder, sig, args):
-        builder.store(args[2], _address(context, builder, sig, args, v.llvm), align=1)
+        value = builder.trunc(args[2], stored.llvm) if stored is not v else args[2]
+        builder.store(value, _address(context, builder, sig, args, stored.llvm), align=1)
         return context.get_dummy_value()
     return types.none(arr, off, v), codegen
 
@@ -336,6 +339,14 @@ def dot_u8s8(typingctx, acc, a, b):
         raise errors.TypingError(f"dot_u8s8 on {8 * a.lanes} bits needs VNNI on the {isa.ISA} path")
     return acc(acc, a, b), lambda context, builder, sig, args: _call(
         builder, f"llvm.x86.avx512.vpdpbusd.{8 * a.lanes}", acc.llvm, list(args))
+
+
+@intrinsic
+def as_bytes(typingctx, v):  # no instruction: the same bits as byte lanes
+    if not (isinstance(v, Vector) and v.kind == "i16"):
+        return None
+    b = Vector("i8", 2 * v.lanes)
+    return b(v), lambda context, builder, sig, args: builder.bitcast(args[0], b.llvm)
 
 
 @intrinsic

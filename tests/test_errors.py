@@ -156,6 +156,8 @@ UNUSABLE_PATHS = {
                              "CPU (as Numba targets it) lacks (paths this CPU runs: generic, avx2)"),
     "no prefill": ({"MINQWEN_PREFILL": "int4"},
                    "MINQWEN_PREFILL='int4' is not a prefill this CPU runs (float"),
+    "a decode the path lacks": ({"MINQWEN_DECODE": "int8", **AVX2_TARGET},  # int8 needs 256-bit VNNI
+                                "MINQWEN_DECODE='int8' is not a decode this CPU runs (int16)"),
 }
 LOAD = """
 import sys, minqwen
@@ -168,10 +170,10 @@ except minqwen.ConfigError as e:
 
 @pytest.mark.parametrize("case", UNUSABLE_PATHS)
 def test_an_instruction_path_the_cpu_cannot_run_is_refused_where_it_is_chosen(good, case):
-    """MINQWEN_ISA naming no path, or one the CPU (as Numba targets it) lacks, or MINQWEN_PREFILL naming
-    no prefill (kernels/isa.py), fails the import of the kernels with the paths it could run (benches and
-    direct kernel users never run another path without a word); minqwen.load raises it as a ConfigError;
-    `info` and `generate` print it as one line."""
+    """MINQWEN_ISA naming no path, or one the CPU (as Numba targets it) lacks, or MINQWEN_PREFILL /
+    MINQWEN_DECODE naming a prefill / decode the path has not (kernels/isa.py), fails the import of the
+    kernels with the paths it could run (benches and direct kernel users never run another path without a
+    word); minqwen.load raises it as a ConfigError; `info` and `generate` print it as one line."""
     env, problem = UNUSABLE_PATHS[case]
     env = {**os.environ, **env}
 

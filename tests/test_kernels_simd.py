@@ -52,6 +52,8 @@ if isa.ISA != "generic":  # imported only where the CPU has the instructions, as
     )
 
 seeds = st.integers(0, 2**32 - 1)
+# matmul_integer's activations: int16, and int8 where the path has 256-bit VNNI (MINQWEN_DECODE=int8)
+ACTIVATIONS = [np.dtype(np.int16)] + [np.dtype(np.int8)] * (256 in isa.VNNI_BITS)
 SCALE_AT = {GGML.Q4_K: (0, 2), GGML.Q5_K: (0, 2), GGML.Q6_K: (208,), GGML.IQ4_NL: (0,),
             GGML.IQ4_XS: (0,)}  # fp16 scales in the blocks that are random bytes otherwise
 
@@ -80,46 +82,50 @@ def minimum_term(kind, data, K):
     return dequantize(zero.reshape(data.shape[0], -1), kind).reshape(data.shape[0], K).astype(np.float64)
 
 
-@settings(deadline=None, max_examples=15)
+@settings(deadline=None, max_examples=25)
 @given(seed=seeds, N=st.sampled_from([1, 5, 33]), blocks=st.sampled_from([1, 3]), T=st.integers(2, 6),
-       kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]))
-def test_a_few_tokens_at_once_are_each_token_alone(seed, N, blocks, T, kind):
+       kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]), activations=st.sampled_from(ACTIVATIONS))
+def test_a_few_tokens_at_once_are_each_token_alone(seed, N, blocks, T, kind, activations):
     """matmul_integer (a batch decoding together) gives each token what it gives that token alone, bit for
     bit (speculative decoding's verify pass must see the logits single steps see): the same operations in
-    the same order, though each group size (4, 2, 1) compiles its own code (simd.ORDERED)."""
+    the same order, though each group size (4, 2, 1) compiles its own code (simd.ORDERED); with int16 and
+    with int8 activations."""
     rng = np.random.default_rng(seed)
     K = blocks * GGML_BLOCKS[kind][0]
     data = random_blocks(rng, N, K, kind)
     x = rng.standard_normal((T, K)).astype(np.float32)
     together = np.full((T, N + 3), np.nan, np.float32)
-    matmul_integer(together[:, 1:N + 1], data, int(kind), x)
+    matmul_integer(together[:, 1:N + 1], data, int(kind), x, activations)
     alone = np.empty(N, np.float32)
     for i in range(T):
-        matmul_integer(alone.reshape(1, N), data, int(kind), x[i:i + 1])
+        matmul_integer(alone.reshape(1, N), data, int(kind), x[i:i + 1], activations)
         np.testing.assert_array_equal(together[i, 1:N + 1], alone)
     assert np.isnan(together[:, 0]).all() and np.isnan(together[:, N + 1:]).all()
 
 
-@settings(deadline=None, max_examples=30)
-@given(seed=seeds, T=st.sampled_from([1, 2, 3, 7, 16]), N=st.sampled_from([1, 3, 17, 64]),
-       blocks=st.sampled_from([1, 2, 3, 5, 7]), kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]))
-def test_matmul_integer_is_the_product_with_int16_activations(seed, T, N, blocks, kind):
-    """To float rounding against matmul_integer_reference (x rounded to int16 the same way, in float64);
-    and against the exact x W^T (W by gguf-py's dequantisation) to within what that rounding moves it."""
+@settings(deadline=None, max_examples=60)
+@given(seed=seeds, T=st.integers(1, 16), N=st.sampled_from([1, 3, 17, 64]),
+       blocks=st.sampled_from([1, 2, 3, 5, 7]), kind=st.sampled_from([GGML(t) for t in INTEGER_TYPES]),
+       activations=st.sampled_from(ACTIVATIONS))
+def test_matmul_integer_is_the_product_with_rounded_activations(seed, T, N, blocks, kind, activations):
+    """To float rounding against matmul_integer_reference (x rounded to int16 / int8 the same way, in
+    float64); and against the exact x W^T (W by gguf-py's dequantisation) to within what that rounding
+    moves it."""
     rng = np.random.default_rng(seed)
     K = blocks * GGML_BLOCKS[kind][0]
     data = random_blocks(rng, N, K, kind)
     x = (rng.standard_normal((T, K)) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
     out = np.full((T, N), np.nan, np.float32)
-    matmul_integer(out, data, int(kind), x)
+    matmul_integer(out, data, int(kind), x, activations)
     w = dequantize(data, kind).reshape(N, K).astype(np.float64)
     terms = np.abs(x.astype(np.float64)) @ np.abs(w).T
-    diff = np.abs(out - matmul_integer_reference(data, int(kind), x))
-    assert diff.max() <= 1e-5 * terms.max(), (f"{kind.name}: max|diff| {diff.max():.3g}, "
+    diff = np.abs(out - matmul_integer_reference(data, int(kind), x, activations))
+    assert diff.max() <= 1e-5 * terms.max(), (f"{kind.name} {activations}: max|diff| {diff.max():.3g}, "
                                               f"mean {diff.mean():.3g}")
-    # x rounded to int16 steps xd = max|x in its block| / 32767 moves by at most xd / 2, and the level
-    # terms w - minimum feel it (the minimum terms take the exact block sums of x)
-    step = np.repeat(np.abs(x.astype(np.float64)).reshape(T, -1, 32).max(axis=2) / 32767, 32, axis=1)
+    # x rounded to steps xd = max|x in its block| / L (32767 for int16, 127 for int8) moves by at most
+    # xd / 2, and the level terms w - minimum feel it (the minimum terms take the exact block sums of x)
+    L = np.iinfo(activations).max
+    step = np.repeat(np.abs(x.astype(np.float64)).reshape(T, -1, 32).max(axis=2) / L, 32, axis=1)
     bound = (step / 2) @ np.abs(w - minimum_term(kind, data, K)).T
     assert np.all(np.abs(out - x.astype(np.float64) @ w.T) <= bound + 1e-5 * terms.max())
 
@@ -223,7 +229,7 @@ def probe(a, b):
 
 a, b = np.zeros(32, np.int16), np.zeros(32, np.int16)
 matvec_args = (np.empty((1, 2), np.float32), np.zeros((2, 34 * 8), np.uint8), 8,
-               np.zeros((1, 256), np.float32))
+               np.zeros((1, 256), np.float32), np.dtype(np.int16))
 prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16),
                 np.int16)
 for kernel, args in ((probe, (a, b)), (matmul_integer, matvec_args), (matmul_panels, prefill_args)):
