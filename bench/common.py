@@ -11,6 +11,7 @@ import time
 import numba
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits
@@ -19,8 +20,8 @@ from minqwen.kernels.jit import pjit
 GIB = 1 << 30
 
 if isa.ISA != "generic":
-    from minqwen.kernels.gemm import LANES, PAIRS
-    from minqwen.kernels.simd import dot_s16, fma, fzeros, hsum, izeros, load, splat, to_float
+    from minqwen.kernels.gemm import LANES, PAIRS, QUADS
+    from minqwen.kernels.simd import dot_s16, dot_u8s8, fma, fzeros, hsum, izeros, load, splat, to_float
 
     @pjit
     def _fma_chains(out, steps):  # out: [threads] float32; 12 independent chains of FMAs per thread
@@ -34,16 +35,24 @@ if isa.ISA != "generic":
                     fma(a, b, c10), fma(a, b, c11)
             out[t] = hsum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11)
 
+    def _self_dot(c, a):
+        """c + a . a: dot_s16 of int16 pairs or dot_u8s8 of byte quads, by a's dtype"""
+
+    @overload(_self_dot, inline="always")
+    def _self_dot_for(c, a):
+        if a.dtype.bitwidth == 16:
+            return lambda c, a: dot_s16(c, load(a, 0, PAIRS), load(a, 0, PAIRS))
+        return lambda c, a: dot_u8s8(c, load(a, 0, QUADS), load(a, 0, QUADS))
+
     @pjit
-    def _dot_chains(out, pairs, steps):  # 12 independent chains of int16 dot products (intgemm's vectors)
+    def _dot_chains(out, a, steps):  # 12 independent chains of int16 or int8 dot products, by a's dtype
         for t in prange(out.shape[0]):
-            a = load(pairs, 0, PAIRS)
             c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = izeros(LANES)
             for _ in range(steps):
-                c0, c1, c2, c3, c4, c5 = dot_s16(c0, a, a), dot_s16(c1, a, a), dot_s16(c2, a, a), \
-                    dot_s16(c3, a, a), dot_s16(c4, a, a), dot_s16(c5, a, a)
-                c6, c7, c8, c9, c10, c11 = dot_s16(c6, a, a), dot_s16(c7, a, a), dot_s16(c8, a, a), \
-                    dot_s16(c9, a, a), dot_s16(c10, a, a), dot_s16(c11, a, a)
+                c0, c1, c2, c3, c4, c5 = _self_dot(c0, a), _self_dot(c1, a), _self_dot(c2, a), \
+                    _self_dot(c3, a), _self_dot(c4, a), _self_dot(c5, a)
+                c6, c7, c8, c9, c10, c11 = _self_dot(c6, a), _self_dot(c7, a), _self_dot(c8, a), \
+                    _self_dot(c9, a), _self_dot(c10, a), _self_dot(c11, a)
             out[t] = hsum(to_float(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11))
 
 
@@ -70,6 +79,14 @@ def int16_dot_peak(repeats: int = 7) -> float | None:
     Numba threads, measured as fp32_fma_peak: the ceiling of the int16 panels."""
     return None if isa.ISA == "generic" else _peak(repeats, _dot_chains, 12 * PAIRS * 2,
                                                   np.ones(PAIRS, np.int16))
+
+
+def int8_dot_peak(repeats: int = 7) -> float | None:
+    """GOP/s of int8 dot products (vpdpbusd: a multiply and an add per byte pair) on all Numba threads,
+    measured as fp32_fma_peak: the ceiling of the int8 panels. None where the prefill has no int8
+    (isa.PREFILLS: VNNI at the prefill's width)."""
+    return _peak(repeats, _dot_chains, 12 * QUADS * 2, np.ones(QUADS, np.uint8)) if "int8" in isa.PREFILLS \
+        else None
 
 
 @pjit

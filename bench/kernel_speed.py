@@ -43,7 +43,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from common import cpu_flags, cpu_model, fp32_fma_peak, int16_dot_peak
+from common import cpu_flags, cpu_model, fp32_fma_peak, int8_dot_peak, int16_dot_peak
 from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.fp8 import Fp8Matrix, matmul_fp8, matvec_fp8
@@ -60,7 +60,7 @@ from minqwen.kernels.linear import INTEGER_TYPES
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 
 if isa.ISA != "generic":
-    from minqwen.kernels.gemm import LANES, PAIRS, matmul_panels
+    from minqwen.kernels.gemm import LANES, PAIRS, QUADS, XTYPES, matmul_panels
     from minqwen.kernels.intdot import matmul_integer
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
@@ -139,13 +139,14 @@ def weight_matrix(kind, arrays, K):  # the arrays of stored_weights as linear() 
 
 def matmul_calls(kind) -> dict:
     """{path: call(out, x, arrays)}: the generic kernel (tiles for BLAS) and the micro-kernels of gemm.py,
-    float32 and int16 (MINQWEN_PREFILL=int16)"""
+    float32, int16 and int8 (MINQWEN_PREFILL=int16 / int8, where the CPU runs them: isa.PREFILLS)"""
     generic = matmul_ggml if ggml_type(kind) else matmul_fp8 if kind == "fp8" else matmul
     calls = {"generic": lambda out, x, arrays: generic(out, x, weight_matrix(kind, arrays, x.shape[1]))}
     if isa.ISA != "generic" and kind != "fp32":
-        for integer in (False, True):
-            calls[isa.ISA + ("-int16" if integer else "")] = lambda out, x, arrays, integer=integer: \
-                matmul_panels(out, x, weight_matrix(kind, arrays, x.shape[1]), integer)
+        for prefill in isa.PREFILLS:
+            calls[isa.ISA + ("" if prefill == "float" else "-" + prefill)] = \
+                lambda out, x, arrays, xtype=XTYPES[prefill]: \
+                matmul_panels(out, x, weight_matrix(kind, arrays, x.shape[1]), xtype)
     return calls
 
 
@@ -197,14 +198,14 @@ def bench_matmul(kind, path, call, N, K, T, repeats, rng):
 
 def few_calls(kind) -> dict:
     """{name: call(out, x, w)}: the few-token kernel of kind (bf16: matmul_few, which streams W once; a
-    GGML type: matmul_integer) against the prefill ones (matmul_panels, float and int16, where the CPU has
+    GGML type: matmul_integer) against the prefill ones (matmul_panels, float, int16, int8, where the CPU has
     them, else BLAS tiles). Where they cross is linear.py's FEW_TOKENS / INTEGER_TOKENS."""
     few = {"matmul_few": matmul_few} if kind == "bf16" else {
         "matmul_integer": lambda out, x, w: matmul_integer(out, w.data, w.ggml_type, x, DECODE)}
     if isa.ISA == "generic":
         return {**few, "blas_tiles": matmul if kind == "bf16" else matmul_ggml}
-    return {**few, "panels": lambda out, x, w: matmul_panels(out, x, w, False),
-            "panels_int16": lambda out, x, w: matmul_panels(out, x, w, True)}
+    return {**few, **{"panels" + ("" if p == "float" else "_" + p): lambda out, x, w, xtype=XTYPES[p]:
+                      matmul_panels(out, x, w, xtype) for p in isa.PREFILLS}}
 
 
 def bench_few(kind, N, K, T, total_bytes, repeats, rng):
@@ -278,12 +279,15 @@ def main(argv=None):
     peak = fp32_fma_peak(args.repeats)
     bandwidth["fp32_peak_GFLOP_s"] = peak
     if peak:
-        int16_peak = int16_dot_peak(args.repeats)
-        bandwidth["int16_dot_peak_GOP_s"] = int16_peak
+        int16_peak, int8_peak = int16_dot_peak(args.repeats), int8_dot_peak(args.repeats)
+        bandwidth["int16_dot_peak_GOP_s"], bandwidth["int8_dot_peak_GOP_s"] = int16_peak, int8_peak
         print(f"float32 FMA peak ({machine['threads']} threads, {LANES} lanes, 12 chains): {peak:.0f} GFLOP/s"
               f" (the ceiling of BLAS tiles, path generic, and of the float panels, path {isa.ISA})\n"
               f"int16 dot peak ({PAIRS} int16 lanes, 12 chains): {int16_peak:.0f} GOP/s (the ceiling of "
               f"the int16 panels, path {isa.ISA}-int16)")
+        if int8_peak:
+            print(f"int8 dot peak ({QUADS} byte lanes, 12 chains): {int8_peak:.0f} GOP/s (the ceiling of the "
+                  f"int8 panels, path {isa.ISA}-int8)")
     results = []
     print(f"\n{'matvec (decode)':16s} {'path':>8s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} "
           f"{'GB/s':>7s} {'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")

@@ -54,9 +54,8 @@ TINY = np.float32(2.0**-100)  # a block whose largest |value| is below this roun
 
 
 @jit
-def quantize_blocks(d, values, levels):  # d: [K/32] float32 (output), values: [K] float32 -> q: [K] int16
+def quantize_blocks(q, d, values, levels):  # q: [K] int16, d: [K/32] float32 (outputs), values: [K] float32
     """d[b] = max|values in block b| / levels,  q = round(values / d)   (0 and 0 below TINY)"""
-    q = np.empty(values.shape[0], np.int16)
     for b in range(values.shape[0] // 32):
         m = np.float32(0.0)
         for i in range(32 * b, 32 * b + 32, LANES):
@@ -65,7 +64,6 @@ def quantize_blocks(d, values, levels):  # d: [K/32] float32 (output), values: [
         inverse = splat(levels / m if m >= TINY else np.float32(0.0), LANES)
         for i in range(32 * b, 32 * b + 32, LANES):
             store(q, i, round16(load(values, i, LANES) * inverse))
-    return q
 
 
 @jit
@@ -77,8 +75,9 @@ def pack_panel(panel, wd, wsum, rows, levels):
     K = rows.shape[1]
     q = np.zeros((LANES, (K + 63) // 64 * 64), np.int16)  # words in whole LANES x LANES blocks (by_k)
     for r in range(LANES):
-        q[r, :K] = quantize_blocks(wd[:, r], rows[r], levels)
-    wsum[:] = -(OFFSET if panel.itemsize == 1 else 0) * q.reshape(LANES, -1, 32).sum(axis=2)[:, :K // 32].T
+        quantize_blocks(q[r], wd[:, r], rows[r], levels)
+        for b in range(K // 32):  # (a loop: Numba's sum(axis=) is 4x slower)
+            wsum[b, r] = -(OFFSET if panel.itemsize == 1 else 0) * q[r, 32 * b:32 * b + 32].sum()
     words = q.astype(panel.dtype).reshape(-1).view(np.uint32)  # int8 levels: their two's complement bytes
     by_k(panel.view(np.uint32), words, words.size // LANES)
 
@@ -177,7 +176,9 @@ def matmul_panels(out, x, w, xtype):
         if xs.itemsize == 4:
             xs[t] = x[t]
         else:
-            xs[t] = quantize_blocks(xd[t], x[t], levels) + (OFFSET if xs.itemsize == 1 else 0)
+            q = np.empty(K, np.int16)
+            quantize_blocks(q, xd[t], x[t], levels)
+            xs[t] = q + (OFFSET if xs.itemsize == 1 else 0)
     for p in prange((N + LANES - 1) // LANES):
         first, rows = LANES * p, min(LANES, N - LANES * p)
         weights = np.zeros((LANES, K), np.float32)  # rows past N: zero
