@@ -31,7 +31,8 @@ to 1/254 of its terms, and on the one trained model the tests run (SmolLM2-135M)
 the two best first tokens of an answer (logits 25.33 and 25.24) and so greedy decoding's text; int16's
 1/65534 leaves the logits within 1e-4 of exact x. But at one token the int16 kernels are bound by their
 own instructions, not by memory, so MINQWEN_DECODE=int8 (kernels/isa.py: where the path has 256-bit VNNI)
-offers int8 for every type here, at the rates docs/performance.md gives.
+offers int8 for every type here. One Zen 4 core in cache: Q4_K 1.11-1.14x int16's rate, Q5_K 1.23x, Q6_K
+1.16-1.29x, Q4_0 and Q8_0 ~1x (their float work per block bounds them); SmolLM2's logits move by <= 2.8.
 
 Everything stays in vector registers: a block's fp16 scale is broadcast and converted in one step
 (simd.fp16_splat; a scalar conversion tied each block to its sum, 1.35-1.6x slower), a K-quant super-block's
@@ -44,11 +45,10 @@ is vpdpwssd. The IQ4 codebook lives in a register: each nibble looks its level u
 subtracted per weight: each block's dot starts from -127 times its lanes' sums of xq (_offsets, once per
 token; _dot's start). Q2_K, Q3_K, MXFP4 and the grid i-quants have none here (ggml.py's float kernel serves).
 
-The K-quants read their bits as 16-bit words: a word holds an even and an odd byte, whose two levels masks
-build at once (no widening shuffle); int16 dots the even bytes' levels, then the odd ones' (int8 the bytes
-as they are), with xq put in that order once per token (ORDERS). The 32-weight types' int16 levels are two
-widened vectors; for int8, bytes (Q8_0 as loaded, the others' weights l and 16 + l in a word). Q6_K (every
-Q4_K_M file's LM head) runs on 512-bit vectors on avx512 (WORDS).
+The K-quants read their bits as 16-bit words, whose even and odd bytes' levels masks build at once (no
+widening shuffle); int16 dots the even bytes' levels, then the odd ones' (int8 the bytes as they are), xq put
+in that order once per token (ORDERS). The 32-weight types' int16 levels are two widened vectors, int8's
+bytes. Q6_K (every Q4_K_M file's LM head) runs on 512-bit vectors on avx512 (WORDS).
 """
 import numpy as np
 from numba import prange
@@ -147,10 +147,9 @@ def quantize_activations(xq, xd, xsum, x):
 
 
 def _dot(start, levels, xq, e):
-    """start + levels . xq[e:] in int32 lanes. levels: two int16 vectors of n levels each (weights 0-15 and
-    16-31 of 32), or one whose int16 lanes hold two levels, in the low and the high byte (int16 xq: the low
-    bytes' n, then the high bytes'), or (int8 xq only) one vector of byte levels. With int8 xq (in the
-    order of the bytes) all are bytes (0..255) of one vector: one vpdpbusd; with int16 xq two vpdpwssd"""
+    """start + levels . xq[e:] in int32 lanes. levels: two int16 vectors (weights 0-15, 16-31 of 32), one
+    whose int16 lanes hold two levels (int16 xq: the low bytes' n, then the high bytes'), or bytes. For int8
+    xq (in the order of the bytes) all are bytes (0..255) of one vector: one vpdpbusd; int16: two vpdpwssd"""
 
 
 @overload(_dot)
@@ -177,10 +176,10 @@ def _excess(t, xq):  # how far above their levels t stores them, with xq's width
 
 @jit
 def _offsets(offset, xq, lanes, excess):  # offset: [K/4] int32 (output), xq: [K] int16 or int8
-    """offset[e/4 + l] = -excess sum_{j<4} xq[e + (j // s) s lanes + s l + j % s]  (s = 4 / xq's bytes,
-    e = 4 lanes c): what lane l of a dot into `lanes` int32 lanes (_dot) gains from levels stored `excess` too
-    high (IQ4_TABLE's + 127, Q4_0's + 8, Q5_0's + 16, Q6_K's + 32, Q8_0's + 128 for int8): a dot started
-    there is theirs"""
+    """offset[e/4 + l] = -excess sum_{j<4} xq[e + (j // s) s lanes + s l + j % s]  (s = 4 / xq's bytes, e = 4
+    lanes c): what lane l of a dot into `lanes` int32 lanes (_dot) gains from levels stored `excess` too high
+    (IQ4_TABLE's + 127, Q4_0's + 8, Q5_0's + 16, Q6_K's + 32, int8 Q8_0's + 128): a dot started there is
+    theirs"""
     s = 32 // np.iinfo(xq.dtype).bits  # 2 / 4 xq in a lane (a compile-time constant, as xq.itemsize is not)
     for e in range(0, xq.shape[0], 4 * lanes):
         for lane_ in range(lanes):
@@ -198,8 +197,7 @@ def _iq4_levels(row, o):  # the 32 IQ4 levels + 127 of the 16 bytes of nibbles a
 
 def _levels(row, o, t, xq):
     """the 32 levels of the block at row[o:] (a 32-weight type t): for int16 xq two int16 vectors (weights
-    0-15, 16-31); for int8 xq bytes, in xq's order (ORDERS): Q8_0's q + 128 as stored, the others' weights
-    l, 16 + l at bytes 2l, 2l + 1 (Q4_0 / Q4_1: a byte's two nibbles moved into a word's two bytes)"""
+    0-15, 16-31); for int8 xq bytes in xq's order (ORDERS): Q8_0's q + 128, others' l, 16 + l at 2l, 2l + 1"""
 
 
 @overload(_levels)
