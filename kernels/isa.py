@@ -56,7 +56,7 @@ VNNI_BITS = {"avx512": (256, 512), "avx2": (256,) if "avxvnni" in FEATURES else 
 
 # Prefill on integer dot products (kernels/gemm.py) is opt-in, MINQWEN_PREFILL=int16 (vpdpwssd), or int8
 # (vpdpbusd) where the prefill's width has VNNI: int16 moved the tests' random hybrids' logits by up to 3.6e-2
-# (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16 Qwen3-Next against transformers; bar 5e-3), int8 more.
+# (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16 Qwen3-Next; bar 5e-3), int8 SmolLM2's by 6e-2 (bar 2e-3).
 PREFILL = os.environ.get("MINQWEN_PREFILL") or "float"
 PREFILLS = ["float"] + ["int16"] * (ISA != "generic")  # the prefills this CPU runs
 PREFILLS += ["int8"] * ({"avx512": 512}.get(ISA, 256) in VNNI_BITS)
