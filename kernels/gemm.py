@@ -1,22 +1,22 @@
 """Prefill: out = x @ W^T for many tokens, W in any stored format, on register-blocked micro-kernels.
 
 Prefill reuses each weight T times, so it is bound by arithmetic: keep the vector units busy with operands
-already in registers. W is taken a panel of LANES rows (one vector's lanes) at a time, dequantised to
-float32 (ggml.py, fp8.py, dtypes.py: one kernel serves every format) and laid out k by k; TILE_TOKENS
-tokens x LANES rows of out stay in registers while k walks, so every weight loaded feeds 6 multiply-adds:
+already in registers. W is taken a panel of LANES rows (one vector's lanes) at a time, dequantised to float32
+(ggml.py, fp8.py, dtypes.py: one kernel serves every format) and laid out k by k; TILE_TOKENS tokens x LANES
+rows of out stay in registers while k walks, so every weight loaded feeds 6 multiply-adds:
 
     float (default)   per k: one load of the panel, then per token one FMA with x[t, k] broadcast
     int16 (opt-in)    per k-pair: one load, then per token one dot_s16 with (xq[t, k], xq[t, k + 1]);
     int8 (opt-in)     per k-quad: one load, then per token one dot_u8s8 with xq[t, k : k + 4] + OFFSET;
                       both per block of 32: per token to_float, times the two scales, one FMA
 
-The integer kernels round both operands per block of 32 along k, x[t, k] ~= xd[t, b] xq[t, k] and
-W[n, k] ~= wd[n, b] wq[n, k] with |xq|, |wq| <= levels: INT16_LEVELS = 8191, the most that keeps a block's
-32 products in int32 (32 * 8191^2 < 2^31), for vpdpwssd's 2x an FMA's multiply-adds; INT8_LEVELS = 127
-(llama.cpp's q8_0 activations) for vpdpbusd's 4x. vpdpbusd takes x's bytes unsigned: x is stored xq + OFFSET,
-and each block's sums start at wsum = -OFFSET sum_k wq[n, k] (per row, when the panel is packed). Each value
-moves by up to 1/16382 (int16) or 1/254 (int8) of its block's largest, which the tests' random hybrids
-amplify past their bars (isa.PREFILL): options, not the default. Each thread takes whole panels (L1 / L2).
+The integer kernels round both operands per block of 32 along k, x[t, k] ~= xd[t, b] xq[t, k] and W[n, k] ~=
+wd[n, b] wq[n, k] with |xq|, |wq| <= levels: INT16_LEVELS = 8191, the most that keeps a block's 32 products in
+int32 (32 * 8191^2 < 2^31), for vpdpwssd's 2x an FMA's multiply-adds; INT8_LEVELS = 127 (llama.cpp's q8_0
+activations) for vpdpbusd's 4x. vpdpbusd takes x's bytes unsigned: x is stored xq + OFFSET, and each block's
+sums start at wsum = -OFFSET sum_k wq[n, k] (per row, when the panel is packed). Each value moves by up to
+1/16382 (int16) or 1/254 (int8) of its block's largest, which the tests' random hybrids amplify past their
+bars (isa.PREFILL): options, not the default. Each thread takes whole panels (L1 / L2).
 """
 import numpy as np
 from numba import prange, types

@@ -10,8 +10,7 @@ in another file (exp.py, dtypes.py), the kernels that inline it keep their stale
 the cache is cleared (`find . -name "*.nb[ic]" -delete`). A release changes every file, so users never
 meet this; developers do.
 """
-# The thread pools' spinning (GOMP_SPINCOUNT, OPENBLAS_THREAD_TIMEOUT) is set in minqwen/environment.py,
-# which runs before NumPy and Numba load.
+# The thread pools' spinning is set in minqwen/environment.py, which runs before NumPy and Numba load.
 import numba
 
 # OpenMP first: its ~2 us per parallel region is what decode (a few hundred regions a token) needs;

@@ -32,8 +32,7 @@ FEW_TOKENS = 64  # up to this many tokens matmul_few (W streamed once, no panels
 # panels: one core, a 768 x 2048 bf16 matrix, 6 tokens 0.26 ms against 0.42, 64 tokens 2.6 against 2.4
 
 # Up to this many tokens (a batch of sequences decoding together) matmul_integer beats the panels: 2 threads,
-# Q4_K, 2 tokens 0.6-0.8 ms against 3.5-6 (the panels' packing), 16 tokens 1.4-6 against 2.5-10 (a loaded
-# machine); they are even near 32
+# Q4_K, 2 tokens 0.6-0.8 ms against 3.5-6 (packing), 16 tokens 1.4-6 against 2.5-10 (loaded); even near 32
 INTEGER_TOKENS = 16
 
 

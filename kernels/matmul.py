@@ -1,12 +1,11 @@
 """Products with a weight matrix stored as bf16, fp16 or fp32: y = W x, one kernel per use.
 
-Decoding one token (T = 1) reads every weight once and does two flops per weight, so it is
-bound by memory bandwidth: `matvec` streams the stored 16-bit weights and widens them in
-registers, moving half the bytes of an fp32 copy. Prefill (T > 1) reuses each weight T times, so
-it is bound by flops: `matmul` widens W a tile at a time and lets BLAS do the multiplication.
-In between, a few tokens (a short chat turn, an MoE expert chosen by a handful of a prompt's
-tokens) are served by `matmul_few`: widening all of W for so few products costs more than the
-products, so it streams W once, like matvec, and multiplies each row by every token.
+Decoding one token (T = 1) reads every weight once and does two flops per weight, so it is bound by memory
+bandwidth: `matvec` streams the stored 16-bit weights and widens them in registers, moving half the bytes of
+an fp32 copy. Prefill (T > 1) reuses each weight T times, so it is bound by flops: `matmul` widens W a tile at
+a time and lets BLAS do the multiplication. In between, a few tokens (a short chat turn, an MoE expert chosen
+by a handful of a prompt's tokens) are served by `matmul_few`: widening all of W for so few products costs
+more than the products, so it streams W once, like matvec, and multiplies each row by every token.
 """
 import numpy as np
 from numba import prange
