@@ -42,7 +42,9 @@ Prefill's arithmetic: GFLOP/s = 2 x the multiply-adds of one prompt's matrix pro
 layer's projections and MLP for each token, attention's QK^T and PV over the causal triangle, the LM head
 for the last token only) / prefill time, and that as a fraction of this machine's float32 FMA peak on the
 same threads (common.fp32_fma_peak, sampled with the bandwidth; the best sample): the ceiling of a prefill
-that multiplies in float32, as minqwen's does by default, but not of one on integer dot products.
+that multiplies in float32, as minqwen's does by default, but not of one on integer dot products (the int16
+and int8 dot peaks are printed beside it). MINQWEN_PREFILL / MINQWEN_DECODE in the bench's environment
+run minqwen's opt-in integer modes (kernels/isa.py); the header and the JSON say which ran.
 
 The last stdout line is one JSON document with everything (also written to --out).
 """
@@ -70,8 +72,17 @@ from speculative import tests_module
 
 import minqwen
 from checkpoints import SHAPES, bench_checkpoint, converter_options
-from common import Bandwidth, fp32_fma_peak, int16_dot_peak, machine, warn_if_slow_blas, warn_if_workqueue
+from common import (
+    Bandwidth,
+    fp32_fma_peak,
+    int8_dot_peak,
+    int16_dot_peak,
+    machine,
+    warn_if_slow_blas,
+    warn_if_workqueue,
+)
 from minqwen.formats.safetensors import load_config
+from minqwen.kernels import isa
 from minqwen.loader import open_checkpoint
 from minqwen.network.config import Config
 
@@ -439,20 +450,23 @@ def run(args) -> dict:
     # the machine but a moment when its neighbours were idle (it is reported too).
     # The float32 FMA and int16 dot peaks are sampled with it; their best samples are the machine's (a
     # peak that other processes can only lower): the ceilings of a float32 and an int16 prefill.
-    bandwidth, peaks, int16_peaks = Bandwidth(1.0), [], []
+    bandwidth, peaks, int16_peaks, int8_peaks = Bandwidth(1.0), [], [], []
 
     def sample():
         bandwidth.sample()
         peaks.append(fp32_fma_peak(3))
         int16_peaks.append(int16_dot_peak(3))
+        int8_peaks.append(int8_dot_peak(3))
 
     for _ in range(3):
         sample()
     print(f"read bandwidth: {bandwidth.median:.1f} GB/s (Numba prange sum over 1 GiB, "
           f"{args.threads} threads, threading layer {numba.threading_layer()})", flush=True)
     if peaks[0] is not None:
-        print(f"float32 FMA peak: {max(peaks):.0f} GFLOP/s, int16 dot peak {max(int16_peaks):.0f} GOP/s "
-              f"({args.threads} threads; bench/common.py)", flush=True)
+        int8 = f"{max(int8_peaks):.0f}" if int8_peaks[0] else "-"
+        print(f"float32 FMA peak: {max(peaks):.0f} GFLOP/s, int16 dot peak {max(int16_peaks):.0f} GOP/s, "
+              f"int8 {int8} GOP/s ({args.threads} threads; bench/common.py); minqwen runs "
+              f"MINQWEN_PREFILL={isa.PREFILL}, MINQWEN_DECODE={isa.DECODE}", flush=True)
     warn_if_workqueue()
     warn_if_slow_blas()
     lengths = [int(n) for n in args.prompts.split(",")]
@@ -543,6 +557,8 @@ def run(args) -> dict:
     return {"read_bandwidth_GBps": bandwidth.median, "read_bandwidth_best_GBps": bandwidth.best,
             "read_bandwidth_samples": len(bandwidth.samples), "fp32_fma_peak_GFLOP_s": peak,
             "fp32_fma_peak_samples": peaks, "int16_dot_peak_GOP_s": max(int16_peaks) if peak else None,
+            "int8_dot_peak_GOP_s": max(int8_peaks) if int8_peaks[0] else None,
+            "minqwen_prefill": isa.PREFILL, "minqwen_decode": isa.DECODE,
             "threads": args.threads, "new_tokens": args.new,
             "repeats": args.repeats, "rounds": args.rounds, "prompts": lengths, "versions": versions(),
             "skipped": skipped, "rows": rows}
@@ -604,7 +620,9 @@ def print_prefill_arithmetic(results: dict, width: int):
     print("\nprefill arithmetic: GFLOP = 2 x the multiply-adds of a prompt's matrix products (prefill_flops);"
           f" float32 FMA peak {peak:.0f} GFLOP/s on {results['threads']} threads (best of "
           f"{len(results['fp32_fma_peak_samples'])} samples in this run), int16 dot peak "
-          f"{results['int16_dot_peak_GOP_s']:.0f} GOP/s")
+          f"{results['int16_dot_peak_GOP_s']:.0f} GOP/s, int8 {results['int8_dot_peak_GOP_s'] or 0:.0f} "
+          f"GOP/s; "
+          f"minqwen's prefill: {results['minqwen_prefill']}")
     header = (f"{'engine':18} {'shape':{width}} {'prompt':>6} {'GFLOP':>6} {'GFLOP/s':>8} "
               f"{'of fp32 peak':>12}  {PREFILL_GOAL}x llama.cpp (same kind) needs")
     print(header)

@@ -217,50 +217,80 @@ def test_unpacking_intrinsics(seed, j):
 
 PROBE = """
 import numpy as np
+from minqwen.kernels import isa
 from minqwen.kernels.intdot import matmul_integer
 from minqwen.kernels.gemm import matmul_panels
 from numba import njit
-from minqwen.kernels.simd import dot_s16, izeros, load, to_float, hsum
+from minqwen.kernels.simd import dot_s16, dot_u8s8, izeros, load, to_float, hsum
 
 @njit  # not kernels.jit's: a function defined in -c code cannot be cached
 def probe(a, b):
     return hsum(to_float(dot_s16(dot_s16(izeros(8), load(a, 0, 16), load(b, 0, 16)), load(a, 16, 16),
                                  load(b, 16, 16))))
 
+@njit
+def probe_bytes(a, b):
+    return hsum(to_float(dot_u8s8(izeros(8), load(a, 0, 32), load(b, 0, 32))))
+
 a, b = np.zeros(32, np.int16), np.zeros(32, np.int16)
 matvec_args = (np.empty((1, 2), np.float32), np.zeros((2, 34 * 8), np.uint8), 8,
                np.zeros((1, 256), np.float32), np.dtype(np.int16))
 prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16),
                 np.int16)
-for kernel, args in ((probe, (a, b)), (matmul_integer, matvec_args), (matmul_panels, prefill_args)):
+kernels = [(probe, (a, b)), (matmul_integer, matvec_args), (matmul_panels, prefill_args)]
+if 256 in isa.VNNI_BITS:  # the int8 options (MINQWEN_DECODE / MINQWEN_PREFILL=int8) where the path has them
+    kernels += [(probe_bytes, (np.zeros(32, np.uint8), np.zeros(32, np.int8))),
+                (matmul_integer, matvec_args[:4] + (np.dtype(np.int8),))]
+if "int8" in isa.PREFILLS:
+    kernels += [(matmul_panels, prefill_args[:3] + (np.uint8,))]
+for kernel, args in kernels:
     kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))
 print("".join(probe.inspect_asm().values()))
+print("-- probe_bytes --")
+print("".join(probe_bytes.inspect_asm().values()) if probe_bytes.signatures else "")
 """
 
 
 ZEN4 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni"
+# an Alder Lake: AVX2 with AVX-VNNI (256 bits, VEX-encoded), no AVX-512
+ALDER_LAKE = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avxvnni," + ",".join(
+    "-" + f for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"))
 
 
-def compiled_probe(env, tmp_path) -> str:
-    """The probe's machine code, compiled (never run) in a child process with `env`."""
+def compiled_probe(env, tmp_path) -> tuple[str, str]:
+    """The machine code of the probe and of probe_bytes ("" where the path has no 256-bit VNNI), compiled
+    (never run) in a child process with `env`, the int8 kernels too where the path has them."""
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", **env}
     result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    native = result.stdout.split(".Lfunc_end0")[0]  # the probe itself (Numba's Python wrapper follows)
-    assert "call" not in native  # a misspelt intrinsic would be a call to nowhere
-    return native
+    # each function itself (Numba's Python wrapper follows it)
+    native, native_bytes = (part.split(".Lfunc_end0")[0] for part in result.stdout.split("-- probe_bytes --"))
+    assert "call" not in native + native_bytes  # a misspelt intrinsic would be a call to nowhere
+    return native, native_bytes
 
 
 def test_avx512_path_compiles_to_vnni(tmp_path):
     """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd
-    (and the prefill, on 512-bit vectors there, compiles)."""
-    native = compiled_probe({"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": ZEN4}, tmp_path)
+    (and the prefill, on 512-bit vectors there, compiles), and the int8 options' byte dots to vpdpbusd."""
+    native, native_bytes = compiled_probe({"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": ZEN4}, tmp_path)
     assert native.count("vpdpwssd") == 2 and "vpmaddwd" not in native
+    assert native_bytes.count("vpdpbusd") == 1
+
+
+def test_an_avx2_path_with_avx_vnni_compiles_the_int8_options(tmp_path):
+    """An Alder Lake target (no AVX-512; AVX-VNNI's 256-bit dot products, VEX-encoded): the avx2 path,
+    whose dots are vpdpwssd and whose int8 decode and prefill compile, byte dots on vpdpbusd."""
+    native, native_bytes = compiled_probe({"NUMBA_CPU_NAME": "alderlake", "NUMBA_CPU_FEATURES": ALDER_LAKE},
+                                          tmp_path)
+    assert native.count("vpdpwssd") == 2 and "zmm" not in native
+    assert native_bytes.count("vpdpbusd") == 1 and "zmm" not in native_bytes
 
 
 def test_a_forced_avx2_path_compiles_as_on_an_avx2_machine(tmp_path):
     """MINQWEN_ISA=avx2 on this CPU: its dot products are vpmaddwd + vpaddd, even where the CPU has VNNI,
-    which LLVM would otherwise fuse them into (minqwen/environment.py narrows Numba's target)."""
-    native = compiled_probe({"MINQWEN_ISA": "avx2"}, tmp_path)
+    which LLVM would otherwise fuse them into (minqwen/environment.py narrows Numba's target); it has no
+    int8 options."""
+    native, native_bytes = compiled_probe({"MINQWEN_ISA": "avx2"}, tmp_path)
     assert native.count("vpmaddwd") == 2 and "vpdpwssd" not in native
+    assert native_bytes.strip() == ""
