@@ -56,7 +56,7 @@ from minqwen.kernels.ggml import (
     quantize_q8_0,
 )
 from minqwen.kernels.jit import pjit
-from minqwen.kernels.linear import INTEGER_TYPES
+from minqwen.kernels.linear import ACTIVATIONS, INTEGER_TYPES
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 
 if isa.ISA != "generic":
@@ -71,7 +71,6 @@ GGML = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k
         "q6_k": 14, "iq4_nl": 20, "iq4_xs": 23}
 # --quantize int8 / int4: GGML's Q8_0 / Q4_1, written by minqwen's quantisers
 MINQWEN_FORMATS = {"int8": 8, "int4": 3}
-DECODE = np.dtype(isa.DECODE)  # matmul_integer's activations: MINQWEN_DECODE (int16, or int8)
 GGML_FP16_AT = {8: [0], 2: [0], 3: [0, 2], 6: [0], 7: [0, 2], 12: [0, 2], 13: [0, 2],  # scale offsets
                 14: [208], 20: [0], 23: [0]}
 GIB = 1 << 30
@@ -124,7 +123,8 @@ def matvec_calls(kind) -> dict:
         t = ggml_type(kind)
         calls = {"generic": lambda out, arrays, x: matvec_ggml(out, arrays[0], t, x)}
         if t in INTEGER_TYPES:
-            calls[isa.ISA] = lambda out, arrays, x: matmul_integer(out[None], arrays[0], t, x[None], DECODE)
+            calls[isa.ISA] = lambda out, arrays, x: matmul_integer(out[None], arrays[0], t, x[None],
+                                                                   ACTIVATIONS)
         return calls
     if kind == "fp8":
         return {"generic": lambda out, arrays, x: matvec_fp8(out, *arrays, x, 128)}
@@ -201,7 +201,7 @@ def few_calls(kind) -> dict:
     GGML type: matmul_integer) against the prefill ones (matmul_panels, float, int16, int8, where the CPU has
     them, else BLAS tiles). Where they cross is linear.py's FEW_TOKENS / INTEGER_TOKENS."""
     few = {"matmul_few": matmul_few} if kind == "bf16" else {
-        "matmul_integer": lambda out, x, w: matmul_integer(out, w.data, w.ggml_type, x, DECODE)}
+        "matmul_integer": lambda out, x, w: matmul_integer(out, w.data, w.ggml_type, x, ACTIVATIONS)}
     if isa.ISA == "generic":
         return {**few, "blas_tiles": matmul if kind == "bf16" else matmul_ggml}
     return {**few, **{"panels" + ("" if p == "float" else "_" + p): lambda out, x, w, xtype=XTYPES[p]:

@@ -57,16 +57,13 @@ VNNI_BITS = {"avx512": (256, 512), "avx2": (256,) if "avxvnni" in FEATURES else 
 # Prefill on integer dot products (kernels/gemm.py) is opt-in, MINQWEN_PREFILL=int16 (vpdpwssd), or int8
 # (vpdpbusd) where the prefill's width has VNNI: int16 moved the tests' random hybrids' logits by up to 3.6e-2
 # (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16 Qwen3-Next; bar 5e-3), int8 SmolLM2's by 6e-2 (bar 2e-3).
-PREFILL = os.environ.get("MINQWEN_PREFILL") or "float"
 PREFILLS = ["float"] + ["int16"] * (ISA != "generic")  # the prefills this CPU runs
 PREFILLS += ["int8"] * ({"avx512": 512}.get(ISA, 256) in VNNI_BITS)
-if PREFILL not in PREFILLS:
-    raise InstructionPathError(f"MINQWEN_PREFILL={PREFILL!r} is not a prefill this CPU runs "
-                               f"({', '.join(PREFILLS)})")
-
 # Decode on int8 activations (vpdpbusd, kernels/intdot.py) is opt-in, MINQWEN_DECODE=int8, where the path has
 # 256-bit VNNI: int16's steps are 258x finer (why int16 is the default: intdot.py's docstring).
-DECODE = os.environ.get("MINQWEN_DECODE") or "int16"
-if DECODE not in ("int16", "int8") or (DECODE == "int8" and 256 not in VNNI_BITS):
-    raise InstructionPathError(f"MINQWEN_DECODE={DECODE!r} is not a decode this CPU runs "
-                               f"({'int16, int8' if 256 in VNNI_BITS else 'int16'})")
+DECODES = ["int16"] + ["int8"] * (256 in VNNI_BITS)  # the decodes this CPU runs
+PREFILL, DECODE = os.environ.get("MINQWEN_PREFILL") or "float", os.environ.get("MINQWEN_DECODE") or "int16"
+for name, mode, runs in (("prefill", PREFILL, PREFILLS), ("decode", DECODE, DECODES)):
+    if mode not in runs:
+        raise InstructionPathError(f"MINQWEN_{name.upper()}={mode!r} is not a {name} this CPU runs "
+                                   f"({', '.join(runs)})")

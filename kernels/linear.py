@@ -34,6 +34,7 @@ FEW_TOKENS = 64  # up to this many tokens matmul_few (W streamed once, no panels
 # Up to this many tokens (a batch of sequences decoding together) matmul_integer beats the panels: 2 threads,
 # Q4_K, 2 tokens 0.6-0.8 ms against 3.5-6 (packing), 16 tokens 1.4-6 against 2.5-10 (loaded); even near 32
 INTEGER_TOKENS = 16
+ACTIVATIONS = np.dtype(isa.DECODE)  # what decode rounds x to (MINQWEN_DECODE): int16, or int8
 
 
 def linear(out, x, w):
@@ -49,7 +50,7 @@ def linear(out, x, w):
             matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul_fp8(out, x, w)
     elif isinstance(w, GgmlMatrix):
         if w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
-            matmul_integer(out, w.data, w.ggml_type, x, np.dtype(isa.DECODE))
+            matmul_integer(out, w.data, w.ggml_type, x, ACTIVATIONS)
         elif T == 1:
             matvec_ggml(out[0], w.data, w.ggml_type, x[0])
         else:

@@ -53,7 +53,7 @@ if isa.ISA != "generic":  # imported only where the CPU has the instructions, as
 
 seeds = st.integers(0, 2**32 - 1)
 # matmul_integer's activations: int16, and int8 where the path has 256-bit VNNI (MINQWEN_DECODE=int8)
-ACTIVATIONS = [np.dtype(np.int16)] + [np.dtype(np.int8)] * (256 in isa.VNNI_BITS)
+ACTIVATIONS = [np.dtype(mode) for mode in isa.DECODES]
 SCALE_AT = {GGML.Q4_K: (0, 2), GGML.Q5_K: (0, 2), GGML.Q6_K: (208,), GGML.IQ4_NL: (0,),
             GGML.IQ4_XS: (0,)}  # fp16 scales in the blocks that are random bytes otherwise
 
@@ -238,7 +238,7 @@ matvec_args = (np.empty((1, 2), np.float32), np.zeros((2, 34 * 8), np.uint8), 8,
 prefill_args = (np.empty((7, 2), np.float32), np.zeros((7, 256), np.float32), np.zeros((2, 256), np.uint16),
                 np.int16)
 kernels = [(probe, (a, b)), (matmul_integer, matvec_args), (matmul_panels, prefill_args)]
-if 256 in isa.VNNI_BITS:  # the int8 options (MINQWEN_DECODE / MINQWEN_PREFILL=int8) where the path has them
+if "int8" in isa.DECODES:  # the int8 options (MINQWEN_DECODE / MINQWEN_PREFILL=int8) where the path has them
     kernels += [(probe_bytes, (np.zeros(32, np.uint8), np.zeros(32, np.int8))),
                 (matmul_integer, matvec_args[:4] + (np.dtype(np.int8),))]
 if "int8" in isa.PREFILLS:
