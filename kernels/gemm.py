@@ -68,16 +68,16 @@ def quantize_blocks(q, d, values, levels):  # q: [K] int16, d: [K/32] float32 (o
 
 @jit
 def pack_panel(panel, wd, wsum, rows, levels):
-    # panel: [>= K LANES] int16 or (int8 bytes) uint8, wd / wsum: [K/32, LANES] float32 / int32 (out);
-    # rows: [LANES, K] float32
+    # panel: [>= K LANES] int16 or (int8 bytes) uint8, wd / wsum: [K/32, LANES] float32 / int32 (out; wsum
+    # written for int8 only); rows: [LANES, K] float32
     """rows rounded per block, a word (k-pair or k-quad) at a time: panel[k LANES + s r + k % s] = wq[r, k]
     (s = 4 / itemsize), wd[b, r] = its scale, wsum[b, r] = -OFFSET sum_{k in b} wq[r, k] (int8)"""
     K = rows.shape[1]
     q = np.zeros((LANES, (K + 63) // 64 * 64), np.int16)  # words in whole LANES x LANES blocks (by_k)
     for r in range(LANES):
         quantize_blocks(q[r], wd[:, r], rows[r], levels)
-        for b in range(K // 32):  # (a loop: Numba's sum(axis=) is 4x slower)
-            wsum[b, r] = -(OFFSET if panel.itemsize == 1 else 0) * q[r, 32 * b:32 * b + 32].sum()
+        for b in range(K // 32 if panel.itemsize == 1 else 0):  # int8 only (a loop: sum(axis=) is 4x slower)
+            wsum[b, r] = -OFFSET * q[r, 32 * b:32 * b + 32].sum()
     words = q.astype(panel.dtype).reshape(-1).view(np.uint32)  # int8 levels: their two's complement bytes
     by_k(panel.view(np.uint32), words, words.size // LANES)
 
@@ -184,7 +184,7 @@ def matmul_panels(out, x, w, xtype):
         weights = np.zeros((LANES, K), np.float32)  # rows past N: zero
         float32_rows(weights[:rows], w, first)
         panel = np.empty(K * LANES, np.float32).view(xtype)
-        wd, wsum = np.empty((K // 32, LANES), np.float32), np.empty((K // 32, LANES), np.int32)
+        wd, wsum = np.empty((K // 32, LANES), np.float32), np.zeros((K // 32, LANES), np.int32)  # int16: 0
         if xs.itemsize == 4:
             by_k(panel.view(np.uint32), weights.reshape(-1).view(np.uint32), K)
         else:
