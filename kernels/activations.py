@@ -43,15 +43,11 @@ def sigmoid_gate(out, x, gate):  # out, x: [T, H, D] float32 (out may be x); gat
     The output gate of the hybrids' full-attention layers (the gate half of q_proj's output) and the
     scalar gate of a shared expert."""
     T, H, D = x.shape
+    per_head = gate.shape[2] == 1
     for t in prange(T):
         for h in range(H):
-            if gate.shape[2] == 1:
-                g = sigmoid(gate[t, h, 0])
-                for d in range(D):
-                    out[t, h, d] = x[t, h, d] * g
-            else:
-                for d in range(D):
-                    out[t, h, d] = x[t, h, d] * sigmoid(gate[t, h, d])
+            for d in range(D):
+                out[t, h, d] = x[t, h, d] * sigmoid(gate[t, h, 0 if per_head else d])
 
 
 def sigmoid_reference(x):  # -> float64, in the same overflow-free form
