@@ -30,13 +30,8 @@ def expf(x):  # x: float32
     n = np.float32(round(clamped * LOG2_E))
     r = clamped - n * LN2_HIGH - n * LN2_LOW
     p = np.float32(1.0 / 5040.0)  # Horner: 1 + r + r^2/2! + ... + r^7/7!
-    p = p * r + np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
+    for factorial in (720.0, 120.0, 24.0, 6.0, 2.0, 1.0, 1.0):  # 6!, 5!, ..., 0!
+        p = p * r + np.float32(1.0 / factorial)
     e = p * float_from_bits(np.uint32((np.int32(n) + np.int32(127)) << np.int32(23)))
     return e if x >= EXP_MIN else np.float32(0.0)
 
