@@ -74,9 +74,7 @@ def attention_prefill(out, q, k_cache, v_cache, start, window, scale, block=QUER
         # Row r of a head group's Q is (token t0 + r // group, head r % group); its position:
         positions = first + np.repeat(np.arange(t1 - t0), group)[:, None]
         keys = np.arange(lo, hi)[None, :]
-        hidden = keys > positions
-        if window > 0:
-            hidden |= keys <= positions - window
+        hidden = (keys > positions) | (keys <= positions - window if window > 0 else False)
         for g in range(Hkv):
             heads = slice(g * group, (g + 1) * group)
             queries = q[t0:t1, heads].reshape(-1, hd)
@@ -96,9 +94,7 @@ def attention_reference(q, k_cache, v_cache, start, window, scale):  # -> [T, Hq
     scores = scale * np.einsum("thd,hjd->htj", q.astype(np.float64), k)  # [Hq, T, L]
     pos = start + np.arange(T)[:, None]
     j = np.arange(L)[None, :]
-    visible = j <= pos
-    if window > 0:
-        visible &= j > pos - window
+    visible = (j <= pos) & (j > pos - window if window > 0 else True)
     scores = np.where(visible[None], scores, -np.inf)
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
