@@ -68,18 +68,14 @@ def causal_conv1d(out, conv_state, x, weight):  # [T, C], [K-1, C] (in/out), [T,
     # xx's row T + r, from x or (T < K-1) an older state row, which ascending r reads before overwriting.
     for r in range(keep):
         s = T - keep + r
-        for c in range(C):
-            conv_state[r, c] = x[s, c] if s >= 0 else conv_state[r + T, c]
+        conv_state[r] = x[s] if s >= 0 else conv_state[r + T]
 
 
 def causal_conv1d_reference(conv_state, x, weight):  # [K-1, C], [T, C], [C, K] -> out [T, C], state [K-1, C]
-    (T, C), K = x.shape, weight.shape[1]
+    T, K = len(x), weight.shape[1]
     xx = np.concatenate([conv_state, x]).astype(np.float64)
     w = np.asarray(weight, dtype=np.float64)
-    y = np.zeros((T, C))
-    for t in range(T):
-        for j in range(K):
-            y[t] += w[:, j] * xx[t + j]
+    y = sum(w[:, j] * xx[j:j + T] for j in range(K))  # y[t] = sum_j w[:, j] xx[t + j]
     return silu_reference(y), xx[len(xx) - (K - 1):]
 
 
