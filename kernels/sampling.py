@@ -42,10 +42,7 @@ def apply_penalties(logits, seen_ids, counts, repetition_penalty, frequency_pena
         z = logits[i]
         # Dividing a negative logit would make the token *more* likely: multiply it instead.
         z = z / repetition_penalty if z > 0 else z * repetition_penalty
-        c = counts[i]
-        if c > 0:
-            z -= frequency_penalty * c + presence_penalty
-        logits[i] = z
+        logits[i] = z - (frequency_penalty * counts[i] + presence_penalty * (counts[i] > 0))
 
 
 @jit
