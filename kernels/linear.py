@@ -28,12 +28,9 @@ if isa.ISA != "generic":  # kernels on the instruction layer: imported only wher
     from .gemm import XTYPES, matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
 
-FEW_TOKENS = 64  # up to this many tokens matmul_few (W streamed once, no panels to pack) beats the float
-# panels: one core, a 768 x 2048 bf16 matrix, 6 tokens 0.26 ms against 0.42, 64 tokens 2.6 against 2.4
-
-# Up to this many tokens (a batch of sequences decoding together) matmul_integer beats the panels: 2 threads,
-# Q4_K, 2 tokens 0.6-0.8 ms against 3.5-6 (packing), 16 tokens 1.4-6 against 2.5-10 (loaded); even near 32
-INTEGER_TOKENS = 16
+# matmul_few (W streamed once, no panels to pack) beats the float panels up to FEW_TOKENS tokens, and
+# matmul_integer (a batch of sequences decoding together) the panels up to INTEGER_TOKENS: docs/performance.md
+FEW_TOKENS, INTEGER_TOKENS = 64, 16
 ACTIVATIONS = np.dtype(isa.DECODE)  # what decode rounds x to (MINQWEN_DECODE): int16, or int8
 
 
