@@ -225,8 +225,6 @@ def _text_config(raw: dict) -> tuple[dict, bool]:
 def _check_quantization(raw: dict):
     """FP8 blocks as Qwen publishes them (e4m3, [rows, 128]), or minqwen's own int8 / int4; nothing else."""
     q = raw.get("quantization_config")
-    if q is None:
-        return
     method = q.get("quant_method") if isinstance(q, dict) else None
     if method == "fp8":
         block = q.get("weight_block_size")
@@ -236,7 +234,7 @@ def _check_quantization(raw: dict):
                 and block[1] == 128):
             raise UnsupportedModelError(f"FP8 weight_block_size {block!r} (minqwen reads [rows, 128] blocks, "
                                         "as Qwen's FP8 checkpoints have)")
-    elif method != "minqwen":
+    elif q is not None and method != "minqwen":
         raise UnsupportedModelError(f"{method} quantised checkpoints are not supported (minqwen reads bf16, "
                                     "fp16, fp32, Qwen's FP8 blocks and its own int8/int4: "
                                     "`python -m minqwen quantize`)")
