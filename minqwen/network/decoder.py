@@ -307,7 +307,6 @@ class Decoder:
         apply_rope(k3, cos, sin)
         for s in segments:
             s.cache.store(i, s.start, k3[s.rows], v3[s.rows])
-            # Few scores (decoding: one query) stream keys and values in compiled loops, more go through BLAS.
             kernel = attention_decode if s.n < 2 or s.n * (s.start + s.n) <= FEW_SCORES else attention_prefill
             kernel(attn3[s.rows], q3[s.rows], s.cache.k[i], s.cache.v[i], s.start, self.windows[i],
                    self.scale)
@@ -329,10 +328,8 @@ class Decoder:
             qkvz, ba = ws.qkvz[:T], ws.ba[:T]
             linear(qkvz, h, w.in_proj_qkvz)
             linear(ba, h, w.in_proj_ba)
-            channels = qkv.shape[1]
-            qkv[:] = qkvz[:, w.qkvz_order[:channels]]
-            z[:] = qkvz[:, w.qkvz_order[channels:]]
-            b[:], a[:] = ba[:, w.ba_order[:hv]], ba[:, w.ba_order[hv:]]
+            qkv[:], z[:] = np.split(qkvz[:, w.qkvz_order], [qkv.shape[1]], axis=1)
+            b[:], a[:] = np.split(ba[:, w.ba_order], 2, axis=1)
         else:
             linear(qkv, h, w.in_proj_qkv)
             linear(z, h, w.in_proj_z)
