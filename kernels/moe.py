@@ -123,8 +123,7 @@ def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
     k, E, D = experts.shape[1], len(gate_w), out.shape[1]
     flat = experts.reshape(-1)
     order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert
-    starts = np.zeros(E + 1, dtype=np.int64)
-    np.cumsum(np.bincount(flat, minlength=E), out=starts[1:])
+    starts = np.concatenate(([0], np.cumsum(np.bincount(flat, minlength=E))))
     n_max = int(np.diff(starts).max())
     # Work buffers sized for the busiest expert; each expert uses their first n rows.
     F = gate_w[0].shape[0]
