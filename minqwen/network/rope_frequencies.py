@@ -29,12 +29,10 @@ def inverse_frequencies(config: Config, seq_len: int) -> tuple[np.ndarray, float
         length = max(seq_len, config.max_position_embeddings)
         base = base * ((rope.factor * length / config.max_position_embeddings)
                        - (rope.factor - 1)) ** (dim / (dim - 2))
+    if rope.rope_type == "yarn":
+        return _yarn(config, dim, base, exponents)
     inv_freq = (1.0 / np.float32(base) ** exponents).astype(np.float32)
-    if rope.rope_type == "linear":
-        return (inv_freq / np.float32(rope.factor)).astype(np.float32), 1.0
-    if rope.rope_type != "yarn":
-        return inv_freq, 1.0
-    return _yarn(config, dim, base, exponents)
+    return (inv_freq / np.float32(rope.factor if rope.rope_type == "linear" else 1.0)).astype(np.float32), 1.0
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
