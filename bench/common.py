@@ -21,7 +21,18 @@ GIB = 1 << 30
 
 if isa.ISA != "generic":
     from minqwen.kernels.gemm import LANES, PAIRS, QUADS
-    from minqwen.kernels.simd import dot_s16, dot_u8s8, fma, fzeros, hsum, izeros, load, splat, to_float
+    from minqwen.kernels.simd import (
+        dot_bf16,
+        dot_s16,
+        dot_u8s8,
+        fma,
+        fzeros,
+        hsum,
+        izeros,
+        load,
+        splat,
+        to_float,
+    )
 
     @pjit
     def _fma_chains(out, steps):  # out: [threads] float32; 12 independent chains of FMAs per thread
@@ -55,6 +66,18 @@ if isa.ISA != "generic":
                     _self_dot(c9, a), _self_dot(c10, a), _self_dot(c11, a)
             out[t] = hsum(to_float(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11))
 
+    @pjit
+    def _bf16_chains(out, a, steps):  # 12 independent chains of bf16 pair dot products (vdpbf16ps)
+        for t in prange(out.shape[0]):
+            w = load(a, 0, PAIRS)
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = c10 = c11 = fzeros(LANES)
+            for _ in range(steps):
+                c0, c1, c2, c3, c4, c5 = dot_bf16(c0, w, w), dot_bf16(c1, w, w), dot_bf16(c2, w, w), \
+                    dot_bf16(c3, w, w), dot_bf16(c4, w, w), dot_bf16(c5, w, w)
+                c6, c7, c8, c9, c10, c11 = dot_bf16(c6, w, w), dot_bf16(c7, w, w), dot_bf16(c8, w, w), \
+                    dot_bf16(c9, w, w), dot_bf16(c10, w, w), dot_bf16(c11, w, w)
+            out[t] = hsum(c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7 + c8 + c9 + c10 + c11)
+
 
 def _peak(repeats: int, kernel, ops_per_step: int, *args) -> float:  # the best of `repeats` runs
     out, steps = np.empty(numba.get_num_threads(), np.float32), 1 << 22
@@ -87,6 +110,14 @@ def int8_dot_peak(repeats: int = 7) -> float | None:
     (isa.PREFILLS: VNNI at the prefill's width)."""
     return _peak(repeats, _dot_chains, 12 * QUADS * 2, np.ones(QUADS, np.uint8)) if "int8" in isa.PREFILLS \
         else None
+
+
+def bf16_dot_peak(repeats: int = 7) -> float | None:
+    """GFLOP/s of bf16 pair dot products (vdpbf16ps: a multiply and an add per bf16 pair, in float32) on all
+    Numba threads, measured as fp32_fma_peak: the ceiling of the bf16 panels and of a bf16 prefill. None
+    where the prefill has no bf16 (isa.PREFILLS: AVX512-BF16)."""
+    one = np.full(PAIRS, 0x3F80, np.uint16)  # bf16 1.0: the sums grow by 2 a step, exactly, up to 2^24
+    return _peak(repeats, _bf16_chains, 12 * PAIRS * 2, one) if "bf16" in isa.PREFILLS else None
 
 
 @pjit

@@ -43,8 +43,10 @@ layer's projections and MLP for each token, attention's QK^T and PV over the cau
 for the last token only) / prefill time, and that as a fraction of this machine's float32 FMA peak on the
 same threads (common.fp32_fma_peak, sampled with the bandwidth; the best sample): the ceiling of a prefill
 that multiplies in float32, as minqwen's does by default, but not of one on integer dot products (the int16
-and int8 dot peaks are printed beside it). MINQWEN_PREFILL / MINQWEN_DECODE in the bench's environment
-run minqwen's opt-in integer modes (kernels/isa.py); the header and the JSON say which ran.
+and int8 dot peaks are printed beside it), and as a fraction of the bf16 dot peak where the CPU has one (the
+ceiling of a bf16 prefill on vdpbf16ps: llama.cpp's on bf16 files, minqwen's with MINQWEN_PREFILL=bf16).
+MINQWEN_PREFILL / MINQWEN_DECODE in the bench's environment run minqwen's opt-in modes (kernels/isa.py);
+the header and the JSON say which ran.
 
 The last stdout line is one JSON document with everything (also written to --out).
 """
@@ -74,6 +76,7 @@ import minqwen
 from checkpoints import SHAPES, bench_checkpoint, converter_options
 from common import (
     Bandwidth,
+    bf16_dot_peak,
     fp32_fma_peak,
     int8_dot_peak,
     int16_dot_peak,
@@ -450,13 +453,14 @@ def run(args) -> dict:
     # the machine but a moment when its neighbours were idle (it is reported too).
     # The float32 FMA and int16 dot peaks are sampled with it; their best samples are the machine's (a
     # peak that other processes can only lower): the ceilings of a float32 and an int16 prefill.
-    bandwidth, peaks, int16_peaks, int8_peaks = Bandwidth(1.0), [], [], []
+    bandwidth, peaks, int16_peaks, int8_peaks, bf16_peaks = Bandwidth(1.0), [], [], [], []
 
     def sample():
         bandwidth.sample()
         peaks.append(fp32_fma_peak(3))
         int16_peaks.append(int16_dot_peak(3))
         int8_peaks.append(int8_dot_peak(3))
+        bf16_peaks.append(bf16_dot_peak(3))
 
     for _ in range(3):
         sample()
@@ -464,8 +468,10 @@ def run(args) -> dict:
           f"{args.threads} threads, threading layer {numba.threading_layer()})", flush=True)
     if peaks[0] is not None:
         int8 = f"{max(int8_peaks):.0f}" if int8_peaks[0] else "-"
+        bf16 = f"{max(bf16_peaks):.0f}" if bf16_peaks[0] else "-"
         print(f"float32 FMA peak: {max(peaks):.0f} GFLOP/s, int16 dot peak {max(int16_peaks):.0f} GOP/s, "
-              f"int8 {int8} GOP/s ({args.threads} threads; bench/common.py); minqwen runs "
+              f"int8 {int8} GOP/s, bf16 dot peak {bf16} GFLOP/s ({args.threads} threads; bench/common.py); "
+              f"minqwen runs "
               f"MINQWEN_PREFILL={isa.PREFILL}, MINQWEN_DECODE={isa.DECODE}", flush=True)
     warn_if_workqueue()
     warn_if_slow_blas()
@@ -548,16 +554,19 @@ def run(args) -> dict:
     for _ in range(3):
         sample()
     peak = max(peaks) if peaks[0] is not None else None
+    bf16_peak = max(bf16_peaks) if bf16_peaks[0] else None
     for row in rows:
         row["decode_limit_tok_s"] = bandwidth.median * 1e9 / row["decode_bytes_per_token"]
         row["of_limit"] = row["decode_tok_s"] / row["decode_limit_tok_s"]
         row["prefill_GFLOP_s"] = row["prefill_GFLOP"] * row["prefill_tok_s"] / row["prompt"]
         row["prefill_of_fp32_peak"] = row["prefill_GFLOP_s"] / peak if peak else None
+        row["prefill_of_bf16_peak"] = row["prefill_GFLOP_s"] / bf16_peak if bf16_peak else None
     add_ratios(rows)
     return {"read_bandwidth_GBps": bandwidth.median, "read_bandwidth_best_GBps": bandwidth.best,
             "read_bandwidth_samples": len(bandwidth.samples), "fp32_fma_peak_GFLOP_s": peak,
             "fp32_fma_peak_samples": peaks, "int16_dot_peak_GOP_s": max(int16_peaks) if peak else None,
             "int8_dot_peak_GOP_s": max(int8_peaks) if int8_peaks[0] else None,
+            "bf16_dot_peak_GFLOP_s": bf16_peak,
             "minqwen_prefill": isa.PREFILL, "minqwen_decode": isa.DECODE,
             "threads": args.threads, "new_tokens": args.new,
             "repeats": args.repeats, "rounds": args.rounds, "prompts": lengths, "versions": versions(),
@@ -621,17 +630,18 @@ def print_prefill_arithmetic(results: dict, width: int):
           f" float32 FMA peak {peak:.0f} GFLOP/s on {results['threads']} threads (best of "
           f"{len(results['fp32_fma_peak_samples'])} samples in this run), int16 dot peak "
           f"{results['int16_dot_peak_GOP_s']:.0f} GOP/s, int8 {results['int8_dot_peak_GOP_s'] or 0:.0f} "
-          f"GOP/s; "
+          f"GOP/s, bf16 dot peak {results.get('bf16_dot_peak_GFLOP_s') or 0:.0f} GFLOP/s; "
           f"minqwen's prefill: {results['minqwen_prefill']}")
     header = (f"{'engine':18} {'shape':{width}} {'prompt':>6} {'GFLOP':>6} {'GFLOP/s':>8} "
-              f"{'of fp32 peak':>12}  {PREFILL_GOAL}x llama.cpp (same kind) needs")
+              f"{'of fp32 peak':>12} {'of bf16 peak':>12}  {PREFILL_GOAL}x llama.cpp (same kind) needs")
     print(header)
     print("-" * len(header))
     for r in results["rows"]:
         goal = (f"{r['fp32_peak_for_goal']:.2f} of the peak (llama.cpp at "
                 f"{r['fp32_peak_for_goal'] / PREFILL_GOAL:.2f})" if "fp32_peak_for_goal" in r else "-")
         print(f"{r['engine']:18} {r['shape']:{width}} {r['prompt']:6d} {r['prefill_GFLOP']:6.1f} "
-              f"{r['prefill_GFLOP_s']:8.1f} {r['prefill_of_fp32_peak']:12.2f}  {goal}")
+              f"{r['prefill_GFLOP_s']:8.1f} {r['prefill_of_fp32_peak']:12.2f} "
+              f"{r.get('prefill_of_bf16_peak') or 0:12.2f}  {goal}")
 
 
 def versions() -> dict:

@@ -71,8 +71,10 @@ def from_float32(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x
 
 
-def bf16_bits(x: np.ndarray) -> np.ndarray:
+def bf16_bits(x):
     """float32 -> bf16 bits with round-to-nearest-even (what torch's .to(bfloat16) does)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + 0x7FFF + ((u >> 16) & 1)
-    return (rounded >> 16).astype(np.uint16)
+    u = np.asarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+overload(bf16_bits, inline="always")(lambda x: bf16_bits)  # compiled kernels round with it too (gemm.py)

@@ -6,6 +6,7 @@ already in registers. W is taken a panel of LANES rows (one vector's lanes) at a
 rows of out stay in registers while k walks, so every weight loaded feeds 6 multiply-adds:
 
     float (default)   per k: one load of the panel, then per token one FMA with x[t, k] broadcast
+    bf16 (opt-in)     per k-pair: one load, then per token one dot_bf16 with (x[t, k], x[t, k + 1]) in bf16
     int16 (opt-in)    per k-pair: one load, then per token one dot_s16 with (xq[t, k], xq[t, k + 1]);
     int8 (opt-in)     per k-quad: one load, then per token one dot_u8s8 with xq[t, k : k + 4] + OFFSET;
                       both per block of 32: per token to_float, times the two scales, one FMA
@@ -16,12 +17,14 @@ int32 (32 * 8191^2 < 2^31), for vpdpwssd's 2x an FMA's multiply-adds; INT8_LEVEL
 activations) for vpdpbusd's 4x. vpdpbusd takes x's bytes unsigned: x is stored xq + OFFSET, and each block's
 sums start at wsum = -OFFSET sum_k wq[n, k] (per row, when the panel is packed). Each value moves by up to
 1/16382 (int16) or 1/254 (int8) of its block's largest, which the tests' random hybrids amplify past their
-bars (isa.PREFILL): options, not the default. Each thread takes whole panels (L1 / L2).
+bars (isa.PREFILL): options, not the default. So is bf16 (vdpbf16ps, 2x an FMA's multiply-adds, its products
+exact in float32), which rounds both to 8 significant bits. Each thread takes whole panels (L1 / L2).
 """
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
+from .dtypes import bf16_bits, to_float32
 from .fp8 import Fp8Matrix, dequantize_fp8_rows
 from .ggml import GgmlMatrix, dequantize_ggml_rows
 from .isa import ISA
@@ -29,6 +32,7 @@ from .jit import jit, pjit
 from .matmul import matmul_reference, widen_rows
 from .simd import (
     abs_max,
+    dot_bf16,
     dot_s16,
     dot_u8s8,
     fma,
@@ -46,7 +50,7 @@ from .simd import (
 LANES = 16 if ISA == "avx512" else 8  # rows of a panel: the int32 lanes of one vector
 PAIRS, QUADS = 2 * LANES, 4 * LANES  # its int16, int8 lanes (a global is a constant to Numba, 2 * LANES not)
 TILE_TOKENS = 6
-XTYPES = {"float": np.float32, "int16": np.int16, "int8": np.uint8}  # isa.PREFILL: the type x takes
+XTYPES = {"float": np.float32, "bf16": np.uint16, "int16": np.int16, "int8": np.uint8}  # isa.PREFILL -> x
 INT16_LEVELS, INT8_LEVELS = np.float32(8191.0), np.float32(127.0)
 OFFSET = 128  # int8 x is stored as unsigned bytes xq + OFFSET, vpdpbusd's unsigned operand
 TINY = np.float32(2.0**-100)  # a block whose largest |value| is below this rounds to zero: LEVELS / max
@@ -82,6 +86,17 @@ def pack_panel(panel, wd, wsum, rows, levels):
     by_k(panel.view(np.uint32), words, words.size // LANES)
 
 
+def holds_bf16(a):
+    """whether a holds bf16 bits (uint16, dtypes.py): a constant when compiled"""
+    return a.dtype == np.uint16
+
+
+@overload(holds_bf16, inline="always")
+def _holds_bf16(a):
+    bf16 = a.dtype == types.uint16
+    return lambda a: bf16
+
+
 @jit
 def by_k(panel, rows, K):  # panel: [K * LANES] 32-bit words (out), rows: [LANES * K] 32-bit words
     """panel[k LANES + r] = rows[r K + k]: LANES rows laid out k by k"""
@@ -104,6 +119,20 @@ def tile_floats(result, panel, x, t0):  # result: [TILE_TOKENS, LANES] float32 o
 
 
 @jit
+def tile_bf16(result, panel, xs, t0):  # result: [TILE_TOKENS, LANES] float32 out; xs: [T, K] bf16 bits
+    """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6; panel[k LANES + 2 r + k % 2] = W[r, k], bf16)"""
+    K = xs.shape[1]
+    x = xs.reshape(-1)
+    f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
+    for k in range(0, K, 2):
+        w, o = load(panel, k * LANES, PAIRS), t0 * K + k  # x second: vdpbf16ps broadcasts it from memory
+        f0, f1 = dot_bf16(f0, w, splat32(x, o, PAIRS)), dot_bf16(f1, w, splat32(x, o + K, PAIRS))
+        f2, f3 = dot_bf16(f2, w, splat32(x, o + 2 * K, PAIRS)), dot_bf16(f3, w, splat32(x, o + 3 * K, PAIRS))
+        f4, f5 = dot_bf16(f4, w, splat32(x, o + 4 * K, PAIRS)), dot_bf16(f5, w, splat32(x, o + 5 * K, PAIRS))
+    store_tile(result, f0, f1, f2, f3, f4, f5)
+
+
+@jit
 def store_tile(result, f0, f1, f2, f3, f4, f5):  # result: [TILE_TOKENS, LANES] float32
     out = result.reshape(-1)
     for i, f in enumerate((f0, f1, f2, f3, f4, f5)):
@@ -111,14 +140,16 @@ def store_tile(result, f0, f1, f2, f3, f4, f5):  # result: [TILE_TOKENS, LANES] 
 
 
 def tile_tokens(result, panel, wd, wsum, xs, xd, t0):  # result: [TILE_TOKENS, LANES] float32 out; xs: [T, K]
-    """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6): tile_floats, or tile_integers for xs int16 or
-    uint8 (int8 + OFFSET)"""
+    """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6): tile_floats, tile_bf16 for xs bf16 bits, or
+    tile_integers for xs int16 or uint8 (int8 + OFFSET)"""
 
 
 @overload(tile_tokens, inline="always")
 def _tile_tokens(result, panel, wd, wsum, xs, xd, t0):
     if xs.dtype == types.float32:
         return lambda result, panel, wd, wsum, xs, xd, t0: tile_floats(result, panel, xs, t0)
+    if xs.dtype == types.uint16:
+        return lambda result, panel, wd, wsum, xs, xd, t0: tile_bf16(result, panel, xs, t0)
     lanes, dot = (PAIRS, dot_s16) if xs.dtype.bitwidth == 16 else (QUADS, dot_u8s8)  # constants to Numba
 
     def tile_integers(result, panel, wd, wsum, xs, xd, t0):
@@ -166,7 +197,8 @@ def _float32_rows(tile, w, first):
 def matmul_panels(out, x, w, xtype):
     # out: [T, N] float32 (rows may be strided), x: [T, K] float32, K % 32 == 0,
     # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix; xtype: XTYPES[isa.PREFILL]
-    """out[t, n] = sum_k x[t, k] W[n, k]   (xtype int16 / uint8: both rounded to int16 / int8 per block)"""
+    """out[t, n] = sum_k x[t, k] W[n, k]   (xtype uint16: both rounded to bf16; int16 / uint8: to int16 / int8
+    per block)"""
     T, K = x.shape
     N = out.shape[1]
     padded = (T + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS  # the last tile's missing tokens are zero
@@ -175,6 +207,8 @@ def matmul_panels(out, x, w, xtype):
     for t in prange(T):
         if xs.itemsize == 4:
             xs[t] = x[t]
+        elif holds_bf16(xs):
+            xs[t] = bf16_bits(x[t])
         else:
             q = np.empty(K, np.int16)
             quantize_blocks(q, xd[t], x[t], levels)
@@ -187,6 +221,8 @@ def matmul_panels(out, x, w, xtype):
         wd, wsum = np.empty((K // 32, LANES), np.float32), np.zeros((K // 32, LANES), np.int32)  # int16: 0
         if xs.itemsize == 4:
             by_k(panel.view(np.uint32), weights.reshape(-1).view(np.uint32), K)
+        elif holds_bf16(xs):  # a k-pair of a row is a 32-bit word
+            by_k(panel.view(np.uint32), bf16_bits(weights.reshape(-1)).view(np.uint32), K // 2)
         else:
             pack_panel(panel, wd, wsum, weights, levels)
         result = np.empty((TILE_TOKENS, LANES), np.float32)
@@ -205,6 +241,11 @@ def matmul_integer_reference(x, w, levels):  # [T, K], [N, K] float32 (W dequant
         inverse = np.divide(np.float32(levels), m, out=np.zeros_like(m), where=m > 0)
         return (np.rint(blocks * inverse) * (m / np.float32(levels)).astype(np.float64)).reshape(a.shape)
     return rounded(x) @ rounded(w).T
+
+
+def matmul_bf16_reference(x, w):  # [T, K], [N, K] float32 (W dequantised) -> [T, N] float64
+    """x @ w.T in float64 of x and w rounded to bf16, as tile_bf16 reads them"""
+    return to_float32(bf16_bits(x)).astype(np.float64) @ to_float32(bf16_bits(w)).T
 
 
 matmul_panels_reference = matmul_reference  # the float kernel: x @ W^T in float64 (matmul.py)

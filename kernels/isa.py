@@ -54,10 +54,12 @@ ISA = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
 # the target has VNNI: that is why a forced avx2 also narrows the target, see minqwen/environment.py).
 VNNI_BITS = {"avx512": (256, 512), "avx2": (256,) if "avxvnni" in FEATURES else ()}.get(ISA, ())
 
-# Prefill on integer dot products (kernels/gemm.py) is opt-in, MINQWEN_PREFILL=int16 (vpdpwssd), or int8
-# (vpdpbusd) where the prefill's width has VNNI: int16 moved the tests' random hybrids' logits by up to 3.6e-2
-# (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16 Qwen3-Next; bar 5e-3), int8 SmolLM2's by 6e-2 (bar 2e-3).
+# Prefill on dot products (kernels/gemm.py) is opt-in: MINQWEN_PREFILL=int16 (vpdpwssd), int8 (vpdpbusd, where
+# the prefill's width has VNNI) or bf16 (vdpbf16ps, where the avx512 path has AVX512-BF16). int16 moved the
+# tests' random hybrids' logits by up to 3.6e-2 (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16 Qwen3-Next;
+# bar 5e-3); on SmolLM2 int8 moved them by 6e-2 of their range, bf16 by 4.3e-3 (bar 2e-3).
 PREFILLS = ["float"] + ["int16"] * (ISA != "generic")  # the prefills this CPU runs
+PREFILLS += ["bf16"] * (ISA == "avx512" and "avx512bf16" in FEATURES)
 PREFILLS += ["int8"] * ({"avx512": 512}.get(ISA, 256) in VNNI_BITS)
 # Decode on int8 activations (vpdpbusd, kernels/intdot.py) is opt-in, MINQWEN_DECODE=int8, where the path has
 # 256-bit VNNI: int16's steps are 258x finer (why int16 is the default: intdot.py's docstring).

@@ -39,6 +39,8 @@ and how (`lanes` = elements of the result):
                              vpmaddwd + vpaddd;  vpdpwssd where the path has VNNI (isa.VNNI_BITS)
     dot_u8s8(acc, a, b)      acc[i] + sum_j<4 a[4i+j] b[4i+j], a's bytes unsigned, b's signed, in int32:
                              vpdpbusd, on the widths isa.VNNI_BITS has (vpmaddubsw, its stand-in, saturates)
+    dot_bf16(acc, a, b)      acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1], bf16 lanes (their bits), in float32:
+                             vdpbf16ps (AVX512-BF16: subnormal inputs and results flush to zero)
     round16(v)               float32 lanes -> the nearest integers (ties to even: vcvtps2dq) as int16 lanes
     to_float, fma, hsum      int32 -> float32 lanes; a * b + c; the sum of the lanes; a + b adds lanes, a * b
                              multiplies float lanes (floats as written: ORDERED), v - c subtracts a constant
@@ -239,7 +241,7 @@ def words(typingctx, arr, off, stride, n):
 
 
 @intrinsic
-def splat32(typingctx, arr, off, n):  # one vpbroadcastd: a dot_s16 or dot_u8s8 operand
+def splat32(typingctx, arr, off, n):  # one vpbroadcastd: a dot_s16, dot_u8s8 or dot_bf16 operand
     if arr.dtype.bitwidth not in (8, 16):
         return None
     v = _vector_for(arr.dtype.bitwidth * _lanes(n), f"i{arr.dtype.bitwidth}", _lanes(n))
@@ -339,6 +341,18 @@ def dot_u8s8(typingctx, acc, a, b):
         raise errors.TypingError(f"dot_u8s8 on {8 * a.lanes} bits needs VNNI on the {isa.ISA} path")
     return acc(acc, a, b), lambda context, builder, sig, args: _call(
         builder, f"llvm.x86.avx512.vpdpbusd.{8 * a.lanes}", acc.llvm, list(args))
+
+
+@intrinsic
+def dot_bf16(typingctx, acc, a, b):
+    if not (isinstance(acc, Vector) and acc.kind == "f32" and a == b and a.kind == "i16"
+            and a.lanes == 2 * acc.lanes):
+        return None
+    require("avx512bf16")
+    pairs = ir.VectorType(ir.IntType(32), acc.lanes)  # as LLVM < 17 declares them (newer LLVM upgrades it)
+    return acc(acc, a, b), lambda context, builder, sig, args: _call(
+        builder, f"llvm.x86.avx512bf16.dpbf16ps.{32 * acc.lanes}", acc.llvm,
+        [args[0], builder.bitcast(args[1], pairs), builder.bitcast(args[2], pairs)])
 
 
 @intrinsic

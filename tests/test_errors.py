@@ -156,6 +156,8 @@ UNUSABLE_PATHS = {
                              "CPU (as Numba targets it) lacks (paths this CPU runs: generic, avx2)"),
     "no prefill": ({"MINQWEN_PREFILL": "int4"},
                    "MINQWEN_PREFILL='int4' is not a prefill this CPU runs (float"),
+    "a prefill the path lacks": ({"MINQWEN_PREFILL": "bf16", **AVX2_TARGET},  # bf16 needs AVX512-BF16
+                                 "MINQWEN_PREFILL='bf16' is not a prefill this CPU runs (float, int16)"),
     "a decode the path lacks": ({"MINQWEN_DECODE": "int8", **AVX2_TARGET},  # int8 needs 256-bit VNNI
                                 "MINQWEN_DECODE='int8' is not a decode this CPU runs (int16)"),
 }

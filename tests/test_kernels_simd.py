@@ -243,6 +243,9 @@ if "int8" in isa.DECODES:  # the int8 options (MINQWEN_DECODE / MINQWEN_PREFILL=
                 (matmul_integer, matvec_args[:4] + (np.dtype(np.int8),))]
 if "int8" in isa.PREFILLS:
     kernels += [(matmul_panels, prefill_args[:3] + (np.uint8,))]
+if "bf16" in isa.PREFILLS:  # MINQWEN_PREFILL=bf16, where the avx512 path has AVX512-BF16
+    kernels += [(matmul_panels, prefill_args[:3] + (np.uint16,))]
+print("prefills:", *isa.PREFILLS)
 for kernel, args in kernels:
     kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))
 print("".join(probe.inspect_asm().values()))
@@ -251,7 +254,8 @@ print("".join(probe_bytes.inspect_asm().values()) if probe_bytes.signatures else
 """
 
 
-ZEN4 = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni"
+ZEN4 = ("+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,"
+        "+avx512bf16")
 # an Alder Lake: AVX2 with AVX-VNNI (256 bits, VEX-encoded), no AVX-512
 ALDER_LAKE = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avxvnni," + ",".join(
     "-" + f for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"))
@@ -271,10 +275,12 @@ def compiled_probe(env, tmp_path) -> tuple[str, str]:
 
 
 def test_avx512_path_compiles_to_vnni(tmp_path):
-    """On a Zen 4 target (AVX-512 with VNNI) the same kernels compile each dot product to one vpdpwssd
-    (and the prefill, on 512-bit vectors there, compiles), and the int8 options' byte dots to vpdpbusd."""
+    """On a Zen 4 target (AVX-512 with VNNI and BF16) the same kernels compile each dot product to one
+    vpdpwssd (and the prefill, on 512-bit vectors there, compiles), the int8 options' byte dots to vpdpbusd,
+    and the bf16 prefill compiles."""
     native, native_bytes = compiled_probe({"NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": ZEN4}, tmp_path)
     assert native.count("vpdpwssd") == 2 and "vpmaddwd" not in native
+    assert "prefills: float int16 bf16 int8\n" in native
     assert native_bytes.count("vpdpbusd") == 1
 
 
@@ -284,13 +290,14 @@ def test_an_avx2_path_with_avx_vnni_compiles_the_int8_options(tmp_path):
     native, native_bytes = compiled_probe({"NUMBA_CPU_NAME": "alderlake", "NUMBA_CPU_FEATURES": ALDER_LAKE},
                                           tmp_path)
     assert native.count("vpdpwssd") == 2 and "zmm" not in native
+    assert "prefills: float int16 int8\n" in native  # no bf16: it is the avx512 path's
     assert native_bytes.count("vpdpbusd") == 1 and "zmm" not in native_bytes
 
 
 def test_a_forced_avx2_path_compiles_as_on_an_avx2_machine(tmp_path):
     """MINQWEN_ISA=avx2 on this CPU: its dot products are vpmaddwd + vpaddd, even where the CPU has VNNI,
     which LLVM would otherwise fuse them into (minqwen/environment.py narrows Numba's target); it has no
-    int8 options."""
+    int8 or bf16 options."""
     native, native_bytes = compiled_probe({"MINQWEN_ISA": "avx2"}, tmp_path)
     assert native.count("vpmaddwd") == 2 and "vpdpwssd" not in native
-    assert native_bytes.strip() == ""
+    assert native_bytes.strip() == "" and "prefills: float int16\n" in native
