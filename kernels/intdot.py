@@ -104,8 +104,7 @@ from .simd import (
 INTEGER_TYPES = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)  # the types with a kernel
 # the IQ4 codebook + 127 (unsigned, entry 0 is 0) in both 128-bit halves of a register, for lookup16
 IQ4_TABLE = np.tile(IQ4_LEVELS.astype(np.int16) + 127, 2).astype(np.uint8)
-# measured on Zen 3, one core: 1-4 KB ahead brings 0.85-0.98 of the bandwidth, 256 B nothing
-PREFETCH_BYTES = 2048
+PREFETCH_BYTES = 2048  # Zen 3, one core: 1-4 KB ahead brings 0.85-0.98 of the bandwidth, 256 B nothing
 # the largest |xq| L and 1 / L: xd = m / L and 1 / xd as fastmath computes them (m times the constant 1 / L,
 # L / m), written so that the reference does the same float32 steps and x / xd rounds there as here (ties too)
 INT8, INT16 = (np.float32(127.0), np.float32(1.0 / 127.0)), (np.float32(32767.0), np.float32(1.0 / 32767.0))
@@ -115,8 +114,7 @@ LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
 # where a block's level bits begin, in the types with a minimum term (the others' constants are folded into
 # centred levels, _levels, or into where their dots start, _offsets)
 LEVEL_BITS_AT = {Q4_1: 4, Q5_1: 4, Q4_K: 16, Q5_K: 16}
-# int16 / float32 lanes of a vector, in the kernels that take the path's width (512 bits on avx512)
-WORDS, FLOATS = (32, 16) if isa.ISA == "avx512" else (16, 8)
+WORDS, FLOATS = (32, 16) if isa.ISA == "avx512" else (16, 8)  # int16 / float32 lanes at the path's width
 # The order _matmul_q6_k reads a super-block's xq in: position q is lane m of a vector of WORDS, p = 0 / 1 the
 # even / odd bytes, of nibble k, of part u (ql bytes 32 (u % 2).. of half u // 2; with WORDS = 32 the upper 16
 # lanes are the other half's): weight 32 (2k + u % 2) + (2 m + p) % 32 + 128 (u // 2 + m // 16)
