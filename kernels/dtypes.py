@@ -17,6 +17,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .jit import jit
+
 BF16 = np.dtype(np.uint16)
 FP16 = np.dtype(np.int16)
 FP32 = np.dtype(np.float32)
@@ -73,8 +75,14 @@ def from_float32(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def bf16_bits(x):
     """float32 -> bf16 bits with round-to-nearest-even (what torch's .to(bfloat16) does)."""
-    u = np.asarray(x, dtype=np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return bf16_rounded(x.reshape(-1)).reshape(x.shape)
 
 
-overload(bf16_bits, inline="always")(lambda x: bf16_bits)  # compiled kernels round with it too (gemm.py)
+@jit
+def bf16_rounded(x):  # x: [n] float32 -> [n] uint16, its bf16 bits (bf16_bits' kernel; gemm.py calls it too)
+    u, bits = x.view(np.uint32), np.empty(x.size, np.uint16)
+    half, one, shift = np.uint32(0x7FFF), np.uint32(1), np.uint32(16)  # uint32: no lane widens to int64
+    for i in range(x.size):  # a loop: as an array expression, its temporaries took 4x as long
+        bits[i] = (u[i] + half + ((u[i] >> shift) & one)) >> shift
+    return bits

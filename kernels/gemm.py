@@ -24,7 +24,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .dtypes import bf16_bits, to_float32
+from .dtypes import bf16_bits, bf16_rounded, to_float32
 from .fp8 import Fp8Matrix, dequantize_fp8_rows
 from .ggml import GgmlMatrix, dequantize_ggml_rows
 from .isa import ISA
@@ -208,7 +208,7 @@ def matmul_panels(out, x, w, xtype):
         if xs.itemsize == 4:
             xs[t] = x[t]
         elif holds_bf16(xs):
-            xs[t] = bf16_bits(x[t])
+            xs[t] = bf16_rounded(x[t])
         else:
             q = np.empty(K, np.int16)
             quantize_blocks(q, xd[t], x[t], levels)
@@ -222,7 +222,7 @@ def matmul_panels(out, x, w, xtype):
         if xs.itemsize == 4:
             by_k(panel.view(np.uint32), weights.reshape(-1).view(np.uint32), K)
         elif holds_bf16(xs):  # a k-pair of a row is a 32-bit word
-            by_k(panel.view(np.uint32), bf16_bits(weights.reshape(-1)).view(np.uint32), K // 2)
+            by_k(panel.view(np.uint32), bf16_rounded(weights.reshape(-1)).view(np.uint32), K // 2)
         else:
             pack_panel(panel, wd, wsum, weights, levels)
         result = np.empty((TILE_TOKENS, LANES), np.float32)

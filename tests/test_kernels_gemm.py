@@ -109,14 +109,14 @@ def test_the_integer_kernels_are_the_product_of_both_rounded(mode, seed, fmt, T,
 @given(**shapes)
 def test_the_bf16_kernel_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, strided):
     """To float32 rounding against the product of x and W rounded to bf16 (matmul_bf16_reference: vdpbf16ps'
-    products are exact in float32); against the exact x W^T within 2^-8 of the terms (rounding to nearest
-    moves each operand by at most 2^-9 of itself)."""
+    products are exact in float32); against the exact x W^T within 2^-7 (+ 2^-16) of the terms (bf16 has 8
+    significant bits: rounding to nearest moves each operand by at most 2^-8 of itself)."""
     x, dense, out = prefill(seed, fmt, T, N, blocks, strided, "bf16")
     x64, w64 = x.astype(np.float64), dense.astype(np.float64)
     terms = np.abs(x64) @ np.abs(w64).T
     diff = np.abs(out - matmul_bf16_reference(x, dense))
     assert diff.max() <= 1e-5 * terms.max(), f"{fmt}: max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
-    assert np.all(np.abs(out - x64 @ w64.T) <= 2.0**-8 * terms + 1e-5 * terms.max()), fmt
+    assert np.all(np.abs(out - x64 @ w64.T) <= (2.0**-7 + 2.0**-16) * terms + 1e-5 * terms.max()), fmt
 
 
 def extreme_rows(rng, rows, K):  # row i: blocks of kind i % 8
