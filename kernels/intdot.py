@@ -409,26 +409,16 @@ def matmul_integer(out, data, ggml_type, x, activations):
         if excess:  # Q6_K's on its vectors of WORDS int16 lanes, in its order
             _offsets(offset[i], xq[i], WORDS // 2 if t == Q6_K else 8, excess)
     eighths = xsum * np.float32(0.125)  # a block's minimum term goes to all 8 lanes of a sum, 1/8 in each
-    if t == Q8_0:
-        _matmul_blocks(out, data, Q8_0, xq, xd, eighths, offset)
-    elif t == Q4_0:
-        _matmul_blocks(out, data, Q4_0, xq, xd, eighths, offset)
-    elif t == Q4_1:
-        _matmul_blocks(out, data, Q4_1, xq, xd, eighths, offset)
-    elif t == Q5_0:
-        _matmul_blocks(out, data, Q5_0, xq, xd, eighths, offset)
-    elif t == Q5_1:
-        _matmul_blocks(out, data, Q5_1, xq, xd, eighths, offset)
-    elif t == Q4_K:
-        _matmul_k(out, data, Q4_K, xq, xd, -xsum)
-    elif t == Q5_K:
-        _matmul_k(out, data, Q5_K, xq, xd, -xsum)
-    elif t == IQ4_NL:
-        _matmul_blocks(out, data, IQ4_NL, xq, xd, eighths, offset)
-    elif t == IQ4_XS:
-        _matmul_iq4_xs(out, data, xq, xd, offset)
-    else:  # Q6_K: xd of each 16 weights
-        _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16), offset)
+    (_matmul_blocks(out, data, Q8_0, xq, xd, eighths, offset) if t == Q8_0
+     else _matmul_blocks(out, data, Q4_0, xq, xd, eighths, offset) if t == Q4_0
+     else _matmul_blocks(out, data, Q4_1, xq, xd, eighths, offset) if t == Q4_1
+     else _matmul_blocks(out, data, Q5_0, xq, xd, eighths, offset) if t == Q5_0
+     else _matmul_blocks(out, data, Q5_1, xq, xd, eighths, offset) if t == Q5_1
+     else _matmul_k(out, data, Q4_K, xq, xd, -xsum) if t == Q4_K
+     else _matmul_k(out, data, Q5_K, xq, xd, -xsum) if t == Q5_K
+     else _matmul_blocks(out, data, IQ4_NL, xq, xd, eighths, offset) if t == IQ4_NL
+     else _matmul_iq4_xs(out, data, xq, xd, offset) if t == IQ4_XS
+     else _matmul_q6_k(out, data, xq, np.repeat(xd, 2).reshape(T, K // 16), offset))  # Q6_K: xd per 16
 
 
 def matmul_integer_reference(data, ggml_type, x, activations):  # [N, bytes] uint8, [T, K] float32 -> [T, N]
