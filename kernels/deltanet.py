@@ -108,9 +108,8 @@ def delta_rule_gates(g, beta, a, b, A_log, dt_bias):  # [T, Hv], [T, Hv] <- [T, 
     """g[t, h]    = -exp(A_log[h]) * softplus(a[t, h] + dt_bias[h])      (<= 0: S decays by exp(g))
     beta[t, h] = sigmoid(b[t, h])
 
-    softplus(x) = log(1 + e^x), taken as x above 20 like torch's F.softplus (threshold=20).
-    A_log and dt_bias may be stored bf16/fp16/fp32 (widened here); the math is fp32, as the torch
-    code's .float() casts make it.
+    softplus(x) = log(1 + e^x), taken as x above 20 like torch's F.softplus (threshold=20). A_log and
+    dt_bias may be stored bf16/fp16/fp32 (widened here); the math is fp32, as torch's .float() casts make it.
     """
     T, H = a.shape
     for t in range(T):
@@ -132,8 +131,7 @@ def delta_rule_gates_reference(a, b, A_log, dt_bias):  # -> g [T, Hv], beta [T, 
 @pjit
 def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
     # [T, Hv, Dv], [Hv, Dk, Dv] (in/out) <- [T, Hk, Dk], [T, Hk, Dk], [T, Hv, Dv], [T, Hv], [T, Hv], bool
-    """For each value head h (key head j = h % Hk if tiled else h // (Hv/Hk)) and token t, with
-    S = state[h]:
+    """For each value head h (key head j = h % Hk if tiled else h // (Hv/Hk)) and token t, with S = state[h]:
 
         S     <- exp(g_t) S
         delta  = beta_t (v_t - S^T k_t)
