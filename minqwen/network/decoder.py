@@ -78,11 +78,10 @@ L2NORM_EPS = 1e-6  # Gated DeltaNet's q/k normalisation, as transformers' l2norm
 class Cache:
     """Everything a sequence remembers between forward passes.
 
-    Attention layers: keys and values, (n_kv_heads, capacity, head_dim) each, float32, or fp16 when
-    asked (load(kv_cache="fp16")): half the memory and the bytes a decode step reads per context token
-    (Qwen3-0.6B at 2048 tokens: 17 -> 21 tok/s), but logits move by ~5e-4 of their range (fp32 matches
-    transformers' fp32 to ~1e-6), enough to flip an MoE router's choice now and then; a value beyond
-    fp16's range turns the cache to float32 rather than to inf. Capacity doubles when a sequence
+    Attention layers: keys and values, (n_kv_heads, capacity, head_dim) each, float32, or fp16 when asked
+    (load(kv_cache="fp16")): half the memory and the bytes a decode step reads per context token, but logits
+    move by ~5e-4 of their range (docs/performance.md), enough to flip an MoE router's choice now and then; a
+    value beyond fp16's range turns the cache to float32 rather than to inf. Capacity doubles when a sequence
     outgrows it (amortised O(1) per token), up to the context length: a short chat reserves no 32k positions.
     Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
     causal convolution and one (key_dim, value_dim) matrix per value head — which cannot be rewound,
