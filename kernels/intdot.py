@@ -27,22 +27,20 @@ the levels above by is where the dot starts, _offsets) and in a minimum term fro
     IQ4_XS w = d (sc_j - 32) iq4[q]   as IQ4_NL, 8 sub-blocks of 32 with 6-bit scales
 
 Why int16 activations by default, not llama.cpp's int8 (Q8): rounding x to int8 moves each product by up to
-1/254 of its terms, and on the one trained model the tests run (SmolLM2-135M) that was enough to swap the two
-best first tokens of an answer (logits 25.33 and 25.24) and so greedy decoding's text; int16's 1/65534 leaves
-the logits within 1e-4 of exact x. At one token the int16 kernels are bound by their own instructions, not by
-memory: MINQWEN_DECODE=int8 (isa.py; where the path has 256-bit VNNI) offers int8 for every type, 1.1-1.3x
-int16's rate on the K-quants, ~1x elsewhere (docs/performance.md has both costs).
+1/254 of its terms, and on SmolLM2-135M (the tests' one trained model) that was enough to swap the two best
+first tokens of an answer and so greedy decoding's text; int16's 1/65534 leaves the logits within 1e-4 of
+exact x (docs/gguf-and-quantisation.md). At one token the int16 kernels are bound by their own instructions,
+not by memory: MINQWEN_DECODE=int8 (isa.py: 256-bit VNNI) offers int8 for every type (docs/performance.md).
 
 Everything stays in vector registers: a block's fp16 scale is broadcast and converted in one step
 (simd.fp16_splat: a scalar conversion would tie each block to its sum), a K-quant super-block's eight 6-bit
 scales are unpacked with 32-bit word masks and converted as one vector, and a prefetch 2 KB ahead adds what
 the hardware prefetcher left (~25% of one core's bandwidth). A few tokens (a verify pass, a batch) go four at
 a time (_in_fours): each part of a row is unpacked once, into registers, and dotted with each of them, into
-two sums per token. The kernels use 32-byte vectors: AVX2, and with AVX512-VNNI / AVX-VNNI dot_s16 is
-vpdpwssd. The IQ4 codebook lives in a register: each nibble looks its level up in one vpshufb (simd.lookup16,
-on the levels + 127 so that the result is a 16-bit lane as it stands); the + 127 is not subtracted per weight:
-each block's dot starts from -127 times its lanes' sums of xq (_offsets, once per token; _dot's start). Q2_K,
-Q3_K, MXFP4 and the grid i-quants have none here (ggml.py's float kernel serves).
+two sums per token. The kernels use 32-byte vectors (AVX2). The IQ4 codebook lives in a register: each nibble
+looks its level up in one vpshufb (simd.lookup16, on the levels + 127 so that the result is a 16-bit lane as
+it stands; the + 127 is not subtracted per weight but where each block's dot starts, _offsets). Q2_K, Q3_K,
+MXFP4 and the grid i-quants have none here (ggml.py's float kernel serves).
 
 The K-quants read their bits as 16-bit words, whose even and odd bytes' levels masks build at once (no
 widening shuffle); int16 dots the even bytes' levels, then the odd ones' (int8 the bytes as they are), xq put
