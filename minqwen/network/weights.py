@@ -119,8 +119,7 @@ class Weights:
     @property
     def fused_deltanet(self) -> bool:
         """Whether DeltaNet layers keep Qwen3-Next's fused in_proj_qkvz / in_proj_ba (see DeltaNetWeights)."""
-        return any(layer.linear_attn is not None and layer.linear_attn.in_proj_qkvz is not None
-                   for layer in self.layers)
+        return any(getattr(layer.linear_attn, "in_proj_qkvz", None) is not None for layer in self.layers)
 
 
 class TensorSource:
