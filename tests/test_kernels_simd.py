@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 from numba.core import errors
 
 from minqwen.kernels import isa
+from minqwen.kernels.dtypes import bf16_bits, to_float32
 from minqwen.kernels.ggml import GGML_BLOCKS
 from minqwen.kernels.jit import jit
 from minqwen.kernels.simd import (
     bit_words,
     bytes_of,
     bytes_to_float,
+    dot_bf16,
     dot_s16,
     dot_u8s8,
     field,
@@ -182,6 +184,36 @@ def test_byte_dot_products(seed):
         kernel(out, unsigned, signed)
         expected = start + quads if bits == 512 else np.r_[quads[:8], np.zeros(8, np.int64)]
         assert np.array_equal(out, expected)
+
+
+@jit
+def bf16_dot(out, a, b):  # out: [16] float32, the accumulators in and the sums out; a, b: [32] bf16 bits
+    store(out, 0, dot_bf16(load(out, 0, 16), load(a, 0, 32), load(b, 0, 32)))
+
+
+@given(seed=seeds)
+def test_bf16_dot_products(seed):
+    """dot_bf16 adds two products of bf16 pairs to each float32 lane: exact products, then float32 sums
+    (within two roundings of float64's), subnormal inputs taken as zero and subnormal sums flushed to zero;
+    where the compile target lacks AVX512-BF16 it refuses to compile"""
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_normal(64) * rng.choice([1e-20, 1.0, 1e15], 64)).astype(np.float32)
+    values[rng.random(64) < 0.1] = np.float32(1e-39)  # subnormal in float32 and in bf16
+    a, b = bf16_bits(values[:32]), bf16_bits(values[32:])
+    start = (rng.standard_normal(16) * rng.choice([1e-40, 1.0], 16)).astype(np.float32)
+    out = start.copy()
+    if "avx512bf16" not in isa.FEATURES:
+        with pytest.raises(errors.TypingError, match="lacks"):
+            bf16_dot(out, a, b)
+        return
+    bf16_dot(out, a, b)
+    def normal(v):  # subnormals as zero
+        return np.where(np.abs(v) < np.finfo(np.float32).tiny, 0, v).astype(np.float64)
+    products = (normal(to_float32(a)) * normal(to_float32(b))).reshape(16, 2)
+    expected = normal(start) + products[:, 1] + products[:, 0]
+    terms = np.abs(normal(start)) + np.abs(products).sum(axis=1)
+    assert np.all(np.abs(out - expected) <= 2.0**-23 * terms + np.finfo(np.float32).tiny), (out, expected)
+    assert not np.any((out != 0) & (np.abs(out) < np.finfo(np.float32).tiny))
 
 
 @jit
