@@ -86,15 +86,12 @@ def pack_panel(panel, wd, wsum, rows, levels):
     by_k(panel.view(np.uint32), words, words.size // LANES)
 
 
-def holds_bf16(a):
-    """whether a holds bf16 bits (uint16, dtypes.py): a constant when compiled"""
+def is_bf16(a):  # whether a holds bf16 bits (uint16, dtypes.py): in compiled code, a constant
     return a.dtype == np.uint16
 
 
-@overload(holds_bf16, inline="always")
-def _holds_bf16(a):
-    bf16 = a.dtype == types.uint16
-    return lambda a: bf16
+overload(is_bf16, inline="always")(
+    lambda a: (lambda a: True) if a.dtype == types.uint16 else (lambda a: False))
 
 
 @jit
@@ -207,7 +204,7 @@ def matmul_panels(out, x, w, xtype):
     for t in prange(T):
         if xs.itemsize == 4:
             xs[t] = x[t]
-        elif holds_bf16(xs):
+        elif is_bf16(xs):
             xs[t] = bf16_rounded(x[t])
         else:
             q = np.empty(K, np.int16)
@@ -221,7 +218,7 @@ def matmul_panels(out, x, w, xtype):
         wd, wsum = np.empty((K // 32, LANES), np.float32), np.zeros((K // 32, LANES), np.int32)  # int16: 0
         if xs.itemsize == 4:
             by_k(panel.view(np.uint32), weights.reshape(-1).view(np.uint32), K)
-        elif holds_bf16(xs):  # a k-pair of a row is a 32-bit word
+        elif is_bf16(xs):  # a k-pair of a row is a 32-bit word
             by_k(panel.view(np.uint32), bf16_rounded(weights.reshape(-1)).view(np.uint32), K // 2)
         else:
             pack_panel(panel, wd, wsum, weights, levels)
