@@ -5,12 +5,11 @@
     w_j    = p[e_j]          or  p[e_j] / sum_i p[e_i]    if norm_topk_prob
     out    = sum_j w_j * down[e_j] @ (silu(gate[e_j] @ x) * up[e_j] @ x)
 
-Expert weights stay in their stored format: gate_w, up_w [E][F, D], down_w [E][D, F], either stacked
-3-D arrays or (as the model passes them) numba typed Lists of the checkpoint's memory-mapped
-per-expert matrices (bf16 / fp16 / fp32 arrays, FP8 or GGML blocks: linear.row_dot reads any of them);
-the kernels only ever index one expert at a time, w[e].
-Only the k chosen experts are read, so decoding a token moves bytes in proportion to the *active*
-parameters (3 k F D weights), not the total. Two forms of the same sum:
+Expert weights stay in their stored format: gate_w, up_w [E][F, D], down_w [E][D, F], either stacked 3-D
+arrays or (as the model passes them) numba typed Lists of the checkpoint's memory-mapped per-expert matrices
+(bf16 / fp16 / fp32 arrays, FP8 or GGML blocks: linear.row_dot reads any of them); the kernels only ever index
+one expert at a time, w[e]. Only the k chosen experts are read, so decoding a token moves bytes in proportion
+to the *active* parameters (3 k F D weights), not the total. Two forms of the same sum:
 - `moe_one_token` streams one token's k experts (decode, or a few tokens, one at a time);
 - `moe_by_expert` runs each chosen expert once on all of its tokens, as matrix products (prefill).
 Qwen2-MoE, Qwen3-Next and Qwen3.5-MoE also add a shared expert, an ordinary SwiGLU MLP scaled by
@@ -80,9 +79,8 @@ def moe_one_token(out, hidden, x, gate_w, up_w, down_w, experts, weights):
     # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored format (stacked array or typed List)
     """hidden[j] = silu(gate[e_j] @ x) * (up[e_j] @ x);   out = sum_j weights[j] * down[e_j] @ hidden[j]"""
     (k, F), D = hidden.shape, x.shape[0]
-    # Work items are blocks of 32 rows: taking an expert's matrix out of a typed List costs an
-    # atomic reference count (contended when both threads touch the same expert), so we pay it
-    # once per block rather than once per row (measured on Qwen3-30B-A3B shapes: 25% faster).
+    # Work items are blocks of 32 rows: taking an expert's matrix out of a typed List costs an atomic
+    # reference count (contended when both threads touch the same expert), paid once a block, not once a row.
     rows = 32
     # Region 1: blocks of the k experts' gate and up rows, (expert, block) flattened into one axis
     # so both threads get work even when k is small.
@@ -124,18 +122,13 @@ def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
     flat = experts.reshape(-1)
     order = np.argsort(flat, kind="stable")  # (token, slot) pairs grouped by expert
     starts = np.concatenate(([0], np.cumsum(np.bincount(flat, minlength=E))))
-    n_max = int(np.diff(starts).max())
-    # Work buffers sized for the busiest expert; each expert uses their first n rows.
-    F = gate_w[0].shape[0]
-    gate, up = np.empty((n_max, F), dtype=np.float32), np.empty((n_max, F), dtype=np.float32)
+    n_max = int(np.diff(starts).max())  # rows of the work buffers: the busiest expert's tokens
+    gate, up = np.empty((2, n_max, gate_w[0].shape[0]), dtype=np.float32)
     y = np.empty((n_max, D), dtype=np.float32)
     out[...] = 0.0
-    for e in range(E):
-        n = starts[e + 1] - starts[e]
-        if n == 0:
-            continue  # no token chose this expert: its weights are never read
+    for e in np.flatnonzero(np.diff(starts)):  # experts no token chose are skipped: their weights never read
         pairs = order[starts[e] : starts[e + 1]]
-        tokens = pairs // k
+        tokens, n = pairs // k, len(pairs)
         rows = x[tokens]  # gather [n, D]
         linear(gate[:n], rows, gate_w[e])
         linear(up[:n], rows, up_w[e])
