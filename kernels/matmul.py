@@ -69,9 +69,8 @@ def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] 
 @jit
 def widen_rows(out_tile, w_rows):  # out_tile: [B, K] float32, w_rows: [B, K] any stored dtype
     """out_tile[b, k] = float32(w_rows[b, k])"""
-    # Serial on purpose: it alternates with BLAS calls, and after a parallel region Numba's
-    # OpenMP threads keep spinning and fight OpenBLAS's threads for the cores (measured 3-8x
-    # slower prefill matmuls on 2 cores). Widening is ~1/T of the tile's multiply anyway.
+    # Serial on purpose: it alternates with BLAS calls, and after a parallel region Numba's OpenMP threads
+    # keep spinning and fight OpenBLAS's threads for the cores. Widening is ~1/T of the tile's product anyway.
     B, K = w_rows.shape
     for b in range(B):
         for k in range(K):
