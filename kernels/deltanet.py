@@ -174,8 +174,7 @@ def gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled):
     key_head = np.tile(np.arange(Hk), Hv // Hk) if tiled else np.repeat(np.arange(Hk), Hv // Hk)
     S = np.array(state, dtype=np.float64)
     out = np.zeros(v.shape)
-    for h in range(Hv):
-        j = key_head[h]
+    for h, j in enumerate(key_head):
         for t in range(T):
             qt, kt, vt = (np.asarray(a, np.float64) for a in (q[t, j], k[t, j], v[t, h]))
             S[h] *= np.exp(np.float64(g[t, h]))
