@@ -6,11 +6,10 @@ from .ggml import GgmlMatrix, dequantize_ggml_rows
 from .jit import jit
 
 
-@jit
+@jit  # serial: a row copy is a few KB, less work than waking the threads
 def embed_rows(out, table, ids):  # out: [T, D] float32, table: [V, D] bf16/fp16/fp32 bits, ids: [T] int64
     """out[t] = float32(table[ids[t]])    (the caller has checked 0 <= ids[t] < V)"""
     T, D = out.shape
-    # Serial: a row copy is a few KB, less work than waking the threads.
     for t in range(T):
         for d in range(D):
             out[t, d] = widen(table[ids[t], d])
