@@ -61,9 +61,7 @@ TINY = np.float32(2.0**-100)  # a block whose largest |value| is below this roun
 def quantize_blocks(q, d, values, levels):  # q: [K] int16, d: [K/32] float32 (outputs), values: [K] float32
     """d[b] = max|values in block b| / levels,  q = round(values / d)   (0 and 0 below TINY)"""
     for b in range(values.shape[0] // 32):
-        m = np.float32(0.0)
-        for i in range(32 * b, 32 * b + 32, LANES):
-            m = max(m, abs_max(load(values, i, LANES)))
+        m = abs_max(load(values, 32 * b, 32))  # the block as one vector: LLVM compares its parts lane-wise
         d[b] = m / levels if m >= TINY else np.float32(0.0)
         inverse = splat(levels / m if m >= TINY else np.float32(0.0), LANES)
         for i in range(32 * b, 32 * b + 32, LANES):
