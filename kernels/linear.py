@@ -38,26 +38,21 @@ def linear(out, x, w):
     # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Fp8Matrix or GgmlMatrix
     """out = x @ w.T  (no bias: the caller adds it)"""
     T, K = x.shape
-    panels = T > 1 and isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32
-    xtype = XTYPES[isa.PREFILL] if panels else None  # the type the panels round x to
-    if isinstance(w, Fp8Matrix):
-        if T == 1:
-            matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows)
-        else:
-            matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul_fp8(out, x, w)
-    elif isinstance(w, GgmlMatrix):
-        if w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
-            matmul_integer(out, w.data, w.ggml_type, x, ACTIVATIONS)
-        elif T == 1:
-            matvec_ggml(out[0], w.data, w.ggml_type, x[0])
-        else:
-            matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul_ggml(out, x, w)
+    fp8, ggml = isinstance(w, Fp8Matrix), isinstance(w, GgmlMatrix)
+    if fp8 and T == 1:
+        matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows)
+    elif ggml and w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
+        matmul_integer(out, w.data, w.ggml_type, x, ACTIVATIONS)
+    elif ggml and T == 1:
+        matvec_ggml(out[0], w.data, w.ggml_type, x[0])
     elif T == 1:
         matvec(out[0], w, x[0])
-    elif T <= FEW_TOKENS:
+    elif T <= FEW_TOKENS and not (fp8 or ggml):
         matmul_few(out, x, w)
-    else:
-        matmul_panels(out, np.ascontiguousarray(x), w, xtype) if panels else matmul(out, x, w)
+    elif isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32:
+        matmul_panels(out, np.ascontiguousarray(x), w, XTYPES[isa.PREFILL])  # the type they round x to
+    else:  # tiles of W widened or dequantised to float32, through BLAS
+        (matmul_fp8 if fp8 else matmul_ggml if ggml else matmul)(out, x, w)
 
 
 def row_dot(w, r, x):
