@@ -42,10 +42,9 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 def _yarn(config: Config, dim: int, base: float, exponents: np.ndarray) -> tuple[np.ndarray, float]:
     rope, factor = config.rope, config.rope.factor
     attention_factor = rope.attention_factor
-    if attention_factor is None and rope.mscale and rope.mscale_all_dim:
-        attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
-    elif attention_factor is None:
-        attention_factor = yarn_mscale(factor)
+    if attention_factor is None:  # from factor, with both mscales when the config sets them
+        attention_factor = (yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
+                            if rope.mscale and rope.mscale_all_dim else yarn_mscale(factor))
     original = rope.original_max_position_embeddings
 
     def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
