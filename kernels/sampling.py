@@ -35,8 +35,7 @@ def apply_penalties(logits, seen_ids, counts, repetition_penalty, frequency_pena
     model has not written is not pushed down by them.
     """
     V = logits.shape[0]
-    for s in range(seen_ids.shape[0]):
-        i = seen_ids[s]
+    for i in seen_ids:
         if i < 0 or i >= V:  # an id the output layer cannot produce (as transformers, skip it)
             continue
         z = logits[i]
