@@ -43,7 +43,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from common import cpu_flags, cpu_model, fp32_fma_peak, int8_dot_peak, int16_dot_peak
+from common import bf16_dot_peak, cpu_flags, cpu_model, fp32_fma_peak, int8_dot_peak, int16_dot_peak
 from minqwen.kernels import isa
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.fp8 import Fp8Matrix, matmul_fp8, matvec_fp8
@@ -139,7 +139,8 @@ def weight_matrix(kind, arrays, K):  # the arrays of stored_weights as linear() 
 
 def matmul_calls(kind) -> dict:
     """{path: call(out, x, arrays)}: the generic kernel (tiles for BLAS) and the micro-kernels of gemm.py,
-    float32, int16 and int8 (MINQWEN_PREFILL=int16 / int8, where the CPU runs them: isa.PREFILLS)"""
+    float32, int16, int8 and bf16 (MINQWEN_PREFILL=int16 / int8 / bf16, where the CPU runs them:
+    isa.PREFILLS)"""
     generic = matmul_ggml if ggml_type(kind) else matmul_fp8 if kind == "fp8" else matmul
     calls = {"generic": lambda out, x, arrays: generic(out, x, weight_matrix(kind, arrays, x.shape[1]))}
     if isa.ISA != "generic" and kind != "fp32":
@@ -198,8 +199,8 @@ def bench_matmul(kind, path, call, N, K, T, repeats, rng):
 
 def few_calls(kind) -> dict:
     """{name: call(out, x, w)}: the few-token kernel of kind (bf16: matmul_few, which streams W once; a
-    GGML type: matmul_integer) against the prefill ones (matmul_panels, float, int16, int8, where the CPU has
-    them, else BLAS tiles). Where they cross is linear.py's FEW_TOKENS / INTEGER_TOKENS."""
+    GGML type: matmul_integer) against the prefill ones (matmul_panels: float, int16, int8, bf16, where the
+    CPU has them, else BLAS tiles). Where they cross is linear.py's FEW_TOKENS / INTEGER_TOKENS."""
     few = {"matmul_few": matmul_few} if kind == "bf16" else {
         "matmul_integer": lambda out, x, w: matmul_integer(out, w.data, w.ggml_type, x, ACTIVATIONS)}
     if isa.ISA == "generic":
@@ -288,6 +289,10 @@ def main(argv=None):
         if int8_peak:
             print(f"int8 dot peak ({QUADS} byte lanes, 12 chains): {int8_peak:.0f} GOP/s (the ceiling of the "
                   f"int8 panels, path {isa.ISA}-int8)")
+        bandwidth["bf16_dot_peak_GFLOP_s"] = bf16_peak = bf16_dot_peak(args.repeats)
+        if bf16_peak:
+            print(f"bf16 dot peak ({PAIRS} bf16 lanes, 12 chains): {bf16_peak:.0f} GFLOP/s (the ceiling of "
+                  f"the bf16 panels, path {isa.ISA}-bf16)")
     results = []
     print(f"\n{'matvec (decode)':16s} {'path':>8s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} "
           f"{'GB/s':>7s} {'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
