@@ -51,8 +51,7 @@ def causal_conv1d(out, conv_state, x, weight):  # [T, C], [K-1, C] (in/out), [T,
     K-1 steps back (torch's conv1d with padding K-1, cut to T outputs). A zero conv_state starts a
     sequence; since the state carries the last K-1 inputs, feeding a sequence in any split (a prefill
     chunk, then single tokens) gives the same outputs. No bias: Qwen3-Next/3.5 conv1d has bias=False.
-    out must not alias x or conv_state.
-    """
+    out must not alias x or conv_state."""
     (T, C), K = x.shape, weight.shape[1]
     keep = K - 1
     for t in prange(T):
@@ -86,8 +85,7 @@ def l2norm(out, x, eps):  # [T, H, D] <- [T, H, D]; out may be x (in place)
     """out[t, h] = x[t, h] / sqrt( sum_d x[t, h, d]^2 + eps )
 
     eps is added to the *sum* of squares (not the mean) inside the root, as FLA and transformers'
-    l2norm do; the model uses eps = 1e-6. Serial: a few flops per element, less than waking threads.
-    """
+    l2norm do; the model uses eps = 1e-6. Serial: a few flops per element, less than waking threads."""
     T, H, D = x.shape
     for t in range(T):
         for h in range(H):
@@ -108,9 +106,8 @@ def delta_rule_gates(g, beta, a, b, A_log, dt_bias):  # [T, Hv], [T, Hv] <- [T, 
     """g[t, h]    = -exp(A_log[h]) * softplus(a[t, h] + dt_bias[h])      (<= 0: S decays by exp(g))
     beta[t, h] = sigmoid(b[t, h])
 
-    softplus(x) = log(1 + e^x), taken as x above 20 like torch's F.softplus (threshold=20). A_log and
-    dt_bias may be stored bf16/fp16/fp32 (widened here); the math is fp32, as torch's .float() casts make it.
-    """
+    softplus(x) = log(1 + e^x), taken as x above 20 like torch's F.softplus (threshold=20). A_log and dt_bias
+    may be stored bf16/fp16/fp32 (widened here); the math is fp32, as torch's .float() casts make it."""
     T, H = a.shape
     for t in range(T):
         for h in range(H):
@@ -138,8 +135,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
         S     <- S + k_t delta^T
         o_t    = S^T q_t / sqrt(Dk)
 
-    q and k are expected l2-normalised (see l2norm). out must not alias the inputs.
-    """
+    q and k are expected l2-normalised (see l2norm). out must not alias the inputs."""
     (T, Hk, Dk), (Hv, Dv) = k.shape, v.shape[1:]
     group = Hv // Hk
     scale = np.float32(1.0 / np.sqrt(Dk))
@@ -191,8 +187,7 @@ def gated_rmsnorm(out, x, weight, z, eps):  # [T, H, D] <- [T, H, D], [D], [T, H
     """out[t, h] = x[t, h] / sqrt(mean_d x[t, h, d]^2 + eps) * weight * silu(z[t, h])
 
     Qwen3NextRMSNormGated / Qwen3_5RMSNormGated: the weight is used as is (initialised to ones), NOT
-    the zero-centred (1 + w) of the other RMSNorms of these models. The norm is per head (D = Dv).
-    """
+    the zero-centred (1 + w) of the other RMSNorms of these models. The norm is per head (D = Dv)."""
     T, H, D = x.shape
     for t in prange(T):
         for h in range(H):
