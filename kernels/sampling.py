@@ -32,8 +32,7 @@ def apply_penalties(logits, seen_ids, counts, repetition_penalty, frequency_pena
 
     Repetition is CTRL's / transformers' (over prompt and output); frequency and presence are the
     OpenAI API's (over the output only, as vLLM applies them), so a token the prompt holds but the
-    model has not written is not pushed down by them.
-    """
+    model has not written is not pushed down by them."""
     V = logits.shape[0]
     for i in seen_ids:
         if i < 0 or i >= V:  # an id the output layer cannot produce (as transformers, skip it)
@@ -57,8 +56,7 @@ def sample(probs, order, logits, temperature, top_k, top_p, min_p, coin):
 
     each rule seeing the distribution renormalised over the survivors of the previous ones.
     On return probs holds the final distribution q (0 for removed tokens) and the result is the
-    first token, in vocabulary order, with q_0 + ... + q_i > coin.
-    """
+    first token, in vocabulary order, with q_0 + ... + q_i > coin."""
     V = logits.shape[0]
     if temperature <= 0.0:
         return np.argmax(logits)
