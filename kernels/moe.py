@@ -34,8 +34,7 @@ def route(weights_out, experts_out, router_logits, top_k, norm_topk_prob):
     softmax is monotonic, so we rank the logits themselves: the same order as ranking p, without
     the ties that rounding p to float32 can create between distinct logits. torch.topk on CPU breaks
     exact ties in whatever order std::nth_element / std::partial_sort leave them, so no engine can
-    match it there; we take the lower expert index, which is what a stable sort would do.
-    """
+    match it there; we take the lower expert index, which is what a stable sort would do."""
     T, E = router_logits.shape
     for t in range(T):
         logits = router_logits[t]
