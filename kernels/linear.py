@@ -6,9 +6,9 @@
     GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_panels
                          (intdot.py, the types in its INTEGER_TYPES; else matvec_ggml, float)
 
-matmul_panels (avx2 and up, K a multiple of 32) multiplies in float32, or on int16 / int8 dot products
-where MINQWEN_PREFILL=int16 / int8 (isa.py). Without them (the generic path, fp32 weights, other K), tiles
-of W widened or dequantised to float32 go through BLAS (matmul, matmul_fp8, matmul_ggml).
+matmul_panels (avx2 and up, K a multiple of 32) multiplies in float32, or on int16 / int8 / bf16 dot products
+where MINQWEN_PREFILL=int16 / int8 / bf16 (isa.py). Without them (the generic path, fp32 weights, other K),
+tiles of W widened or dequantised to float32 go through BLAS (matmul, matmul_fp8, matmul_ggml).
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart for compiled kernels (MoE streams the rows its tokens chose).
