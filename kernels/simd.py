@@ -349,7 +349,7 @@ def dot_bf16(typingctx, acc, a, b):
             and a.lanes == 2 * acc.lanes):
         return None
     require("avx512bf16")
-    pairs = ir.VectorType(ir.IntType(32), acc.lanes)  # as LLVM < 17 declares them (newer LLVM upgrades it)
+    pairs = ir.VectorType(ir.IntType(32), acc.lanes)  # older LLVM's operands; newer (22 here) upgrades them
     return acc(acc, a, b), lambda context, builder, sig, args: _call(
         builder, f"llvm.x86.avx512bf16.dpbf16ps.{32 * acc.lanes}", acc.llvm,
         [args[0], builder.bitcast(args[1], pairs), builder.bitcast(args[2], pairs)])
