@@ -7,18 +7,19 @@ Two forms of the same computation:
   The scores are stored (T x Hq x L floats); in return the exponentials are one vectorised loop
   (kernels/exp.py's expf) instead of one libm call per key inside a loop that carries a running maximum
   (the "online softmax" of FlashAttention): measured 1.2-1.7x faster on Qwen2.5/Qwen3 shapes.
-- `attention_prefill` (more tokens): for a block of queries, S = Q K^T and O = softmax(S) V as matrix
-  products through BLAS — ~10x the flop rate of scalar loops. Scores exist for one block of queries
-  at a time, so memory still grows linearly with the sequence length.
+- `attention_prefill` (more tokens): S = Q K^T and O = softmax(S) V on gemm.py's register tiles, the keys
+  and values laid out once a call as its panels: 2-3x the BLAS form it replaced (Qwen3-0.6B, 128-512 tokens).
 """
 import numpy as np
 from numba import prange
 
 from .dtypes import to_float32, widen
 from .exp import expf
+from .isa import ISA
 from .jit import pjit
 
-QUERY_BLOCK = 64  # queries per block in attention_prefill: bounds the score matrix to 64 G x L
+if ISA != "generic":
+    from .gemm import LANES, TILE_TOKENS, by_k, tile_floats
 
 
 @pjit
@@ -58,32 +59,58 @@ def attention_decode(out, q, k_cache, v_cache, start, window, scale):
                     acc[h, d] += s[h, j] * widen(value[d])
 
 
-def attention_prefill(out, q, k_cache, v_cache, start, window, scale, block=QUERY_BLOCK):
+@pjit
+def attention_prefill(out, q, k_cache, v_cache, start, window, scale):
     # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32 or bf16/fp16 bits
-    """The same as `attention_decode`, for T > 1: per kv head g and block of queries,
-        S = scale * Q_g K_g^T   (masked: j <= p, and j > p - window with a window)
+    """The same as `attention_decode`, for more tokens: per kv head g, on gemm.py's register tiles,
+        S = scale Q_g K_g^T   (masked: j <= p, and j > p - window with a window)
         out = softmax_rows(S) V_g
-    where Q_g stacks the block's queries of the G = Hq / Hkv heads that share kv head g."""
+    Row r of Q_g is token r // G's query in head g G + r % G (G = Hq / Hkv). K_g is laid out in panels of
+    LANES keys (kt[c][d LANES + i] = k[LANES c + i, d]), V_g in panels of LANES dims (vt[c][j LANES + i] =
+    v[j, LANES c + i]), hd padded with zeros; a tile of TILE_TOKENS rows takes its scores from the key
+    panels up to its last row's position (tile_floats), their softmax, then its sums of values."""
     (T, Hq, hd), Hkv = q.shape, k_cache.shape[0]
-    group = Hq // Hkv
-    for t0 in range(0, T, block):
-        t1 = min(T, t0 + block)
-        first = start + t0  # position of the block's first query
-        lo = max(0, first - window + 1) if window > 0 else 0  # first key any query of the block sees
-        hi = start + t1  # one past the last key
-        # Row r of a head group's Q is (token t0 + r // group, head r % group); its position:
-        positions = first + np.repeat(np.arange(t1 - t0), group)[:, None]
-        keys = np.arange(lo, hi)[None, :]
-        hidden = (keys > positions) | (keys <= positions - window if window > 0 else False)
-        for g in range(Hkv):
-            heads = slice(g * group, (g + 1) * group)
-            queries = q[t0:t1, heads].reshape(-1, hd)
-            scores = (queries @ to_float32(k_cache[g, lo:hi]).T) * np.float32(scale)
-            scores[hidden] = -np.inf
-            scores -= scores.max(axis=1, keepdims=True)
-            np.exp(scores, out=scores)
-            scores /= scores.sum(axis=1, keepdims=True)
-            out[t0:t1, heads] = (scores @ to_float32(v_cache[g, lo:hi])).reshape(t1 - t0, group, hd)
+    G, L, R = Hq // Hkv, start + T, T * Hq // Hkv
+    D, panels, tiles = -(-hd // LANES) * LANES, -(-L // LANES), -(-R // TILE_TOKENS)
+    kt = np.empty((Hkv, panels, D * LANES), np.float32)
+    vt = np.zeros((Hkv, D // LANES, panels * LANES * LANES), np.float32)
+    queries = np.zeros((Hkv, tiles * TILE_TOKENS, D), np.float32)
+    for gc in prange(Hkv * panels):  # key panel c of kv head g, transposed in registers (by_k)
+        g, c = gc // panels, gc % panels
+        block = np.zeros((LANES, D), np.float32)
+        for i in range(min(LANES, L - LANES * c)):
+            for d in range(hd):
+                block[i, d] = widen(k_cache[g, LANES * c + i, d])
+                vt[g, d // LANES, (LANES * c + i) * LANES + d % LANES] = widen(v_cache[g, LANES * c + i, d])
+        by_k(kt[g, c].view(np.uint32), block.reshape(-1).view(np.uint32), D)
+    for gr in prange(Hkv * R):
+        queries[gr // R, gr % R, :hd] = q[gr % R // G, gr // R * G + gr % R % G] * np.float32(scale)
+    for item in prange(Hkv * tiles):  # tiles 0, n - 1, 1, n - 2, ...: the causal work evenly between threads
+        g, b = item % Hkv, item // Hkv
+        r0 = TILE_TOKENS * (b // 2 if b % 2 == 0 else tiles - 1 - b // 2)
+        last = min(r0 + TILE_TOKENS, R) - 1  # the tile's last row, whose keys are the most
+        lo = max(0, start + r0 // G - window + 1) if window > 0 else 0  # the first row's first key
+        c0, c1 = lo // LANES, (start + last // G) // LANES + 1  # the key panels the tile sees
+        scores = np.empty((TILE_TOKENS, (c1 - c0) * LANES), np.float32)
+        result = np.empty((TILE_TOKENS, LANES), np.float32)
+        for c in range(c0, c1):
+            tile_floats(result, kt[g, c], queries[g], r0)
+            scores[:, (c - c0) * LANES:(c - c0 + 1) * LANES] = result
+        for i in range(TILE_TOKENS):  # each row's softmax over its keys first..p (rows past R: the last's)
+            p = start + min(r0 + i, last) // G
+            first, row = max(0, p - window + 1) if window > 0 else 0, scores[i]
+            m = row[first - LANES * c0:p + 1 - LANES * c0].max()
+            for j in range(row.shape[0]):  # expf vectorises; keys outside first..p weigh 0
+                row[j] = expf(row[j] - m) if first <= LANES * c0 + j <= p else np.float32(0.0)
+            row *= np.float32(1.0) / row.sum()
+        for c in range(D // LANES):
+            tile_floats(result, vt[g, c, LANES * LANES * c0:], scores, 0)
+            for r in range(r0, last + 1):  # (the last panel's dims past hd are padding)
+                out[r // G, g * G + r % G, LANES * c:LANES * c + LANES] = result[r - r0, :hd - LANES * c]
+
+
+if ISA == "generic":  # no vector layer for the tiles: the decode form serves every T
+    attention_prefill = attention_decode  # noqa: F811
 
 
 def attention_reference(q, k_cache, v_cache, start, window, scale):  # -> [T, Hq, hd] float64

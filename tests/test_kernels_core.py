@@ -1,11 +1,16 @@
 """The dense transformer's kernels against their float64 references, on random and awkward shapes."""
-import functools
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minqwen.kernels import isa
 from minqwen.kernels.activations import (
     sigmoid,
     sigmoid_gate,
@@ -156,16 +161,42 @@ def test_attention(seed, T, start, Hkv, ratio, hd, window, spare, cache_dtype):
 
 
 @settings(deadline=None, max_examples=40)
-@given(seed=seeds, T=st.sampled_from([1, 2, 5, 33, 70]), start=st.sampled_from([0, 1, 7, 100]),
+@given(seed=seeds, T=st.sampled_from([1, 2, 5, 33, 70, 131]), start=st.sampled_from([0, 1, 7, 100]),
        Hkv=st.integers(1, 3), ratio=st.sampled_from([1, 2, 3, 7]), hd=head_dims,
-       window=st.sampled_from([0, 1, 2, 5, 16, 1000]), block=st.sampled_from([1, 4, 64]),
-       cache_dtype=st.sampled_from(DTYPES))
-def test_attention_blocked(seed, T, start, Hkv, ratio, hd, window, block, cache_dtype):
-    """The BLAS form of prefill attention, in blocks of queries of any size."""
+       window=st.sampled_from([0, 1, 2, 5, 16, 1000]), cache_dtype=st.sampled_from(DTYPES))
+def test_attention_prefill(seed, T, start, Hkv, ratio, hd, window, cache_dtype):
+    """The tiled form of attention (the decode form where there is no vector layer): rows of a tile from
+    several tokens, key panels cut by the window, hd padded to whole panels."""
     rng = np.random.default_rng(seed)
-    kernel = functools.partial(attention_prefill, block=block)
-    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + 3, kernel, cache_dtype)
-    assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window} block={block}")
+    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + 3, attention_prefill,
+                             cache_dtype)
+    assert_close(out, ref, 2 * TOL, f"T={T} start={start} window={window}")
+
+
+AVX2_ATTENTION = """
+import sys
+import numpy as np
+from minqwen.kernels import isa
+from minqwen.kernels.attention import attention_prefill
+from minqwen.kernels.gemm import LANES
+sys.path.insert(0, sys.argv[1])
+from test_kernels_core import TOL, assert_close, run_attention
+assert isa.ISA == "avx2"
+rng = np.random.default_rng(0)
+for T, start, Hkv, ratio, hd, window in [(33, 7, 2, 3, 17, 0), (70, 100, 1, 7, 64, 16), (5, 0, 3, 1, 128, 0)]:
+    out, ref = run_attention(rng, T, Hkv * ratio, Hkv, hd, start, window, start + T + 3, attention_prefill)
+    assert_close(out, ref, 2 * TOL, f"T={T} start={start} hd={hd} window={window}")
+print("tiles of", LANES, "lanes")
+"""
+
+
+@pytest.mark.skipif(isa.ISA != "avx512", reason="the avx2 path is run here from an AVX-512 CPU")
+def test_attention_prefill_on_the_avx2_path(tmp_path):
+    """The tiled attention with the avx2 path's 8-lane panels (MINQWEN_ISA=avx2), run on this CPU."""
+    env = {**os.environ, "MINQWEN_ISA": "avx2", "NUMBA_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", AVX2_ATTENTION, str(Path(__file__).parent)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "tiles of 8 lanes" in result.stdout, result.stderr[-2000:]
 
 
 def test_attention_long_sequence_matches_and_window_matters():

@@ -17,6 +17,7 @@ from checkpoints import (
 )
 from checkpoints import published_config as published
 from minqwen.kernels.dtypes import FP16, FP32, to_float32
+from minqwen.network import decoder as decoder_module
 from minqwen.network.decoder import Cache, Decoder
 
 QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=320, hidden_size=64,
@@ -70,6 +71,16 @@ def case(request, tmp_path_factory):
 
 def test_logits_and_greedy_match_transformers(case):
     assert_matches_transformers(*case)
+
+
+@pytest.mark.parametrize("name", ["qwen3-fp32-headdim", "qwen2-sliding-window"])
+def test_a_long_prompt_matches_transformers(name, tmp_path_factory, monkeypatch):
+    """A prompt long enough for attention's tiled form (the decoder's FEW_QUERIES / FEW_SCORES: 70 tokens,
+    4,900 query-key pairs a head), with GQA, a head_dim of 24 (padded panels) and a sliding window."""
+    calls, tiled = [], decoder_module.attention_prefill
+    monkeypatch.setattr(decoder_module, "attention_prefill", lambda *args: calls.append(1) or tiled(*args))
+    assert_matches_transformers(*build_case(CASES, name, tmp_path_factory), prompt_length=70)
+    assert len(calls) >= 2  # the prompt's pass through each attention layer
 
 
 def test_sliding_window_really_slides(tmp_path):

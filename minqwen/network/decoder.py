@@ -70,7 +70,7 @@ from .rope_frequencies import RotaryTables
 from .weights import AttentionWeights, DeltaNetWeights, MLPWeights, MoEWeights, Weights
 
 PREFILL_CHUNK = 512  # tokens a pass takes at most: bounds activation memory; bigger widens bf16 less often
-FEW_SCORES = 4096  # query-key pairs a head up to which compiled loops beat BLAS (~15 NumPy calls a kv head)
+FEW_QUERIES, FEW_SCORES = 8, 2048  # tokens, or query-key pairs a head, up to which attention_decode is faster
 KV_CACHE_DTYPES = {"fp32": FP32, "fp16": FP16}
 L2NORM_EPS = 1e-6  # Gated DeltaNet's q/k normalisation, as transformers' l2norm
 
@@ -306,7 +306,8 @@ class Decoder:
         apply_rope(k3, cos, sin)
         for s in segments:
             s.cache.store(i, s.start, k3[s.rows], v3[s.rows])
-            kernel = attention_decode if s.n < 2 or s.n * (s.start + s.n) <= FEW_SCORES else attention_prefill
+            few = s.n < FEW_QUERIES or s.n * (s.start + s.n) <= FEW_SCORES
+            kernel = attention_decode if few else attention_prefill
             kernel(attn3[s.rows], q3[s.rows], s.cache.k[i], s.cache.v[i], s.start, self.windows[i],
                    self.scale)
         if cfg.family.output_gate:  # attn * sigmoid(gate)
