@@ -16,12 +16,14 @@ Each kernel's GB/s is the bytes of weights it read over its time (matrix product
 the chosen experts' matrices), next to the machine's read bandwidth measured in the same run. Prints a
 table, then one JSON document.
 """
+# ruff: noqa: I001 (minqwen is imported before NumPy, out of isort's order)
 import argparse
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import minqwen  # noqa: F401 (before NumPy: it sets OpenBLAS's and libgomp's spinning, read as they load)
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
