@@ -26,6 +26,7 @@ class Family:
     fixed: dict = field(default_factory=dict)  # values the family always uses, whatever the file says
 
 
+HYBRID_SWITCHES = dict(qk_norm=True, output_gate=True, zero_centred_norms=True, layer_kinds="interval")
 HYBRID_DEFAULTS = dict(partial_rotary_factor=0.25, norm_topk_prob=True)
 FAMILIES = {
     # Llama, Qwen2's parent (read from GGUF files, where the one trained model the tests run lives).
@@ -38,12 +39,9 @@ FAMILIES = {
     "qwen3_moe": Family(qk_norm=True),
     # Hybrid: Gated DeltaNet layers between gated full-attention layers that rotate a quarter of each head.
     # Qwen3-Next's configs do not count the layers of its MTP head (mtp.*); its checkpoints hold one.
-    "qwen3_next": Family(qk_norm=True, output_gate=True, zero_centred_norms=True, layer_kinds="interval",
-                         defaults=dict(HYBRID_DEFAULTS, mtp_num_hidden_layers=1)),
-    "qwen3_5_text": Family(qk_norm=True, output_gate=True, zero_centred_norms=True, layer_kinds="interval",
-                           defaults=HYBRID_DEFAULTS),
-    "qwen3_5_moe_text": Family(qk_norm=True, output_gate=True, zero_centred_norms=True,
-                               layer_kinds="interval", defaults=HYBRID_DEFAULTS,
+    "qwen3_next": Family(**HYBRID_SWITCHES, defaults=dict(HYBRID_DEFAULTS, mtp_num_hidden_layers=1)),
+    "qwen3_5_text": Family(**HYBRID_SWITCHES, defaults=HYBRID_DEFAULTS),
+    "qwen3_5_moe_text": Family(**HYBRID_SWITCHES, defaults=HYBRID_DEFAULTS,
                                fixed=dict(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])),
 }
 # Image-text checkpoints of the Qwen3.5 generation: the language model's config sits in `text_config`.
