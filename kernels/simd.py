@@ -76,8 +76,7 @@ class Vector(types.Type):
 
     @property
     def llvm(self):
-        element = {"i8": ir.IntType(8), "i16": ir.IntType(16), "i32": ir.IntType(32),
-                   "f32": ir.FloatType()}[self.kind]
+        element = ir.FloatType() if self.kind == "f32" else ir.IntType(int(self.kind[1:]))  # iN: N bits
         return ir.VectorType(element, self.lanes)
 
 
@@ -417,16 +416,13 @@ def _lanewise(typingctx, a, b, op):  # a + b or a * b (op "+", "*") lane by lane
 
 @overload(operator.add)
 def _vector_add(a, b):
-    if isinstance(a, Vector) and a == b:
-        return lambda a, b: _lanewise(a, b, "+")
-    return None
+    return (lambda a, b: _lanewise(a, b, "+")) if isinstance(a, Vector) and a == b else None
 
 
 @overload(operator.mul)
 def _vector_mul(a, b):
-    if isinstance(a, Vector) and a == b and a.kind == "f32":
-        return lambda a, b: _lanewise(a, b, "*")
-    return None
+    float_lanes = isinstance(a, Vector) and a == b and a.kind == "f32"
+    return (lambda a, b: _lanewise(a, b, "*")) if float_lanes else None
 
 
 @intrinsic
