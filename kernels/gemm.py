@@ -102,8 +102,7 @@ def by_k(panel, rows, K):  # panel: [K * LANES] 32-bit words (out), rows: [LANES
 @jit
 def tile_floats(result, panel, x, t0):  # result: [TILE_TOKENS, LANES] float32 out; x: [T, K] float32
     """result[i, r] = sum_k x[t0 + i, k] W[r, k]   (i < 6; panel[k LANES + r] = W[r, k])"""
-    K = x.shape[1]
-    flat = x.reshape(-1)
+    K, flat = x.shape[1], x.reshape(-1)
     f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
     for k in range(K):
         w, o = load(panel, k * LANES, LANES), t0 * K + k
@@ -116,8 +115,7 @@ def tile_floats(result, panel, x, t0):  # result: [TILE_TOKENS, LANES] float32 o
 @jit
 def tile_bf16(result, panel, xs, t0):  # result: [TILE_TOKENS, LANES] float32 out; xs: [T, K] bf16 bits
     """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6; panel[k LANES + 2 r + k % 2] = W[r, k], bf16)"""
-    K = xs.shape[1]
-    x = xs.reshape(-1)
+    K, x = xs.shape[1], xs.reshape(-1)
     f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
     for k in range(0, K, 2):
         w, o = load(panel, k * LANES, PAIRS), t0 * K + k  # x second: vdpbf16ps broadcasts it from memory
@@ -149,8 +147,7 @@ def _tile_tokens(result, panel, wd, wsum, xs, xd, t0):
 
     def tile_integers(result, panel, wd, wsum, xs, xd, t0):
         """result[i, r] = sum_b xd[t0 + i, b] wd[b, r] (wsum[b, r] + sum_{k in b} xs[t0 + i, k] wq[r, k])"""
-        K = xs.shape[1]
-        x = xs.reshape(-1)
+        K, x = xs.shape[1], xs.reshape(-1)
         f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
         for b in range(K // 32):
             i0 = i1 = i2 = i3 = i4 = i5 = load(wsum, b * LANES, LANES)
@@ -194,8 +191,7 @@ def matmul_panels(out, x, w, xtype):
     # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix; xtype: XTYPES[isa.PREFILL]
     """out[t, n] = sum_k x[t, k] W[n, k]   (xtype uint16: both rounded to bf16; int16 / uint8: to int16 / int8
     per block)"""
-    T, K = x.shape
-    N = out.shape[1]
+    (T, K), N = x.shape, out.shape[1]
     padded = (T + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS  # the last tile's missing tokens are zero
     xs, xd = np.zeros((padded, K), xtype), np.zeros((padded, K // 32), np.float32)  # x as the kernel reads it
     levels = INT16_LEVELS if xs.itemsize == 2 else INT8_LEVELS
