@@ -19,9 +19,7 @@ from numba.extending import intrinsic, overload
 
 from .jit import jit
 
-BF16 = np.dtype(np.uint16)
-FP16 = np.dtype(np.int16)
-FP32 = np.dtype(np.float32)
+BF16, FP16, FP32 = np.dtype(np.uint16), np.dtype(np.int16), np.dtype(np.float32)
 
 
 @intrinsic
