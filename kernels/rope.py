@@ -16,8 +16,7 @@ def apply_rope(x, cos, sin):  # x: [T, H, hd] float32, in place; cos, sin: [T, R
     """For i < R/2, with a = x[t,h,i] and b = x[t,h,i+R/2]:
 
         x[t,h,i]       = a cos[t,i] - b sin[t,i]
-        x[t,h,i+R/2]   = b cos[t,i] + a sin[t,i]
-    """
+        x[t,h,i+R/2]   = b cos[t,i] + a sin[t,i]"""
     (T, H, _), half = x.shape, cos.shape[1]
     for t in range(T):
         for h in range(H):
