@@ -72,8 +72,7 @@ def causal_conv1d(out, conv_state, x, weight):  # [T, C], [K-1, C] (in/out), [T,
 
 def causal_conv1d_reference(conv_state, x, weight):  # [K-1, C], [T, C], [C, K] -> out [T, C], state [K-1, C]
     T, K = len(x), weight.shape[1]
-    xx = np.concatenate([conv_state, x]).astype(np.float64)
-    w = np.asarray(weight, dtype=np.float64)
+    xx, w = np.concatenate([conv_state, x]).astype(np.float64), np.asarray(weight, dtype=np.float64)
     y = sum(w[:, j] * xx[j:j + T] for j in range(K))  # y[t] = sum_j w[:, j] xx[t + j]
     return silu_reference(y), xx[len(xx) - (K - 1):]
 
@@ -137,8 +136,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
 
     q and k are expected l2-normalised (see l2norm). out must not alias the inputs."""
     (T, Hk, Dk), (Hv, Dv) = k.shape, v.shape[1:]
-    group = Hv // Hk
-    scale = np.float32(1.0 / np.sqrt(Dk))
+    group, scale = Hv // Hk, np.float32(1.0 / np.sqrt(Dk))
     for h in prange(Hv):
         j = h % Hk if tiled else h // group
         S = state[h]
@@ -168,8 +166,7 @@ def gated_delta_rule_recurrent_reference(state, q, k, v, g, beta, tiled):
     # -> out [T, Hv, Dv], final state [Hv, Dk, Dv], float64; the literal recurrence
     (T, Hk, Dk), Hv = k.shape, v.shape[1]
     key_head = np.tile(np.arange(Hk), Hv // Hk) if tiled else np.repeat(np.arange(Hk), Hv // Hk)
-    S = np.array(state, dtype=np.float64)
-    out = np.zeros(v.shape)
+    S, out = np.array(state, dtype=np.float64), np.zeros(v.shape)
     for h, j in enumerate(key_head):
         for t in range(T):
             qt, kt, vt = (np.asarray(a, np.float64) for a in (q[t, j], k[t, j], v[t, h]))
