@@ -53,8 +53,7 @@ def fp8_row_dot(q_row, scale_row, x):  # q_row: [K] uint8, scale_row: [ceil(K/12
     # A fixed 128-iteration inner loop: LLVM vectorises it (16 bytes -> two fp16 -> fp32 vectors); with a
     # variable trip count the same loop ran ~10x slower. A partial last block takes the plain loop.
     K = q_row.shape[0]
-    full = K // BLOCK_COLS
-    total = np.float32(0.0)
+    full, total = K // BLOCK_COLS, np.float32(0.0)
     for b in range(full):
         s = np.float32(0.0)
         for i in range(BLOCK_COLS):
