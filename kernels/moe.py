@@ -38,8 +38,7 @@ def route(weights_out, experts_out, router_logits, top_k, norm_topk_prob):
     T, E = router_logits.shape
     for t in range(T):
         logits = router_logits[t]
-        m = logits.max()
-        s = np.float32(0.0)
+        m, s = logits.max(), np.float32(0.0)
         for i in range(E):
             s += np.float32(math.exp(logits[i] - m))
         # Selection by k passes over E (k*E compares, ~1000 for Qwen3's 8 of 128): pass j takes the
