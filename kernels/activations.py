@@ -42,8 +42,7 @@ def sigmoid_gate(out, x, gate):  # out, x: [T, H, D] float32 (out may be x); gat
 
     The output gate of the hybrids' full-attention layers (the gate half of q_proj's output) and the
     scalar gate of a shared expert."""
-    T, H, D = x.shape
-    per_head = gate.shape[2] == 1
+    (T, H, D), per_head = x.shape, gate.shape[2] == 1
     for t in prange(T):
         for h in range(H):
             for d in range(D):
