@@ -259,8 +259,7 @@ def _norm(config: Config, src: TensorSource, name: str, size: int) -> np.ndarray
 
 
 def _layer(config: Config, src: TensorSource, p: str, kind: str, sparse: bool) -> LayerWeights:
-    d = config.hidden_size
-    deltanet = kind == "linear_attention"
+    d, deltanet = config.hidden_size, kind == "linear_attention"
     return LayerWeights(input_layernorm=_norm(config, src, p + "input_layernorm.weight", d),
                         post_attention_layernorm=_norm(config, src, p + "post_attention_layernorm.weight", d),
                         self_attn=None if deltanet else _attention(config, src, p + "self_attn."),
