@@ -22,9 +22,8 @@ from .config import Config
 
 def inverse_frequencies(config: Config, seq_len: int) -> tuple[np.ndarray, float]:
     """(inv_freq [R/2] float32, attention_factor) for a sequence of `seq_len` positions."""
-    rope, dim = config.rope, config.rotary_dims
+    rope, dim, base = config.rope, config.rotary_dims, config.rope.rope_theta
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    base = rope.rope_theta
     if rope.rope_type == "dynamic":
         length = max(seq_len, config.max_position_embeddings)
         base = base * ((rope.factor * length / config.max_position_embeddings)
