@@ -92,8 +92,7 @@ def sample(probs, order, logits, temperature, top_k, top_p, min_p, coin):
     S = 0.0
     for j in range(m):
         S += probs[order[j]]
-    inv_S = 1.0 / S
-    cum, chosen = 0.0, -1
+    inv_S, cum, chosen = 1.0 / S, 0.0, -1
     for j in range(m):
         i = order[j]
         q = probs[i] * inv_S
