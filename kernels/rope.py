@@ -27,8 +27,7 @@ def apply_rope(x, cos, sin):  # x: [T, H, hd] float32, in place; cos, sin: [T, R
 
 
 def apply_rope_reference(x, cos, sin):  # [T, H, hd] -> [T, H, hd] float64 (a new array)
-    x = x.astype(np.float64)
-    half = cos.shape[1]
+    x, half = x.astype(np.float64), cos.shape[1]
     c, s = cos.astype(np.float64)[:, None, :], sin.astype(np.float64)[:, None, :]
     a, b, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return np.concatenate([a * c - b * s, b * c + a * s, rest], axis=-1)
