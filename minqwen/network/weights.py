@@ -205,8 +205,7 @@ class TensorSource:
 
 
 def load_weights(config: Config, src: TensorSource) -> Weights:
-    lm = language_model_prefix(src.tensors)
-    d, v = config.hidden_size, config.vocab_size
+    lm, d, v = language_model_prefix(src.tensors), config.hidden_size, config.vocab_size
     embed = src.matrix(lm + "embed_tokens.weight", (v, d))  # never quantised: see quantize.py
     layers = [_layer(config, src, f"{lm}layers.{i}.", config.layer_types[i], config.is_sparse(i))
               for i in range(config.num_hidden_layers)]
@@ -323,8 +322,7 @@ def qwen3_next_rows(heads: int, sizes: tuple[int, ...]) -> list[np.ndarray]:
     head 0, then the same for head 1, ...; returns, block by block, that block's rows of every head in head
     order -- the rows of Qwen3.5's separate matrices. in_proj_qkvz: blocks q (Dk), k (Dk), v (G Dv), z (G Dv);
     in_proj_ba (and GGUF's ssm_ba): b (G), a (G)."""
-    starts = np.arange(heads)[:, None] * sum(sizes)
-    offsets = np.cumsum((0, *sizes[:-1]))
+    starts, offsets = np.arange(heads)[:, None] * sum(sizes), np.cumsum((0, *sizes[:-1]))  # of heads, blocks
     return [(starts + offset + np.arange(size)).ravel() for offset, size in zip(offsets, sizes)]
 
 
