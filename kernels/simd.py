@@ -436,9 +436,8 @@ def _sub_constant(typingctx, v, c):
 
 @overload(operator.sub, prefer_literal=True)
 def _vector_sub(v, c):
-    if isinstance(v, Vector) and v.kind in ("i8", "i16") and isinstance(c, types.IntegerLiteral):
-        return lambda v, c: _sub_constant(v, c)
-    return None
+    int_lanes = isinstance(v, Vector) and v.kind in ("i8", "i16") and isinstance(c, types.IntegerLiteral)
+    return (lambda v, c: _sub_constant(v, c)) if int_lanes else None
 
 
 @intrinsic
