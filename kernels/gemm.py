@@ -71,13 +71,13 @@ def quantize_blocks(q, d, values, levels):  # q: [K] int16, d: [K/32] float32 (o
 @jit
 def pack_panel(panel, wd, wsum, rows, levels):
     # panel: [>= K LANES] int16 or (int8 bytes) uint8, wd / wsum: [K/32, LANES] float32 / int32 (out; wsum
-    # written for int8 only); rows: [LANES, K] float32
+    # written for int8 only); rows: [LANES, >= K] float32
     """rows rounded per block, a word (k-pair or k-quad) at a time: panel[k LANES + s r + k % s] = wq[r, k]
     (s = 4 / itemsize), wd[b, r] = its scale, wsum[b, r] = -OFFSET sum_{k in b} wq[r, k] (int8)"""
-    K = rows.shape[1]
+    K = wd.shape[0] * 32
     q = np.zeros((LANES, (K + 63) // 64 * 64), np.int16)  # words in whole LANES x LANES blocks (by_k)
     for r in range(LANES):
-        quantize_blocks(q[r], wd[:, r], rows[r], levels)
+        quantize_blocks(q[r], wd[:, r], rows[r, :K], levels)
         for b in range(K // 32 if panel.itemsize == 1 else 0):  # int8 only (a loop: sum(axis=) is 4x slower)
             wsum[b, r] = -OFFSET * q[r, 32 * b:32 * b + 32].sum()
     words = q.astype(panel.dtype).reshape(-1).view(np.uint32)  # int8 levels: their two's complement bytes
@@ -93,10 +93,10 @@ overload(is_bf16, inline="always")(
 
 
 @jit
-def by_k(panel, rows, K):  # panel: [K * LANES] 32-bit words (out), rows: [LANES * K] 32-bit words
-    """panel[k LANES + r] = rows[r K + k]: LANES rows laid out k by k"""
+def by_k(panel, rows, K):  # panel: [K * LANES] 32-bit words (out), rows: [LANES * S] 32-bit words, S >= K
+    """panel[k LANES + r] = rows[r S + k]: LANES rows laid out k by k"""
     for c in range(0, K, LANES):  # K is a multiple of LANES (of 32 weights, or of their 16 pairs)
-        transpose32(panel, c * LANES, rows, c, K, LANES)
+        transpose32(panel, c * LANES, rows, c, rows.shape[0] // LANES, LANES)
 
 
 @jit
@@ -206,16 +206,17 @@ def matmul_panels(out, x, w, xtype):
             xs[t] = q + (OFFSET if xs.itemsize == 1 else 0)
     for p in prange((N + LANES - 1) // LANES):
         first, rows = LANES * p, min(LANES, N - LANES * p)
-        weights = np.zeros((LANES, K), np.float32)  # rows past N: zero
-        float32_rows(weights[:rows], w, first)
+        weights = np.zeros(LANES * (K + LANES), np.float32)  # rows past N: zero. K + LANES apart: rows 4 KB
+        for r in range(rows):  # apart share L1 sets, and by_k's loads of them ran 2.6x slower
+            float32_rows(weights[r * (K + LANES):r * (K + LANES) + K].reshape(1, K), w, first + r)
         panel = np.empty(K * LANES, np.float32).view(xtype)
         wd, wsum = np.empty((K // 32, LANES), np.float32), np.zeros((K // 32, LANES), np.int32)  # int16: 0
         if xs.itemsize == 4:
-            by_k(panel.view(np.uint32), weights.reshape(-1).view(np.uint32), K)
+            by_k(panel.view(np.uint32), weights.view(np.uint32), K)
         elif is_bf16(xs):  # a k-pair of a row is a 32-bit word
-            by_k(panel.view(np.uint32), bf16_rounded(weights.reshape(-1)).view(np.uint32), K // 2)
+            by_k(panel.view(np.uint32), bf16_rounded(weights).view(np.uint32), K // 2)
         else:
-            pack_panel(panel, wd, wsum, weights, levels)
+            pack_panel(panel, wd, wsum, weights.reshape(LANES, K + LANES), levels)
         result = np.empty((TILE_TOKENS, LANES), np.float32)
         for t0 in range(0, T, TILE_TOKENS):
             tile_tokens(result, panel, wd, wsum, xs, xd, t0)
