@@ -1,7 +1,7 @@
 """Causal grouped-query attention over a KV cache, with an optional sliding window.
 
 Two forms of the same computation:
-- `attention_decode` (one token, or a short prompt's few: the decoder's FEW_SCORES): each (kv head,
+- `attention_decode` (one token, or a few: the decoder's FEW_QUERIES / FEW_SCORES): each (kv head,
   token) pair computes the rows of scores of the query heads sharing that kv head, their softmax and the
   weighted sums of values in three passes over the keys, each key and value row read once for the group.
   The scores are stored (T x Hq x L floats); in return the exponentials are one vectorised loop

@@ -70,7 +70,7 @@ from .rope_frequencies import RotaryTables
 from .weights import AttentionWeights, DeltaNetWeights, MLPWeights, MoEWeights, Weights
 
 PREFILL_CHUNK = 512  # tokens a pass takes at most: bounds activation memory; bigger widens bf16 less often
-FEW_QUERIES, FEW_SCORES = 8, 2048  # tokens, or query-key pairs a head, up to which attention_decode is faster
+FEW_QUERIES, FEW_SCORES = 8, 2048  # attention_decode below 8 tokens or to 2048 query-key pairs a head
 KV_CACHE_DTYPES = {"fp32": FP32, "fp16": FP16}
 L2NORM_EPS = 1e-6  # Gated DeltaNet's q/k normalisation, as transformers' l2norm
 
