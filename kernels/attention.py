@@ -83,8 +83,9 @@ def attention_prefill(out, q, k_cache, v_cache, start, window, scale):
                 block[i, d] = widen(k_cache[g, LANES * c + i, d])
                 vt[g, d // LANES, (LANES * c + i) * LANES + d % LANES] = widen(v_cache[g, LANES * c + i, d])
         by_k(kt[g, c].view(np.uint32), block.reshape(-1).view(np.uint32), D)
-    for gr in prange(Hkv * R):
-        queries[gr // R, gr % R, :hd] = q[gr % R // G, gr // R * G + gr % R % G] * np.float32(scale)
+    for gr in prange(Hkv * R):  # row r of Q_g, scaled
+        g, r = gr // R, gr % R
+        queries[g, r, :hd] = q[r // G, g * G + r % G] * np.float32(scale)
     for item in prange(Hkv * tiles):  # tiles 0, n - 1, 1, n - 2, ...: the causal work evenly between threads
         g, b = item % Hkv, item // Hkv
         r0 = TILE_TOKENS * (b // 2 if b % 2 == 0 else tiles - 1 - b // 2)
