@@ -120,8 +120,7 @@ def attention_reference(q, k_cache, v_cache, start, window, scale):  # -> [T, Hq
     k = np.repeat(to_float32(k_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)  # [Hq, L, hd]
     v = np.repeat(to_float32(v_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)
     scores = scale * np.einsum("thd,hjd->htj", q.astype(np.float64), k)  # [Hq, T, L]
-    pos = start + np.arange(T)[:, None]
-    j = np.arange(L)[None, :]
+    pos, j = start + np.arange(T)[:, None], np.arange(L)[None, :]
     visible = (j <= pos) & (j > pos - window if window > 0 else True)
     scores = np.where(visible[None], scores, -np.inf)
     weights = np.exp(scores - scores.max(axis=-1, keepdims=True))

@@ -138,8 +138,7 @@ def gated_delta_rule_recurrent(out, state, q, k, v, g, beta, tiled):
     (T, Hk, Dk), (Hv, Dv) = k.shape, v.shape[1:]
     group, scale = Hv // Hk, np.float32(1.0 / np.sqrt(Dk))
     for h in prange(Hv):
-        j = h % Hk if tiled else h // group
-        S = state[h]
+        j, S = h % Hk if tiled else h // group, state[h]
         delta = np.empty(Dv, dtype=np.float32)  # per head, not per token; fully rewritten before use
         for t in range(T):
             decay = np.exp(g[t, h])

@@ -414,8 +414,7 @@ def quantize_q4_1(w) -> GgmlMatrix:  # w: [N, K] float32/float64 or bf16/fp16 bi
 # float64 NumPy, written from the block layouts (ggml-quants.c's dequantize_row_*), not from the frame.
 
 def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K] float64
-    E, B = GGML_BLOCKS[ggml_type]
-    N, t = data.shape[0], ggml_type
+    (E, B), N, t = GGML_BLOCKS[ggml_type], data.shape[0], ggml_type
     raw = np.ascontiguousarray(data).reshape(N, K // E, B)
     b = raw.astype(np.int64)
 
@@ -436,8 +435,7 @@ def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K]
             level = level + 16 * ((qh >> np.arange(32)) & 1)
         w = (fp16(0) * (level - {Q4_0: 8, Q5_0: 16}[t]) if t in (Q4_0, Q5_0) else fp16(0) * level + fp16(2))
     elif t in (Q2_K, Q3_K):  # 16 sub-blocks of 16; byte l of each 32 of qs holds bits 2j of weight 32j + l
-        qs = b[..., 16:80] if t == Q2_K else b[..., 32:96]
-        shifts = np.arange(0, 8, 2)[:, None]
+        qs, shifts = b[..., 16:80] if t == Q2_K else b[..., 32:96], np.arange(0, 8, 2)[:, None]
         level = np.stack([(qs[..., 32 * n:32 * n + 32, None].swapaxes(-1, -2) >> shifts) & 3
                           for n in range(2)], axis=-3).reshape(N, -1, 256)
         if t == Q2_K:
@@ -469,8 +467,7 @@ def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K]
         elif t == MXFP4:
             w = 2.0 ** (b[..., :1] - 128) * MXFP4_LEVELS[level]
         else:
-            u = np.arange(8)
-            scales_h = b[..., 2:3] | b[..., 3:4] << 8
+            u, scales_h = np.arange(8), b[..., 2:3] | b[..., 3:4] << 8
             sc = ((b[..., 4 + u // 2] >> (4 * (u % 2))) & 15) | ((scales_h >> (2 * u)) & 3) << 4
             w = fp16(0) * per_sub(sc - 32, 32) * IQ4_LEVELS[level]
     elif t == Q6_K:  # for each half n, weight 128n + 32k + l from ql / qh as in dequantize_row_q6_K

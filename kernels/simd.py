@@ -506,8 +506,7 @@ def abs_max(typingctx, v):
 @intrinsic
 def prefetch(typingctx, arr, off):
     def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        pointer = _address(context, builder, sig, args, ir.IntType(8))
+        i32, pointer = ir.IntType(32), _address(context, builder, sig, args, ir.IntType(8))
         # llvm.prefetch(address, read, keep in all levels, data cache)
         _call(builder, "llvm.prefetch.p0", ir.VoidType(), [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3),
                                                           ir.Constant(i32, 1)])

@@ -341,8 +341,7 @@ class Decoder:
                 inputs, width = np.concatenate([s.cache.conv[i], qkv[s.rows]]), len(s.cache.conv[i])
                 s.cache.trail[1][i] += [inputs[t + 1:t + 1 + width] for t in range(s.n)]
             causal_conv1d(conv[s.rows], s.cache.conv[i], qkv[s.rows], w.conv1d)
-        q = conv[:, :key_dim].reshape(T, hk, dk)
-        k = conv[:, key_dim:2 * key_dim].reshape(T, hk, dk)
+        q, k = conv[:, :key_dim].reshape(T, hk, dk), conv[:, key_dim:2 * key_dim].reshape(T, hk, dk)
         v = conv[:, 2 * key_dim:].reshape(T, hv, dv)
         l2norm(q, q, L2NORM_EPS)
         l2norm(k, k, L2NORM_EPS)
