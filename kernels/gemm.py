@@ -167,6 +167,19 @@ def _tile_tokens(result, panel, wd, wsum, xs, xd, t0):
     return tile_integers
 
 
+def stored_bf16_rows(bits, w, first):  # bits: [B, >= K] uint16 out -> whether W is stored as bf16
+    """bits[r, :K] = W[first + r, :K], its own bf16 bits (exact), where it is stored as bf16"""
+    raise NotImplementedError("stored_bf16_rows is only callable from compiled kernels")
+
+
+@overload(stored_bf16_rows, inline="always")
+def _stored_bf16_rows(bits, w, first):
+    def copied(bits, w, first):
+        bits[:, :w.shape[1]] = w[first:first + bits.shape[0]]
+        return True
+    return copied if isinstance(w, types.Array) and w.dtype == types.uint16 else lambda bits, w, first: False
+
+
 def float32_rows(tile, w, first):
     """tile[r, k] = W[first + r, k] as float32, W in any stored format (callable from compiled kernels)"""
     raise NotImplementedError("float32_rows is only callable from compiled kernels")
@@ -206,17 +219,21 @@ def matmul_panels(out, x, w, xtype):
             xs[t] = q + (OFFSET if xs.itemsize == 1 else 0)
     for p in prange((N + LANES - 1) // LANES):
         first, rows = LANES * p, min(LANES, N - LANES * p)
-        weights = np.zeros(LANES * (K + LANES), np.float32)  # rows past N: zero. K + LANES apart: rows 4 KB
-        for r in range(rows):  # apart share L1 sets, and by_k's loads of them ran 2.6x slower
-            float32_rows(weights[r * (K + LANES):r * (K + LANES) + K].reshape(1, K), w, first + r)
         panel = np.empty(K * LANES, np.float32).view(xtype)
         wd, wsum = np.empty((K // 32, LANES), np.float32), np.zeros((K // 32, LANES), np.int32)  # int16: 0
-        if xs.itemsize == 4:
-            by_k(panel.view(np.uint32), weights.view(np.uint32), K)
-        elif is_bf16(xs):  # a k-pair of a row is a 32-bit word
-            by_k(panel.view(np.uint32), bf16_rounded(weights).view(np.uint32), K // 2)
+        bits = np.zeros((LANES if is_bf16(xs) else 0, K + PAIRS), np.uint16)  # bf16 rows, padded as below
+        if is_bf16(xs) and stored_bf16_rows(bits[:rows], w, first):  # a k-pair of a row is a 32-bit word
+            by_k(panel.view(np.uint32), bits.reshape(-1).view(np.uint32), K // 2)
         else:
-            pack_panel(panel, wd, wsum, weights.reshape(LANES, K + LANES), levels)
+            weights = np.zeros(LANES * (K + LANES), np.float32)  # rows past N: zero. K + LANES apart: rows
+            for r in range(rows):  # 4 KB apart share L1 sets, and by_k's loads of them ran 2.6x slower
+                float32_rows(weights[r * (K + LANES):r * (K + LANES) + K].reshape(1, K), w, first + r)
+            if xs.itemsize == 4:
+                by_k(panel.view(np.uint32), weights.view(np.uint32), K)
+            elif is_bf16(xs):
+                by_k(panel.view(np.uint32), bf16_rounded(weights).view(np.uint32), K // 2)
+            else:
+                pack_panel(panel, wd, wsum, weights.reshape(LANES, K + LANES), levels)
         result = np.empty((TILE_TOKENS, LANES), np.float32)
         for t0 in range(0, T, TILE_TOKENS):
             tile_tokens(result, panel, wd, wsum, xs, xd, t0)
