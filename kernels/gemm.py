@@ -2,8 +2,8 @@
 
 Prefill reuses each weight T times, so it is bound by arithmetic: keep the vector units busy with operands
 already in registers. W is taken a panel of LANES rows (one vector's lanes) at a time, dequantised to float32
-(ggml.py, fp8.py, dtypes.py: one kernel serves every format) and laid out k by k; TILE_TOKENS tokens x LANES
-rows of out stay in registers while k walks, so every weight loaded feeds 6 multiply-adds:
+(ggml.py, fp8.py, dtypes.py: one kernel serves every format; bf16 W is copied for bf16 x) and laid out k
+by k; TILE_TOKENS tokens x LANES rows of out stay in registers while k walks, so each weight feeds 6 products:
 
     float (default)   per k: one load of the panel, then per token one FMA with x[t, k] broadcast
     bf16 (opt-in)     per k-pair: one load, then per token one dot_bf16 with (x[t, k], x[t, k + 1]) in bf16
@@ -222,7 +222,7 @@ def matmul_panels(out, x, w, xtype):
         panel = np.empty(K * LANES, np.float32).view(xtype)
         wd, wsum = np.empty((K // 32, LANES), np.float32), np.zeros((K // 32, LANES), np.int32)  # int16: 0
         bits = np.zeros((LANES if is_bf16(xs) else 0, K + PAIRS), np.uint16)  # bf16 rows, padded as below
-        if is_bf16(xs) and stored_bf16_rows(bits[:rows], w, first):  # a k-pair of a row is a 32-bit word
+        if is_bf16(xs) and stored_bf16_rows(bits[:rows], w, first):  # k-pairs of bf16 bits as words
             by_k(panel.view(np.uint32), bits.reshape(-1).view(np.uint32), K // 2)
         else:
             weights = np.zeros(LANES * (K + LANES), np.float32)  # rows past N: zero. K + LANES apart: rows
