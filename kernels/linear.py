@@ -28,9 +28,9 @@ if isa.ISA != "generic":  # kernels on the instruction layer: imported only wher
     from .gemm import XTYPES, matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
 
-# matmul_few (W streamed once, no panels to pack) beats the panels up to FEW_TOKENS tokens (64, the bf16 ones
-# 20), and matmul_integer (a batch of sequences decoding together) up to INTEGER_TOKENS: docs/performance.md
-FEW_TOKENS, INTEGER_TOKENS = 20 if isa.PREFILL == "bf16" else 64, 16
+# matmul_few (W streamed once, no panels to pack) beats the float panels up to FEW_TOKENS = 256 tokens (the
+# bf16 ones up to 20), and matmul_integer (sequences decoding together) up to INTEGER_TOKENS: performance.md
+FEW_TOKENS, INTEGER_TOKENS = 20 if isa.PREFILL == "bf16" else 256, 16
 ACTIVATIONS = np.dtype(isa.DECODE)  # what decode rounds x to (MINQWEN_DECODE): int16, or int8
 
 
