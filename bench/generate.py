@@ -19,7 +19,7 @@ thread pool, memory or crash can touch another's. What is timed, the same way fo
 - prefill tok/s = prompt tokens / time from a fresh sequence to the logits of the last prompt token;
 - decode tok/s = (new - 1) / time of the (new - 1) one-token steps that follow, each feeding back the
   greedy (argmax) token: `new` generated tokens in all, end-of-sequence ignored.
-One warm-up is not timed (the longest prompt plus 8 steps: JIT compiles, page faults, buffers; for
+A warm-up is not timed (each prompt once, then 8 steps: JIT compiles, page faults, buffers; for
 transformers, which compiles nothing, 32 tokens); the figures are medians over --repeats x --rounds.
 - minqwen: `model.sequence().reset_to(prompt)`, then `sequence.extend([token])` per step; minqwen-q8_0,
   -q4_0, -q4_1, -q4_k_m, -q5_k_m and -q6_k load the very GGUF files llama.cpp runs (the "same file" ratio
@@ -112,9 +112,10 @@ class Skip(Exception):
 
 def time_steps(runner, prompts: list[list[int]], new: int, repeats: int) -> dict:
     """{prompt length: ([prefill seconds], [decode seconds])} of `runner` (start(prompt) -> first greedy
-    token of a fresh sequence; step(token) -> next greedy token), after one untimed warm-up on the
-    longest prompt (it runs every code path the shorter ones do)."""
-    token = runner.start(max(prompts, key=len))
+    token of a fresh sequence; step(token) -> next greedy token), after an untimed warm-up on every
+    prompt (kernels/linear.py picks a product's kernel by its number of tokens: each may compile its own)."""
+    for prompt in prompts:
+        token = runner.start(prompt)
     for _ in range(min(WARMUP_STEPS, new - 1)):
         token = runner.step(token)
     times = {}
