@@ -3,9 +3,9 @@
 Decoding one token (T = 1) reads every weight once and does two flops per weight, so it is bound by memory
 bandwidth: `matvec` streams the stored 16-bit weights and widens them in registers, moving half the bytes of
 an fp32 copy. Prefill (T > 1) reuses each weight T times, so it is bound by flops: `matmul` widens W a tile at
-a time and lets BLAS do the multiplication. In between, a few tokens (a short chat turn, an MoE expert chosen
-by a handful of a prompt's tokens) are served by `matmul_few`: widening all of W for so few products costs
-more than the products, so it streams W once, like matvec, and multiplies each row by every token.
+a time and lets BLAS do the multiplication. Up to a few hundred tokens (a prompt, an MoE expert's share of
+one) `matmul_few` does better: it streams W once, like matvec, widening in registers, and multiplies 4 rows
+by 4 tokens at a time with k in the vector lanes (linear.py's FEW_TOKENS says up to where).
 """
 import numpy as np
 from numba import prange
@@ -37,7 +37,7 @@ def matvec(out, w, x):  # out: [N] float32, w: [N, K] bf16/fp16/fp32 bits, x: [K
 
 @pjit
 def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] bf16/fp16/fp32 bits
-    """out[t, n] = sum_k x[t,k] w[n,k]    (for a few tokens T; matmul_reference is its reference)"""
+    """out[t, n] = sum_k x[t,k] w[n,k]    (T up to a few hundred; matmul_reference is its reference)"""
     (T, K), N = x.shape, w.shape[0]
     Q, T4 = N // 4, T - T % 4
     for i in prange(Q + N % 4):  # each thread streams its own rows of W once, as in matvec
