@@ -60,7 +60,7 @@ from minqwen.kernels.linear import ACTIVATIONS, INTEGER_TYPES
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 
 if isa.ISA != "generic":
-    from minqwen.kernels.gemm import LANES, PAIRS, QUADS, XTYPES, matmul_panels
+    from minqwen.kernels.gemm import LANES, PAIRS, QUADS, XTYPES, matmul_bf16, matmul_panels
     from minqwen.kernels.intdot import matmul_integer
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
@@ -137,17 +137,23 @@ def weight_matrix(kind, arrays, K):  # the arrays of stored_weights as linear() 
     return Fp8Matrix(*arrays, 128) if kind == "fp8" else arrays[0]
 
 
+def prefill_kernel(prefill):  # -> call(out, x, w): what linear.py runs for MINQWEN_PREFILL=prefill
+    if prefill == "bf16":
+        return matmul_bf16
+    return lambda out, x, w, xtype=XTYPES[prefill]: matmul_panels(out, x, w, xtype)
+
+
 def matmul_calls(kind) -> dict:
     """{path: call(out, x, arrays)}: the generic kernel (tiles for BLAS) and the micro-kernels of gemm.py,
-    float32, int16, int8 and bf16 (MINQWEN_PREFILL=int16 / int8 / bf16, where the CPU runs them:
-    isa.PREFILLS)"""
+    float32, int16, int8 (matmul_panels) and bf16 (matmul_bf16), for MINQWEN_PREFILL=int16 / int8 / bf16
+    where the CPU runs them (isa.PREFILLS)"""
     generic = matmul_ggml if ggml_type(kind) else matmul_fp8 if kind == "fp8" else matmul
     calls = {"generic": lambda out, x, arrays: generic(out, x, weight_matrix(kind, arrays, x.shape[1]))}
     if isa.ISA != "generic" and kind != "fp32":
         for prefill in isa.PREFILLS:
             calls[isa.ISA + ("" if prefill == "float" else "-" + prefill)] = \
-                lambda out, x, arrays, xtype=XTYPES[prefill]: \
-                matmul_panels(out, x, weight_matrix(kind, arrays, x.shape[1]), xtype)
+                lambda out, x, arrays, kernel=prefill_kernel(prefill): \
+                kernel(out, x, weight_matrix(kind, arrays, x.shape[1]))
     return calls
 
 
@@ -199,14 +205,14 @@ def bench_matmul(kind, path, call, N, K, T, repeats, rng):
 
 def few_calls(kind) -> dict:
     """{name: call(out, x, w)}: the few-token kernel of kind (bf16: matmul_few, which streams W once; a
-    GGML type: matmul_integer) against the prefill ones (matmul_panels: float, int16, int8, bf16, where the
-    CPU has them, else BLAS tiles). Where they cross is linear.py's FEW_TOKENS / INTEGER_TOKENS."""
+    GGML type: matmul_integer) against the prefill ones (matmul_panels: float, int16, int8; matmul_bf16: bf16;
+    where the CPU has them, else BLAS tiles). Where they cross is linear.py's FEW_TOKENS / INTEGER_TOKENS."""
     few = {"matmul_few": matmul_few} if kind == "bf16" else {
         "matmul_integer": lambda out, x, w: matmul_integer(out, w.data, w.ggml_type, x, ACTIVATIONS)}
     if isa.ISA == "generic":
         return {**few, "blas_tiles": matmul if kind == "bf16" else matmul_ggml}
-    return {**few, **{"panels" + ("" if p == "float" else "_" + p): lambda out, x, w, xtype=XTYPES[p]:
-                      matmul_panels(out, x, w, xtype) for p in isa.PREFILLS}}
+    return {**few, **{"panels" + ("" if p == "float" else "_" + p) if p != "bf16" else "matmul_bf16":
+                      prefill_kernel(p) for p in isa.PREFILLS}}
 
 
 def bench_few(kind, N, K, T, total_bytes, repeats, rng):

@@ -2,11 +2,10 @@
 
 Prefill reuses each weight T times, so it is bound by arithmetic: keep the vector units busy with operands
 already in registers. W is taken a panel of LANES rows (one vector's lanes) at a time, dequantised to float32
-(ggml.py, fp8.py, dtypes.py: one kernel serves every format; bf16 W is copied for bf16 x) and laid out k
-by k; TILE_TOKENS tokens x LANES rows of out stay in registers while k walks, so each weight feeds 6 products:
+(ggml.py, fp8.py, dtypes.py: one kernel serves every format) and laid out k by k; TILE_TOKENS tokens x
+LANES rows of out stay in registers while k walks, so each weight feeds 6 products:
 
     float (default)   per k: one load of the panel, then per token one FMA with x[t, k] broadcast
-    bf16 (opt-in)     per k-pair: one load, then per token one dot_bf16 with (x[t, k], x[t, k + 1]) in bf16
     int16 (opt-in)    per k-pair: one load, then per token one dot_s16 with (xq[t, k], xq[t, k + 1]);
     int8 (opt-in)     per k-quad: one load, then per token one dot_u8s8 with xq[t, k : k + 4] + OFFSET;
                       both per block of 32: per token to_float, times the two scales, one FMA
@@ -17,8 +16,10 @@ int32 (32 * 8191^2 < 2^31), for vpdpwssd's 2x an FMA's multiply-adds; INT8_LEVEL
 activations) for vpdpbusd's 4x. vpdpbusd takes x's bytes unsigned: x is stored xq + OFFSET, and each block's
 sums start at wsum = -OFFSET sum_k wq[n, k] (per row, when the panel is packed). Each value moves by up to
 1/16382 (int16) or 1/254 (int8) of its block's largest, which the tests' random hybrids amplify past their
-bars (isa.PREFILL): options, not the default. So is bf16 (vdpbf16ps, 2x an FMA's multiply-adds, its products
-exact in float32), which rounds both to 8 significant bits. Each thread takes whole panels (L1 / L2).
+bars (isa.PREFILL): options, not the default. Each thread takes whole panels (L1 / L2). So is bf16 (vdpbf16ps:
+2x an FMA's multiply-adds, its products exact in float32), which rounds both to 8 significant bits, and
+needs no panel: `matmul_bf16` keeps 4 rows x 4 tokens of out in registers with k-pairs in the lanes, as
+matmul_few does (matmul.py), and reads W's rows as stored where they are bf16.
 """
 import numpy as np
 from numba import prange, types
@@ -37,6 +38,7 @@ from .simd import (
     dot_u8s8,
     fma,
     fzeros,
+    hsum,
     load,
     round16,
     splat,
@@ -50,7 +52,7 @@ from .simd import (
 LANES = 16 if ISA == "avx512" else 8  # rows of a panel: the int32 lanes of one vector
 PAIRS, QUADS = 2 * LANES, 4 * LANES  # its int16, int8 lanes (a global is a constant to Numba, 2 * LANES not)
 TILE_TOKENS = 6
-XTYPES = {"float": np.float32, "bf16": np.uint16, "int16": np.int16, "int8": np.uint8}  # isa.PREFILL -> x
+XTYPES = {"float": np.float32, "int16": np.int16, "int8": np.uint8}  # isa.PREFILL -> x
 INT16_LEVELS, INT8_LEVELS = np.float32(8191.0), np.float32(127.0)
 OFFSET = 128  # int8 x is stored as unsigned bytes xq + OFFSET, vpdpbusd's unsigned operand
 TINY = np.float32(2.0**-100)  # a block whose largest |value| is below this rounds to zero: LEVELS / max
@@ -84,14 +86,6 @@ def pack_panel(panel, wd, wsum, rows, levels):
     by_k(panel.view(np.uint32), words, words.size // LANES)
 
 
-def is_bf16(a):  # whether a holds bf16 bits (uint16, dtypes.py): in compiled code, a constant
-    return a.dtype == np.uint16
-
-
-overload(is_bf16, inline="always")(
-    lambda a: (lambda a: True) if a.dtype == types.uint16 else (lambda a: False))
-
-
 @jit
 def by_k(panel, rows, K):  # panel: [K * LANES] 32-bit words (out), rows: [LANES * S] 32-bit words, S >= K
     """panel[k LANES + r] = rows[r S + k]: LANES rows laid out k by k"""
@@ -113,19 +107,6 @@ def tile_floats(result, panel, x, t0):  # result: [TILE_TOKENS, LANES] float32 o
 
 
 @jit
-def tile_bf16(result, panel, xs, t0):  # result: [TILE_TOKENS, LANES] float32 out; xs: [T, K] bf16 bits
-    """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6; panel[k LANES + 2 r + k % 2] = W[r, k], bf16)"""
-    K, x = xs.shape[1], xs.reshape(-1)
-    f0 = f1 = f2 = f3 = f4 = f5 = fzeros(LANES)
-    for k in range(0, K, 2):
-        w, o = load(panel, k * LANES, PAIRS), t0 * K + k  # x second: vdpbf16ps broadcasts it from memory
-        f0, f1 = dot_bf16(f0, w, splat32(x, o, PAIRS)), dot_bf16(f1, w, splat32(x, o + K, PAIRS))
-        f2, f3 = dot_bf16(f2, w, splat32(x, o + 2 * K, PAIRS)), dot_bf16(f3, w, splat32(x, o + 3 * K, PAIRS))
-        f4, f5 = dot_bf16(f4, w, splat32(x, o + 4 * K, PAIRS)), dot_bf16(f5, w, splat32(x, o + 5 * K, PAIRS))
-    store_tile(result, f0, f1, f2, f3, f4, f5)
-
-
-@jit
 def store_tile(result, f0, f1, f2, f3, f4, f5):  # result: [TILE_TOKENS, LANES] float32
     out = result.reshape(-1)
     for i, f in enumerate((f0, f1, f2, f3, f4, f5)):
@@ -133,16 +114,14 @@ def store_tile(result, f0, f1, f2, f3, f4, f5):  # result: [TILE_TOKENS, LANES] 
 
 
 def tile_tokens(result, panel, wd, wsum, xs, xd, t0):  # result: [TILE_TOKENS, LANES] float32 out; xs: [T, K]
-    """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6): tile_floats, tile_bf16 for xs bf16 bits, or
-    tile_integers for xs int16 or uint8 (int8 + OFFSET)"""
+    """result[i, r] = sum_k xs[t0 + i, k] W[r, k]   (i < 6): tile_floats, or tile_integers for xs int16 or
+    uint8 (int8 + OFFSET)"""
 
 
 @overload(tile_tokens, inline="always")
 def _tile_tokens(result, panel, wd, wsum, xs, xd, t0):
     if xs.dtype == types.float32:
         return lambda result, panel, wd, wsum, xs, xd, t0: tile_floats(result, panel, xs, t0)
-    if xs.dtype == types.uint16:
-        return lambda result, panel, wd, wsum, xs, xd, t0: tile_bf16(result, panel, xs, t0)
     lanes, dot = (PAIRS, dot_s16) if xs.dtype.bitwidth == 16 else (QUADS, dot_u8s8)  # constants to Numba
 
     def tile_integers(result, panel, wd, wsum, xs, xd, t0):
@@ -167,19 +146,6 @@ def _tile_tokens(result, panel, wd, wsum, xs, xd, t0):
     return tile_integers
 
 
-def stored_bf16_rows(bits, w, first):  # bits: [B, >= K] uint16 out -> whether W is stored as bf16
-    """bits[r, :K] = W[first + r, :K], its own bf16 bits (exact), where it is stored as bf16"""
-    raise NotImplementedError("stored_bf16_rows is only callable from compiled kernels")
-
-
-@overload(stored_bf16_rows, inline="always")
-def _stored_bf16_rows(bits, w, first):
-    def copied(bits, w, first):
-        bits[:, :w.shape[1]] = w[first:first + bits.shape[0]]
-        return True
-    return copied if isinstance(w, types.Array) and w.dtype == types.uint16 else lambda bits, w, first: False
-
-
 def float32_rows(tile, w, first):
     """tile[r, k] = W[first + r, k] as float32, W in any stored format (callable from compiled kernels)"""
     raise NotImplementedError("float32_rows is only callable from compiled kernels")
@@ -201,9 +167,8 @@ def _float32_rows(tile, w, first):
 @pjit
 def matmul_panels(out, x, w, xtype):
     # out: [T, N] float32 (rows may be strided), x: [T, K] float32, K % 32 == 0,
-    # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix; xtype: XTYPES[isa.PREFILL]
-    """out[t, n] = sum_k x[t, k] W[n, k]   (xtype uint16: both rounded to bf16; int16 / uint8: to int16 / int8
-    per block)"""
+    # w: [N, K] bf16 / fp16 / fp32 bits, Fp8Matrix or GgmlMatrix; xtype: XTYPES[isa.PREFILL] (not bf16)
+    """out[t, n] = sum_k x[t, k] W[n, k]   (xtype int16 / uint8: both rounded to int16 / int8 per block)"""
     (T, K), N = x.shape, out.shape[1]
     padded = (T + TILE_TOKENS - 1) // TILE_TOKENS * TILE_TOKENS  # the last tile's missing tokens are zero
     xs, xd = np.zeros((padded, K), xtype), np.zeros((padded, K // 32), np.float32)  # x as the kernel reads it
@@ -211,8 +176,6 @@ def matmul_panels(out, x, w, xtype):
     for t in prange(T):
         if xs.itemsize == 4:
             xs[t] = x[t]
-        elif is_bf16(xs):
-            xs[t] = bf16_rounded(x[t])
         else:
             q = np.empty(K, np.int16)
             quantize_blocks(q, xd[t], x[t], levels)
@@ -221,23 +184,60 @@ def matmul_panels(out, x, w, xtype):
         first, rows = LANES * p, min(LANES, N - LANES * p)
         panel = np.empty(K * LANES, np.float32).view(xtype)
         wd, wsum = np.empty((K // 32, LANES), np.float32), np.zeros((K // 32, LANES), np.int32)  # int16: 0
-        bits = np.zeros((LANES if is_bf16(xs) else 0, K + PAIRS), np.uint16)  # bf16 rows, padded as below
-        if is_bf16(xs) and stored_bf16_rows(bits[:rows], w, first):  # k-pairs of bf16 bits as words
-            by_k(panel.view(np.uint32), bits.reshape(-1).view(np.uint32), K // 2)
+        weights = np.zeros(LANES * (K + LANES), np.float32)  # rows past N: zero. K + LANES apart: rows
+        for r in range(rows):  # 4 KB apart share L1 sets, and by_k's loads of them ran 2.6x slower
+            float32_rows(weights[r * (K + LANES):r * (K + LANES) + K].reshape(1, K), w, first + r)
+        if xs.itemsize == 4:
+            by_k(panel.view(np.uint32), weights.view(np.uint32), K)
         else:
-            weights = np.zeros(LANES * (K + LANES), np.float32)  # rows past N: zero. K + LANES apart: rows
-            for r in range(rows):  # 4 KB apart share L1 sets, and by_k's loads of them ran 2.6x slower
-                float32_rows(weights[r * (K + LANES):r * (K + LANES) + K].reshape(1, K), w, first + r)
-            if xs.itemsize == 4:
-                by_k(panel.view(np.uint32), weights.view(np.uint32), K)
-            elif is_bf16(xs):
-                by_k(panel.view(np.uint32), bf16_rounded(weights).view(np.uint32), K // 2)
-            else:
-                pack_panel(panel, wd, wsum, weights.reshape(LANES, K + LANES), levels)
+            pack_panel(panel, wd, wsum, weights.reshape(LANES, K + LANES), levels)
         result = np.empty((TILE_TOKENS, LANES), np.float32)
         for t0 in range(0, T, TILE_TOKENS):
             tile_tokens(result, panel, wd, wsum, xs, xd, t0)
             out[t0:t0 + TILE_TOKENS, first:first + rows] = result[:min(TILE_TOKENS, T - t0), :rows]
+
+
+def bf16_rows(w, rows, K):  # rows: 4 row indices of W -> those rows, [K] uint16 each (a tuple or [4, K])
+    """W[rows[j], :K] as bf16 bits: its own where it is stored as bf16, else dequantised and rounded"""
+    raise NotImplementedError("bf16_rows is only callable from compiled kernels")
+
+
+@overload(bf16_rows, inline="always")
+def _bf16_rows(w, rows, K):
+    if isinstance(w, types.Array) and w.dtype == types.uint16:
+        return lambda w, rows, K: (w[rows[0]], w[rows[1]], w[rows[2]], w[rows[3]])
+    def rounded(w, rows, K):
+        floats = np.empty((4, K), np.float32)
+        for j in range(4):
+            float32_rows(floats[j:j + 1], w, rows[j])
+        return bf16_rounded(floats.reshape(-1)).reshape(4, K)
+    return rounded
+
+
+@pjit
+def matmul_bf16(out, x, w):  # out: [T, N] float32, maybe strided; x: [T, K] float32, K % 32 == 0; W: any
+    """out[t, n] = sum_k bf16(x[t, k]) bf16(W[n, k])   (vdpbf16ps, MINQWEN_PREFILL=bf16)"""
+    def dots(f, x, w):  # f[j] + the products of x and w[j], summed per k-pair into 16 lanes, for j < 4
+        return (dot_bf16(f[0], x, w[0]), dot_bf16(f[1], x, w[1]),
+                dot_bf16(f[2], x, w[2]), dot_bf16(f[3], x, w[3]))
+    (T, K), Q = x.shape, out.shape[1] // 4
+    xs = np.empty((T, K), np.uint16)
+    for t in prange(T):
+        xs[t] = bf16_rounded(x[t])
+    for i in prange(Q + out.shape[1] % 4):  # 4 rows of W a quarter apart as in matmul_few (the rest, 4 times)
+        a, step = i + 3 * Q * (i >= Q), Q * (i < Q)
+        b, c, d = a + step, a + 2 * step, a + 3 * step
+        wa, wb, wc, wd = bf16_rows(w, (a, b, c, d), K)
+        for t in range(0, T, 4):  # by four tokens; past T, the last one again (its sums land in its place)
+            tokens = t, min(t + 1, T - 1), min(t + 2, T - 1), min(t + 3, T - 1)
+            xa, xb, xc, xd = xs[tokens[0]], xs[tokens[1]], xs[tokens[2]], xs[tokens[3]]
+            f0 = f1 = f2 = f3 = (fzeros(LANES), fzeros(LANES), fzeros(LANES), fzeros(LANES))  # 4 rows a token
+            for k in range(0, K, PAIRS):  # a vector of each row: 16 k-pairs
+                wk = load(wa, k, PAIRS), load(wb, k, PAIRS), load(wc, k, PAIRS), load(wd, k, PAIRS)
+                f0, f1 = dots(f0, load(xa, k, PAIRS), wk), dots(f1, load(xb, k, PAIRS), wk)
+                f2, f3 = dots(f2, load(xc, k, PAIRS), wk), dots(f3, load(xd, k, PAIRS), wk)
+            for f, s in zip((f0, f1, f2, f3), tokens):
+                out[s, a], out[s, b], out[s, c], out[s, d] = hsum(f[0]), hsum(f[1]), hsum(f[2]), hsum(f[3])
 
 
 def matmul_integer_reference(x, w, levels):  # [T, K], [N, K] float32 (W dequantised) -> [T, N] float64
@@ -253,7 +253,7 @@ def matmul_integer_reference(x, w, levels):  # [T, K], [N, K] float32 (W dequant
 
 
 def matmul_bf16_reference(x, w):  # [T, K], [N, K] float32 (W dequantised) -> [T, N] float64
-    """x @ w.T in float64 of x and w rounded to bf16, as tile_bf16 reads them"""
+    """x @ w.T in float64 of x and w rounded to bf16, as matmul_bf16 reads them"""
     return to_float32(bf16_bits(x)).astype(np.float64) @ to_float32(bf16_bits(w)).T
 
 

@@ -6,9 +6,9 @@
     GGML (GgmlMatrix)    matmul_integer up to INTEGER_TOKENS     matmul_panels
                          (intdot.py, the types in its INTEGER_TYPES; else matvec_ggml, float)
 
-matmul_panels (avx2 and up, K a multiple of 32) multiplies in float32, or on int16 / int8 / bf16 dot products
-where MINQWEN_PREFILL=int16 / int8 / bf16 (isa.py). Without them (the generic path, fp32 weights, other K),
-tiles of W widened or dequantised to float32 go through BLAS (matmul, matmul_fp8, matmul_ggml).
+matmul_panels (avx2 and up, K % 32 == 0) multiplies in float32, or on int16 / int8 dot products where
+MINQWEN_PREFILL=int16 / int8 (isa.py); =bf16 puts gemm.matmul_bf16 in its and matmul_few's place. Elsewhere
+(generic path, fp32 weights, other K) matmul / matmul_fp8 / matmul_ggml send tiles of W, as float32, to BLAS.
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart for compiled kernels (MoE streams the rows its tokens chose).
@@ -25,12 +25,12 @@ from .matmul import float_row_dot, matmul, matmul_few, matvec
 
 INTEGER_TYPES = ()  # the GGML types with an integer dot-product decode kernel, where the CPU has them
 if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
-    from .gemm import XTYPES, matmul_panels
+    from .gemm import XTYPES, matmul_bf16, matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
 
-# matmul_few (W streamed once, no panels to pack) beats the float panels up to FEW_TOKENS = 256 tokens (the
-# bf16 ones up to 20), and matmul_integer (sequences decoding together) up to INTEGER_TOKENS: performance.md
-FEW_TOKENS, INTEGER_TOKENS = 20 if isa.PREFILL == "bf16" else 256, 16
+# matmul_few (W streamed once, no panels to pack) beats the float panels up to FEW_TOKENS tokens, and
+# matmul_integer (sequences decoding together) up to INTEGER_TOKENS: performance.md
+FEW_TOKENS, INTEGER_TOKENS = 256, 16
 ACTIVATIONS = np.dtype(isa.DECODE)  # what decode rounds x to (MINQWEN_DECODE): int16, or int8
 
 
@@ -47,6 +47,8 @@ def linear(out, x, w):
         matvec_ggml(out[0], w.data, w.ggml_type, x[0])
     elif T == 1:
         matvec(out[0], w, x[0])
+    elif isa.PREFILL == "bf16" and K % 32 == 0 and getattr(w, "dtype", None) != FP32:
+        matmul_bf16(out, np.ascontiguousarray(x), w)
     elif T <= FEW_TOKENS and not (fp8 or ggml):
         matmul_few(out, x, w)
     elif isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32:

@@ -26,6 +26,7 @@ if isa.ISA != "generic":
         QUADS,
         TINY,
         XTYPES,
+        matmul_bf16,
         matmul_bf16_reference,
         matmul_integer_reference,
         matmul_panels,
@@ -61,7 +62,7 @@ def prefill(seed, fmt, T, N, blocks, strided, mode):  # -> x, W dequantised, out
     x[:, rng.random(K) < 0.1] = 0  # a block may be all zero
     wide = np.full((T, N + 5), np.nan, np.float32)
     out = wide[:, 2:N + 2] if strided else wide[:, :N]
-    matmul_panels(out, x, w, XTYPES[mode])
+    matmul_bf16(out, x, w) if mode == "bf16" else matmul_panels(out, x, w, XTYPES[mode])
     untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
     assert np.isnan(untouched).all()  # nothing else written
     return x, dense, out

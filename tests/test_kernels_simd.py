@@ -251,7 +251,7 @@ PROBE = """
 import numpy as np
 from minqwen.kernels import isa
 from minqwen.kernels.intdot import matmul_integer
-from minqwen.kernels.gemm import matmul_panels
+from minqwen.kernels.gemm import matmul_bf16, matmul_panels
 from numba import njit
 from minqwen.kernels.simd import dot_s16, dot_u8s8, izeros, load, to_float, hsum
 
@@ -276,7 +276,7 @@ if "int8" in isa.DECODES:  # the int8 options (MINQWEN_DECODE / MINQWEN_PREFILL=
 if "int8" in isa.PREFILLS:
     kernels += [(matmul_panels, prefill_args[:3] + (np.uint8,))]
 if "bf16" in isa.PREFILLS:  # MINQWEN_PREFILL=bf16, where the avx512 path has AVX512-BF16
-    kernels += [(matmul_panels, prefill_args[:3] + (np.uint16,))]
+    kernels += [(matmul_bf16, prefill_args[:3])]
 print("prefills:", *isa.PREFILLS)
 for kernel, args in kernels:
     kernel.compile(tuple(kernel.typeof_pyval(v) for v in args))

@@ -217,8 +217,7 @@ class Decoder:
 
     def __init__(self, config: Config, weights: Weights, prefill_chunk: int = PREFILL_CHUNK):
         self.config, self.weights = config, weights
-        self.rope = RotaryTables(config)
-        self.scale = np.float32(config.head_dim ** -0.5)
+        self.rope, self.scale = RotaryTables(config), np.float32(config.head_dim ** -0.5)
         self.windows = config.windows
         self.ws = Workspace(config, prefill_chunk, weights.fused_deltanet)
         self.last_logits = np.zeros((0, config.vocab_size), np.float32)  # reused: grown to the largest batch

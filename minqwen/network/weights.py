@@ -292,8 +292,7 @@ def _attention(config: Config, src: TensorSource, p: str) -> AttentionWeights:
 
 
 def _deltanet(config: Config, src: TensorSource, p: str) -> DeltaNetWeights:
-    d = config.hidden_size
-    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+    d, hk, hv = config.hidden_size, config.linear_num_key_heads, config.linear_num_value_heads
     dk, dv = config.linear_key_head_dim, config.linear_value_head_dim
     if not (hk and hv and dk and dv) or hv % hk:
         raise ConfigError("linear attention needs linear_num_{key,value}_heads (value a multiple of key) "

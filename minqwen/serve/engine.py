@@ -51,8 +51,8 @@ from ..text.reply import Delta, Reply
 from ..text.speculative import DRAFT_TOKENS, DraftLength, settle
 
 MAX_PARALLEL = 64  # slots: a decode batch up to 64 rows streams each weight once (kernels/linear.py
-# FEW_TOKENS, 20 with MINQWEN_PREFILL=bf16; GGML blocks, int8 / int4 included, up to INTEGER_TOKENS = 16);
-# past it the products go to the prefill kernels
+# FEW_TOKENS; any number with MINQWEN_PREFILL=bf16; GGML blocks, int8 / int4 included, up to INTEGER_TOKENS =
+# 16); past it the products go to the prefill kernels
 MAX_DRAFTS = 15  # tokens a slot may draft a step: with its last token, 16 rows, the integer kernels' batch
 PREFILL_PER_STEP = 256  # prompt tokens a step takes while other slots generate: ~0.5-1 s of prefill on
 # the 0.5B shape, the longest a running stream then waits for a token
