@@ -114,7 +114,7 @@ def int8_dot_peak(repeats: int = 7) -> float | None:
 
 def bf16_dot_peak(repeats: int = 7) -> float | None:
     """GFLOP/s of bf16 pair dot products (vdpbf16ps: a multiply and an add per bf16 pair, in float32) on all
-    Numba threads, measured as fp32_fma_peak: the ceiling of the bf16 panels and of a bf16 prefill. None
+    Numba threads, measured as fp32_fma_peak: the ceiling of gemm.matmul_bf16 and of a bf16 prefill. None
     where the prefill has no bf16 (isa.PREFILLS: AVX512-BF16)."""
     one = np.full(PAIRS, 0x3F80, np.uint16)  # bf16 1.0: the sums grow by 2 a step, exactly, up to 2^24
     return _peak(repeats, _bf16_chains, 12 * PAIRS * 2, one) if "bf16" in isa.PREFILLS else None

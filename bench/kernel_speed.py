@@ -298,7 +298,7 @@ def main(argv=None):
         bandwidth["bf16_dot_peak_GFLOP_s"] = bf16_peak = bf16_dot_peak(args.repeats)
         if bf16_peak:
             print(f"bf16 dot peak ({PAIRS} bf16 lanes, 12 chains): {bf16_peak:.0f} GFLOP/s (the ceiling of "
-                  f"the bf16 panels, path {isa.ISA}-bf16)")
+                  f"matmul_bf16, path {isa.ISA}-bf16)")
     results = []
     print(f"\n{'matvec (decode)':16s} {'path':>8s} {'shape':>12s} {'B/weight':>8s} {'us/call':>9s} "
           f"{'GB/s':>7s} {'bw GB/s':>8s} {'ratio':>6s} {'best':>6s} {'Gw/s':>6s} {'waits/ms':>8s}")
