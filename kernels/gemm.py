@@ -197,21 +197,24 @@ def matmul_panels(out, x, w, xtype):
             out[t0:t0 + TILE_TOKENS, first:first + rows] = result[:min(TILE_TOKENS, T - t0), :rows]
 
 
-def bf16_rows(w, rows, K):  # rows: 4 row indices of W -> those rows, [K] uint16 each (a tuple or [4, K])
-    """W[rows[j], :K] as bf16 bits: its own where it is stored as bf16, else dequantised and rounded"""
+def bf16_rows(w, i, Q, K):  # -> indices and bits ([K] uint16 each) of the 4 rows matmul_bf16's step i reads
+    """W's rows in bf16: its own bits where it is stored as bf16, else dequantised and rounded"""
     raise NotImplementedError("bf16_rows is only callable from compiled kernels")
 
 
 @overload(bf16_rows, inline="always")
-def _bf16_rows(w, rows, K):
-    if isinstance(w, types.Array) and w.dtype == types.uint16:
-        return lambda w, rows, K: (w[rows[0]], w[rows[1]], w[rows[2]], w[rows[3]])
-    def rounded(w, rows, K):
-        floats = np.empty((4, K), np.float32)
-        for j in range(4):
-            float32_rows(floats[j:j + 1], w, rows[j])
-        return bf16_rounded(floats.reshape(-1)).reshape(4, K)
-    return rounded
+def _bf16_rows(w, i, Q, K):
+    def stored(w, i, Q, K):  # a quarter of W apart: four streams from memory the prefetcher follows
+        a, step = i + 3 * Q * (i >= Q), Q * (i < Q)  # (neighbouring rows left it waiting: matmul_few)
+        rows = a, a + step, a + 2 * step, a + 3 * step
+        return rows + (w[rows[0]], w[rows[1]], w[rows[2]], w[rows[3]])
+    def rounded(w, i, Q, K):  # neighbours, dequantised together (rows a quarter apart waited on memory)
+        a, step = (4 * i, 1) if i < Q else (3 * Q + i, 0)
+        floats = np.empty((1 + 3 * step, K), np.float32)
+        float32_rows(floats, w, a)
+        bits = bf16_rounded(floats.reshape(-1)).reshape(-1, K)
+        return (a, a + step, a + 2 * step, a + 3 * step, bits[0], bits[step], bits[2 * step], bits[3 * step])
+    return stored if isinstance(w, types.Array) and w.dtype == types.uint16 else rounded
 
 
 @pjit
@@ -224,10 +227,8 @@ def matmul_bf16(out, x, w):  # out: [T, N] float32, maybe strided; x: [T, K] flo
     xs = np.empty((T, K), np.uint16)
     for t in prange(T):
         xs[t] = bf16_rounded(x[t])
-    for i in prange(Q + out.shape[1] % 4):  # 4 rows of W a quarter apart as in matmul_few (the rest, 4 times)
-        a, step = i + 3 * Q * (i >= Q), Q * (i < Q)
-        b, c, d = a + step, a + 2 * step, a + 3 * step
-        wa, wb, wc, wd = bf16_rows(w, (a, b, c, d), K)
+    for i in prange(Q + out.shape[1] % 4):  # 4 rows of W at a time (Q = N // 4; the rest from i = Q, 4 times)
+        a, b, c, d, wa, wb, wc, wd = bf16_rows(w, i, Q, K)
         for t in range(0, T, 4):  # by four tokens; past T, the last one again (its sums land in its place)
             tokens = t, min(t + 1, T - 1), min(t + 2, T - 1), min(t + 3, T - 1)
             xa, xb, xc, xd = xs[tokens[0]], xs[tokens[1]], xs[tokens[2]], xs[tokens[3]]

@@ -37,8 +37,7 @@ ACTIVATIONS = np.dtype(isa.DECODE)  # what decode rounds x to (MINQWEN_DECODE): 
 def linear(out, x, w):
     # out: [T, N] float32, x: [T, K] float32, w: [N, K] stored dtype, Fp8Matrix or GgmlMatrix
     """out = x @ w.T  (no bias: the caller adds it)"""
-    T, K = x.shape
-    fp8, ggml = isinstance(w, Fp8Matrix), isinstance(w, GgmlMatrix)
+    (T, K), fp8, ggml = x.shape, isinstance(w, Fp8Matrix), isinstance(w, GgmlMatrix)
     if fp8 and T == 1:
         matvec_fp8(out[0], w.q, w.scales, x[0], w.block_rows)
     elif ggml and w.ggml_type in INTEGER_TYPES and T <= INTEGER_TOKENS:
