@@ -16,9 +16,9 @@ int32 (32 * 8191^2 < 2^31), for vpdpwssd's 2x an FMA's multiply-adds; INT8_LEVEL
 activations) for vpdpbusd's 4x. vpdpbusd takes x's bytes unsigned: x is stored xq + OFFSET, and each block's
 sums start at wsum = -OFFSET sum_k wq[n, k] (per row, when the panel is packed). Each value moves by up to
 1/16382 (int16) or 1/254 (int8) of its block's largest, which the tests' random hybrids amplify past their
-bars (isa.PREFILL): options, not the default. Each thread takes whole panels (L1 / L2). So is bf16 (vdpbf16ps:
-2x an FMA's multiply-adds, its products exact in float32), which rounds both to 8 significant bits, and
-needs no panel: `matmul_bf16` keeps 4 rows x 4 tokens of out in registers with k-pairs in the lanes, as
+bars (isa.PREFILL): options, not the default, as is bf16 (vdpbf16ps: 2x an FMA's multiply-adds, its products
+exact in float32), which rounds both to 8 significant bits. Each thread takes whole panels (L1 / L2). bf16
+needs none: `matmul_bf16` keeps 4 rows x 4 tokens of out in registers with k-pairs in the lanes, as
 matmul_few does (matmul.py), and reads W's rows as stored where they are bf16.
 """
 import numpy as np
@@ -218,11 +218,11 @@ def _bf16_rows(w, i, Q, K):
 
 
 @pjit
-def matmul_bf16(out, x, w):  # out: [T, N] float32, maybe strided; x: [T, K] float32, K % 32 == 0; W: any
+def matmul_bf16(out, x, w):  # out: [T, N] float32 (strided ok), x: [T, K] float32, K % 32 == 0, W: any format
     """out[t, n] = sum_k bf16(x[t, k]) bf16(W[n, k])   (vdpbf16ps, MINQWEN_PREFILL=bf16)"""
-    def dots(f, x, w):  # f[j] + the products of x and w[j], summed per k-pair into 16 lanes, for j < 4
-        return (dot_bf16(f[0], x, w[0]), dot_bf16(f[1], x, w[1]),
-                dot_bf16(f[2], x, w[2]), dot_bf16(f[3], x, w[3]))
+    def dots(f, xv, wv):  # f[j] + the products of xv and wv[j], summed per k-pair into 16 lanes, for j < 4
+        return (dot_bf16(f[0], xv, wv[0]), dot_bf16(f[1], xv, wv[1]),
+                dot_bf16(f[2], xv, wv[2]), dot_bf16(f[3], xv, wv[3]))
     (T, K), Q = x.shape, out.shape[1] // 4
     xs = np.empty((T, K), np.uint16)
     for t in prange(T):

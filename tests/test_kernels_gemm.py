@@ -1,7 +1,8 @@
 """The prefill micro-kernels (kernels/gemm.py) and the intrinsics they add to kernels/simd.py, against
 float64 references: every stored format the engine multiplies (bf16, fp16, FP8 blocks, every GGML type),
-partial panels and token tiles, a strided output; the float kernel to float32 rounding, the int16 and int8
-ones to the product of both operands rounded as they round them, and to the bound that rounding keeps to."""
+partial panels and token tiles (matmul_bf16's remainders of 4 rows and 4 tokens), a strided output; the
+float kernel to float32 rounding, the int16, int8 and bf16 ones to the product of both operands rounded as
+they round them, and to the bound that rounding keeps to."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
