@@ -14,6 +14,7 @@ from minqwen.kernels.dtypes import BF16, FP16, from_float32, to_float32
 from minqwen.kernels.fp8 import Fp8Matrix, dequantize_fp8
 from minqwen.kernels.ggml import GGML_BLOCKS, dequantize_ggml
 from minqwen.kernels.jit import jit
+from minqwen.kernels.linear import FEW_TOKENS, linear
 from minqwen.kernels.simd import abs_max, load, round16, splat32, store
 
 pytestmark = pytest.mark.skipif(isa.ISA == "generic", reason="the CPU has no AVX2: this kernel is never used")
@@ -120,6 +121,26 @@ def test_the_bf16_kernel_is_the_product_of_both_rounded(seed, fmt, T, N, blocks,
     assert diff.max() <= 1e-5 * terms.max(), f"{fmt}: max|diff| {diff.max():.3g}, mean {diff.mean():.3g}"
     assert np.all(np.abs(out - x64 @ w64.T) <= (2.0**-7 + 2.0**-16) * terms + 1e-5 * terms.max()), fmt
 
+
+
+@pytest.mark.skipif("bf16" not in isa.PREFILLS, reason="no AVX512-BF16: isa.py refuses MINQWEN_PREFILL=bf16")
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8"])
+@pytest.mark.parametrize("T", [2, 5, FEW_TOKENS + 3])
+def test_linear_sends_the_bf16_mode_to_matmul_bf16(monkeypatch, fmt, T):
+    """With MINQWEN_PREFILL=bf16, linear multiplies every product of 2 tokens or more with x and W rounded to
+    bf16 (matmul_bf16), also past FEW_TOKENS and into a column slice of out: the bf16 product to float32
+    rounding (the exact product lies 4e-4 to 1.4e-3 of the largest term from it here; without the mode all
+    nine cases fail)."""
+    monkeypatch.setattr(isa, "PREFILL", "bf16")
+    rng = np.random.default_rng(T)
+    N, K = 37, 96
+    w, dense = random_matrix(rng, fmt, N, K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    wide = np.full((T, N + 5), np.nan, np.float32)
+    linear(wide[:, 2:N + 2], x, w)
+    terms = np.abs(x.astype(np.float64)) @ np.abs(dense.astype(np.float64)).T
+    assert np.abs(wide[:, 2:N + 2] - matmul_bf16_reference(x, dense)).max() <= 1e-5 * terms.max(), fmt
+    assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, N + 2:]).all()
 
 def extreme_rows(rng, rows, K):  # row i: blocks of kind i % 8
     a = rng.standard_normal((rows, K)).astype(np.float32)
