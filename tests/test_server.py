@@ -415,7 +415,8 @@ def test_a_queued_stream_gets_keepalives_and_is_dropped_when_its_client_leaves(q
     with decoder_replaced(qwen25, Gated) as decoder, running(qwen25, parallel=1) as server:
         busy = send_by_hand(server, {"messages": ask("Go on."), "max_tokens": 400, "stream": True})
         assert busy.recv(4096).startswith(b"HTTP/1.1 200")
-        while not server.api.engine.busy():  # (its status line goes out as it is queued, before its slot)
+        deadline = time.monotonic() + WAIT  # (its status line goes out as it is queued, before its slot)
+        while not server.api.engine.busy() and time.monotonic() < deadline:
             time.sleep(0.01)
         decoder.gate.clear()  # the engine holds between two steps: the slot stays taken
         waiting = send_by_hand(server, {"messages": USER, "max_tokens": 400, "stream": True})
@@ -670,9 +671,10 @@ def test_stopping_ends_the_requests_in_flight(qwen25):
             waiting = pool.submit(raw, server, "POST", "/v1/chat/completions", SHORT)
             # the stream in the one slot and SHORT queued (the stream's first chunk, its role, is sent as
             # its job is queued: it may still be waiting, and SHORT not yet submitted, when next() returns)
-            while not (server.api.engine.busy() and server.api.engine.waiting):
+            engine, deadline = server.api.engine, time.monotonic() + WAIT
+            while not (engine.busy() and engine.waiting) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            stopping = pool.submit(server.api.engine.stop)
+            stopping = pool.submit(engine.stop)
             decoder.gate.set()  # the step under way ends, then the engine stops
             stopping.result(timeout=WAIT)
             status, _, body = waiting.result(timeout=WAIT)
