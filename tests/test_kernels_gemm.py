@@ -122,7 +122,6 @@ def test_the_bf16_kernel_is_the_product_of_both_rounded(seed, fmt, T, N, blocks,
     assert np.all(np.abs(out - x64 @ w64.T) <= (2.0**-7 + 2.0**-16) * terms + 1e-5 * terms.max()), fmt
 
 
-
 @pytest.mark.skipif("bf16" not in isa.PREFILLS, reason="no AVX512-BF16: isa.py refuses MINQWEN_PREFILL=bf16")
 @pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8"])
 @pytest.mark.parametrize("T", [2, 5, FEW_TOKENS + 3])
@@ -141,6 +140,7 @@ def test_linear_sends_the_bf16_mode_to_matmul_bf16(monkeypatch, fmt, T):
     terms = np.abs(x.astype(np.float64)) @ np.abs(dense.astype(np.float64)).T
     assert np.abs(wide[:, 2:N + 2] - matmul_bf16_reference(x, dense)).max() <= 1e-5 * terms.max(), fmt
     assert np.isnan(wide[:, :2]).all() and np.isnan(wide[:, N + 2:]).all()
+
 
 def extreme_rows(rng, rows, K):  # row i: blocks of kind i % 8
     a = rng.standard_normal((rows, K)).astype(np.float32)
