@@ -37,23 +37,10 @@ One frame serves every type (`_blocks`): a row is walked 128 weights at a time, 
 32 weights (four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of
 16; weight 32c + 16h + i is `_level(row, t, c, h, i)` scaled by `_scale_offset(row, t, c, h)`. The
 same loop computes a row's dot product with x (decode, MoE experts) or writes its weights (prefill
-tiles for BLAS), and `ggml_blocks` is the switch over the types. Why this shape (measured, Zen 3):
-- a fixed 16-lane loop over four columns is big enough that LLVM vectorises it in place (vector loads
-  of 8-16 bytes, one conversion and two FMAs per 8 weights); one block per loop gets fully unrolled
-  and then "vectorised" across blocks with byte gathers (~6x slower);
-- indices are cast to unsigned (`_u`): Numba guards a signed index against negative values with a
-  select per element, which also turns contiguous loads into gathers (~5x slower);
-- the type is a compile-time constant of `_blocks` (Numba types a constant argument as a literal and
-  compiles a version for it), so the branches of `_level` and `_scale_offset` fold away, and a
-  column's bit positions are constants (a K-quant row is whole blocks, so its columns are too);
-- a step's columns are consecutive (`_step`, inlined: a copy per call), so LLVM tells their stores apart
-  and vectorises the writes; a 32-weight row whose K is not a multiple of 128 ends with a partial step (its
-  own copy) whose missing columns repeat the last one (no read leaves the row; weight 0 in the dot product).
-  Clamping every step's columns kept the writes scalar: Q8_0 .. Q5_1 1.4-2.1 G weights/s, now 4.5-9 (Zen 4).
-
-Speed: ~6 vector operations per 8 weights make these kernels compute-bound, far below the read bandwidth
-(docs/performance.md has the rates); kernels/intdot.py's integer dot products are the fast decode path for
-the types it covers, these the fallback (no AVX2, the other types) and its reference.
+tiles for BLAS). Why this shape (a fixed 16-lane loop, unsigned indices, the type a compile-time constant,
+consecutive columns), as measured: docs/gguf-and-quantisation.md#the-float-kernels-one-frame-for-every-type.
+kernels/intdot.py's integer dot products are the fast decode path for the types they cover, these kernels
+the fallback (no AVX2, the other types) and their reference.
 """
 from typing import NamedTuple
 
@@ -102,7 +89,7 @@ class GgmlMatrix(NamedTuple):
 # ------------------------------------------------------------------------------ decoding ----
 
 @jit
-def _u(i):  # an index Numba does not check for negative values (see the module docstring)
+def _u(i):  # an index Numba does not check for negative values (checks turn loads into gathers)
     return np.uint64(i)
 
 
