@@ -26,26 +26,15 @@ the levels above by is where the dot starts, _offsets) and in a minimum term fro
     IQ4_NL w = d iq4[q]               q 4-bit indexing a 16-entry codebook (kernels/ggml.py's IQ4_LEVELS)
     IQ4_XS w = d (sc_j - 32) iq4[q]   as IQ4_NL, 8 sub-blocks of 32 with 6-bit scales
 
-Why int16 activations by default, not llama.cpp's int8 (Q8): rounding x to int8 moves each product by up to
-1/254 of its terms, and on SmolLM2-135M (the tests' one trained model) that was enough to swap the two best
-first tokens of an answer and so greedy decoding's text; int16's 1/65534 leaves the logits within 1e-4 of
-exact x (docs/gguf-and-quantisation.md). At one token the int16 kernels are bound by their own instructions,
-not by memory: MINQWEN_DECODE=int8 (isa.py: 256-bit VNNI) offers int8 for every type (docs/performance.md).
+Why int16 activations by default, not llama.cpp's int8 (Q8): int8 moves each product by up to 1/254 of its
+terms, enough to swap SmolLM2-135M's two best first tokens; int16's 1/65534 keeps the logits within 1e-4 of
+exact x. MINQWEN_DECODE=int8 (isa.py: 256-bit VNNI) opts in for every type.
 
-Everything stays in vector registers: a block's fp16 scale is broadcast and converted in one step
-(simd.fp16_splat: a scalar conversion would tie each block to its sum), a K-quant super-block's eight 6-bit
-scales are unpacked with 32-bit word masks and converted as one vector, and a prefetch 2 KB ahead adds what
-the hardware prefetcher left (~25% of one core's bandwidth). A few tokens (a verify pass, a batch) go four at
-a time (_in_fours): each part of a row is unpacked once, into registers, and dotted with each of them, into
-two sums per token. The kernels use 32-byte vectors (AVX2). The IQ4 codebook lives in a register: each nibble
-looks its level up in one vpshufb (simd.lookup16, on the levels + 127 so that the result is a 16-bit lane as
-it stands; the + 127 is not subtracted per weight but where each block's dot starts, _offsets). Q2_K, Q3_K,
-MXFP4 and the grid i-quants have none here (ggml.py's float kernel serves).
-
-The K-quants read their bits as 16-bit words, whose even and odd bytes' levels masks build at once (no
-widening shuffle); int16 dots the even bytes' levels, then the odd ones' (int8 the bytes as they are), xq put
-in that order once per token (ORDERS). The 32-weight types' int16 levels are two widened vectors, int8's
-bytes. Q6_K (every Q4_K_M file's LM head) runs on 512-bit vectors on avx512 (WORDS).
+Everything stays in vector registers: 32-byte ones (AVX2), 512-bit ones on avx512 for Q6_K (every Q4_K_M
+file's LM head: WORDS). A few tokens (a verify pass, a batch) go four at a time (_in_fours): each part of a
+row is unpacked once and dotted with each of them. Q2_K, Q3_K, MXFP4 and the grid i-quants have no kernel
+here (ggml.py's float kernel serves). How each kernel keeps to registers, and what each choice measured:
+docs/gguf-and-quantisation.md#the-integer-kernels.
 """
 import numpy as np
 from numba import prange
