@@ -421,17 +421,15 @@ def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K]
             qh = sum(b[..., o + i:o + i + 1] << (8 * i) for i in range(4))
             level = level + 16 * ((qh >> np.arange(32)) & 1)
         w = (fp16(0) * (level - {Q4_0: 8, Q5_0: 16}[t]) if t in (Q4_0, Q5_0) else fp16(0) * level + fp16(2))
-    elif t in (Q2_K, Q3_K):  # 16 sub-blocks of 16; byte l of each 32 of qs holds bits 2j of weight 32j + l
-        qs, shifts = b[..., 16:80] if t == Q2_K else b[..., 32:96], np.arange(0, 8, 2)[:, None]
-        level = np.stack([(qs[..., 32 * n:32 * n + 32, None].swapaxes(-1, -2) >> shifts) & 3
-                          for n in range(2)], axis=-3).reshape(N, -1, 256)
+    elif t in (Q2_K, Q3_K):  # 16 sub-blocks of 16; qs byte 32n + l holds weight 128n + 32j + l at bits 2j
+        qs = (b[..., 16:80] if t == Q2_K else b[..., 32:96]).reshape(N, -1, 2, 1, 32)
+        level = ((qs >> 2 * np.arange(4)[:, None]) & 3).reshape(N, -1, 256)
         if t == Q2_K:
             sc = b[..., :16]
             w = fp16(80) * per_sub(sc & 15, 16) * level - fp16(82) * per_sub(sc >> 4, 16)
         else:
-            hmask = b[..., :32]
-            high = np.stack([(hmask[..., None, :] >> (4 * n + np.arange(4)[:, None])) & 1 for n in range(2)],
-                            axis=-3).reshape(N, -1, 256)
+            hmask = b[..., None, None, :32]  # bit 4n + j of byte l: weight 128n + 32j + l
+            high = ((hmask >> np.arange(8).reshape(2, 4, 1)) & 1).reshape(N, -1, 256)
             s, v = b[..., 96:108], np.arange(16)
             low = np.where(v < 8, s[..., v % 8] & 15, s[..., v % 8] >> 4)
             sc = (low | ((s[..., 8 + v % 4] >> (2 * (v // 4))) & 3) << 4) - 32
