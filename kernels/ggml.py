@@ -294,8 +294,7 @@ def _blocks(row, t, x, out):  # row: [bytes] uint8 of type t; x, out: [K] float3
 
 @jit
 def ggml_blocks(row, ggml_type, x, out):  # _blocks with the type made a compile-time constant
-    """_blocks for a row of ggml_type: the one switch over the types, each branch compiling _blocks for one
-    type (and the place where a type would get a kernel of its own)"""
+    """_blocks for a row of ggml_type: the one switch over the types (a type's own kernel would go here)"""
     t = ggml_type
     if not 0 <= t < len(BLOCK_BYTES) or BLOCK_BYTES[t] == 0:
         raise ValueError("not a GGML block type")
