@@ -77,12 +77,10 @@ def widen_rows(out_tile, w_rows):  # out_tile: [B, K] float32, w_rows: [B, K] an
             out_tile[b, k] = widen(w_rows[b, k])
 
 
-def matmul_tiled(out, x, shape, float32_rows, tile_floats=TILE_FLOATS):
-    # out: [T, N] float32, x: [T, K] float32, shape: (N, K) of W; float32_rows(tile, r0, r1) writes rows
-    # r0..r1-1 of W, as float32, into tile[:r1 - r0]
-    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1, W in any stored format): a block of
-    rows of W widened (or dequantised) into a float32 tile at a time, which BLAS multiplies into the
-    matching columns of out; memory stays at one tile (at most 4 MB) whatever the shape of W."""
+def matmul_tiled(out, x, shape, float32_rows, tile_floats=TILE_FLOATS):  # out: [T, N] f32, x: [T, K] f32
+    """out[t, n] = sum_k x[t,k] w[n,k]    (out = x @ w.T, for T > 1, W [N, K] = shape in any stored format):
+    float32_rows(tile, r0, r1) widens (or dequantises) rows r0..r1-1 of W into tile[:r1 - r0], which BLAS
+    multiplies into those columns of out; memory stays at one tile (at most 4 MB) whatever the shape of W."""
     N, K = shape
     rows = max(1, min(N, tile_floats // K))
     tile = np.empty((rows, K), dtype=np.float32)
