@@ -377,9 +377,8 @@ def _matmul_iq4_xs(out, data, xq, xd, offset):  # IQ4_XS: d, scales_h (u16), sca
 def matmul_integer(out, data, ggml_type, x, activations):
     # out: [T, N] float32, data: [N, bytes] uint8 blocks of ggml_type (in INTEGER_TYPES), x: [T, K] float32,
     # activations: np.dtype(np.int16) or (where isa.VNNI_BITS has 256: vpdpbusd) np.dtype(np.int8)
-    """out[i, n] = sum_k w[n, k] x[i, k] on integer dot products, x rounded to `activations` per block of 32:
-    one token (decode) or a few (a batch of sequences decoding together), each row of W read from memory
-    once for all of them. The one switch over the types: each branch compiles one type's kernel."""
+    """out[i, n] = sum_k w[n, k] x[i, k] on integer dot products, x rounded to `activations` per block of 32,
+    for one token or a few (W read once for all); the one switch over the types, a kernel per branch."""
     T, K = x.shape
     x = np.ascontiguousarray(x)  # quantize_activations loads its rows as vectors
     xq = np.empty((T, K), activations)
