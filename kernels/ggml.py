@@ -33,14 +33,13 @@ The codebook types look their level up: iq4 / fp4 in 16-entry tables (IQ4_LEVELS
 i-quants (IQ2_*, IQ3_*: 8 sub-blocks of 32 in 256) a row of a grid (kernels/ggml_grids.py) per 8 or 4
 weights, with a sign bit per weight (`_grid_level`): no longer small integers, but still integers.
 
-One frame serves every type (`_blocks`): a row is walked 128 weights at a time, as four *columns* of
-32 weights (four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of
-16; weight 32c + 16h + i is `_level(row, t, c, h, i)` scaled by `_scale_offset(row, t, c, h)`. The
-same loop computes a row's dot product with x (decode, MoE experts) or writes its weights (prefill
-tiles for BLAS). Why this shape (a fixed 16-lane loop, unsigned indices, the type a compile-time constant,
-consecutive columns), as measured: docs/gguf-and-quantisation.md#the-float-kernels-one-frame-for-every-type.
-kernels/intdot.py's integer dot products are the fast decode path for the types they cover, these kernels
-the fallback (no AVX2, the other types) and their reference.
+One frame serves every type (`_blocks`): a row is walked 128 weights at a time, as four *columns* of 32
+weights (four blocks of a 32-weight type, or a quarter of a K-quant block), each in two halves of 16; weight
+32c + 16h + i is `_level(row, t, c, h, i)` scaled by `_scale_offset(row, t, c, h)`. The same loop computes
+a row's dot product with x (decode, MoE experts) or writes its weights (prefill tiles for BLAS). Why this
+shape (a fixed 16-lane loop, unsigned indices, the type a compile-time constant, consecutive columns), as
+measured: docs/gguf-and-quantisation.md#the-float-kernels-one-frame-for-every-type. kernels/intdot.py's
+integer dot products are the fast decode path for the types they cover, these the fallback and reference.
 """
 from typing import NamedTuple
 
