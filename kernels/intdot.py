@@ -10,10 +10,9 @@ makes each block's product an integer dot product times two scales: for Q8_0 (w 
     sum_i w_i x_i  ~=  d xd sum_i q_i xq_i
 
 and sum q xq is products of integers summed in int32 (`_dot`): int16 pairs (simd.dot_s16: vpmaddwd, or
-vpdpwssd with VNNI; ~4 instructions per 16 weights where float math needs ~6, no conversion per weight), or
-int8 quads (dot_u8s8: one vpdpbusd per 32 weights, unsigned bytes times signed ones: the weights' levels are
-the unsigned operand). The formats differ in how q is unpacked (`_levels`; a constant the format stores
-the levels above by is where the dot starts, _offsets) and in a minimum term from per-block sums of x:
+vpdpwssd with VNNI), or int8 quads (dot_u8s8: one vpdpbusd per 32 weights, the weights' levels its unsigned
+operand). The formats differ in how q is unpacked (`_levels`; levels a format stores a constant too high are
+set right where the dot starts, _offsets) and in a minimum term from per-block sums of x:
 
     Q8_0   w = d q                    q int8 (for int8 xq stored + 128 as vpdpbusd reads it)
     Q4_0   w = d (q - 8)              q 4-bit
@@ -31,10 +30,9 @@ terms, enough to swap SmolLM2-135M's two best first tokens; int16's 1/65534 keep
 exact x. MINQWEN_DECODE=int8 (isa.py: 256-bit VNNI) opts in for every type.
 
 Everything stays in vector registers: 32-byte ones (AVX2), 512-bit ones on avx512 for Q6_K (every Q4_K_M
-file's LM head: WORDS). A few tokens (a verify pass, a batch) go four at a time (_in_fours): each part of a
-row is unpacked once and dotted with each of them. Q2_K, Q3_K, MXFP4 and the grid i-quants have no kernel
-here (ggml.py's float kernel serves). How each kernel keeps to registers, and what each choice measured:
-docs/gguf-and-quantisation.md#the-integer-kernels.
+file's LM head: WORDS). A few tokens (a verify pass, a batch) go four at a time (_in_fours), each part of a
+row unpacked once for all. Q2_K, Q3_K, MXFP4 and the grid i-quants have no kernel here (ggml.py's serves).
+How, and what each choice measured: docs/gguf-and-quantisation.md#the-integer-kernels.
 """
 import numpy as np
 from numba import prange
@@ -116,8 +114,7 @@ REORDERED = (ORDERS != _q).any(axis=2)  # whether xq is put in ORDERS' order
 
 
 @jit
-def quantize_activations(xq, xd, xsum, x):
-    # xq: [K] int16 or int8, xd, xsum: [K/32] float32 (outputs), x: [K] float32
+def quantize_activations(xq, xd, xsum, x):  # xq: [K] int16/int8, xd, xsum: [K/32] f32 (outputs), x: [K] f32
     """xd[b] = max|x in block b| / L,  xq = round(x / xd),  xsum[b] = sum of block b of x  (L: INT16, INT8)"""
     top, step = INT8 if xq.itemsize == 1 else INT16
     for b in range(x.shape[0] // 32):  # vectors (round16 rounds ties to even, as round did): 2-4x the loop
@@ -162,8 +159,7 @@ def _excess(t, xq):  # how far above their levels t stores them, with xq's width
 def _offsets(offset, xq, lanes, excess):  # offset: [K/4] int32 (output), xq: [K] int16 or int8
     """offset[e/4 + l] = -excess sum_{j<4} xq[e + (j // s) s lanes + s l + j % s]  (s = 4 / xq's bytes, e = 4
     lanes c): what lane l of a dot into `lanes` int32 lanes (_dot) gains from levels stored `excess` too high
-    (IQ4_TABLE's + 127, Q4_0's + 8, Q5_0's + 16, Q6_K's + 32, int8 Q8_0's + 128): a dot started there is
-    theirs"""
+    (_excess: IQ4_TABLE's + 127, Q6_K's + 32, ...): a dot started there is theirs"""
     s = 32 // np.iinfo(xq.dtype).bits  # 2 / 4 xq in a lane (a compile-time constant, as xq.itemsize is not)
     for e in range(0, xq.shape[0], 4 * lanes):
         for lane_ in range(lanes):
