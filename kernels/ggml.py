@@ -414,10 +414,9 @@ def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K]
     elif t in (Q4_0, Q4_1, Q5_0, Q5_1):
         qs = b[..., B - 16:]
         level = np.concatenate([qs & 15, qs >> 4], axis=-1)
-        if t in (Q5_0, Q5_1):
-            o = 2 if t == Q5_0 else 4
-            qh = sum(b[..., o + i:o + i + 1] << (8 * i) for i in range(4))
-            level = level + 16 * ((qh >> np.arange(32)) & 1)
+        if t in (Q5_0, Q5_1):  # weight p's fifth bit: bit p of the u32 qh, bit p % 8 of its byte p // 8
+            qh = b[..., 2:6] if t == Q5_0 else b[..., 4:8]
+            level = level + 16 * ((qh[..., None] >> np.arange(8)) & 1).reshape(N, -1, 32)
         w = (fp16(0) * (level - {Q4_0: 8, Q5_0: 16}[t]) if t in (Q4_0, Q5_0) else fp16(0) * level + fp16(2))
     elif t in (Q2_K, Q3_K):  # 16 sub-blocks of 16; qs byte 32n + l holds weight 128n + 32j + l at bits 2j
         qs = (b[..., 16:80] if t == Q2_K else b[..., 32:96]).reshape(N, -1, 2, 1, 32)
@@ -466,9 +465,8 @@ def dequantize_ggml_reference(data, ggml_type, K):  # [N, bytes] uint8 -> [N, K]
 def _grid_blocks_reference(b, t):  # [N, blocks, bytes] int64 of a grid type -> w / d [N, blocks, 256]
     N, nb = b.shape[:2]
 
-    def u32(x):  # [..., 4n] bytes -> [..., n] little-endian words
-        x = x.reshape(*x.shape[:-1], -1, 4)
-        return x[..., 0] | x[..., 1] << 8 | x[..., 2] << 16 | x[..., 3] << 24
+    def u32(x):  # [..., 4n] bytes -> [..., n] little-endian words: byte i shifted by 8i, summed
+        return (x.reshape(*x.shape[:-1], -1, 4) << np.arange(0, 32, 8)).sum(axis=-1)
 
     def fields(x, bits, n):  # [..., m] -> [..., m * n]: n fields of `bits` bits each, lowest first
         return ((x[..., None] >> (bits * np.arange(n))) & ((1 << bits) - 1)).reshape(*x.shape[:-1], -1)
