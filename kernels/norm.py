@@ -14,8 +14,7 @@ from .jit import jit
 @jit
 def sum_of_squares(v):  # v: [D] float32 -> float32
     """sum_d v[d]**2"""
-    # float32 is enough: rows are at most a few thousand wide and every term is positive, so there is
-    # no cancellation; fastmath lets LLVM vectorise the sum.
+    # float32 is enough (a few thousand positive terms: no cancellation); fastmath lets LLVM vectorise it.
     ss = np.float32(0.0)
     for d in range(v.shape[0]):
         ss += v[d] * v[d]
