@@ -19,8 +19,7 @@ TILE_FLOATS = 1 << 20  # prefill widens W in tiles of at most 4 MB of float32, w
 @jit
 def float_row_dot(w_row, x):  # w_row: [K] bf16/fp16/fp32 bits, x: [K] float32 -> float32
     """sum_k w_row[k] x[k]"""
-    # A plain scalar sum: fastmath allows LLVM to reorder it, so it becomes 4 x 8 float32 lanes of
-    # FMAs fed by widening loads (vpmovzxwd + vpslld for bf16, vcvtph2ps for fp16).
+    # fastmath reorders this sum into 4 x 8 lanes of FMAs on widening loads (vpmovzxwd + vpslld / vcvtph2ps)
     acc = np.float32(0.0)
     for k in range(w_row.shape[0]):
         acc += widen(w_row[k]) * x[k]
@@ -41,8 +40,7 @@ def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] 
     (T, K), N = x.shape, w.shape[0]
     Q, T4 = N // 4, T - T % 4
     for i in prange(Q + N % 4):  # each thread streams its own rows of W once, as in matvec
-        # Rows a quarter of W apart: four sequential streams the hardware prefetcher follows (neighbouring
-        # rows, interleaved in each 4 KB page, left it waiting on DRAM); past Q, a row left over, four times.
+        # Rows a quarter of W apart: four streams the prefetcher follows; past Q, a row left over, four times.
         a, step = i + 3 * Q * (i >= Q), Q * (i < Q)
         b, c, d = a + step, a + 2 * step, a + 3 * step
         for t in range(0, T4, 4):  # by four tokens: each widened weight feeds four FMAs, each x element four
@@ -69,8 +67,7 @@ def matmul_few(out, x, w):  # out: [T, N] float32, x: [T, K] float32, w: [N, K] 
 @jit
 def widen_rows(out_tile, w_rows):  # out_tile: [B, K] float32, w_rows: [B, K] any stored dtype
     """out_tile[b, k] = float32(w_rows[b, k])"""
-    # Serial on purpose: it alternates with BLAS calls, and after a parallel region Numba's OpenMP threads
-    # keep spinning and fight OpenBLAS's threads for the cores. Widening is ~1/T of the tile's product anyway.
+    # Serial: between BLAS calls, Numba's spinning threads would fight BLAS's; widening is ~1/T of the work.
     B, K = w_rows.shape
     for b in range(B):
         for k in range(K):
