@@ -26,13 +26,11 @@ set right where the dot starts, _offsets) and in a minimum term from per-block s
     IQ4_XS w = d (sc_j - 32) iq4[q]   as IQ4_NL, 8 sub-blocks of 32 with 6-bit scales
 
 Why int16 activations by default, not llama.cpp's int8 (Q8): int8 moves each product by up to 1/254 of its
-terms, enough to swap SmolLM2-135M's two best first tokens; int16's 1/65534 keeps the logits within 1e-4 of
-exact x. MINQWEN_DECODE=int8 (isa.py: 256-bit VNNI) opts in for every type.
+terms (int16: 1/65534), enough to swap SmolLM2-135M's two best first tokens. MINQWEN_DECODE=int8 opts in.
 
-Everything stays in vector registers: 32-byte ones (AVX2), 512-bit ones on avx512 for Q6_K (every Q4_K_M
-file's LM head: WORDS). A few tokens (a verify pass, a batch) go four at a time (_in_fours), each part of a
-row unpacked once for all. Q2_K, Q3_K, MXFP4 and the grid i-quants have no kernel here (ggml.py's serves).
-How, and what each choice measured: docs/gguf-and-quantisation.md#the-integer-kernels.
+Everything stays in vector registers, 32-byte ones (AVX2; Q6_K's 512-bit on avx512: WORDS); a few tokens go
+four at a time (_in_fours), each part of a row unpacked once for all; types not in INTEGER_TYPES take
+ggml.py's float kernel. Why, and what it measured: docs/gguf-and-quantisation.md#the-integer-kernels.
 """
 import numpy as np
 from numba import prange
