@@ -94,8 +94,7 @@ INT8, INT16 = (np.float32(127.0), np.float32(1.0 / 127.0)), (np.float32(32767.0)
 # Q4_K / Q5_K scales: 12 bytes = words w0, w1, w2; sub-block j < 4: scale w0 byte j & 63, min w1 byte j & 63;
 # j >= 4: the low 4 bits in w2's bytes (scale low nibble, min high nibble), the top 2 in w0 / w1's bits 6-7
 LOW6, LOW4, TOP2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030
-# where a block's level bits begin, in the types with a minimum term (the others' constants are folded into
-# centred levels, _levels, or into where their dots start, _offsets)
+# where a block's level bits begin, in the types with a minimum term (others: centred _levels, or _offsets)
 LEVEL_BITS_AT = {Q4_1: 4, Q5_1: 4, Q4_K: 16, Q5_K: 16}
 WORDS, FLOATS = (32, 16) if isa.ISA == "avx512" else (16, 8)  # int16 / float32 lanes at the path's width
 # The order _matmul_q6_k reads a super-block's xq in: position q is lane m of a vector of WORDS, p = 0 / 1 the
