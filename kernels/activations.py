@@ -40,8 +40,7 @@ def swiglu(out, gate, up):  # out, gate, up: [T, F] float32 (out may be gate or 
 def sigmoid_gate(out, x, gate):  # out, x: [T, H, D] float32 (out may be x); gate: [T, H, D] or [T, H, 1]
     """out[t, h, d] = x[t, h, d] * sigmoid(gate[t, h, d])   (or gate[t, h, 0]: one gate per head)
 
-    The output gate of the hybrids' full-attention layers (the gate half of q_proj's output) and the
-    scalar gate of a shared expert."""
+    The hybrids' full-attention output gate (the gate half of q_proj's output) and a shared expert's gate."""
     (T, H, D), per_head = x.shape, gate.shape[2] == 1
     for t in prange(T):
         for h in range(H):
