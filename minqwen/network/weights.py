@@ -335,8 +335,8 @@ def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
     d, f, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
     if src.has(p + "experts.gate_up_proj"):  # fused, as Qwen3.5/3.6 MoE publish their bf16 experts
         src.expert_layouts.add("fused")
-        gate_up = _stacked(src, p + "experts.gate_up_proj", (n, 2 * f, d))
-        down = _stacked(src, p + "experts.down_proj", (n, d, f))
+        gate_up = src.matrix(p + "experts.gate_up_proj", (n, 2 * f, d))  # 3-D, as stored: bf16 / fp16 / fp32
+        down = src.matrix(p + "experts.down_proj", (n, d, f))
         # Expert e's gate rows are gate_up[e, :f], its up rows gate_up[e, f:]: contiguous views, no copy.
         experts = {"gate_proj": [gate_up[e, :f] for e in range(n)],
                    "up_proj": [gate_up[e, f:] for e in range(n)],
@@ -356,14 +356,6 @@ def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
                       shared_expert=_mlp(src, p + "shared_expert.", d, shared) if shared else None,
                       shared_expert_gate=src.matrix(shared_gate, (1, d)) if shared
                       else src.absent(shared_gate, "shared_expert_intermediate_size is 0"))
-
-
-def _stacked(src: TensorSource, name: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """A 3-D stack of expert matrices (no `.weight` suffix), as stored."""
-    w = src.get(name, shape)
-    if w.dtype not in MATRIX_DTYPES or src.has(name + "_scale_inv"):
-        raise ConfigError(f"tensor {name} has dtype {w.dtype}; fused experts must be bf16, fp16 or fp32")
-    return w
 
 
 def _stored_format(w):  # what a typed List of expert matrices must share
