@@ -25,13 +25,11 @@ Everything per value head (v, z, a, b, A_log, dt_bias, out_proj's columns) is in
 order matters only where a value head meets its key head: gated_delta_rule_recurrent takes it as
 `tiled`, and the weights run as stored.
 
-Prefill runs the same recurrence as decode, token by token. GPUs prefill with the chunked (WY / UT
-transform) form, matrix products over blocks of 64 tokens; written as plain loops it did as many flops and
-was never faster here (docs/performance.md), so only the recurrence is kept.
+Prefill runs the same recurrence as decode, token by token: the chunked (WY / UT transform) form GPUs
+prefill with, written as plain loops, was never faster here (docs/performance.md).
 
-Semantics follow transformers' torch_recurrent_gated_delta_rule (and torch_chunk_gated_delta_rule)
-with use_qk_l2norm_in_kernel=False: l2norm is its own kernel here, applied to q and k before the
-delta rule, as the torch code does first thing inside it.
+Semantics follow transformers' torch_recurrent_gated_delta_rule (and torch_chunk_gated_delta_rule); its
+l2norm of q and k (use_qk_l2norm_in_kernel) is a kernel of its own here, run before the delta rule.
 """
 import numpy as np
 from numba import prange
