@@ -3,9 +3,6 @@
 Qwen's families share one skeleton (embed -> N x [norm, mixer, norm, MLP] -> norm -> lm_head) and differ
 in a few switches, each declared here once: a family's own in its FAMILIES row, the rest as config.json
 fields, some with a family default or fixed value; decoder.py's docstring maps each to where it acts.
-`Config.from_dict` unwraps an image-text config, brings other spellings to ours (SPELLINGS), applies the
-family's defaults and fixed values, builds the dataclass and validates it. Sizes derived from the raw
-fields (per-layer windows, DeltaNet channel counts, rotated dims) are properties, computed in one place.
 """
 from __future__ import annotations
 
@@ -47,9 +44,8 @@ FAMILIES = {
 # Image-text checkpoints of the Qwen3.5 generation: the language model's config sits in `text_config`.
 IMAGE_TEXT = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 # Other spellings of our fields, as published configs or newer transformers write them -> ours; where a
-# config has both, theirs wins, as in transformers (whose attribute_map reads it first). Synonyms needing
-# no entry: `rope_theta` + `rope_scaling` / `rope_parameters` (and `type` / `rope_type`) meet in _rope,
-# `full_attention_interval` / `layer_types` in _layer_types; `torch_dtype` / `dtype` are not read.
+# config has both, theirs wins, as in transformers (whose attribute_map reads it first). The synonyms of
+# docs/checkpoints.md's list that need no entry meet in _rope and _layer_types.
 SPELLINGS = {"num_local_experts": "num_experts"}  # qwen3_moe from transformers >= 5.8
 LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
 
