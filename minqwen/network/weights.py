@@ -135,15 +135,12 @@ class TensorSource:
         self.read: set[str] = set()
         self.expert_layouts: set[str] = set()  # "per-expert" and/or "fused", as _moe found them
 
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
     def matrix(self, name: str, shape: tuple[int, ...]):
         stem = name[:-len(".weight")] if name.endswith(".weight") else None
-        if stem and not self.has(name) and self.has(stem + ".qweight"):
+        if stem and name not in self.tensors and stem + ".qweight" in self.tensors:
             return self._minqwen_quantized(stem, shape)
         w = self.get(name, shape)
-        if stem and self.has(stem + ".weight_scale_inv"):
+        if stem and stem + ".weight_scale_inv" in self.tensors:
             w = self._fp8(stem, w)
         elif not isinstance(w, GgmlMatrix) and w.dtype not in MATRIX_DTYPES:
             raise ConfigError(f"tensor {name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
@@ -157,7 +154,7 @@ class TensorSource:
     def absent(self, name: str, why: str) -> None:
         """None, for a tensor the config's switches leave out (`why`): a checkpoint that has it was made
         with the switch on, and running it without the tensor would compute another model."""
-        if self.has(name):
+        if name in self.tensors:
             raise ConfigError(f"checkpoint has {name}, which the config leaves out ({why})")
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -191,7 +188,7 @@ class TensorSource:
         """A matrix written by `minqwen quantize`: Q8_0 or Q4_1 blocks, uint8 [N, K / 32 * bytes]; the
         row length says which."""
         n, k = shape
-        if self.has(stem + ".scales"):
+        if stem + ".scales" in self.tensors:
             raise ConfigError(f"tensor {stem}.qweight is in the int8 / int4 format of an earlier minqwen; "
                               "quantise the original checkpoint again")
         q = self.tensors[stem + ".qweight"]
@@ -298,7 +295,7 @@ def _deltanet(config: Config, src: TensorSource, p: str) -> DeltaNetWeights:
         raise ConfigError("linear attention needs linear_num_{key,value}_heads (value a multiple of key) "
                           "and linear_{key,value}_head_dim")
     channels, value_dim, group = config.deltanet_conv_channels, config.deltanet_value_dim, hv // hk
-    fused = src.has(p + "in_proj_qkvz.weight")
+    fused = p + "in_proj_qkvz.weight" in src.tensors
 
     def separate(name, rows):
         return None if fused else src.matrix(p + name + ".weight", (rows, d))
@@ -333,7 +330,7 @@ def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLPWeights:
 
 def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
     d, f, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
-    if src.has(p + "experts.gate_up_proj"):  # fused, as Qwen3.5/3.6 MoE publish their bf16 experts
+    if p + "experts.gate_up_proj" in src.tensors:  # fused, as Qwen3.5/3.6 MoE publish their bf16 experts
         src.expert_layouts.add("fused")
         gate_up = src.matrix(p + "experts.gate_up_proj", (n, 2 * f, d))  # 3-D, as stored: bf16 / fp16 / fp32
         down = src.matrix(p + "experts.down_proj", (n, d, f))
