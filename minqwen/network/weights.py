@@ -152,8 +152,7 @@ class TensorSource:
         return np.ascontiguousarray(to_float32(self.matrix(name, (size,))))
 
     def absent(self, name: str, why: str) -> None:
-        """None, for a tensor the config's switches leave out (`why`): a checkpoint that has it was made
-        with the switch on, and running it without the tensor would compute another model."""
+        """None, for a tensor the config's switches leave out (`why`); refused if the checkpoint has it."""
         if name in self.tensors:
             raise ConfigError(f"checkpoint has {name}, which the config leaves out ({why})")
 
@@ -229,8 +228,7 @@ def _mtp(config: Config, src: TensorSource) -> MtpWeights | None:
         norm=_norm(config, src, "mtp.norm.weight", d))
 
 
-# Tensors of published checkpoints that no rule reads on purpose, by what they are: an MTP head the
-# config counts no layers of (see _mtp) and the vision tower.
+# Tensors of published checkpoints that no rule reads on purpose, by what they are (an MTP head: see _mtp).
 IGNORED = {"mtp.": "multi-token prediction head", "model.visual.": "vision tower"}
 
 
