@@ -79,9 +79,8 @@ class Cache:
     """Everything a sequence remembers between forward passes.
 
     Attention layers: keys and values, (n_kv_heads, capacity, head_dim) each, float32, or fp16 when asked
-    (load(kv_cache="fp16")): half the memory and the bytes a decode step reads per context token, but logits
-    move by ~5e-4 of their range (docs/performance.md), enough to flip an MoE router's choice now and then; a
-    value beyond fp16's range turns the cache to float32 rather than to inf. Capacity doubles when a sequence
+    (load(kv_cache="fp16")): half the memory and the bytes a decode step reads, less exact
+    (docs/performance.md), float32 again if a value exceeds fp16's range. Capacity doubles when a sequence
     outgrows it (amortised O(1) per token), up to the context length: a short chat reserves no 32k positions.
     Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
     causal convolution and one (key_dim, value_dim) matrix per value head — which cannot be rewound,
@@ -455,8 +454,7 @@ class Sequence:
     def extend_together(batch: list[tuple[Sequence, list[int]]], every_token: list[bool] | None = None
                         ) -> np.ndarray:
         """Several sequences' new tokens (checked, and within the workspace's rows together) in one
-        Decoder.forward, each weight read once for all; returns the logits after each one's last token,
-        or after every token of those every_token flags (see forward), a view valid until the next pass."""
+        Decoder.forward, each weight read once for all; returns its logits (see forward)."""
         logits = batch[0][0].decoder.forward([(s.cache, np.asarray(t, np.int64)) for s, t in batch],
                                              every_token)
         for sequence, tokens in batch:
