@@ -395,8 +395,7 @@ def project(out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray
 
 
 class Sequence:
-    """One token sequence being extended: the decoder that runs it, its cache, and its tokens; reset_to
-    keeps the cached prefix a new prompt shares (its reusable prefix): a chat's history is not prefilled."""
+    """One token sequence being extended: the decoder that runs it, its cache, and its tokens."""
 
     def __init__(self, decoder: Decoder, cache: Cache):
         self.decoder, self.cache = decoder, cache
@@ -428,8 +427,8 @@ class Sequence:
         return logits
 
     def reset_to(self, tokens, room: int = 0) -> np.ndarray:
-        """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping its
-        reusable prefix; returns the logits after the last token."""
+        """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping its reusable
+        prefix: a chat's history is not prefilled again. Returns the logits after the last token."""
         self.check(tokens, start=0, room=room)
         return self.extend(tokens[self.rewind_to_reusable_prefix(tokens):])
 
