@@ -57,7 +57,6 @@ def attention_decode(out, q, k_cache, v_cache, start, window, scale):
 
 @pjit
 def attention_prefill(out, q, k_cache, v_cache, start, window, scale):
-    # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32 or bf16/fp16 bits
     """The same as `attention_decode`, for more tokens: per kv head g, on gemm.py's register tiles,
         S = scale Q_g K_g^T   (masked: j <= p, and j > p - window with a window)
         out = softmax_rows(S) V_g
