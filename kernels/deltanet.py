@@ -1,5 +1,4 @@
 """Kernels of the Qwen3-Next / Qwen3.5 hybrid layers: Gated DeltaNet, linear attention with a matrix state.
-(The sigmoid output gate of their full-attention layers is kernels/activations.py's sigmoid_gate.)
 
 One Gated DeltaNet layer, token t, after the input projections (C = 2*Hk*Dk + Hv*Dv conv channels):
 
