@@ -101,8 +101,7 @@ class Config:
     linear_num_key_heads: int = 0
     linear_value_head_dim: int = 0
     linear_num_value_heads: int = 0
-    # Which key head each value head reads (kernels/deltanet.py): "grouped" as transformers' checkpoints
-    # store them, "tiled" as llama.cpp's converter stores qwen35 / qwen35moe GGUFs (gguf_names says so).
+    # Which key head each value head reads: "grouped" or "tiled" (kernels/deltanet.py; gguf_names sets it).
     linear_value_head_order: str = "grouped"
     mtp_num_hidden_layers: int = 0  # layers of the multi-token prediction head (mtp.*): weights.MtpWeights
     eos_token_id: list[int] = field(default_factory=list)
