@@ -97,9 +97,8 @@ class LayerWeights:
 
 @dataclass
 class MtpWeights:
-    """Multi-token prediction head (Qwen3-Next, Qwen3.5; `mtp.*`): a draft of the token after next, by
-    the formula in mtp.py. The embedding table and the LM head are the trunk's; each layer is a
-    full-attention decoder layer with the trunk's MLP (dense or experts)."""
+    """Multi-token prediction head (Qwen3-Next, Qwen3.5; `mtp.*`; mtp.py runs it): the embedding table and
+    LM head are the trunk's; each layer is a full-attention decoder layer with the trunk's MLP kind."""
 
     fc: np.ndarray  # (hidden, 2 hidden): columns [embedding | hidden state]
     pre_fc_norm_embedding: np.ndarray  # (hidden,) float32, 1 + w like every norm of these families
@@ -330,10 +329,9 @@ def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
     d, f, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
     if p + "experts.gate_up_proj" in src.tensors:  # fused, as Qwen3.5/3.6 MoE publish their bf16 experts
         src.expert_layouts.add("fused")
-        gate_up = src.matrix(p + "experts.gate_up_proj", (n, 2 * f, d))  # 3-D, as stored: bf16 / fp16 / fp32
+        gate_up = src.matrix(p + "experts.gate_up_proj", (n, 2 * f, d))  # expert e: gate rows, then up rows
         down = src.matrix(p + "experts.down_proj", (n, d, f))
-        # Expert e's gate rows are gate_up[e, :f], its up rows gate_up[e, f:]: contiguous views, no copy.
-        experts = {"gate_proj": [gate_up[e, :f] for e in range(n)],
+        experts = {"gate_proj": [gate_up[e, :f] for e in range(n)],  # contiguous views, no copy
                    "up_proj": [gate_up[e, f:] for e in range(n)],
                    "down_proj": [down[e] for e in range(n)]}
     else:
