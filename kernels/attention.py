@@ -22,10 +22,9 @@ def attention_decode(out, q, k_cache, v_cache, start, window, scale):
         s_j = scale * q[t,h] . k[g,j]       for lo <= j <= p,  lo = max(0, p - window + 1)
         out[t,h] = sum_j softmax(s)_j v[g,j]                   (window <= 0: lo = 0)
 
-    Each (kv head, token) pair takes the query heads sharing that kv head in three passes over the keys
-    (scores, softmax, sums of values), each key and value row read once for the group. The scores are
-    stored (T x Hq x L floats) so that the exponentials are one vectorised loop (exp.py's expf), not a libm
-    call per key in a loop carrying a running maximum (FlashAttention's "online softmax")."""
+    Per (kv head, token) pair, three passes over the keys (scores, softmax, sums of values) serve the query
+    heads sharing that kv head, each key and value row read once for them all. Storing the scores (T x Hq x L
+    floats) lets the exponentials vectorise (exp.py's expf), unlike FlashAttention's "online softmax"."""
     (T, Hq, hd), Hkv = q.shape, k_cache.shape[0]
     group = Hq // Hkv  # query heads sharing one kv head
     scores = np.empty((Hkv * T, group, start + T), np.float32)
