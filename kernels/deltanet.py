@@ -80,8 +80,7 @@ def causal_conv1d_reference(conv_state, x, weight):  # [K-1, C], [T, C], [C, K] 
 def l2norm(out, x, eps):  # [T, H, D] <- [T, H, D]; out may be x (in place)
     """out[t, h] = x[t, h] / sqrt( sum_d x[t, h, d]^2 + eps )
 
-    eps is added to the *sum* of squares (not the mean) inside the root, as FLA and transformers'
-    l2norm do; the model uses eps = 1e-6. Serial: a few flops per element, less than waking threads."""
+    eps is added to the *sum*, as in FLA's and transformers' l2norm. Serial: less work than waking threads."""
     T, H, D = x.shape
     for t in range(T):
         for h in range(H):
