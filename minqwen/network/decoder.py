@@ -372,8 +372,7 @@ class Decoder:
         linear(logits, h, w.gate)
         route(weights, experts, logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         if T * cfg.num_experts_per_tok <= cfg.num_experts:
-            # Decode, or so few tokens that an expert rarely serves two: stream only the chosen
-            # experts' weights, token by token, in one pass each.
+            # Decode, or so few tokens that an expert rarely serves two: stream each token's chosen experts.
             for t in range(T):
                 moe_one_token(out[t], ws.expert_hidden, h[t], w.gate_projs, w.up_projs, w.down_projs,
                               experts[t], weights[t])
