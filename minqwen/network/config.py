@@ -184,7 +184,7 @@ class Config:
         known = {k: v for k, v in raw.items() if k in names and v is not None}
         known["eos_token_id"] = [known["eos_token_id"]] if isinstance(known.get("eos_token_id"), int) \
             else list(known.get("eos_token_id") or [])
-        config = cls(**known)
+        config = cls(**known, has_vision_tower=has_vision_tower)
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if type(getattr(config, k)) is not int or getattr(config, k) <= 0]
         if missing:
@@ -194,7 +194,6 @@ class Config:
         if not config.use_sliding_window:
             config.sliding_window = None  # Qwen2.5 ships sliding_window with use_sliding_window: false
         config.mlp_only_layers = list(config.mlp_only_layers)
-        config.has_vision_tower = has_vision_tower
         config.rope = _rope(raw, config)
         config.layer_types = _layer_types(config)
         _check_shapes(config)
