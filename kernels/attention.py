@@ -1,14 +1,6 @@
-"""Causal grouped-query attention over a KV cache, with an optional sliding window.
-
-Two forms of the same computation:
-- `attention_decode` (one token, or a few: the decoder's FEW_QUERIES / FEW_SCORES): each (kv head,
-  token) pair computes the rows of scores of the query heads sharing that kv head, their softmax and the
-  weighted sums of values in three passes over the keys, each key and value row read once for the group.
-  The scores are stored (T x Hq x L floats); in return the exponentials are one vectorised loop
-  (kernels/exp.py's expf) instead of one libm call per key inside a loop that carries a running maximum
-  (the "online softmax" of FlashAttention): measured 1.2-1.7x faster on Qwen2.5/Qwen3 shapes.
-- `attention_prefill` (more tokens): S = Q K^T and O = softmax(S) V on gemm.py's register tiles, the keys
-  and values laid out once a call as its panels: 2-3x the BLAS form it replaced (Qwen3-0.6B, 128-512 tokens).
+"""Causal grouped-query attention over a KV cache, with an optional sliding window, in two forms of the
+same computation: `attention_decode` for one token or a few (the decoder's FEW_QUERIES / FEW_SCORES) and
+`attention_prefill` for more, on gemm.py's register tiles (docs/performance.md measures both).
 """
 import numpy as np
 from numba import prange
@@ -29,7 +21,10 @@ def attention_decode(out, q, k_cache, v_cache, start, window, scale):
 
         s_j = scale * q[t,h] . k[g,j]       for lo <= j <= p,  lo = max(0, p - window + 1)
         out[t,h] = sum_j softmax(s)_j v[g,j]                   (window <= 0: lo = 0)
-    """
+
+    Per (kv head, token) pair, three passes over the keys (scores, softmax, sums of values) serve the query
+    heads sharing that kv head, each key and value row read once for them all. Storing the scores (T x Hq x L
+    floats) lets the exponentials vectorise (exp.py's expf), unlike FlashAttention's "online softmax"."""
     (T, Hq, hd), Hkv = q.shape, k_cache.shape[0]
     group = Hq // Hkv  # query heads sharing one kv head
     scores = np.empty((Hkv * T, group, start + T), np.float32)
@@ -61,7 +56,6 @@ def attention_decode(out, q, k_cache, v_cache, start, window, scale):
 
 @pjit
 def attention_prefill(out, q, k_cache, v_cache, start, window, scale):
-    # out, q: [T, Hq, hd] float32; k_cache, v_cache: [Hkv, capacity, hd] float32 or bf16/fp16 bits
     """The same as `attention_decode`, for more tokens: per kv head g, on gemm.py's register tiles,
         S = scale Q_g K_g^T   (masked: j <= p, and j > p - window with a window)
         out = softmax_rows(S) V_g
@@ -117,8 +111,7 @@ if ISA == "generic":  # no vector layer for the tiles: the decode form serves ev
 def attention_reference(q, k_cache, v_cache, start, window, scale):  # -> [T, Hq, hd] float64
     (T, Hq, _), Hkv = q.shape, k_cache.shape[0]
     L = start + T
-    k = np.repeat(to_float32(k_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)  # [Hq, L, hd]
-    v = np.repeat(to_float32(v_cache[:, :L]).astype(np.float64), Hq // Hkv, axis=0)
+    k, v = (np.repeat(to_float32(c[:, :L]).astype(np.float64), Hq // Hkv, axis=0) for c in (k_cache, v_cache))
     scores = scale * np.einsum("thd,hjd->htj", q.astype(np.float64), k)  # [Hq, T, L]
     pos, j = start + np.arange(T)[:, None], np.arange(L)[None, :]
     visible = (j <= pos) & (j > pos - window if window > 0 else True)

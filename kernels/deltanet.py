@@ -1,5 +1,4 @@
 """Kernels of the Qwen3-Next / Qwen3.5 hybrid layers: Gated DeltaNet, linear attention with a matrix state.
-(The sigmoid output gate of their full-attention layers is kernels/activations.py's sigmoid_gate.)
 
 One Gated DeltaNet layer, token t, after the input projections (C = 2*Hk*Dk + Hv*Dv conv channels):
 
@@ -25,13 +24,11 @@ Everything per value head (v, z, a, b, A_log, dt_bias, out_proj's columns) is in
 order matters only where a value head meets its key head: gated_delta_rule_recurrent takes it as
 `tiled`, and the weights run as stored.
 
-Prefill runs the same recurrence as decode, token by token. GPUs prefill with the chunked (WY / UT
-transform) form, matrix products over blocks of 64 tokens; written as plain loops it did as many flops and
-was never faster here (docs/performance.md), so only the recurrence is kept.
+Prefill runs the same recurrence as decode, token by token: the chunked (WY / UT transform) form GPUs
+prefill with, written as plain loops, was never faster here (docs/performance.md).
 
-Semantics follow transformers' torch_recurrent_gated_delta_rule (and torch_chunk_gated_delta_rule)
-with use_qk_l2norm_in_kernel=False: l2norm is its own kernel here, applied to q and k before the
-delta rule, as the torch code does first thing inside it.
+Semantics follow transformers' torch_recurrent_gated_delta_rule (and torch_chunk_gated_delta_rule); its
+l2norm of q and k (use_qk_l2norm_in_kernel) is a kernel of its own here, run before the delta rule.
 """
 import numpy as np
 from numba import prange
@@ -83,8 +80,7 @@ def causal_conv1d_reference(conv_state, x, weight):  # [K-1, C], [T, C], [C, K] 
 def l2norm(out, x, eps):  # [T, H, D] <- [T, H, D]; out may be x (in place)
     """out[t, h] = x[t, h] / sqrt( sum_d x[t, h, d]^2 + eps )
 
-    eps is added to the *sum* of squares (not the mean) inside the root, as FLA and transformers'
-    l2norm do; the model uses eps = 1e-6. Serial: a few flops per element, less than waking threads."""
+    eps is added to the *sum*, as in FLA's and transformers' l2norm. Serial: less work than waking threads."""
     T, H, D = x.shape
     for t in range(T):
         for h in range(H):

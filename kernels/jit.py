@@ -5,10 +5,8 @@ fastmath lets LLVM reassociate float sums (vectorised reductions) and drop NaN/I
 we keep it off for nothing: every kernel is tested against a float64 reference with tolerances
 that fastmath's reordering passes and a wrong kernel does not.
 
-cache=True keys each kernel's cache on its own file's modification time only: after editing a helper
-in another file (exp.py, dtypes.py), the kernels that inline it keep their stale machine code until
-the cache is cleared (`find . -name "*.nb[ic]" -delete`). A release changes every file, so users never
-meet this; developers do.
+cache=True keeps each kernel's machine code on disk, keyed on its own file only: after editing a helper
+that another file's kernels inline, clear it (docs/performance.md, "Start-up, threads and the KV cache").
 """
 # The thread pools' spinning is set in minqwen/environment.py, which runs before NumPy and Numba load.
 import numba

@@ -12,8 +12,7 @@ one expert at a time, w[e]. Only the k chosen experts are read, so decoding a to
 to the *active* parameters (3 k F D weights), not the total. Two forms of the same sum:
 - `moe_one_token` streams one token's k experts (decode, or a few tokens, one at a time);
 - `moe_by_expert` runs each chosen expert once on all of its tokens, as matrix products (prefill).
-Qwen2-MoE, Qwen3-Next and Qwen3.5-MoE also add a shared expert, an ordinary SwiGLU MLP scaled by
-sigmoid(shared_expert_gate . x): the dense kernels compute it.
+The shared expert of Qwen2-MoE, Qwen3-Next and Qwen3.5-MoE is an ordinary SwiGLU: the dense kernels run it.
 """
 import math
 
@@ -110,8 +109,7 @@ def moe_one_token_reference(x, gate_w, up_w, down_w, experts, weights):  # [D], 
 
 
 def moe_by_expert(out, x, gate_w, up_w, down_w, experts, weights):
-    # out, x: [T, D] f32, experts: [T, k] i64, weights: [T, k] f32,
-    # gate_w, up_w: [E][F, D], down_w: [E][D, F] stored dtype (stacked array or typed List)
+    # out, x: [T, D] f32, experts: [T, k] i64, weights: [T, k] f32; gate_w, up_w, down_w as moe_one_token's
     """out[t] = sum_j weights[t, j] * down[e_tj] @ (silu(gate[e_tj] @ x[t]) * (up[e_tj] @ x[t]))
 
     The (token, slot) pairs sorted by expert, each expert runs once on all of its tokens through

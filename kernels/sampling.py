@@ -30,9 +30,8 @@ def apply_penalties(logits, seen_ids, counts, repetition_penalty, frequency_pena
         z_i = z_i / repetition_penalty   if z_i > 0   else   z_i * repetition_penalty
         z_i = z_i - frequency_penalty * c_i - presence_penalty * (c_i > 0)
 
-    Repetition is CTRL's / transformers' (over prompt and output); frequency and presence are the
-    OpenAI API's (over the output only, as vLLM applies them), so a token the prompt holds but the
-    model has not written is not pushed down by them."""
+    Repetition is CTRL's / transformers' (over prompt and output), frequency and presence the OpenAI API's
+    (over the output only, as vLLM applies them: a token only the prompt holds is not pushed down)."""
     V = logits.shape[0]
     for i in seen_ids:
         if i < 0 or i >= V:  # an id the output layer cannot produce (as transformers, skip it)

@@ -3,9 +3,6 @@
 Qwen's families share one skeleton (embed -> N x [norm, mixer, norm, MLP] -> norm -> lm_head) and differ
 in a few switches, each declared here once: a family's own in its FAMILIES row, the rest as config.json
 fields, some with a family default or fixed value; decoder.py's docstring maps each to where it acts.
-`Config.from_dict` unwraps an image-text config, brings other spellings to ours (SPELLINGS), applies the
-family's defaults and fixed values, builds the dataclass and validates it. Sizes derived from the raw
-fields (per-layer windows, DeltaNet channel counts, rotated dims) are properties, computed in one place.
 """
 from __future__ import annotations
 
@@ -47,9 +44,8 @@ FAMILIES = {
 # Image-text checkpoints of the Qwen3.5 generation: the language model's config sits in `text_config`.
 IMAGE_TEXT = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 # Other spellings of our fields, as published configs or newer transformers write them -> ours; where a
-# config has both, theirs wins, as in transformers (whose attribute_map reads it first). Synonyms needing
-# no entry: `rope_theta` + `rope_scaling` / `rope_parameters` (and `type` / `rope_type`) meet in _rope,
-# `full_attention_interval` / `layer_types` in _layer_types; `torch_dtype` / `dtype` are not read.
+# config has both, theirs wins, as in transformers (whose attribute_map reads it first). The synonyms of
+# docs/checkpoints.md's list that need no entry meet in _rope and _layer_types.
 SPELLINGS = {"num_local_experts": "num_experts"}  # qwen3_moe from transformers >= 5.8
 LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
 
@@ -105,8 +101,7 @@ class Config:
     linear_num_key_heads: int = 0
     linear_value_head_dim: int = 0
     linear_num_value_heads: int = 0
-    # Which key head each value head reads (kernels/deltanet.py): "grouped" as transformers' checkpoints
-    # store them, "tiled" as llama.cpp's converter stores qwen35 / qwen35moe GGUFs (gguf_names says so).
+    # Which key head each value head reads: "grouped" or "tiled" (kernels/deltanet.py; gguf_names sets it).
     linear_value_head_order: str = "grouped"
     mtp_num_hidden_layers: int = 0  # layers of the multi-token prediction head (mtp.*): weights.MtpWeights
     eos_token_id: list[int] = field(default_factory=list)
@@ -189,7 +184,7 @@ class Config:
         known = {k: v for k, v in raw.items() if k in names and v is not None}
         known["eos_token_id"] = [known["eos_token_id"]] if isinstance(known.get("eos_token_id"), int) \
             else list(known.get("eos_token_id") or [])
-        config = cls(**known)
+        config = cls(**known, has_vision_tower=has_vision_tower)
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if type(getattr(config, k)) is not int or getattr(config, k) <= 0]
         if missing:
@@ -199,7 +194,6 @@ class Config:
         if not config.use_sliding_window:
             config.sliding_window = None  # Qwen2.5 ships sliding_window with use_sliding_window: false
         config.mlp_only_layers = list(config.mlp_only_layers)
-        config.has_vision_tower = has_vision_tower
         config.rope = _rope(raw, config)
         config.layer_types = _layer_types(config)
         _check_shapes(config)

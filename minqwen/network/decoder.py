@@ -79,9 +79,8 @@ class Cache:
     """Everything a sequence remembers between forward passes.
 
     Attention layers: keys and values, (n_kv_heads, capacity, head_dim) each, float32, or fp16 when asked
-    (load(kv_cache="fp16")): half the memory and the bytes a decode step reads per context token, but logits
-    move by ~5e-4 of their range (docs/performance.md), enough to flip an MoE router's choice now and then; a
-    value beyond fp16's range turns the cache to float32 rather than to inf. Capacity doubles when a sequence
+    (load(kv_cache="fp16")): half the memory and the bytes a decode step reads, less exact
+    (docs/performance.md), float32 again if a value exceeds fp16's range. Capacity doubles when a sequence
     outgrows it (amortised O(1) per token), up to the context length: a short chat reserves no 32k positions.
     Gated DeltaNet layers: a fixed-size state whatever the length — the last kernel-1 inputs of the
     causal convolution and one (key_dim, value_dim) matrix per value head — which cannot be rewound,
@@ -373,8 +372,7 @@ class Decoder:
         linear(logits, h, w.gate)
         route(weights, experts, logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
         if T * cfg.num_experts_per_tok <= cfg.num_experts:
-            # Decode, or so few tokens that an expert rarely serves two: stream only the chosen
-            # experts' weights, token by token, in one pass each.
+            # Decode, or so few tokens that an expert rarely serves two: stream each token's chosen experts.
             for t in range(T):
                 moe_one_token(out[t], ws.expert_hidden, h[t], w.gate_projs, w.up_projs, w.down_projs,
                               experts[t], weights[t])
@@ -396,8 +394,7 @@ def project(out: np.ndarray, x: np.ndarray, weight: np.ndarray, bias: np.ndarray
 
 
 class Sequence:
-    """One token sequence being extended: the decoder that runs it, its cache, and its tokens; reset_to
-    keeps the cached prefix a new prompt shares (its reusable prefix): a chat's history is not prefilled."""
+    """One token sequence being extended: the decoder that runs it, its cache, and its tokens."""
 
     def __init__(self, decoder: Decoder, cache: Cache):
         self.decoder, self.cache = decoder, cache
@@ -429,8 +426,8 @@ class Sequence:
         return logits
 
     def reset_to(self, tokens, room: int = 0) -> np.ndarray:
-        """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping its
-        reusable prefix; returns the logits after the last token."""
+        """Make the sequence equal `tokens` (with `room` positions to spare after them), keeping its reusable
+        prefix: a chat's history is not prefilled again. Returns the logits after the last token."""
         self.check(tokens, start=0, room=room)
         return self.extend(tokens[self.rewind_to_reusable_prefix(tokens):])
 
@@ -455,8 +452,7 @@ class Sequence:
     def extend_together(batch: list[tuple[Sequence, list[int]]], every_token: list[bool] | None = None
                         ) -> np.ndarray:
         """Several sequences' new tokens (checked, and within the workspace's rows together) in one
-        Decoder.forward, each weight read once for all; returns the logits after each one's last token,
-        or after every token of those every_token flags (see forward), a view valid until the next pass."""
+        Decoder.forward, each weight read once for all; returns its logits (see forward)."""
         logits = batch[0][0].decoder.forward([(s.cache, np.asarray(t, np.int64)) for s, t in batch],
                                              every_token)
         for sequence, tokens in batch:

@@ -10,13 +10,9 @@ What stays in its stored dtype, and why (KEEP, matched against checkpoint tensor
 - MoE experts, as stored: quantising 100+ GB of them at every load would take longer than reading them;
 - the DeltaNet convolution (3-D, four taps a channel), and matrices whose input size is not a multiple
   of 32 (no real Qwen model has one).
-The LM head takes at least 8 bits (HEAD_BITS): at 4 bits it was all of int4's loss on the one trained
-model the tests run (SmolLM2-135M: top-1 agreement 0.84 with a 4-bit head, 1.0 with an 8-bit one), as
-llama.cpp's Q4_K_M keeps its output matrix at Q6_K.
-
-Weights already quantised (FP8 or GGUF blocks) are re-quantised from their dequantised values.
-`python -m minqwen quantize` writes the same blocks as a checkpoint (formats/safetensors.py): `X.qweight`
-for `X.weight`, and `"quantization_config": {"quant_method": "minqwen", "bits": ...}` in config.json.
+The LM head takes at least 8 bits (HEAD_BITS), as llama.cpp's Q4_K_M keeps its output matrix at Q6_K: at
+4 bits it was all of int4's loss on SmolLM2 (docs/gguf-and-quantisation.md, which also describes the
+checkpoints `python -m minqwen quantize` writes in these blocks).
 """
 from __future__ import annotations
 

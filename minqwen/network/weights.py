@@ -97,9 +97,8 @@ class LayerWeights:
 
 @dataclass
 class MtpWeights:
-    """Multi-token prediction head (Qwen3-Next, Qwen3.5; `mtp.*`): a draft of the token after next, by
-    the formula in mtp.py. The embedding table and the LM head are the trunk's; each layer is a
-    full-attention decoder layer with the trunk's MLP (dense or experts)."""
+    """Multi-token prediction head (Qwen3-Next, Qwen3.5; `mtp.*`; mtp.py runs it): the embedding table and
+    LM head are the trunk's; each layer is a full-attention decoder layer with the trunk's MLP kind."""
 
     fc: np.ndarray  # (hidden, 2 hidden): columns [embedding | hidden state]
     pre_fc_norm_embedding: np.ndarray  # (hidden,) float32, 1 + w like every norm of these families
@@ -135,15 +134,12 @@ class TensorSource:
         self.read: set[str] = set()
         self.expert_layouts: set[str] = set()  # "per-expert" and/or "fused", as _moe found them
 
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
     def matrix(self, name: str, shape: tuple[int, ...]):
         stem = name[:-len(".weight")] if name.endswith(".weight") else None
-        if stem and not self.has(name) and self.has(stem + ".qweight"):
+        if stem and name not in self.tensors and stem + ".qweight" in self.tensors:
             return self._minqwen_quantized(stem, shape)
         w = self.get(name, shape)
-        if stem and self.has(stem + ".weight_scale_inv"):
+        if stem and stem + ".weight_scale_inv" in self.tensors:
             w = self._fp8(stem, w)
         elif not isinstance(w, GgmlMatrix) and w.dtype not in MATRIX_DTYPES:
             raise ConfigError(f"tensor {name} has dtype {w.dtype}; expected bf16, fp16 or fp32")
@@ -155,9 +151,8 @@ class TensorSource:
         return np.ascontiguousarray(to_float32(self.matrix(name, (size,))))
 
     def absent(self, name: str, why: str) -> None:
-        """None, for a tensor the config's switches leave out (`why`): a checkpoint that has it was made
-        with the switch on, and running it without the tensor would compute another model."""
-        if self.has(name):
+        """None, for a tensor the config's switches leave out (`why`); refused if the checkpoint has it."""
+        if name in self.tensors:
             raise ConfigError(f"checkpoint has {name}, which the config leaves out ({why})")
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -191,7 +186,7 @@ class TensorSource:
         """A matrix written by `minqwen quantize`: Q8_0 or Q4_1 blocks, uint8 [N, K / 32 * bytes]; the
         row length says which."""
         n, k = shape
-        if self.has(stem + ".scales"):
+        if stem + ".scales" in self.tensors:
             raise ConfigError(f"tensor {stem}.qweight is in the int8 / int4 format of an earlier minqwen; "
                               "quantise the original checkpoint again")
         q = self.tensors[stem + ".qweight"]
@@ -232,8 +227,7 @@ def _mtp(config: Config, src: TensorSource) -> MtpWeights | None:
         norm=_norm(config, src, "mtp.norm.weight", d))
 
 
-# Tensors of published checkpoints that no rule reads on purpose, by what they are: an MTP head the
-# config counts no layers of (see _mtp) and the vision tower.
+# Tensors of published checkpoints that no rule reads on purpose, by what they are (an MTP head: see _mtp).
 IGNORED = {"mtp.": "multi-token prediction head", "model.visual.": "vision tower"}
 
 
@@ -298,7 +292,7 @@ def _deltanet(config: Config, src: TensorSource, p: str) -> DeltaNetWeights:
         raise ConfigError("linear attention needs linear_num_{key,value}_heads (value a multiple of key) "
                           "and linear_{key,value}_head_dim")
     channels, value_dim, group = config.deltanet_conv_channels, config.deltanet_value_dim, hv // hk
-    fused = src.has(p + "in_proj_qkvz.weight")
+    fused = p + "in_proj_qkvz.weight" in src.tensors
 
     def separate(name, rows):
         return None if fused else src.matrix(p + name + ".weight", (rows, d))
@@ -333,12 +327,11 @@ def _mlp(src: TensorSource, p: str, d: int, f: int) -> MLPWeights:
 
 def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
     d, f, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
-    if src.has(p + "experts.gate_up_proj"):  # fused, as Qwen3.5/3.6 MoE publish their bf16 experts
+    if p + "experts.gate_up_proj" in src.tensors:  # fused, as Qwen3.5/3.6 MoE publish their bf16 experts
         src.expert_layouts.add("fused")
-        gate_up = _stacked(src, p + "experts.gate_up_proj", (n, 2 * f, d))
-        down = _stacked(src, p + "experts.down_proj", (n, d, f))
-        # Expert e's gate rows are gate_up[e, :f], its up rows gate_up[e, f:]: contiguous views, no copy.
-        experts = {"gate_proj": [gate_up[e, :f] for e in range(n)],
+        gate_up = src.matrix(p + "experts.gate_up_proj", (n, 2 * f, d))  # expert e: gate rows, then up rows
+        down = src.matrix(p + "experts.down_proj", (n, d, f))
+        experts = {"gate_proj": [gate_up[e, :f] for e in range(n)],  # contiguous views, no copy
                    "up_proj": [gate_up[e, f:] for e in range(n)],
                    "down_proj": [down[e] for e in range(n)]}
     else:
@@ -356,14 +349,6 @@ def _moe(config: Config, src: TensorSource, p: str) -> MoEWeights:
                       shared_expert=_mlp(src, p + "shared_expert.", d, shared) if shared else None,
                       shared_expert_gate=src.matrix(shared_gate, (1, d)) if shared
                       else src.absent(shared_gate, "shared_expert_intermediate_size is 0"))
-
-
-def _stacked(src: TensorSource, name: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """A 3-D stack of expert matrices (no `.weight` suffix), as stored."""
-    w = src.get(name, shape)
-    if w.dtype not in MATRIX_DTYPES or src.has(name + "_scale_inv"):
-        raise ConfigError(f"tensor {name} has dtype {w.dtype}; fused experts must be bf16, fp16 or fp32")
-    return w
 
 
 def _stored_format(w):  # what a typed List of expert matrices must share
