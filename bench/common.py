@@ -282,8 +282,9 @@ def report_between_bandwidths(name: str, measure):
     bandwidth = Bandwidth()
     for _ in range(3):
         bandwidth.sample()
-    print(f"{machine()['cpu']}, kernels {isa.ISA}, read bandwidth {bandwidth.median:.1f} GB/s", flush=True)
+    path = isa.ISA + " (bf16 prefill on AMX tiles)" * isa.AMX
+    print(f"{machine()['cpu']}, kernels {path}, read bandwidth {bandwidth.median:.1f} GB/s", flush=True)
     results = measure()
     for _ in range(3):
         bandwidth.sample()
-    report(name, {"isa": isa.ISA, "read_gb_s": bandwidth.median, **results})
+    report(name, {"isa": isa.ISA, "amx": isa.AMX, "read_gb_s": bandwidth.median, **results})

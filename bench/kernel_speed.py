@@ -60,7 +60,7 @@ from minqwen.kernels.linear import ACTIVATIONS, INTEGER_TYPES
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 
 if isa.ISA != "generic":
-    from minqwen.kernels.gemm import LANES, PAIRS, QUADS, XTYPES, matmul_bf16, matmul_panels
+    from minqwen.kernels.gemm import LANES, PAIRS, QUADS, XTYPES, matmul_amx, matmul_bf16, matmul_panels
     from minqwen.kernels.intdot import matmul_integer
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
@@ -139,14 +139,14 @@ def weight_matrix(kind, arrays, K):  # the arrays of stored_weights as linear() 
 
 def prefill_kernel(prefill):  # -> call(out, x, w): what linear.py runs for MINQWEN_PREFILL=prefill
     if prefill == "bf16":
-        return matmul_bf16
+        return matmul_amx if isa.AMX else matmul_bf16
     return lambda out, x, w, xtype=XTYPES[prefill]: matmul_panels(out, x, w, xtype)
 
 
 def matmul_calls(kind) -> dict:
     """{path: call(out, x, arrays)}: the generic kernel (tiles for BLAS) and the micro-kernels of gemm.py,
-    float32, int16, int8 (matmul_panels) and bf16 (matmul_bf16), for MINQWEN_PREFILL=int16 / int8 / bf16
-    where the CPU runs them (isa.PREFILLS)"""
+    float32, int16, int8 (matmul_panels) and bf16 (matmul_bf16; matmul_amx where isa.AMX), for
+    MINQWEN_PREFILL=int16 / int8 / bf16 where the CPU runs them (isa.PREFILLS)"""
     generic = matmul_ggml if ggml_type(kind) else matmul_fp8 if kind == "fp8" else matmul
     calls = {"generic": lambda out, x, arrays: generic(out, x, weight_matrix(kind, arrays, x.shape[1]))}
     if isa.ISA != "generic" and kind != "fp32":

@@ -19,7 +19,9 @@ sums start at wsum = -OFFSET sum_k wq[n, k] (per row, when the panel is packed).
 bars (isa.PREFILL): options, not the default, as is bf16 (vdpbf16ps: 2x an FMA's multiply-adds, its products
 exact in float32), which rounds both to 8 significant bits. Each thread takes whole panels (L1 / L2). bf16
 needs none: `matmul_bf16` keeps 4 rows x 4 tokens of out in registers with k-pairs in the lanes, as
-matmul_few does (matmul.py), and reads W's rows as stored where they are bf16.
+matmul_few does (matmul.py), and reads W's rows as stored where they are bf16. Where the CPU has AMX,
+`matmul_amx` multiplies the same bf16 operands on tiles (tdpbf16ps: 16 tokens x 16 rows x 32 k, 256
+vdpbf16ps' multiply-adds), W's panels laid out k-pair by k-pair (by_k), as a tile of B must be.
 """
 import numpy as np
 from numba import prange, types
@@ -45,6 +47,11 @@ from .simd import (
     splat32,
     splat_at,
     store,
+    tile_dot_bf16,
+    tile_load,
+    tile_store,
+    tile_zero,
+    tiles,
     to_float,
     transpose32,
 )
@@ -239,6 +246,35 @@ def matmul_bf16(out, x, w):  # out: [T, N] float32 (strided ok), x: [T, K] float
                 f2, f3 = dots(f2, load(xc, k, PAIRS), wk), dots(f3, load(xd, k, PAIRS), wk)
             for f, s in zip((f0, f1, f2, f3), tokens):
                 out[s, a], out[s, b], out[s, c], out[s, d] = hsum(f[0]), hsum(f[1]), hsum(f[2]), hsum(f[3])
+
+
+@pjit
+def matmul_amx(out, x, w):  # out: [T, N] float32 (strided ok), x: [T, K] float32, K % 32 == 0, W: any format
+    """out[t, n] = sum_k bf16(x[t, k]) bf16(W[n, k])   on AMX tiles (tdpbf16ps: MINQWEN_PREFILL=bf16 where
+    isa.AMX): tiles 0-3 hold 32 tokens x 32 rows of out, 4-5 the tokens' next 32 k, 6-7 two panels' k-pairs"""
+    (T, K), N = x.shape, out.shape[1]
+    xs = np.zeros(((T + 31) // 32 * 32, K), np.uint16)  # a tile's tokens past T: zero
+    for t in prange(T):
+        xs[t] = bf16_rounded(x[t])
+    for p in prange((N + 31) // 32):  # 32 rows of W: two panels of 16, each K / 2 k-pairs by 16 rows
+        first, rows = 32 * p, min(32, N - 32 * p)
+        floats, panels = np.zeros((32, K), np.float32), np.empty(16 * K, np.uint32)
+        float32_rows(floats[:rows], w, first)
+        pairs = bf16_rounded(floats.reshape(-1)).view(np.uint32)  # row r's k-pair j: pairs[r K / 2 + j]
+        by_k(panels[:8 * K], pairs[:8 * K], K // 2)  # panels[j 16 + r] = pair j of row r: a B tile's rows
+        by_k(panels[8 * K:], pairs[8 * K:], K // 2)
+        result = np.empty((32, 32), np.float32)
+        tiles(True)
+        for t0 in range(0, T, 32):
+            tile_zero(0), tile_zero(1), tile_zero(2), tile_zero(3)
+            for k in range(0, K, 32):
+                tile_load(4, xs, t0 * K + k, K), tile_load(5, xs, (t0 + 16) * K + k, K)
+                tile_load(6, panels, 8 * k, 16), tile_load(7, panels, 8 * K + 8 * k, 16)
+                tile_dot_bf16(0, 4, 6), tile_dot_bf16(1, 4, 7), tile_dot_bf16(2, 5, 6), tile_dot_bf16(3, 5, 7)
+            tile_store(0, result, 0, 32), tile_store(1, result, 16, 32)
+            tile_store(2, result, 512, 32), tile_store(3, result, 528, 32)
+            out[t0:t0 + 32, first:first + rows] = result[:min(32, T - t0), :rows]
+        tiles(False)
 
 
 def matmul_integer_reference(x, w, levels):  # [T, K], [N, K] float32 (W dequantised) -> [T, N] float64

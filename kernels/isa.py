@@ -14,6 +14,7 @@ MINQWEN_ISA=<path> forces a path the CPU has (naming one it lacks, or no path, f
 minqwen/environment.py then also narrows Numba's target to that path's features, so that a forced avx2
 on an AVX-512 CPU compiles every kernel, plain loops included, as an AVX2 machine would.
 """
+import ctypes
 import os
 
 from numba.core.registry import cpu_target
@@ -54,12 +55,14 @@ ISA = choose(os.environ.get("MINQWEN_ISA"), FEATURES)
 # the target has VNNI: that is why a forced avx2 also narrows the target, see minqwen/environment.py).
 VNNI_BITS = {"avx512": (256, 512), "avx2": (256,) if "avxvnni" in FEATURES else ()}.get(ISA, ())
 
-# Prefill on dot products (kernels/gemm.py) is opt-in: MINQWEN_PREFILL=int16 (vpdpwssd), int8 (vpdpbusd, where
-# the prefill's width has VNNI) or bf16 (vdpbf16ps, where the avx512 path has AVX512-BF16). int16 moved the
-# tests' random hybrids' logits by up to 3.6e-2 (Qwen3.5-MoE Q8_0 GGUF; bar 2e-3) and 1.3e-2 (bf16 Qwen3-Next;
-# bar 5e-3); on SmolLM2 int8 moved them by 6e-2 of their range, bf16 by 4.3e-3 (bar 2e-3).
+# Prefill on dot products (kernels/gemm.py) is opt-in, as it moves the logits past the tests' bars
+# (docs/gguf-and-quantisation.md): MINQWEN_PREFILL=int16 (vpdpwssd), int8 (vpdpbusd, where the prefill's width
+# has VNNI) or bf16: vdpbf16ps (AVX512-BF16), or AMX tiles (gemm.matmul_amx) where the CPU has them and Linux
+# grants this process their state (arch_prctl, syscall 158: ARCH_REQ_XCOMP_PERM 0x1023 for XTILEDATA, 18).
+AMX = (ISA == "avx512" and {"amx-tile", "amx-bf16"} <= FEATURES
+       and ctypes.CDLL(None).syscall(158, 0x1023, 18) == 0)
 PREFILLS = ["float"] + ["int16"] * (ISA != "generic")  # the prefills this CPU runs
-PREFILLS += ["bf16"] * (ISA == "avx512" and "avx512bf16" in FEATURES)
+PREFILLS += ["bf16"] * (ISA == "avx512" and ("avx512bf16" in FEATURES or AMX))
 PREFILLS += ["int8"] * ({"avx512": 512}.get(ISA, 256) in VNNI_BITS)
 # Decode on int8 activations (vpdpbusd, kernels/intdot.py) is opt-in, MINQWEN_DECODE=int8, where the path has
 # 256-bit VNNI: int16's steps are 258x finer (why int16 is the default: intdot.py's docstring).

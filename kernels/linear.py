@@ -7,8 +7,9 @@
                          (intdot.py, the types in its INTEGER_TYPES; else matvec_ggml, float)
 
 matmul_panels (avx2 and up, K % 32 == 0) multiplies in float32, or on int16 / int8 dot products where
-MINQWEN_PREFILL=int16 / int8 (isa.py); =bf16 puts gemm.matmul_bf16 in its and matmul_few's place. Elsewhere
-(generic path, fp32 weights, other K) matmul / matmul_fp8 / matmul_ggml send tiles of W, as float32, to BLAS.
+MINQWEN_PREFILL=int16 / int8 (isa.py); =bf16 puts gemm.matmul_bf16 (matmul_amx where isa.AMX) in its and
+matmul_few's place. Elsewhere (generic path, fp32 weights, other K) matmul / matmul_fp8 / matmul_ggml send
+tiles of W, as float32, to BLAS.
 
 minqwen's own int8 / int4 (`--quantize`) are GGML's Q8_0 / Q4_1, so one set of kernels serves them and
 GGUF files. `row_dot` is linear's counterpart for compiled kernels (MoE streams the rows its tokens chose).
@@ -25,7 +26,7 @@ from .matmul import float_row_dot, matmul, matmul_few, matvec
 
 INTEGER_TYPES = ()  # the GGML types with an integer dot-product decode kernel, where the CPU has them
 if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
-    from .gemm import XTYPES, matmul_bf16, matmul_panels
+    from .gemm import XTYPES, matmul_amx, matmul_bf16, matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
 
 # matmul_few (W streamed once, no panels to pack) beats the float panels up to FEW_TOKENS tokens, and
@@ -47,7 +48,7 @@ def linear(out, x, w):
     elif T == 1:
         matvec(out[0], w, x[0])
     elif isa.PREFILL == "bf16" and K % 32 == 0 and getattr(w, "dtype", None) != FP32:
-        matmul_bf16(out, np.ascontiguousarray(x), w)
+        (matmul_amx if isa.AMX else matmul_bf16)(out, np.ascontiguousarray(x), w)
     elif T <= FEW_TOKENS and not (fp8 or ggml):
         matmul_few(out, x, w)
     elif isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32:

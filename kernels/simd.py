@@ -47,6 +47,11 @@ and how (`lanes` = elements of the result):
     abs_max(v)               the largest |lane|
     transpose32(dst, o, src, o2, stride, n)  an n x n block of 32-bit words transposed (n = 8 or 16)
     prefetch(arr, off)       prefetcht0 of arr[off]'s cache line (never faults)
+    AMX (tile numbers t, a, b, c: compile-time constants; each tile 16 rows of 64 bytes, as TILES sets them):
+    tiles(on)                ldtilecfg TILES (True) / tilerelease (False): this thread's tiles
+    tile_load(t, arr, off, stride), tile_store(...), tile_zero(c)   tileloadd / tilestored: tile t's row r is
+                             the 64 bytes at arr[off + r stride:]; tilezero
+    tile_dot_bf16(c, a, b)   tdpbf16ps: c[m, n] += sum_j a[m, 2j] b[j, 2n] + a[m, 2j + 1] b[j, 2n + 1] (bf16)
 
 A kernel whose instructions the compile target lacks does not raise: LLVM aborts the process ("Do not know
 how to split the result of this operator"). So every intrinsic checks the target's features while it is
@@ -352,6 +357,48 @@ def dot_bf16(typingctx, acc, a, b):
     return acc(acc, a, b), lambda context, builder, sig, args: _call(
         builder, f"llvm.x86.avx512bf16.dpbf16ps.{32 * acc.lanes}", acc.llvm,
         [args[0], builder.bitcast(args[1], pairs), builder.bitcast(args[2], pairs)])
+
+
+TILES = bytes([1] + [0] * 15 + [64, 0] * 8 + [0] * 16 + [16] * 8 + [0] * 8)  # ldtilecfg's: palette 1, 8 tiles
+
+
+@intrinsic
+def tiles(typingctx, on):  # ldtilecfg TILES (True) or tilerelease (False): this thread's tile state
+    require("amx-tile", "amx-bf16")
+    byte = ir.IntType(8)
+    def codegen(context, builder, sig, args):
+        if on.literal_value:
+            config = cgutils.alloca_once_value(builder, ir.Constant(ir.ArrayType(byte, 64), bytearray(TILES)))
+            _call(builder, "llvm.x86.ldtilecfg", ir.VoidType(), [builder.bitcast(config, byte.as_pointer())])
+        else:
+            _call(builder, "llvm.x86.tilerelease", ir.VoidType(), [])
+        return context.get_dummy_value()
+    return (types.none(on), codegen) if isinstance(on, types.BooleanLiteral) else None
+
+
+def _amx(name, memory=False):  # an AMX instruction on tiles; with memory, on the tile's 16 rows at arr[off:],
+    def instruction(typingctx, *operands):  # `stride` elements apart (operands: tile, arr, off, stride)
+        require("amx-tile", "amx-bf16")
+        tile_operands = operands[:1] if memory else operands  # numbers the instruction encodes: constants
+        if not all(isinstance(t, types.IntegerLiteral) for t in tile_operands):
+            raise errors.TypingError("a tile number must be a compile-time constant")
+        numbers = [ir.Constant(ir.IntType(8), t.literal_value) for t in tile_operands]
+        def codegen(context, builder, sig, args):
+            memory_operands = []
+            if memory:  # the address of arr[off], the rows' stride in bytes
+                _, arr, off, stride = cgutils.unpack_tuple(builder, args[0])
+                address = _address(context, builder, types.none(*operands[1:3]), [arr, off], ir.IntType(8))
+                element_bytes = ir.Constant(ir.IntType(64), operands[1].dtype.bitwidth // 8)
+                stride = builder.mul(context.cast(builder, stride, operands[3], types.int64), element_bytes)
+                memory_operands = [address, stride]
+            _call(builder, name, ir.VoidType(), numbers + memory_operands)
+            return context.get_dummy_value()
+        return types.none(types.StarArgTuple.from_types(operands)), codegen
+    return intrinsic(instruction)
+
+
+tile_zero, tile_dot_bf16 = _amx("llvm.x86.tilezero"), _amx("llvm.x86.tdpbf16ps")
+tile_load, tile_store = _amx("llvm.x86.tileloadd64", True), _amx("llvm.x86.tilestored64", True)
 
 
 @intrinsic

@@ -354,7 +354,8 @@ def _info(args) -> int:
         ("KV cache", f"{kv_per_token / 1024:.1f} KiB/token {args.kv_cache}; "
                      f"{kv_per_token * context / 2**30:.2f} GiB at {context} tokens"),
         ("kernels", f"{isa.ISA} path "
-                    f"(MINQWEN_ISA chooses among {', '.join(isa.usable_paths(isa.FEATURES))})"),
+                    f"(MINQWEN_ISA chooses among {', '.join(isa.usable_paths(isa.FEATURES))})"
+                    + "; MINQWEN_PREFILL=bf16 on AMX tiles" * isa.AMX),
     ]
     if config.num_experts:
         lines.insert(5, ("experts", f"{config.num_experts}, top-{config.num_experts_per_tok}, "

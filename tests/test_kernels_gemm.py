@@ -2,7 +2,12 @@
 float64 references: every stored format the engine multiplies (bf16, fp16, FP8 blocks, every GGML type),
 partial panels and token tiles (matmul_bf16's remainders of 4 rows and 4 tokens), a strided output; the
 float kernel to float32 rounding, the int16, int8 and bf16 ones to the product of both operands rounded as
-they round them, and to the bound that rounding keeps to."""
+they round them, and to the bound that rounding keeps to. matmul_amx runs on AMX where the CPU grants it, and
+everywhere on emulated tiles (tests/amx_emulation.py)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -28,6 +33,7 @@ if isa.ISA != "generic":
         QUADS,
         TINY,
         XTYPES,
+        matmul_amx,
         matmul_bf16,
         matmul_bf16_reference,
         matmul_integer_reference,
@@ -64,7 +70,10 @@ def prefill(seed, fmt, T, N, blocks, strided, mode):  # -> x, W dequantised, out
     x[:, rng.random(K) < 0.1] = 0  # a block may be all zero
     wide = np.full((T, N + 5), np.nan, np.float32)
     out = wide[:, 2:N + 2] if strided else wide[:, :N]
-    matmul_bf16(out, x, w) if mode == "bf16" else matmul_panels(out, x, w, XTYPES[mode])
+    if mode in ("bf16", "amx"):
+        (matmul_bf16 if mode == "bf16" else matmul_amx)(out, x, w)
+    else:
+        matmul_panels(out, x, w, XTYPES[mode])
     untouched = np.delete(wide, np.s_[2:N + 2] if strided else np.s_[:N], axis=1)
     assert np.isnan(untouched).all()  # nothing else written
     return x, dense, out
@@ -107,14 +116,8 @@ def test_the_integer_kernels_are_the_product_of_both_rounded(mode, seed, fmt, T,
     assert np.all(np.abs(out - x64 @ w64.T) <= bound + 1e-5 * terms.max()), fmt
 
 
-@pytest.mark.skipif("bf16" not in isa.PREFILLS, reason="no AVX512-BF16: isa.py refuses MINQWEN_PREFILL=bf16")
-@settings(deadline=None, max_examples=60)
-@given(**shapes)
-def test_the_bf16_kernel_is_the_product_of_both_rounded(seed, fmt, T, N, blocks, strided):
-    """To float32 rounding against the product of x and W rounded to bf16 (matmul_bf16_reference: vdpbf16ps'
-    products are exact in float32); against the exact x W^T within 2^-7 (+ 2^-16) of the terms (bf16 has 8
-    significant bits: rounding to nearest moves each operand by at most 2^-8 of itself)."""
-    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, "bf16")
+def assert_bf16_product(seed, fmt, T, N, blocks, strided, mode):  # mode: "bf16" (vdpbf16ps) or "amx"
+    x, dense, out = prefill(seed, fmt, T, N, blocks, strided, mode)
     x64, w64 = x.astype(np.float64), dense.astype(np.float64)
     terms = np.abs(x64) @ np.abs(w64).T
     diff = np.abs(out - matmul_bf16_reference(x, dense))
@@ -122,14 +125,54 @@ def test_the_bf16_kernel_is_the_product_of_both_rounded(seed, fmt, T, N, blocks,
     assert np.all(np.abs(out - x64 @ w64.T) <= (2.0**-7 + 2.0**-16) * terms + 1e-5 * terms.max()), fmt
 
 
+# the bf16 kernels this CPU runs: matmul_bf16 on AVX512-BF16, matmul_amx where isa.py has AMX granted
+BF16_RUNS = ["bf16"] * (isa.ISA == "avx512" and "avx512bf16" in isa.FEATURES) + ["amx"] * isa.AMX
+
+
+@pytest.mark.parametrize("mode", BF16_RUNS)
+@settings(deadline=None, max_examples=60)
+@given(**shapes)
+def test_the_bf16_kernels_are_the_product_of_both_rounded(mode, seed, fmt, T, N, blocks, strided):
+    """To float32 rounding against the product of x and W rounded to bf16 (matmul_bf16_reference: vdpbf16ps'
+    and tdpbf16ps' products are exact in float32); against the exact x W^T within 2^-7 (+ 2^-16) of the terms
+    (bf16 has 8 significant bits: rounding to nearest moves each operand by at most 2^-8 of itself)."""
+    assert_bf16_product(seed, fmt, T, N, blocks, strided, mode)
+
+
+EMULATED_AMX = """
+import amx_emulation  # noqa: F401  (gemm's tile instructions emulated, before matmul_amx compiles)
+from hypothesis import given, settings
+from test_kernels_gemm import assert_bf16_product, shapes
+
+@settings(deadline=None, max_examples=40)
+@given(**shapes)
+def amx(seed, fmt, T, N, blocks, strided):
+    assert_bf16_product(seed, fmt, T, N, blocks, strided, "amx")
+
+amx()
+print("held")
+"""
+
+
+@pytest.mark.skipif(isa.ISA != "avx512", reason="matmul_amx runs on the avx512 path (every AMX CPU has it)")
+def test_the_amx_kernel_on_emulated_tiles_is_the_product_of_both_rounded(tmp_path):
+    """matmul_amx's own code (its tiles, offsets and strides, the panels' layout) with each AMX instruction
+    emulated as Intel's manual defines it (tests/amx_emulation.py), on the shapes and formats above: this CPU
+    need not have AMX. On a CPU that has it, the test above runs the instructions themselves."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", EMULATED_AMX], cwd=os.path.dirname(__file__), env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and result.stdout.strip() == "held", result.stderr[-3000:]
+
+
 @pytest.mark.skipif("bf16" not in isa.PREFILLS, reason="no AVX512-BF16: isa.py refuses MINQWEN_PREFILL=bf16")
 @pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8"])
 @pytest.mark.parametrize("T", [2, 5, FEW_TOKENS + 3])
-def test_linear_sends_the_bf16_mode_to_matmul_bf16(monkeypatch, fmt, T):
+def test_linear_sends_the_bf16_mode_to_a_bf16_kernel(monkeypatch, fmt, T):
     """With MINQWEN_PREFILL=bf16, linear multiplies every product of 2 tokens or more with x and W rounded to
-    bf16 (matmul_bf16), also past FEW_TOKENS and into a column slice of out: the bf16 product to float32
-    rounding (the exact product lies 4e-4 to 1.4e-3 of the largest term from it here; without the mode all
-    nine cases fail)."""
+    bf16 (matmul_bf16, matmul_amx where isa.AMX), also past FEW_TOKENS and into a column slice of out: the
+    bf16 product to float32 rounding (the exact product lies 4e-4 to 1.4e-3 of the largest term from it here;
+    without the mode all nine cases fail)."""
     monkeypatch.setattr(isa, "PREFILL", "bf16")
     rng = np.random.default_rng(T)
     N, K = 37, 96

@@ -6,6 +6,7 @@ machine may lack, is compiled (never run) for a Zen 4 target in a child process,
 and the machine code must hold the instructions each path is for and no call (a misspelt intrinsic
 compiles to a call to nowhere).
 """
+import re
 import subprocess
 import sys
 
@@ -324,6 +325,31 @@ def test_an_avx2_path_with_avx_vnni_compiles_the_int8_options(tmp_path):
     assert native.count("vpdpwssd") == 2 and "zmm" not in native
     assert "prefills: float int16 int8\n" in native  # no bf16: it is the avx512 path's
     assert native_bytes.count("vpdpbusd") == 1 and "zmm" not in native_bytes
+
+
+SAPPHIRE_RAPIDS = ZEN4 + ",+amx-tile,+amx-bf16,+amx-int8"
+AMX_PROBE = """
+import numpy as np
+from minqwen.kernels.gemm import matmul_amx
+args = (np.empty((40, 40), np.float32), np.zeros((40, 96), np.float32), np.zeros((40, 96), np.uint16))
+matmul_amx.compile(tuple(matmul_amx.typeof_pyval(v) for v in args))
+print("".join(matmul_amx.inspect_asm().values()))
+"""
+
+
+def test_an_amx_target_compiles_the_amx_kernel_to_tile_instructions(tmp_path):
+    """On a Sapphire Rapids target (compiled, never run: this CPU need not have AMX) matmul_amx is AMX code:
+    the tiles configured and released, zeroed, loaded, multiplied on tdpbf16ps (four a step of k) and
+    stored. What the code computes is tests/test_kernels_gemm.py's, on emulated tiles."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "NUMBA_CPU_NAME": "sapphirerapids",
+           "NUMBA_CPU_FEATURES": SAPPHIRE_RAPIDS}
+    result = subprocess.run([sys.executable, "-c", AMX_PROBE], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count = {name: len(re.findall(rf"\b{name}\b", result.stdout))
+             for name in ("ldtilecfg", "tilerelease", "tilezero", "tileloadd", "tdpbf16ps", "tilestored")}
+    assert count["ldtilecfg"] >= 1 and count["tilerelease"] >= 1, count
+    assert min(count["tilezero"], count["tileloadd"], count["tdpbf16ps"], count["tilestored"]) >= 4, count
 
 
 def test_a_forced_avx2_path_compiles_as_on_an_avx2_machine(tmp_path):
