@@ -472,8 +472,8 @@ def run(args) -> dict:
         bf16 = f"{max(bf16_peaks):.0f}" if bf16_peaks[0] else "-"
         print(f"float32 FMA peak: {max(peaks):.0f} GFLOP/s, int16 dot peak {max(int16_peaks):.0f} GOP/s, "
               f"int8 {int8} GOP/s, bf16 dot peak {bf16} GFLOP/s ({args.threads} threads; bench/common.py); "
-              f"minqwen runs "
-              f"MINQWEN_PREFILL={isa.PREFILL}, MINQWEN_DECODE={isa.DECODE}", flush=True)
+              f"minqwen runs MINQWEN_PREFILL={isa.PREFILL}{' (AMX tiles)' * isa.AMX}, "
+              f"MINQWEN_DECODE={isa.DECODE}", flush=True)
     warn_if_workqueue()
     warn_if_slow_blas()
     lengths = [int(n) for n in args.prompts.split(",")]
@@ -568,7 +568,7 @@ def run(args) -> dict:
             "fp32_fma_peak_samples": peaks, "int16_dot_peak_GOP_s": max(int16_peaks) if peak else None,
             "int8_dot_peak_GOP_s": max(int8_peaks) if int8_peaks[0] else None,
             "bf16_dot_peak_GFLOP_s": bf16_peak,
-            "minqwen_prefill": isa.PREFILL, "minqwen_decode": isa.DECODE,
+            "minqwen_prefill": isa.PREFILL, "minqwen_decode": isa.DECODE, "amx": isa.AMX,
             "threads": args.threads, "new_tokens": args.new,
             "repeats": args.repeats, "rounds": args.rounds, "prompts": lengths, "versions": versions(),
             "skipped": skipped, "rows": rows}
