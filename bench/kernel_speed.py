@@ -44,7 +44,7 @@ import numpy as np
 from numba import prange
 
 from common import bf16_dot_peak, cpu_flags, cpu_model, fp32_fma_peak, int8_dot_peak, int16_dot_peak
-from minqwen.kernels import isa
+from minqwen.kernels import isa, linear
 from minqwen.kernels.dtypes import bf16_bits
 from minqwen.kernels.fp8 import Fp8Matrix, matmul_fp8, matvec_fp8
 from minqwen.kernels.ggml import (
@@ -60,7 +60,7 @@ from minqwen.kernels.linear import ACTIVATIONS, INTEGER_TYPES
 from minqwen.kernels.matmul import matmul, matmul_few, matvec
 
 if isa.ISA != "generic":
-    from minqwen.kernels.gemm import LANES, PAIRS, QUADS, XTYPES, matmul_amx, matmul_bf16, matmul_panels
+    from minqwen.kernels.gemm import LANES, PAIRS, QUADS, XTYPES, matmul_panels
     from minqwen.kernels.intdot import matmul_integer
 
 SHAPES = [(896, 896), (4864, 896), (896, 4864), (151936, 896)]  # Qwen2.5-0.5B: q/o, gate/up, down, lm_head
@@ -139,7 +139,7 @@ def weight_matrix(kind, arrays, K):  # the arrays of stored_weights as linear() 
 
 def prefill_kernel(prefill):  # -> call(out, x, w): what linear.py runs for MINQWEN_PREFILL=prefill
     if prefill == "bf16":
-        return matmul_amx if isa.AMX else matmul_bf16
+        return linear.BF16_PRODUCT
     return lambda out, x, w, xtype=XTYPES[prefill]: matmul_panels(out, x, w, xtype)
 
 

@@ -28,6 +28,7 @@ INTEGER_TYPES = ()  # the GGML types with an integer dot-product decode kernel, 
 if isa.ISA != "generic":  # kernels on the instruction layer: imported only where the CPU has it
     from .gemm import XTYPES, matmul_amx, matmul_bf16, matmul_panels
     from .intdot import INTEGER_TYPES, matmul_integer
+    BF16_PRODUCT = matmul_amx if isa.AMX else matmul_bf16  # MINQWEN_PREFILL=bf16's kernel
 
 # matmul_few (W streamed once, no panels to pack) beats the float panels up to FEW_TOKENS tokens, and
 # matmul_integer (sequences decoding together) up to INTEGER_TOKENS: performance.md
@@ -48,7 +49,7 @@ def linear(out, x, w):
     elif T == 1:
         matvec(out[0], w, x[0])
     elif isa.PREFILL == "bf16" and K % 32 == 0 and getattr(w, "dtype", None) != FP32:
-        (matmul_amx if isa.AMX else matmul_bf16)(out, np.ascontiguousarray(x), w)
+        BF16_PRODUCT(out, np.ascontiguousarray(x), w)
     elif T <= FEW_TOKENS and not (fp8 or ggml):
         matmul_few(out, x, w)
     elif isa.ISA != "generic" and K % 32 == 0 and getattr(w, "dtype", None) != FP32:
