@@ -294,15 +294,21 @@ ALDER_LAKE = "+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avxvnni," + ",".join(
     "-" + f for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"))
 
 
+def compiled_in_child(script, env, tmp_path) -> str:
+    """What `script` prints, run in a child process with `env` (Numba's target, a fresh cache)"""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", **env}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def compiled_probe(env, tmp_path) -> tuple[str, str]:
     """The machine code of the probe and of probe_bytes ("" where the path has no 256-bit VNNI), compiled
     (never run) in a child process with `env`, the int8 kernels too where the path has them."""
-    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", **env}
-    result = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    stdout = compiled_in_child(PROBE, env, tmp_path)
     # each function itself (Numba's Python wrapper follows it)
-    native, native_bytes = (part.split(".Lfunc_end0")[0] for part in result.stdout.split("-- probe_bytes --"))
+    native, native_bytes = (part.split(".Lfunc_end0")[0] for part in stdout.split("-- probe_bytes --"))
     assert "call" not in native + native_bytes  # a misspelt intrinsic would be a call to nowhere
     return native, native_bytes
 
@@ -341,12 +347,9 @@ def test_an_amx_target_compiles_the_amx_kernel_to_tile_instructions(tmp_path):
     """On a Sapphire Rapids target (compiled, never run: this CPU need not have AMX) matmul_amx is AMX code:
     the tiles configured and released, zeroed, loaded, multiplied on tdpbf16ps (four a step of k) and
     stored. What the code computes is tests/test_kernels_gemm.py's, on emulated tiles."""
-    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "NUMBA_CPU_NAME": "sapphirerapids",
-           "NUMBA_CPU_FEATURES": SAPPHIRE_RAPIDS}
-    result = subprocess.run([sys.executable, "-c", AMX_PROBE], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    count = {name: len(re.findall(rf"\b{name}\b", result.stdout))
+    native = compiled_in_child(AMX_PROBE, {"NUMBA_CPU_NAME": "sapphirerapids",
+                                           "NUMBA_CPU_FEATURES": SAPPHIRE_RAPIDS}, tmp_path)
+    count = {name: len(re.findall(rf"\b{name}\b", native))
              for name in ("ldtilecfg", "tilerelease", "tilezero", "tileloadd", "tdpbf16ps", "tilestored")}
     assert count["ldtilecfg"] >= 1 and count["tilerelease"] >= 1, count
     assert min(count["tilezero"], count["tileloadd"], count["tdpbf16ps"], count["tilestored"]) >= 4, count
